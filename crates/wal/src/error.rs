@@ -1,0 +1,78 @@
+//! The WAL's error type, split by what the caller can do about it.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the WAL.
+///
+/// * `Io` and `Failed` are fatal for the node: the WAL refuses further work.
+/// * `Corruption` is returned by recovery: durable data failed its checksum.
+/// * `Full` is a clean refusal: nothing acknowledged was lost and the caller
+///   may retry after compaction frees a segment.
+/// * `InvalidOption`, `NonContiguous`, `TooLarge`, `Compacted`,
+///   `SnapshotNotDurable` are caller mistakes; the WAL is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corruption in segment {segment} at offset {offset}: {reason}")]
+    Corruption {
+        segment: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("no space left for a new segment in {dir}")]
+    Full { dir: PathBuf },
+    #[error("the WAL has failed and accepts no more work: {reason}")]
+    Failed { reason: String },
+    #[error("invalid option `{field}`: {reason}")]
+    InvalidOption { field: &'static str, reason: String },
+    #[error("entries must be contiguous: expected index {expected}, got {got}")]
+    NonContiguous { expected: u64, got: u64 },
+    #[error("record of {bytes} bytes exceeds the largest a segment holds ({max} bytes)")]
+    TooLarge { bytes: u64, max: u64 },
+    #[error("index {index} is compacted (first index is {first_index})")]
+    Compacted { index: u64, first_index: u64 },
+    #[error("index {index} is beyond the last index {last_index}")]
+    Unavailable { index: u64, last_index: u64 },
+    #[error("truncation at {index} would remove the snapshot at {snapshot_index}")]
+    BelowSnapshot { index: u64, snapshot_index: u64 },
+    #[error("entry {index} has term {term}, below the term {previous} before it")]
+    TermRegression {
+        index: u64,
+        term: u64,
+        previous: u64,
+    },
+    #[error("snapshot at {index} is older than the current one at {current}")]
+    StaleSnapshot { index: u64, current: u64 },
+    #[error("no durable snapshot covers index {index}")]
+    SnapshotNotDurable { index: u64 },
+    #[error("timed out after {waited_ms} ms waiting for {what}")]
+    Timeout { what: &'static str, waited_ms: u64 },
+    #[error("the WAL is closed")]
+    Closed,
+}
+
+/// Result alias for the WAL.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the WAL can not go on after this error (fsync or write
+    /// failures, a failed WAL): the node must stop.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Error::Io { .. } | Error::Failed { .. })
+    }
+}

@@ -1,0 +1,85 @@
+//! skiff-wal: a segmented, checksummed write-ahead log with group commit.
+//!
+//! The WAL owns a directory of fixed-size, pre-written segment files and the
+//! log stored in them: entries `(index, term, payload)`, the Raft hard state
+//! (term, vote, commit) and snapshot metadata. It knows nothing of Raft's
+//! rules: it stores what it is given, in order, and says when it is durable.
+//!
+//! # The write path
+//!
+//! 1. [`Wal::write`] (or `append`, `save_hard_state`, ...) encodes and
+//!    checksums the records on the caller's thread, places them at the next
+//!    offset of the active segment under one short lock, and queues them on a
+//!    bounded queue (`queue_depth`). It returns a [`Ticket`] at once.
+//! 2. One I/O driver thread takes every queued write (up to
+//!    `group_bytes_max`), frames them into one contiguous buffer, and issues
+//!    one write followed by one fdatasync — on io_uring as a linked pair, with
+//!    up to `groups_inflight_max` groups in flight, or with `pwritev` +
+//!    `fdatasync` where io_uring is not allowed.
+//! 3. When a group's fdatasync lands, and every earlier group's has, all its
+//!    tickets become durable: [`Ticket::wait`] returns, and the ticket as a
+//!    future resolves.
+//!
+//! An fdatasync or write error puts the WAL in a failed state: every waiter
+//! gets [`Error::Failed`] and nothing more is accepted. It is never retried.
+//!
+//! # Files
+//!
+//! `NNNNNNNNNNNNNNNNNNNN-IIIIIIIIIIIIIIIIIIII.wal`: a segment, by sequence
+//! number and the first log index it was opened for (fixed width). Spare
+//! segments (`spare-N.wal`) are pre-written with zeros by a background thread
+//! ahead of need — fdatasync on a pre-written file is about twice as fast as
+//! on a growing one — and compacted segments are recycled into spares.
+//!
+//! See [`format`] for the byte layouts and [`recovery`] for the decision
+//! table applied at open.
+
+mod driver;
+mod durable;
+mod error;
+pub mod format;
+mod index;
+mod metrics;
+mod options;
+pub mod recovery;
+mod segment;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
+mod storage;
+mod uring;
+mod wal;
+
+pub use durable::Ticket;
+pub use error::{Error, Result};
+pub use metrics::{Histogram, Metrics};
+pub use options::{Backend, Options};
+pub use recovery::RecoveryReport;
+pub use storage::{OsStorage, Storage, StorageFile};
+pub use wal::{Wal, WriteBatch};
+
+use bytes::Bytes;
+
+/// One log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub index: u64,
+    pub term: u64,
+    pub payload: Bytes,
+}
+
+/// Raft's durable state besides the log. `vote == 0` means no vote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: u64,
+    pub vote: u64,
+    pub commit: u64,
+}
+
+/// What the WAL records of a snapshot: the last index and term it covers and
+/// opaque application data (for example the membership at that index).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub index: u64,
+    pub term: u64,
+    pub data: Bytes,
+}

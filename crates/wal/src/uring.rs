@@ -1,0 +1,365 @@
+//! The io_uring backend: each group is a write linked to an fdatasync, with
+//! up to `groups_inflight_max` groups in flight.
+//!
+//! All `unsafe` of the WAL lives here. A submitted group's buffer is kept in
+//! `slab` (keyed by the group id carried in `user_data`) until both of its
+//! completions arrived, so the kernel never writes from freed memory. The
+//! doorbell is an eventfd read kept pending while the driver sleeps in the
+//! ring, so that a writer queueing a write wakes it without a timeout.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::driver::{Done, Failure, Group, IoBackend};
+
+const KIND_WRITE: u64 = 0;
+const KIND_FSYNC: u64 = 1;
+const KIND_DOORBELL: u64 = 2;
+/// How long `Drop` waits for the doorbell read to come back.
+const DROP_DRAIN: Duration = Duration::from_secs(1);
+
+/// Wakes the driver while it sleeps in the ring.
+#[derive(Debug)]
+pub(crate) struct Doorbell {
+    fd: RawFd,
+    sleeping: AtomicBool,
+}
+
+impl Doorbell {
+    fn new() -> io::Result<Doorbell> {
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Doorbell {
+            fd,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    /// Called by writers after queueing: rings only if the driver sleeps.
+    pub fn ring(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.signal();
+        }
+    }
+
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full
+        // counter (EAGAIN) still leaves the read pending to complete.
+        let _ = unsafe { libc::write(self.fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+impl Drop for Doorbell {
+    fn drop(&mut self) {
+        // SAFETY: we own the descriptor and close it once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+#[derive(Debug)]
+struct InFlight {
+    group: Group,
+    write_done: Option<Instant>,
+    /// Set when the linked fdatasync was cancelled by a short write and the
+    /// rest was written and synced on this thread.
+    finished_sync: bool,
+    fsync_done: Option<Instant>,
+}
+
+pub(crate) struct UringBackend {
+    ring: IoUring,
+    slab: HashMap<u64, InFlight>,
+    doorbell: Arc<Doorbell>,
+    doorbell_buf: Box<[u8; 8]>,
+    doorbell_armed: bool,
+}
+
+impl std::fmt::Debug for UringBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringBackend")
+            .field("inflight", &self.slab.len())
+            .finish()
+    }
+}
+
+impl UringBackend {
+    /// Sets up a ring for `groups` groups in flight; fails where the kernel
+    /// or a seccomp filter forbids io_uring (EPERM, ENOSYS).
+    pub fn new(groups: usize) -> io::Result<UringBackend> {
+        let entries = (groups * 2 + 2).next_power_of_two() as u32;
+        let ring = IoUring::new(entries)?;
+        // Creating a ring can succeed where submitting is then forbidden:
+        // probe with a no-op round trip.
+        let mut backend = UringBackend {
+            ring,
+            slab: HashMap::new(),
+            doorbell: Arc::new(Doorbell::new()?),
+            doorbell_buf: Box::new([0; 8]),
+            doorbell_armed: false,
+        };
+        backend.probe()?;
+        Ok(backend)
+    }
+
+    fn probe(&mut self) -> io::Result<()> {
+        let nop = opcode::Nop::new().build().user_data(u64::MAX);
+        // SAFETY: a no-op references no memory.
+        unsafe { self.push(nop)? };
+        self.ring.submit_and_wait(1)?;
+        let cqe = self
+            .ring
+            .completion()
+            .next()
+            .ok_or_else(|| io::Error::other("no completion for probe"))?;
+        if cqe.result() < 0 {
+            return Err(io::Error::from_raw_os_error(-cqe.result()));
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    ///
+    /// Every buffer the entry points to must stay valid and unmoved until
+    /// its completion has been reaped.
+    unsafe fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
+        // SAFETY: forwarded to the caller.
+        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            return Ok(());
+        }
+        self.ring.submit()?;
+        // SAFETY: forwarded to the caller.
+        unsafe { self.ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))
+    }
+
+    fn arm_doorbell(&mut self) -> io::Result<()> {
+        if self.doorbell_armed {
+            return Ok(());
+        }
+        let read = opcode::Read::new(
+            types::Fd(self.doorbell.fd),
+            self.doorbell_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(KIND_DOORBELL);
+        // SAFETY: `doorbell_buf` is boxed (stable address) and owned by self;
+        // `Drop` waits for this read to complete before freeing it.
+        unsafe { self.push(read)? };
+        self.doorbell_armed = true;
+        Ok(())
+    }
+
+    fn finish_short_write(entry: &mut InFlight, written: usize) -> Result<(), Failure> {
+        let g = &entry.group;
+        let fail = |op, error| Failure {
+            op,
+            path: g.path.clone(),
+            error,
+        };
+        g.file
+            .write_all_at(
+                &[io::IoSlice::new(&g.buf[written..])],
+                g.offset + written as u64,
+            )
+            .map_err(|e| fail("write", e))?;
+        g.file.sync_data().map_err(|e| fail("fdatasync", e))?;
+        entry.finished_sync = true;
+        entry.fsync_done = Some(Instant::now());
+        Ok(())
+    }
+}
+
+fn uring_error(path: PathBuf, op: &'static str) -> impl FnOnce(io::Error) -> Failure {
+    move |error| Failure { op, path, error }
+}
+
+impl IoBackend for UringBackend {
+    fn doorbell(&self) -> Option<Arc<Doorbell>> {
+        Some(self.doorbell.clone())
+    }
+
+    fn submit(&mut self, group: Group) -> Result<(), Failure> {
+        let fd = group
+            .file
+            .raw_fd()
+            .expect("the io_uring backend runs only on storage with descriptors");
+        let id = group.id;
+        let len = u32::try_from(group.buf.len()).expect("group_bytes_max is below 4 GiB");
+        let write = opcode::Write::new(types::Fd(fd), group.buf.as_ptr(), len)
+            .offset(group.offset)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(id << 2 | KIND_WRITE);
+        let fsync = opcode::Fsync::new(types::Fd(fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(id << 2 | KIND_FSYNC);
+        let path = group.path.clone();
+        // The buffer is a Vec owned by the slab entry: its heap allocation
+        // does not move when the entry does.
+        self.slab.insert(
+            id,
+            InFlight {
+                group,
+                write_done: None,
+                finished_sync: false,
+                fsync_done: None,
+            },
+        );
+        // SAFETY: the write's buffer lives in `slab` until both completions
+        // of this group are reaped; the fsync references no memory.
+        unsafe {
+            self.push(write)
+                .map_err(uring_error(path.clone(), "queue write"))?;
+            self.push(fsync)
+                .map_err(uring_error(path.clone(), "queue fdatasync"))?;
+        }
+        self.ring
+            .submit()
+            .map_err(uring_error(path, "io_uring submit"))?;
+        Ok(())
+    }
+
+    fn inflight(&self) -> usize {
+        self.slab.len()
+    }
+
+    fn reap(
+        &mut self,
+        wait: bool,
+        has_work: &dyn Fn() -> bool,
+        out: &mut Vec<Done>,
+    ) -> Result<(), Failure> {
+        let ring_fail = |op| {
+            move |error| Failure {
+                op,
+                path: PathBuf::from("io_uring"),
+                error,
+            }
+        };
+        if wait {
+            self.arm_doorbell().map_err(ring_fail("arm doorbell"))?;
+            self.doorbell.sleeping.store(true, Ordering::SeqCst);
+            // A writer may have queued between our last look and `sleeping`.
+            if has_work() {
+                self.doorbell.sleeping.store(false, Ordering::SeqCst);
+                self.ring.submit().map_err(ring_fail("io_uring submit"))?;
+            } else {
+                loop {
+                    match self.ring.submit_and_wait(1) {
+                        Ok(_) => break,
+                        Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                        Err(e) => return Err(ring_fail("io_uring wait")(e)),
+                    }
+                }
+                self.doorbell.sleeping.store(false, Ordering::SeqCst);
+            }
+        }
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let now = Instant::now();
+        for (data, res) in cqes {
+            if data == KIND_DOORBELL {
+                self.doorbell_armed = false;
+                continue;
+            }
+            let id = data >> 2;
+            let entry = self
+                .slab
+                .get_mut(&id)
+                .expect("a completion names a group in flight");
+            match data & 3 {
+                KIND_WRITE => {
+                    let path = entry.group.path.clone();
+                    if res < 0 {
+                        return Err(Failure {
+                            op: "write",
+                            path,
+                            error: io::Error::from_raw_os_error(-res),
+                        });
+                    }
+                    entry.write_done = Some(now);
+                    let written = res as usize;
+                    if written < entry.group.buf.len() {
+                        // A short write cancels the linked fdatasync: write the
+                        // rest and sync here (the sync never ran, so this is
+                        // not a retry of a failed fsync).
+                        Self::finish_short_write(entry, written)?;
+                    }
+                }
+                KIND_FSYNC => {
+                    if res == -libc::ECANCELED && entry.finished_sync {
+                        // Replaced by the synchronous path above.
+                    } else if res < 0 {
+                        return Err(Failure {
+                            op: "fdatasync",
+                            path: entry.group.path.clone(),
+                            error: io::Error::from_raw_os_error(-res),
+                        });
+                    } else {
+                        entry.fsync_done = Some(now);
+                    }
+                }
+                other => unreachable!("unknown completion kind {other}"),
+            }
+            if entry.fsync_done.is_some() && entry.write_done.is_some() {
+                let entry = self.slab.remove(&id).expect("present");
+                let write_done = entry.write_done.expect("checked");
+                out.push(Done {
+                    id,
+                    write: write_done.saturating_duration_since(entry.group.submitted_at),
+                    fsync: entry
+                        .fsync_done
+                        .expect("checked")
+                        .saturating_duration_since(write_done),
+                    buf: entry.group.buf,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        // Buffers of in-flight requests must outlive them: wait for every
+        // completion (groups and the doorbell read) before freeing.
+        let deadline = Instant::now() + DROP_DRAIN;
+        if self.doorbell_armed {
+            self.doorbell.signal();
+        }
+        while (self.doorbell_armed || !self.slab.is_empty()) && Instant::now() < deadline {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let cqes: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for data in cqes {
+                if data == KIND_DOORBELL {
+                    self.doorbell_armed = false;
+                } else if data & 3 == KIND_FSYNC {
+                    self.slab.remove(&(data >> 2));
+                }
+            }
+        }
+        if self.doorbell_armed || !self.slab.is_empty() {
+            // Never free memory the kernel may still write to.
+            std::mem::forget(std::mem::take(&mut self.slab));
+            std::mem::forget(std::mem::replace(&mut self.doorbell_buf, Box::new([0; 8])));
+        }
+    }
+}

@@ -1,0 +1,962 @@
+//! The public WAL: placing writes, reading the log, compaction.
+//!
+//! Writers encode and checksum on their own thread, then take the state lock
+//! only to check indexes, place their records and queue them. The lock is
+//! never held across I/O except the rare wait for a spare segment.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use crossbeam_channel::{SendTimeoutError, Sender};
+
+use crate::driver::{
+    pack_pos, unpack_pos, Driver, IoBackend, NewSegment, Op, SyncBackend, WriteOp,
+};
+use crate::durable::{Notify, Ticket};
+use crate::error::{Error, Result};
+use crate::format::{self, Body, SegmentHeader, SEGMENT_HEADER_LEN};
+use crate::index::{LogIndex, RecordLoc};
+use crate::metrics::Metrics;
+use crate::options::{Backend, Options};
+use crate::recovery::{self, apply_snapshot, apply_truncate, RecoveryReport};
+use crate::segment::{segment_name, start_prewriter, Spare, SparePool};
+use crate::storage::{OsStorage, Storage, StorageFile};
+use crate::uring::{Doorbell, UringBackend};
+use crate::{Entry, HardState, SnapshotMeta};
+
+/// Everything one write makes durable together, applied in this order:
+/// truncate, snapshot, entries, hard state.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    /// Remove entries at and above this index (a Raft log conflict).
+    pub truncate_from: Option<u64>,
+    /// Record a snapshot. Entries it covers stop being served; a log that
+    /// does not contain its (index, term) is discarded and restarts after it.
+    pub snapshot: Option<SnapshotMeta>,
+    /// Contiguous entries; the first continues the log.
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+}
+
+#[derive(Debug)]
+struct SegInfo {
+    seq: u64,
+    path: PathBuf,
+    file: Arc<dyn StorageFile>,
+    salt: u64,
+    /// Sequence number of the last write placed in it.
+    last_write_seq: u64,
+}
+
+/// Where the next write goes in the last segment.
+#[derive(Debug, Clone, Copy)]
+struct Active {
+    seq: u64,
+    salt: u64,
+    offset: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    index: LogIndex,
+    hard_state: HardState,
+    snapshot: Option<SnapshotMeta>,
+    /// The write that carried the latest snapshot record.
+    snapshot_seq: u64,
+    /// Oldest first; the last one is where writes go.
+    segments: VecDeque<SegInfo>,
+    /// `None` until a write starts a segment (fresh WAL, or the last segment
+    /// had a torn tail).
+    active: Option<Active>,
+    /// Where the last segment ends: `prev_end` of the next one.
+    last_end: u64,
+    next_write_seq: u64,
+    next_segment_seq: u64,
+    /// Records whose bodies are held in memory until durable: (write seq,
+    /// first index).
+    held: VecDeque<(u64, u64)>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    opts: Options,
+    storage: Arc<dyn Storage>,
+    state: Mutex<State>,
+    notify: Arc<Notify>,
+    tx: Sender<Op>,
+    doorbell: Option<Arc<Doorbell>>,
+    durable_pos: Arc<AtomicU64>,
+    metrics: Arc<Mutex<Metrics>>,
+    pool: Arc<SparePool>,
+    backend: Backend,
+    salt_seed: AtomicU64,
+    recovery: RecoveryReport,
+}
+
+/// A segmented, checksummed write-ahead log with group commit.
+///
+/// `Wal` is `Sync`: many threads may write concurrently; writes are ordered
+/// by the state lock and made durable in that order.
+#[derive(Debug)]
+pub struct Wal {
+    inner: Arc<Inner>,
+    driver: Option<JoinHandle<()>>,
+    prewriter: Option<JoinHandle<()>>,
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir` on the real file system.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Wal> {
+        Wal::open_with_storage(dir, opts, Arc::new(OsStorage))
+    }
+
+    /// Opens the WAL in `dir` on the given storage, recovering what is there
+    /// (see [`crate::recovery`]).
+    pub fn open_with_storage(
+        dir: impl AsRef<Path>,
+        opts: Options,
+        storage: Arc<dyn Storage>,
+    ) -> Result<Wal> {
+        opts.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let rec = recovery::recover(storage.as_ref(), &dir, opts.segment_size)?;
+        let (io, backend): (Box<dyn IoBackend>, Backend) = choose_backend(&opts, storage.as_ref())?;
+        let doorbell = io.doorbell();
+        tracing::info!(
+            dir = %dir.display(),
+            backend = %backend,
+            segments = rec.report.segments,
+            first_index = rec.index.first(),
+            last_index = rec.index.next() - 1,
+            "WAL opened"
+        );
+
+        let mut segments = VecDeque::new();
+        for s in &rec.segments {
+            segments.push_back(SegInfo {
+                seq: s.seq,
+                path: s.path.clone(),
+                file: s.file.clone(),
+                salt: s.salt,
+                last_write_seq: 0,
+            });
+        }
+        let last = rec.segments.last();
+        // What recovery read may so far only be in the page cache (a process
+        // crash keeps dirty pages): make it durable before any watermark
+        // claims it is.
+        if let Some(l) = last {
+            l.file
+                .sync_data()
+                .map_err(|e| Error::io("fdatasync", &l.path, e))?;
+        }
+        let active = match last {
+            Some(l) if rec.continue_last => Some(Active {
+                seq: l.seq,
+                salt: l.salt,
+                offset: l.end,
+            }),
+            _ => None,
+        };
+        let durable_pos = Arc::new(AtomicU64::new(last.map_or(0, |l| pack_pos(l.seq, l.end))));
+        let state = State {
+            index: rec.index,
+            hard_state: rec.hard_state,
+            snapshot: rec.snapshot,
+            snapshot_seq: 0,
+            segments,
+            active,
+            last_end: last.map_or(0, |l| l.end),
+            next_write_seq: 1,
+            next_segment_seq: last.map_or(1, |l| l.seq + 1),
+            held: VecDeque::new(),
+            closed: false,
+        };
+        let (tx, rx) = crossbeam_channel::bounded(opts.queue_depth);
+        let notify = Arc::new(Notify::new(0));
+        let metrics = Arc::new(Mutex::new(Metrics::default()));
+        let pool = Arc::new(SparePool::new(
+            dir.clone(),
+            storage.clone(),
+            opts.segment_size,
+            opts.spare_segments,
+            rec.next_spare_name,
+            rec.spares,
+        ));
+        let driver = Driver {
+            rx,
+            notify: notify.clone(),
+            metrics: metrics.clone(),
+            durable_pos: durable_pos.clone(),
+            storage: storage.clone(),
+            dir: dir.clone(),
+            active: last
+                .filter(|_| rec.continue_last)
+                .map(|l| (l.seq, l.path.clone(), l.file.clone())),
+            backend: io,
+            group_bytes_max: opts.group_bytes_max,
+            groups_inflight_max: opts.groups_inflight_max,
+            held: None,
+            pending: VecDeque::new(),
+            next_group: 0,
+            spare_bufs: Vec::new(),
+        };
+        let driver = std::thread::Builder::new()
+            .name("skiff-wal-io".into())
+            .spawn(move || driver.run())
+            .map_err(|e| Error::io("spawn I/O driver", &dir, e))?;
+        let prewriter = start_prewriter(pool.clone())?;
+        let inner = Arc::new(Inner {
+            dir,
+            opts,
+            storage,
+            state: Mutex::new(state),
+            notify,
+            tx,
+            doorbell,
+            durable_pos,
+            metrics,
+            pool,
+            backend,
+            salt_seed: AtomicU64::new(random_seed()),
+            recovery: rec.report,
+        });
+        Ok(Wal {
+            inner,
+            driver: Some(driver),
+            prewriter,
+        })
+    }
+
+    /// What recovery found and did when this WAL was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// The backend that runs (never `Auto`).
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.inner.opts
+    }
+
+    /// Appends contiguous entries that continue the log.
+    pub fn append(&self, entries: Vec<Entry>) -> Result<Ticket> {
+        self.write(WriteBatch {
+            entries,
+            ..WriteBatch::default()
+        })
+    }
+
+    pub fn save_hard_state(&self, hard_state: HardState) -> Result<Ticket> {
+        self.write(WriteBatch {
+            hard_state: Some(hard_state),
+            ..WriteBatch::default()
+        })
+    }
+
+    /// Removes entries at and above `from`.
+    pub fn truncate_suffix(&self, from: u64) -> Result<Ticket> {
+        self.write(WriteBatch {
+            truncate_from: Some(from),
+            ..WriteBatch::default()
+        })
+    }
+
+    /// Records snapshot metadata; [`Wal::compact`] may delete what it covers
+    /// once this is durable.
+    pub fn save_snapshot(&self, meta: SnapshotMeta) -> Result<Ticket> {
+        self.write(WriteBatch {
+            snapshot: Some(meta),
+            ..WriteBatch::default()
+        })
+    }
+
+    /// Queues a batch as one write and returns at once; the ticket says when
+    /// it is durable. Blocks (up to `submit_timeout`) only when the queue is
+    /// full or a new segment has to wait for a spare.
+    pub fn write(&self, batch: WriteBatch) -> Result<Ticket> {
+        let inner = &*self.inner;
+        check_batch_shape(&batch, &inner.opts)?;
+        // Encode and checksum outside the lock.
+        let mut bodies = Vec::with_capacity(4);
+        if let Some(from) = batch.truncate_from {
+            bodies.push(Body::truncate(from));
+        }
+        if let Some(meta) = &batch.snapshot {
+            bodies.push(Body::snapshot(meta));
+        }
+        let entries_body = (!batch.entries.is_empty()).then(|| Body::entries(&batch.entries));
+        let entries_at = bodies.len();
+        if let Some(b) = &entries_body {
+            bodies.push(b.clone());
+        }
+        if let Some(hs) = &batch.hard_state {
+            bodies.push(Body::hard_state(hs));
+        }
+        let len: u64 = bodies.iter().map(|b| b.framed_len() as u64).sum();
+
+        let mut st = self.lock();
+        if let Some(e) = inner.notify.failure() {
+            return Err(e);
+        }
+        if st.closed {
+            return Err(Error::Closed);
+        }
+        release_held(&mut st, inner.notify.durable_seq());
+        let entries_next = check_batch_order(&st, &batch)?;
+        debug_assert!(batch
+            .entries
+            .first()
+            .is_none_or(|e| e.index == entries_next));
+
+        let seq = st.next_write_seq;
+        let mut new_segment = None;
+        let fits = st
+            .active
+            .is_some_and(|a| a.offset + len <= inner.opts.segment_size);
+        if !fits {
+            new_segment = Some(self.new_segment(&st, len, entries_next)?);
+        }
+        let (segment_seq, salt, offset) = match (&new_segment, st.active) {
+            (Some(ns), _) => (ns.header.seq, ns.header.salt, 0u64),
+            (None, Some(a)) => (a.seq, a.salt, a.offset),
+            (None, None) => unreachable!("a write without a new segment has an active one"),
+        };
+        let prefix: u64 = new_segment.as_ref().map_or(0, |ns: &NewSegment| {
+            SEGMENT_HEADER_LEN as u64
+                + ns.checkpoint
+                    .iter()
+                    .map(|b| b.framed_len() as u64)
+                    .sum::<u64>()
+        });
+        let (durable_seg, durable_off) = unpack_pos(inner.durable_pos.load(Ordering::Acquire));
+        let watermark = if durable_seg == segment_seq && new_segment.is_none() {
+            durable_off.min(offset)
+        } else {
+            0
+        };
+        let entries_offset = offset
+            + prefix
+            + bodies[..entries_at]
+                .iter()
+                .map(|b| b.framed_len() as u64)
+                .sum::<u64>();
+        let op = WriteOp {
+            seq,
+            segment_seq,
+            offset,
+            len: prefix + len,
+            salt,
+            watermark,
+            bodies,
+            new_segment,
+            entries: batch.entries.len() as u64,
+            queued_at: Instant::now(),
+        };
+        let started = op
+            .new_segment
+            .as_ref()
+            .map(|ns| (ns.header, ns.path.clone(), ns.spare.clone()));
+        match inner
+            .tx
+            .send_timeout(Op::Write(op), inner.opts.submit_timeout)
+        {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(op)) => {
+                give_back_spare(inner, op);
+                return Err(Error::Timeout {
+                    what: "room in the WAL queue",
+                    waited_ms: inner.opts.submit_timeout.as_millis() as u64,
+                });
+            }
+            Err(SendTimeoutError::Disconnected(_)) => {
+                return Err(inner.notify.failure().unwrap_or(Error::Closed));
+            }
+        }
+        if let Some(d) = &inner.doorbell {
+            d.ring();
+        }
+
+        // Queued: apply to the in-memory state.
+        st.next_write_seq += 1;
+        if let Some((header, path, spare)) = started {
+            st.segments.push_back(SegInfo {
+                seq: header.seq,
+                path,
+                file: spare.file,
+                salt: header.salt,
+                last_write_seq: seq,
+            });
+            st.next_segment_seq += 1;
+            st.active = Some(Active {
+                seq: header.seq,
+                salt: header.salt,
+                offset: 0,
+            });
+        }
+        let total = prefix + len;
+        let active = st.active.as_mut().expect("active after placement");
+        active.offset += total;
+        let end = active.offset;
+        st.last_end = end;
+        st.segments
+            .back_mut()
+            .expect("a segment exists")
+            .last_write_seq = seq;
+        if let Some(from) = batch.truncate_from {
+            apply_truncate(&mut st.index, from);
+        }
+        if let Some(meta) = batch.snapshot {
+            apply_snapshot(&mut st.index, &meta);
+            st.snapshot = Some(meta);
+            st.snapshot_seq = seq;
+        }
+        if let Some(body) = entries_body {
+            let first_index = batch.entries[0].index;
+            st.index.push(
+                RecordLoc {
+                    first_index,
+                    count: batch.entries.len() as u64,
+                    segment_seq,
+                    offset: entries_offset,
+                    framed_len: body.framed_len() as u32,
+                    body: Some(body.bytes),
+                    write_seq: seq,
+                },
+                batch.entries.iter().map(|e| e.term),
+            );
+            st.held.push_back((seq, first_index));
+        }
+        if let Some(hs) = batch.hard_state {
+            st.hard_state = hs;
+        }
+        #[cfg(debug_assertions)]
+        if st.index.records().len() < 4096 {
+            st.index.check();
+        }
+        drop(st);
+        Ok(Ticket::new(
+            seq,
+            inner.notify.clone(),
+            inner.opts.wait_timeout,
+        ))
+    }
+
+    /// Builds the start of a new segment for a write of `len` bytes. Takes a
+    /// spare (which may wait, up to `submit_timeout`).
+    fn new_segment(&self, st: &State, len: u64, first_index: u64) -> Result<NewSegment> {
+        let inner = &*self.inner;
+        let mut checkpoint = Vec::new();
+        checkpoint.push(Body::hard_state(&st.hard_state));
+        if let Some(meta) = &st.snapshot {
+            checkpoint.push(Body::snapshot(meta));
+        }
+        let prefix = SEGMENT_HEADER_LEN as u64
+            + checkpoint
+                .iter()
+                .map(|b| b.framed_len() as u64)
+                .sum::<u64>();
+        if prefix + len > inner.opts.segment_size {
+            return Err(Error::TooLarge {
+                bytes: len,
+                max: inner.opts.segment_size - prefix,
+            });
+        }
+        let spare = inner.pool.take(inner.opts.submit_timeout)?;
+        let seq = st.next_segment_seq;
+        let header = SegmentHeader {
+            seq,
+            first_index,
+            salt: inner.next_salt(),
+            prev_end: st.last_end,
+        };
+        Ok(NewSegment {
+            path: inner.dir.join(segment_name(seq, first_index)),
+            spare,
+            header,
+            checkpoint,
+        })
+    }
+
+    /// Blocks until every write queued so far is durable.
+    pub fn sync(&self) -> Result<()> {
+        let seq = self.lock().next_write_seq - 1;
+        if seq == 0 {
+            return Ok(());
+        }
+        self.inner.notify.wait(seq, self.inner.opts.wait_timeout)
+    }
+
+    /// Deletes (or recycles) whole segments that hold nothing above `upto`.
+    /// Needs a durable snapshot at or above `upto`. Returns how many
+    /// segments were removed.
+    pub fn compact(&self, upto: u64) -> Result<usize> {
+        let inner = &*self.inner;
+        let victims: Vec<SegInfo> = {
+            let mut st = self.lock();
+            if let Some(e) = inner.notify.failure() {
+                return Err(e);
+            }
+            let durable = inner.notify.durable_seq();
+            let covered = st
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.index >= upto && st.snapshot_seq <= durable);
+            if !covered {
+                return Err(Error::SnapshotNotDurable { index: upto });
+            }
+            let keep_from = st.index.first_segment_above(upto).unwrap_or(u64::MAX);
+            let mut victims = Vec::new();
+            // Never the last segment: writes go there, or its end is the
+            // seal point of the next one.
+            while st.segments.len() > 1 {
+                let front = st.segments.front().expect("len > 1");
+                if front.seq >= keep_from || front.last_write_seq > durable {
+                    break;
+                }
+                victims.push(st.segments.pop_front().expect("len > 1"));
+            }
+            victims
+        };
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let n = victims.len();
+        for v in victims {
+            // Oldest first: a crash part way leaves a contiguous run.
+            if inner.pool.ready_len() < inner.opts.spare_segments.max(1)
+                && v.file.len().ok() == Some(inner.opts.segment_size)
+            {
+                let path = inner.pool.next_spare_path();
+                inner
+                    .storage
+                    .rename(&v.path, &path)
+                    .map_err(|e| Error::io("recycle segment", &v.path, e))?;
+                if let Some(extra) = inner.pool.offer(Spare { path, file: v.file }) {
+                    inner
+                        .storage
+                        .remove(&extra.path)
+                        .map_err(|e| Error::io("remove segment", &extra.path, e))?;
+                }
+            } else {
+                inner
+                    .storage
+                    .remove(&v.path)
+                    .map_err(|e| Error::io("remove segment", &v.path, e))?;
+            }
+        }
+        inner
+            .storage
+            .sync_dir(&inner.dir)
+            .map_err(|e| Error::io("sync directory", &inner.dir, e))?;
+        tracing::debug!(segments = n, upto, "compacted WAL");
+        Ok(n)
+    }
+
+    /// Entries in `lo..hi`.
+    pub fn read(&self, lo: u64, hi: u64) -> Result<Vec<Entry>> {
+        let (locs, files) = {
+            let st = self.lock();
+            check_range(&st, lo, hi)?;
+            let mut locs = Vec::new();
+            let mut files: Vec<(u64, Arc<dyn StorageFile>, u64, PathBuf)> = Vec::new();
+            if lo < hi {
+                let mut pos = st.index.record_pos(lo).expect("lo is live");
+                while let Some(r) = st.index.records().get(pos) {
+                    if r.first_index >= hi {
+                        break;
+                    }
+                    if r.body.is_none() && !files.iter().any(|f| f.0 == r.segment_seq) {
+                        let seg = st
+                            .segments
+                            .iter()
+                            .find(|s| s.seq == r.segment_seq)
+                            .expect("a live record's segment exists");
+                        files.push((seg.seq, seg.file.clone(), seg.salt, seg.path.clone()));
+                    }
+                    locs.push(r.clone());
+                    pos += 1;
+                }
+            }
+            (locs, files)
+        };
+        let mut out = Vec::with_capacity((hi - lo) as usize);
+        for loc in locs {
+            let body = match loc.body.clone() {
+                Some(b) => b,
+                None => {
+                    let (_, file, salt, path) = files
+                        .iter()
+                        .find(|f| f.0 == loc.segment_seq)
+                        .expect("collected");
+                    match read_body(file.as_ref(), path, *salt, &loc) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            // Compaction may have recycled the file meanwhile.
+                            check_range(&self.lock(), lo, hi)?;
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            let entries = format::decode_entries(&body).map_err(|e| Error::Corruption {
+                segment: PathBuf::from(segment_name(loc.segment_seq, 0)),
+                offset: loc.offset,
+                reason: e.0.to_string(),
+            })?;
+            let live_end = loc.end().min(hi);
+            out.extend(
+                entries
+                    .into_iter()
+                    .filter(|e| e.index >= lo && e.index < live_end),
+            );
+        }
+        assert_eq!(out.len() as u64, hi - lo, "read returns exactly the range");
+        Ok(out)
+    }
+
+    /// Term of `index`: of a live entry, of the snapshot's last entry, or 0
+    /// for index 0.
+    pub fn term(&self, index: u64) -> Result<u64> {
+        let st = self.lock();
+        if let Some(t) = st.index.term(index) {
+            return Ok(t);
+        }
+        if let Some(s) = &st.snapshot {
+            if s.index == index {
+                return Ok(s.term);
+            }
+        }
+        if index == 0 {
+            return Ok(0);
+        }
+        if index < st.index.first() {
+            return Err(Error::Compacted {
+                index,
+                first_index: st.index.first(),
+            });
+        }
+        Err(Error::Unavailable {
+            index,
+            last_index: st.index.next() - 1,
+        })
+    }
+
+    /// First live index (1 for an empty log that never had a snapshot).
+    pub fn first_index(&self) -> u64 {
+        self.lock().index.first()
+    }
+
+    /// Last index (`first_index() - 1` when the log is empty).
+    pub fn last_index(&self) -> u64 {
+        self.lock().index.next() - 1
+    }
+
+    /// The last hard state written (durable once its write's ticket is).
+    pub fn hard_state(&self) -> HardState {
+        self.lock().hard_state
+    }
+
+    pub fn snapshot(&self) -> Option<SnapshotMeta> {
+        self.lock().snapshot.clone()
+    }
+
+    /// Number of segment files in use.
+    pub fn segment_count(&self) -> usize {
+        self.lock().segments.len()
+    }
+
+    /// A copy of the driver's histograms and counters, current to the last
+    /// group submitted or completed.
+    pub fn metrics(&self) -> Metrics {
+        self.inner.metrics.lock().expect("metrics lock").clone()
+    }
+
+    /// Flushes what is queued, stops the threads and reports whether
+    /// everything queued became durable.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let last = {
+            let mut st = self.lock();
+            st.closed = true;
+            st.next_write_seq - 1
+        };
+        let _ = self
+            .inner
+            .tx
+            .send_timeout(Op::Shutdown, self.inner.opts.submit_timeout);
+        if let Some(d) = &self.inner.doorbell {
+            d.ring();
+        }
+        if let Some(h) = self.driver.take() {
+            let _ = h.join();
+        }
+        self.inner.pool.stop();
+        if let Some(h) = self.prewriter.take() {
+            let _ = h.join();
+        }
+        if let Some(e) = self.inner.notify.failure() {
+            return Err(e);
+        }
+        if self.inner.notify.durable_seq() < last {
+            return Err(Error::Failed {
+                reason: "the I/O driver stopped before everything queued was durable".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().expect("WAL state lock poisoned")
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        if self.driver.is_some() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+impl Inner {
+    fn next_salt(&self) -> u64 {
+        splitmix(
+            self.salt_seed
+                .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed),
+        )
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn choose_backend(opts: &Options, storage: &dyn Storage) -> Result<(Box<dyn IoBackend>, Backend)> {
+    let want_uring = match opts.backend {
+        Backend::Pwritev => false,
+        Backend::IoUring => {
+            if !storage.has_raw_fds() {
+                return Err(Error::InvalidOption {
+                    field: "backend",
+                    reason: "io-uring needs storage with file descriptors".into(),
+                });
+            }
+            true
+        }
+        Backend::Auto => storage.has_raw_fds(),
+    };
+    if want_uring {
+        match UringBackend::new(opts.groups_inflight_max) {
+            Ok(b) => return Ok((Box::new(b), Backend::IoUring)),
+            Err(e) if opts.backend == Backend::IoUring => {
+                return Err(Error::InvalidOption {
+                    field: "backend",
+                    reason: format!("io_uring cannot be set up here: {e}"),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring unavailable; using the pwritev backend");
+            }
+        }
+    }
+    Ok((Box::new(SyncBackend::default()), Backend::Pwritev))
+}
+
+/// Checks what does not depend on the log: contiguity inside the batch,
+/// sizes.
+fn check_batch_shape(batch: &WriteBatch, opts: &Options) -> Result<()> {
+    for w in batch.entries.windows(2) {
+        if w[1].index != w[0].index + 1 {
+            return Err(Error::NonContiguous {
+                expected: w[0].index + 1,
+                got: w[1].index,
+            });
+        }
+        if w[1].term < w[0].term {
+            return Err(Error::TermRegression {
+                index: w[1].index,
+                term: w[1].term,
+                previous: w[0].term,
+            });
+        }
+    }
+    if let Some(meta) = &batch.snapshot {
+        if meta.data.len() > opts.snapshot_meta_max {
+            return Err(Error::TooLarge {
+                bytes: meta.data.len() as u64,
+                max: opts.snapshot_meta_max as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the batch against the log and returns the index its entries must
+/// start at. Mirrors what `apply_truncate` and `apply_snapshot` will do.
+fn check_batch_order(st: &State, batch: &WriteBatch) -> Result<u64> {
+    let first = st.index.first();
+    let mut next = st.index.next();
+    if let Some(from) = batch.truncate_from {
+        if let Some(s) = &st.snapshot {
+            if from <= s.index {
+                return Err(Error::BelowSnapshot {
+                    index: from,
+                    snapshot_index: s.index,
+                });
+            }
+        }
+        if from < first {
+            return Err(Error::Compacted {
+                index: from,
+                first_index: first,
+            });
+        }
+        if from > next {
+            return Err(Error::Unavailable {
+                index: from,
+                last_index: next - 1,
+            });
+        }
+        next = from;
+    }
+    // The term of the entry just before `next`, where known.
+    let mut term_before = if next > first {
+        st.index.term(next - 1)
+    } else {
+        st.snapshot
+            .as_ref()
+            .filter(|s| s.index + 1 == next)
+            .map(|s| s.term)
+    };
+    if let Some(meta) = &batch.snapshot {
+        if let Some(s) = &st.snapshot {
+            if meta.index < s.index {
+                return Err(Error::StaleSnapshot {
+                    index: meta.index,
+                    current: s.index,
+                });
+            }
+        }
+        let contained = meta.index < first
+            || (meta.index < next && st.index.term(meta.index) == Some(meta.term));
+        if !contained {
+            next = meta.index + 1;
+            term_before = Some(meta.term);
+        }
+    }
+    if let Some(e) = batch.entries.first() {
+        if e.index != next {
+            return Err(Error::NonContiguous {
+                expected: next,
+                got: e.index,
+            });
+        }
+        if let Some(t) = term_before {
+            if e.term < t {
+                return Err(Error::TermRegression {
+                    index: e.index,
+                    term: e.term,
+                    previous: t,
+                });
+            }
+        }
+    }
+    Ok(next)
+}
+
+fn check_range(st: &State, lo: u64, hi: u64) -> Result<()> {
+    if lo > hi {
+        return Err(Error::Unavailable {
+            index: lo,
+            last_index: hi.saturating_sub(1),
+        });
+    }
+    if lo < st.index.first() {
+        return Err(Error::Compacted {
+            index: lo,
+            first_index: st.index.first(),
+        });
+    }
+    if hi > st.index.next() {
+        return Err(Error::Unavailable {
+            index: hi - 1,
+            last_index: st.index.next() - 1,
+        });
+    }
+    Ok(())
+}
+
+/// Drops in-memory copies of bodies that are durable (and so readable).
+fn release_held(st: &mut State, durable: u64) {
+    while let Some(&(seq, first_index)) = st.held.front() {
+        if seq > durable {
+            break;
+        }
+        st.held.pop_front();
+        if let Some(pos) = st.index.record_pos(first_index) {
+            let r = st.index.record_mut(pos);
+            if r.write_seq == seq && r.first_index == first_index {
+                r.body = None;
+            }
+        }
+    }
+}
+
+/// Reads a record back and verifies it: pairs the checks done when writing.
+fn read_body(file: &dyn StorageFile, path: &Path, salt: u64, loc: &RecordLoc) -> Result<Bytes> {
+    let mut buf = vec![0u8; loc.framed_len as usize];
+    file.read_exact_at(&mut buf, loc.offset)
+        .map_err(|e| Error::io("read", path, e))?;
+    let bytes = Bytes::from(buf);
+    let (_, body) = format::read_record(&bytes, 0, salt).map_err(|e| Error::Corruption {
+        segment: path.to_path_buf(),
+        offset: loc.offset,
+        reason: e.reason().to_string(),
+    })?;
+    Ok(bytes.slice_ref(body))
+}
+
+/// Returns a spare taken for a write that could not be queued.
+fn give_back_spare(inner: &Inner, op: Op) {
+    if let Op::Write(WriteOp {
+        new_segment: Some(ns),
+        ..
+    }) = op
+    {
+        if let Some(extra) = inner.pool.offer(ns.spare) {
+            let _ = inner.storage.remove(&extra.path);
+        }
+    }
+}
