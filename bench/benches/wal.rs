@@ -51,8 +51,8 @@ fn append_sync(c: &mut Criterion) {
         .tempdir_in(".")
         .expect("temporary directory in the current one");
     for batch in [1usize, 16, 256] {
-        let wal = Wal::open(dir.path().join(format!("b{batch}")), Options::default())
-            .expect("open WAL");
+        let wal =
+            Wal::open(dir.path().join(format!("b{batch}")), Options::default()).expect("open WAL");
         let mut next = 1u64;
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(BenchmarkId::new(wal.backend().to_string(), batch), |b| {

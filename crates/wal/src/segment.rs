@@ -7,7 +7,7 @@
 //! writes, and so that fdatasync never has to allocate extents.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, StorageFile};
 
-/// Zeros written per call while pre-writing a spare.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
 /// How long the pre-writer waits before trying again after a failure.
 const PREWRITE_RETRY: Duration = Duration::from_millis(200);
 
@@ -179,13 +177,8 @@ impl SparePool {
         let path = self.dir.join(spare_name(n));
         let result = (|| {
             let file = self.storage.create(&tmp)?;
-            let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-            let mut off = 0u64;
-            while off < self.segment_size {
-                let n = (self.segment_size - off).min(ZERO_CHUNK_BYTES as u64) as usize;
-                file.write_all_at(&[IoSlice::new(&zeros[..n])], off)?;
-                off += n as u64;
-            }
+            self.storage
+                .fill_zeros(&tmp, file.as_ref(), self.segment_size)?;
             file.sync_data()?;
             self.storage.rename(&tmp, &path)?;
             self.storage.sync_dir(&self.dir)?;

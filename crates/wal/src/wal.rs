@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 
 use crate::driver::{
     pack_pos, unpack_pos, Driver, IoBackend, NewSegment, Op, SyncBackend, WriteOp,
@@ -371,10 +371,13 @@ impl Wal {
             .new_segment
             .as_ref()
             .map(|ns| (ns.header, ns.path.clone(), ns.spare.clone()));
-        match inner
-            .tx
-            .send_timeout(Op::Write(op), inner.opts.submit_timeout)
-        {
+        // try_send first: the common case needs no deadline (no clock read).
+        let sent = match inner.tx.try_send(Op::Write(op)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(op)) => inner.tx.send_timeout(op, inner.opts.submit_timeout),
+            Err(TrySendError::Disconnected(op)) => Err(SendTimeoutError::Disconnected(op)),
+        };
+        match sent {
             Ok(()) => {}
             Err(SendTimeoutError::Timeout(op)) => {
                 give_back_spare(inner, op);
