@@ -74,6 +74,9 @@ struct InFlight {
     /// Set when the linked fdatasync was cancelled by a short write and the
     /// rest was written and synced on this thread.
     finished_sync: bool,
+    /// The linked fdatasync's cancellation arrived before the write's
+    /// completion.
+    sync_cancelled: bool,
     fsync_done: Option<Instant>,
 }
 
@@ -215,6 +218,7 @@ impl IoBackend for UringBackend {
                 group,
                 write_done: None,
                 finished_sync: false,
+                sync_cancelled: false,
                 fsync_done: None,
             },
         );
@@ -295,7 +299,7 @@ impl IoBackend for UringBackend {
                     }
                     entry.write_done = Some(now);
                     let written = res as usize;
-                    if written < entry.group.buf.len() {
+                    if written < entry.group.buf.len() || entry.sync_cancelled {
                         // A short write cancels the linked fdatasync: write the
                         // rest and sync here (the sync never ran, so this is
                         // not a retry of a failed fsync).
@@ -305,6 +309,10 @@ impl IoBackend for UringBackend {
                 KIND_FSYNC => {
                     if res == -libc::ECANCELED && entry.finished_sync {
                         // Replaced by the synchronous path above.
+                    } else if res == -libc::ECANCELED && entry.write_done.is_none() {
+                        // Cancelled by a short write whose completion has not
+                        // been reaped yet: that completion finishes the group.
+                        entry.sync_cancelled = true;
                     } else if res < 0 {
                         return Err(Failure {
                             op: "fdatasync",

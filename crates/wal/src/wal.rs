@@ -539,8 +539,16 @@ impl Wal {
             return Ok(0);
         }
         let n = victims.len();
+        let sync_dir = || {
+            inner
+                .storage
+                .sync_dir(&inner.dir)
+                .map_err(|e| Error::io("sync directory", &inner.dir, e))
+        };
         for v in victims {
-            // Oldest first: a crash part way leaves a contiguous run.
+            // Oldest first, each made durable before the next: a crash part
+            // way leaves a contiguous run of segments whatever the file
+            // system reorders.
             if inner.pool.ready_len() < inner.opts.spare_segments.max(1)
                 && v.file.len().ok() == Some(inner.opts.segment_size)
             {
@@ -549,23 +557,22 @@ impl Wal {
                     .storage
                     .rename(&v.path, &path)
                     .map_err(|e| Error::io("recycle segment", &v.path, e))?;
+                sync_dir()?;
                 if let Some(extra) = inner.pool.offer(Spare { path, file: v.file }) {
                     inner
                         .storage
                         .remove(&extra.path)
                         .map_err(|e| Error::io("remove segment", &extra.path, e))?;
+                    sync_dir()?;
                 }
             } else {
                 inner
                     .storage
                     .remove(&v.path)
                     .map_err(|e| Error::io("remove segment", &v.path, e))?;
+                sync_dir()?;
             }
         }
-        inner
-            .storage
-            .sync_dir(&inner.dir)
-            .map_err(|e| Error::io("sync directory", &inner.dir, e))?;
         tracing::debug!(segments = n, upto, "compacted WAL");
         Ok(n)
     }
