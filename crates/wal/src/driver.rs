@@ -353,9 +353,7 @@ impl Driver {
                 .as_ref()
                 .expect("a segment is active before a write");
             assert_eq!(*seg, op.segment_seq, "write placed in the active segment");
-            for body in &op.bodies {
-                format::frame_into(&mut buf, op.salt, op.watermark, body);
-            }
+            format::frame_write(&mut buf, op.salt, op.watermark, &op.bodies);
             assert_eq!(
                 group_offset + buf.len() as u64,
                 op.offset + op.len,

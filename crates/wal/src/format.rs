@@ -21,11 +21,16 @@
 //! ## Record (24-byte header, body, zero padding to 8 bytes)
 //!
 //! ```text
-//!  0      4      8      12     13     14     16          24
-//!  | hcrc | len  | bcrc | type | ver  | 0u16 | watermark | body[len] | pad |
-//!  | u32  | u32  | u32  | u8   | u8=1 |      | u64       |           |     |
+//!  0      4      8      12     13     14      16          24
+//!  | hcrc | len  | bcrc | type | ver  | flags | watermark | body[len] | pad |
+//!  | u32  | u32  | u32  | u8   | u8=1 | u16   | u64       |           |     |
 //! ```
 //!
+//! * `flags`: bit 0 `MORE` — the next record belongs to the same write. A
+//!   write (a [`crate::WriteBatch`]: truncate, snapshot, entries, hard state)
+//!   becomes several records; recovery applies them only once the last one
+//!   (without `MORE`) verifies, so a crash never leaves part of a write.
+//!   Other bits must be zero.
 //! * `hcrc`: CRC32C over the segment's salt (8 bytes) then header bytes
 //!   `4..24`. A record from an earlier incarnation of a recycled file fails it.
 //! * `bcrc`: CRC32C of the body.
@@ -203,14 +208,33 @@ impl Body {
     }
 }
 
-/// Appends the framed record (header, body, padding) to `out`.
+/// Record flag: the next record belongs to the same write.
+pub const FLAG_MORE: u16 = 1;
+const FLAGS_KNOWN: u16 = FLAG_MORE;
+
+/// Appends the framed record (header, body, padding) of a single-record
+/// write to `out`.
 pub fn frame_into(out: &mut Vec<u8>, salt: u64, watermark: u64, body: &Body) {
+    frame_record(out, salt, watermark, 0, body);
+}
+
+/// Appends the records of one write: every record but the last carries
+/// [`FLAG_MORE`].
+pub fn frame_write(out: &mut Vec<u8>, salt: u64, watermark: u64, bodies: &[Body]) {
+    for (i, body) in bodies.iter().enumerate() {
+        let flags = if i + 1 < bodies.len() { FLAG_MORE } else { 0 };
+        frame_record(out, salt, watermark, flags, body);
+    }
+}
+
+fn frame_record(out: &mut Vec<u8>, salt: u64, watermark: u64, flags: u16, body: &Body) {
     let start = out.len();
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[4..8].copy_from_slice(&(body.bytes.len() as u32).to_le_bytes());
     h[8..12].copy_from_slice(&body.crc.to_le_bytes());
     h[12] = body.kind as u8;
     h[13] = RECORD_VERSION;
+    h[14..16].copy_from_slice(&flags.to_le_bytes());
     h[16..24].copy_from_slice(&watermark.to_le_bytes());
     let hcrc = record_header_crc(salt, &h);
     h[0..4].copy_from_slice(&hcrc.to_le_bytes());
@@ -232,12 +256,18 @@ pub struct RecordHeader {
     pub body_len: u32,
     pub body_crc: u32,
     pub kind: u8,
+    pub flags: u16,
     pub watermark: u64,
 }
 
 impl RecordHeader {
     pub fn framed_len(&self) -> usize {
         record_size(self.body_len as usize)
+    }
+
+    /// Whether the next record belongs to the same write.
+    pub fn more(&self) -> bool {
+        self.flags & FLAG_MORE != 0
     }
 }
 
@@ -254,7 +284,7 @@ pub enum RecordError {
     BadLength,
     /// The header verifies but the body does not.
     BadBody,
-    /// Unknown type or version in a verified header.
+    /// Unknown type, version or flags in a verified header.
     BadType,
 }
 
@@ -266,7 +296,7 @@ impl RecordError {
             RecordError::BadHeader => "record header checksum mismatch",
             RecordError::BadLength => "record length runs past the segment",
             RecordError::BadBody => "record body checksum mismatch",
-            RecordError::BadType => "unknown record type or version",
+            RecordError::BadType => "unknown record type, version or flags",
         }
     }
 }
@@ -291,9 +321,13 @@ pub fn read_record(
         body_len: u32_at(h, 4),
         body_crc: u32_at(h, 8),
         kind: h[12],
+        flags: u16::from_le_bytes([h[14], h[15]]),
         watermark: u64_at(h, 16),
     };
-    if h[13] != RECORD_VERSION || RecordType::from_u8(header.kind).is_none() {
+    if h[13] != RECORD_VERSION
+        || RecordType::from_u8(header.kind).is_none()
+        || header.flags & !FLAGS_KNOWN != 0
+    {
         return Err(RecordError::BadType);
     }
     let body_start = offset + RECORD_HEADER_LEN;

@@ -112,6 +112,11 @@ impl LogIndex {
                 break;
             }
         }
+        // A record cut down to entries below `first` (covered by a
+        // snapshot) holds nothing live any more.
+        if self.records.back().is_some_and(|r| r.end() <= self.first) {
+            self.records.pop_back();
+        }
         while self.terms.back().is_some_and(|&(start, _)| start >= from) {
             self.terms.pop_back();
         }

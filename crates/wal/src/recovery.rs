@@ -1,9 +1,12 @@
 //! Recovery: rebuilding the log from the segment files at open.
 //!
 //! Segments are read in sequence order. Each record is verified (header
-//! checksum seeded with the segment's salt, body checksum) and applied. The
-//! first record that does not verify at offset `S` of a segment stops that
-//! segment, and the decision is taken from this table (one test per row in
+//! checksum seeded with the segment's salt, body checksum); the records of
+//! one write (linked by `FLAG_MORE`) are applied together once the last one
+//! verifies. The first record that does not verify stops the segment; `S`
+//! is where the last complete write before it ends (the record that stopped
+//! the scan is at or after `S`, and is the offset a `Corruption` names). The
+//! decision is taken from this table (one test per row in
 //! `tests/recovery.rs`):
 //!
 //! | where                 | what lies at / after `S`                                   | decision                                   |
@@ -11,8 +14,8 @@
 //! | any segment           | a later valid record whose watermark is > `S`              | `Corruption { segment, offset: S }`: `S` had been durable |
 //! | sealed (not last)     | `S` == `prev_end` in the next segment's header             | clean end of a sealed segment              |
 //! | sealed (not last)     | `S` != `prev_end`                                          | `Corruption`: a sealed segment is complete |
-//! | last                  | zeros (or stale bytes of an earlier incarnation) only      | clean end: appends continue at `S`         |
-//! | last                  | a torn record, or valid records with watermark <= `S`     | torn tail: truncated at `S`; appends go to a new segment |
+//! | last                  | zeros, or bytes that verify as no record of this incarnation (stale records of a recycled file, a header torn before any of it landed) | clean end: appends continue at `S` |
+//! | last                  | a record of this incarnation that fails (torn body), part of a write (its last record missing), or valid records with watermark <= `S` after it | torn tail: truncated at `S`; appends go to a new segment |
 //! | last, header          | zeros, or a verified header of an earlier incarnation      | never started: recycled as a spare         |
 //! | any, header           | does not verify and is not zero                            | `Corruption { offset: 0 }`                 |
 //! | not last, header      | does not verify, or seq/first index differ from its name   | `Corruption { offset: 0 }`                 |
@@ -33,7 +36,8 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, RecordError, RecordType, SegmentHeader, ALIGN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+    self, RecordError, RecordHeader, RecordType, SegmentHeader, ALIGN, RECORD_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use crate::index::{LogIndex, RecordLoc};
 use crate::segment::{parse_segment_name, parse_spare_name, Spare};
@@ -262,49 +266,78 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
         let index = index.get_or_insert_with(|| LogIndex::new(header.first_index));
         let mut at = SEGMENT_HEADER_LEN;
         let limit = seal.map_or(bytes.len(), |s| (s as usize).min(bytes.len()));
+        // Records of the write being read; applied together once its last
+        // record verifies. `at` stays at the write's first record.
+        let mut write: Vec<(RecordHeader, usize)> = Vec::new();
+        let mut next = at;
         let stop = loop {
-            if at >= limit {
-                break None;
+            if next >= limit {
+                break (!write.is_empty()).then_some(RecordError::Eof);
             }
-            match format::read_record(bytes, at, header.salt) {
-                Ok((h, _)) if at + h.framed_len() > limit => {
+            match format::read_record(bytes, next, header.salt) {
+                Ok((h, _)) if next + h.framed_len() > limit => {
                     break Some(RecordError::BadLength);
                 }
-                Ok((h, body)) => {
-                    let body = bytes.slice_ref(body);
-                    apply_record(
-                        index,
-                        &mut hard_state,
-                        &mut snapshot,
-                        h.kind,
-                        &body,
-                        *seq,
-                        at as u64,
-                        h.framed_len(),
-                    )
-                    .map_err(|reason| corruption(path, at as u64, reason))?;
-                    at += h.framed_len();
+                Ok((h, _)) => {
+                    write.push((h, next));
+                    next += h.framed_len();
+                    if h.more() {
+                        continue;
+                    }
+                    for (h, offset) in write.drain(..) {
+                        let start = offset + RECORD_HEADER_LEN;
+                        let body = bytes.slice(start..start + h.body_len as usize);
+                        apply_record(
+                            index,
+                            &mut hard_state,
+                            &mut snapshot,
+                            h.kind,
+                            &body,
+                            *seq,
+                            offset as u64,
+                            h.framed_len(),
+                        )
+                        .map_err(|reason| corruption(path, offset as u64, reason))?;
+                    }
+                    at = next;
                 }
                 Err(e) => break Some(e),
             }
         };
+        // `at`: where the last complete write ends; `next`: the record that
+        // stopped the scan (past `at` when a write was cut part way).
         let s = at as u64;
+        let partial = !write.is_empty();
         if let Some(seal) = seal {
             if s != seal {
                 let reason = stop.map_or(
                     "sealed segment ends before its seal point",
                     RecordError::reason,
                 );
-                return Err(corruption(path, s, reason));
+                return Err(corruption(path, next as u64, reason));
             }
         } else if let Some(stop) = stop {
-            let tail = scan_tail(bytes, at, header.salt);
+            let tail = scan_tail(bytes, next, at, header.salt);
             if tail.proof {
-                return Err(corruption(path, s, stop.reason()));
+                return Err(corruption(path, next as u64, stop.reason()));
             }
-            let clean = matches!(stop, RecordError::Zero | RecordError::Eof) && !tail.same_salt;
+            // Zeros, or bytes that verify as no record of this incarnation
+            // (a recycled file's stale records, or a header torn before any
+            // of it landed): nothing after `at` can be mistaken for a record,
+            // so appends may continue there.
+            let clean = !partial
+                && !tail.same_salt
+                && matches!(
+                    stop,
+                    RecordError::Zero | RecordError::Eof | RecordError::BadHeader
+                );
             if !clean {
-                tracing::warn!(segment = %path.display(), offset = s, reason = stop.reason(), "truncating torn WAL tail");
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset = s,
+                    reason = stop.reason(),
+                    "truncating torn WAL tail"
+                );
                 report.truncated_tail = Some((path.clone(), s));
             }
             continue_last = clean;
@@ -387,7 +420,14 @@ fn apply_record(
         }
         Some(RecordType::Truncate) => {
             let from = format::decode_truncate(body).map_err(|e| e.0.to_string())?;
-            apply_truncate(index, from);
+            if from < index.first() {
+                // The conflict reached below where the oldest remaining
+                // segment started: what lay below `from` was compacted away
+                // (under a snapshot), so the log now restarts at `from`.
+                *index = LogIndex::new(from);
+            } else {
+                apply_truncate(index, from);
+            }
         }
         None => return Err(format!("unknown record type {kind}")),
     }
@@ -401,8 +441,10 @@ struct TailScan {
     same_salt: bool,
 }
 
-/// Looks past a stop at `stop` for records of this segment's incarnation.
-fn scan_tail(seg: &[u8], stop: usize, salt: u64) -> TailScan {
+/// Looks past the record at `stop` for records of this segment's
+/// incarnation; one whose watermark is beyond `durable_end` (where the last
+/// complete write ends) proves that what lies there had been durable.
+fn scan_tail(seg: &[u8], stop: usize, durable_end: usize, salt: u64) -> TailScan {
     let mut out = TailScan {
         proof: false,
         same_salt: false,
@@ -416,7 +458,7 @@ fn scan_tail(seg: &[u8], stop: usize, salt: u64) -> TailScan {
         }
         if let Ok((h, _)) = format::read_record(seg, at, salt) {
             out.same_salt = true;
-            if h.watermark > stop as u64 {
+            if h.watermark > durable_end as u64 {
                 out.proof = true;
                 return out;
             }

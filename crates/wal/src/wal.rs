@@ -479,7 +479,16 @@ impl Wal {
                 max: inner.opts.segment_size - prefix,
             });
         }
-        let spare = inner.pool.take(inner.opts.submit_timeout)?;
+        let spare = inner
+            .pool
+            .take(inner.opts.submit_timeout)
+            .inspect_err(|e| {
+                // An I/O error making a spare (an fsync among them) is fatal like
+                // any other: never carry on past it. ENOSPC and timeouts are not.
+                if e.is_fatal() {
+                    inner.notify.fail(e.to_string());
+                }
+            })?;
         let seq = st.next_segment_seq;
         let header = SegmentHeader {
             seq,
@@ -623,10 +632,18 @@ impl Wal {
                     }
                 }
             };
-            let entries = format::decode_entries(&body).map_err(|e| Error::Corruption {
-                segment: PathBuf::from(segment_name(loc.segment_seq, 0)),
-                offset: loc.offset,
-                reason: e.0.to_string(),
+            let entries = format::decode_entries(&body).map_err(|e| {
+                let segment = self
+                    .lock()
+                    .segments
+                    .iter()
+                    .find(|s| s.seq == loc.segment_seq)
+                    .map_or_else(|| self.inner.dir.clone(), |s| s.path.clone());
+                Error::Corruption {
+                    segment,
+                    offset: loc.offset,
+                    reason: e.0.to_string(),
+                }
             })?;
             let live_end = loc.end().min(hi);
             out.extend(

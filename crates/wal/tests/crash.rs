@@ -1,0 +1,849 @@
+//! Crash-state enumeration on the simulated disk.
+//!
+//! Each scenario drives a WAL on a [`SimStorage`] through a scripted
+//! workload, one record per write (a step), keeping a model of the log after
+//! every step. The op log carries a mark before each step is submitted and a
+//! mark once its ticket says it is durable. Then, for every prefix of the op
+//! log, every disk image a crash right there could leave is opened, and the
+//! recovered log must equal the model after some step between the last one
+//! acknowledged and the last one submitted before the crash: nothing
+//! acknowledged lost, nothing invented, nothing half-applied. Each recovered
+//! WAL must also take new appends that survive a clean reopen.
+
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use skiff_wal::sim::{Op, SimStorage};
+use skiff_wal::{Backend, Entry, HardState, Options, SnapshotMeta, Ticket, Wal, WriteBatch};
+
+const DIR: &str = "/wal";
+/// Mark ids: `k` says step `k` was acknowledged, `SUBMITTED | k` that step
+/// `k` is about to be submitted.
+const SUBMITTED: u64 = 1 << 40;
+/// Term of the entries appended to every recovered WAL: above any term a
+/// workload uses.
+const PROBE_TERM: u64 = 1 << 20;
+
+fn options() -> Options {
+    Options {
+        // The smallest segment `Options::validate` allows: many rotations
+        // from few entries.
+        segment_size: 16 << 10,
+        // Spares are made on the writer's thread when needed: the op log is
+        // the same from run to run, up to how writes group.
+        spare_segments: 0,
+        snapshot_meta_max: 256,
+        backend: Backend::Pwritev,
+        ..Options::default()
+    }
+}
+
+fn open(storage: &SimStorage) -> skiff_wal::Result<Wal> {
+    Wal::open_with_storage(DIR, options(), Arc::new(storage.clone()))
+}
+
+/// A payload that differs by index and by term, so that an entry rewritten
+/// after a conflict is told apart from the one it replaced.
+fn payload(index: u64, term: u64) -> Bytes {
+    let len = 8 + (index * 7919 + term * 104_729) % 600;
+    let seed = index.wrapping_mul(0x9E37_79B9) ^ term.wrapping_mul(0x85EB_CA6B);
+    Bytes::from(
+        (0..len)
+            .map(|i| (seed.wrapping_add(i * 31) >> (i % 7)) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn entries(lo: u64, hi: u64, term: u64) -> Vec<Entry> {
+    (lo..hi)
+        .map(|index| Entry {
+            index,
+            term,
+            payload: payload(index, term),
+        })
+        .collect()
+}
+
+/// The log as a WAL holds it, and as the model expects it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Model {
+    first: u64,
+    /// The live entries, `first..first + len`.
+    entries: Vec<Entry>,
+    hard_state: HardState,
+    snapshot: Option<SnapshotMeta>,
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            first: 1,
+            entries: Vec::new(),
+            hard_state: HardState::default(),
+            snapshot: None,
+        }
+    }
+
+    fn next(&self) -> u64 {
+        self.first + self.entries.len() as u64
+    }
+
+    fn last_term(&self) -> u64 {
+        match (self.entries.last(), &self.snapshot) {
+            (Some(e), _) => e.term,
+            (None, Some(s)) => s.term,
+            (None, None) => 0,
+        }
+    }
+
+    fn term(&self, index: u64) -> Option<u64> {
+        let at = index.checked_sub(self.first)?;
+        self.entries.get(at as usize).map(|e| e.term)
+    }
+
+    /// What the WAL documents for a batch: truncate, snapshot, entries, hard
+    /// state, in that order.
+    fn apply(&mut self, batch: &WriteBatch) {
+        if let Some(from) = batch.truncate_from {
+            assert!(from >= self.first && from <= self.next());
+            self.entries.truncate((from - self.first) as usize);
+        }
+        if let Some(meta) = &batch.snapshot {
+            // A log that does not hold the snapshot's (index, term) is
+            // discarded; entries the snapshot covers stop being served.
+            if meta.index >= self.first && self.term(meta.index) != Some(meta.term) {
+                self.entries.clear();
+            }
+            let first = self.first.max(meta.index + 1);
+            let drop = (first - self.first).min(self.entries.len() as u64);
+            self.entries.drain(..drop as usize);
+            self.first = first;
+            self.snapshot = Some(meta.clone());
+        }
+        if let Some(e) = batch.entries.first() {
+            assert_eq!(e.index, self.next(), "the workload appends contiguously");
+        }
+        self.entries.extend(batch.entries.iter().cloned());
+        if let Some(hs) = batch.hard_state {
+            self.hard_state = hs;
+        }
+    }
+
+    /// Reads everything back from `wal`, checking that its index (terms)
+    /// agrees with the entries it reads.
+    fn of(wal: &Wal) -> skiff_wal::Result<Model> {
+        let first = wal.first_index();
+        let next = wal.last_index() + 1;
+        let entries = wal.read(first, next)?;
+        for e in &entries {
+            let term = wal.term(e.index)?;
+            assert_eq!(term, e.term, "term({}) disagrees with the entry", e.index);
+        }
+        let snapshot = wal.snapshot();
+        if let Some(s) = &snapshot {
+            if s.index + 1 == first {
+                assert_eq!(wal.term(s.index)?, s.term, "term of the snapshot index");
+            }
+        }
+        Ok(Model {
+            first,
+            entries,
+            hard_state: wal.hard_state(),
+            snapshot,
+        })
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "first={} last={} last_term={} hs={:?} snapshot={:?}",
+            self.first,
+            self.next() - 1,
+            self.last_term(),
+            self.hard_state,
+            self.snapshot.as_ref().map(|s| (s.index, s.term)),
+        )
+    }
+}
+
+/// A workload in progress: the live WAL, the model and its history.
+struct Run {
+    name: &'static str,
+    sim: SimStorage,
+    wal: Option<Wal>,
+    model: Model,
+    /// `states[k]`: the model after step `k` (`states[0]`: empty).
+    states: Vec<Model>,
+    /// Submitted, not yet acknowledged.
+    pending: Vec<(u64, Ticket)>,
+}
+
+impl Run {
+    fn new(name: &'static str) -> Run {
+        let sim = SimStorage::new();
+        let wal = open(&sim).expect("open an empty WAL");
+        Run {
+            name,
+            sim,
+            wal: Some(wal),
+            model: Model::new(),
+            states: vec![Model::new()],
+            pending: Vec::new(),
+        }
+    }
+
+    fn wal(&self) -> &Wal {
+        self.wal.as_ref().expect("the WAL is open")
+    }
+
+    /// Submits one write without waiting for it.
+    fn submit(&mut self, batch: WriteBatch) {
+        let k = self.states.len() as u64;
+        self.sim.mark(SUBMITTED | k);
+        let ticket = self
+            .wal()
+            .write(batch.clone())
+            .unwrap_or_else(|e| panic!("{}: step {k} refused: {e}", self.name));
+        self.model.apply(&batch);
+        self.states.push(self.model.clone());
+        self.pending.push((k, ticket));
+    }
+
+    fn append(&mut self, n: u64, term: u64) {
+        let next = self.model.next();
+        self.submit(WriteBatch {
+            entries: entries(next, next + n, term),
+            ..WriteBatch::default()
+        });
+    }
+
+    fn truncate(&mut self, from: u64) {
+        self.submit(WriteBatch {
+            truncate_from: Some(from),
+            ..WriteBatch::default()
+        });
+    }
+
+    fn hard_state(&mut self, term: u64, vote: u64, commit: u64) {
+        self.submit(WriteBatch {
+            hard_state: Some(HardState { term, vote, commit }),
+            ..WriteBatch::default()
+        });
+    }
+
+    fn snapshot(&mut self, index: u64, term: u64) {
+        let data = Bytes::from(format!("snapshot at {index}/{term}: members=1,2,3"));
+        self.submit(WriteBatch {
+            snapshot: Some(SnapshotMeta { index, term, data }),
+            ..WriteBatch::default()
+        });
+    }
+
+    /// Waits for every submitted step, marking each as acknowledged.
+    fn ack(&mut self) {
+        for (k, ticket) in self.pending.drain(..) {
+            ticket
+                .wait()
+                .unwrap_or_else(|e| panic!("{}: step {k} failed: {e}", self.name));
+            self.sim.mark(k);
+        }
+    }
+
+    /// Compacts up to `upto` (after acknowledging everything: compaction
+    /// needs the snapshot durable). Returns the segments removed.
+    fn compact(&mut self, upto: u64) -> usize {
+        self.ack();
+        self.wal()
+            .compact(upto)
+            .unwrap_or_else(|e| panic!("{}: compact({upto}): {e}", self.name))
+    }
+
+    fn segments(&self) -> usize {
+        self.wal().segment_count()
+    }
+
+    /// Closes the WAL and opens it again on the same disk.
+    fn reopen(&mut self) {
+        self.ack();
+        self.wal
+            .take()
+            .expect("open")
+            .close()
+            .unwrap_or_else(|e| panic!("{}: close: {e}", self.name));
+        let wal = open(&self.sim).unwrap_or_else(|e| panic!("{}: reopen: {e}", self.name));
+        // A clean close leaves no torn tail; that is checked on its own by
+        // `clean_reopen_after_recycling_reports_no_torn_tail`.
+        self.wal = Some(wal);
+        self.check_live();
+    }
+
+    fn check_live(&self) {
+        let got = Model::of(self.wal()).unwrap_or_else(|e| panic!("{}: read: {e}", self.name));
+        assert_eq!(
+            got, self.model,
+            "{}: live WAL differs from model",
+            self.name
+        );
+    }
+
+    /// Acknowledges and closes; returns the disk and the model history.
+    fn finish(mut self) -> (SimStorage, Vec<Model>) {
+        self.ack();
+        self.check_live();
+        self.wal
+            .take()
+            .expect("open")
+            .close()
+            .unwrap_or_else(|e| panic!("{}: close: {e}", self.name));
+        (self.sim, self.states)
+    }
+}
+
+/// Opens the WAL on every crash image of every prefix of `sim`'s op log and
+/// checks it. Returns the number of images checked.
+fn check_all_prefixes(name: &str, sim: &SimStorage, states: &[Model], seed: u64) -> usize {
+    let ops = sim.ops();
+    let mut acked = 0u64;
+    let mut submitted = 0u64;
+    let mut checked = 0;
+    for prefix in 0..=ops.len() {
+        if let Some(Op::Mark(m)) = prefix.checked_sub(1).map(|i| &ops[i]) {
+            if m & SUBMITTED != 0 {
+                submitted = m & !SUBMITTED;
+            } else {
+                acked = *m;
+            }
+        }
+        assert!(acked <= submitted);
+        for state in sim.crash_states(prefix, seed) {
+            let ctx = || {
+                format!(
+                    "{name}: crash after {prefix} of {} ops (last: {}), image {:?}, \
+                     acknowledged {acked}, submitted {submitted}",
+                    ops.len(),
+                    prefix
+                        .checked_sub(1)
+                        .map_or("none".into(), |i| describe(&ops[i])),
+                    state.kind,
+                )
+            };
+            check_image(&state.storage, states, acked..=submitted, &ctx);
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// An op without its data bytes, for failure messages.
+fn describe(op: &Op) -> String {
+    match op {
+        Op::Write { ino, offset, data } => {
+            format!(
+                "Write {{ ino: {ino}, offset: {offset}, len: {} }}",
+                data.len()
+            )
+        }
+        Op::Mark(m) if m & SUBMITTED != 0 => format!("Mark(submitted {})", m & !SUBMITTED),
+        Op::Mark(m) => format!("Mark(acknowledged {m})"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn check_image(
+    image: &SimStorage,
+    states: &[Model],
+    allowed: RangeInclusive<u64>,
+    ctx: &dyn Fn() -> String,
+) {
+    let wal = match open(image) {
+        Ok(wal) => wal,
+        Err(e) => panic!("{}: open failed: {e}", ctx()),
+    };
+    let got = Model::of(&wal).unwrap_or_else(|e| panic!("{}: read failed: {e}", ctx()));
+    let matches = allowed
+        .clone()
+        .any(|k| states.get(k as usize) == Some(&got));
+    if !matches {
+        let candidates: Vec<String> = allowed
+            .map(|k| format!("  step {k}: {}", states[k as usize].summary()))
+            .collect();
+        panic!(
+            "{}: recovered a log that is no allowed step's\n  got:    {}\n{}",
+            ctx(),
+            got.summary(),
+            candidates.join("\n"),
+        );
+    }
+
+    // The recovered WAL takes appends, and they survive a clean reopen.
+    let next = got.next();
+    let probe = entries(next, next + 3, PROBE_TERM);
+    if let Err(e) = wal.append(probe.clone()).and_then(|t| t.wait()) {
+        panic!("{}: append after recovery failed: {e}", ctx());
+    }
+    if let Err(e) = wal.close() {
+        panic!("{}: close after recovery failed: {e}", ctx());
+    }
+    let wal = open(image).unwrap_or_else(|e| panic!("{}: second reopen failed: {e}", ctx()));
+    let mut want = got;
+    want.entries.extend(probe);
+    let again = Model::of(&wal).unwrap_or_else(|e| panic!("{}: read failed: {e}", ctx()));
+    assert_eq!(
+        again,
+        want,
+        "{}: appends after recovery were not kept",
+        ctx()
+    );
+    drop(wal);
+}
+
+/// Appends in batches of 1..=4 entries, some waited one by one, some
+/// submitted two or three at a time so that they may share a group; hard
+/// states now and then; two reopens.
+fn appends_across_segments() -> Run {
+    let mut run = Run::new("appends_across_segments");
+    let mut commit = 0;
+    for i in 0..240u64 {
+        let term = 1 + i / 80;
+        run.append(1 + i % 4, term);
+        if i % 3 != 1 && i % 8 != 6 {
+            run.ack();
+        }
+        if i % 11 == 5 {
+            commit = run.model.next() - 1 - i % 3;
+            run.hard_state(term, 1 + i % 3, commit);
+        }
+        if i == 80 || i == 161 {
+            run.reopen();
+        }
+    }
+    assert!(commit > 0);
+    assert!(
+        run.segments() >= 12,
+        "rotates across many segments: {}",
+        run.segments()
+    );
+    run
+}
+
+/// Raft conflicts: suffixes truncated within the active segment and into an
+/// earlier one, each followed by appends of a later term; hard states.
+fn conflicts() -> Run {
+    let mut run = Run::new("conflicts");
+    let mut term = 1;
+    for round in 0..3 {
+        for _ in 0..14 {
+            run.append(3, term);
+        }
+        run.ack();
+        run.hard_state(term, 2, run.model.next() - 20);
+        // Within the active segment.
+        term += 1;
+        let next = run.model.next();
+        run.truncate(next - 5);
+        run.append(2, term);
+        run.ack();
+        for _ in 0..14 {
+            run.append(2, term);
+        }
+        run.ack();
+        // Into the previous segment (which is kept, so the log's start is
+        // known).
+        term += 1;
+        let next = run.model.next();
+        run.truncate(next - 30);
+        run.hard_state(term, 3, next - 40);
+        run.append(4, term);
+        run.ack();
+        for _ in 0..6 {
+            run.append(3, term);
+            run.append(1, term);
+            run.ack();
+        }
+        if round == 1 {
+            run.reopen();
+        }
+        // A truncate and its appends queued behind one another,
+        // unacknowledged.
+        term += 1;
+        let next = run.model.next();
+        run.truncate(next - 2);
+        run.append(3, term);
+        run.hard_state(term, 1, next - 3);
+        run.ack();
+    }
+    assert!(run.segments() >= 6, "{}", run.segments());
+    // Truncate everything live, then start again.
+    term += 1;
+    let first = run.model.first;
+    run.truncate(first);
+    run.append(4, term);
+    run.ack();
+    for _ in 0..8 {
+        run.append(4, term);
+        run.ack();
+    }
+    run
+}
+
+/// Snapshots and compaction: segments deleted and recycled as spares, the
+/// spares reused, a snapshot beyond the log that discards it, a snapshot
+/// whose term disagrees with the log, reopens.
+fn snapshots_and_compaction() -> Run {
+    let mut run = Run::new("snapshots_and_compaction");
+    let mut term = 1;
+    for round in 0..2 {
+        let segs = run.segments();
+        while run.segments() < segs + 4 {
+            run.append(3, term);
+            run.ack();
+        }
+        run.hard_state(term, 1, run.model.next() - 1);
+        let snap = run.model.next() - 10;
+        run.snapshot(snap, term);
+        let removed = run.compact(snap);
+        assert!(removed >= 2, "compaction removes segments: {removed}");
+        // New segments start from the recycled spare.
+        term += 1;
+        let segs = run.segments();
+        while run.segments() < segs + 2 {
+            run.append(2, term);
+            run.append(2, term);
+            run.ack();
+        }
+        if round == 0 {
+            run.reopen();
+        }
+        let snap = run.model.next() - 3;
+        run.snapshot(snap, term);
+        run.hard_state(term, 1, snap);
+        let removed = run.compact(snap);
+        assert!(removed >= 1, "compaction removes segments: {removed}");
+        for _ in 0..10 {
+            run.append(3, term);
+            run.ack();
+        }
+        // A snapshot beyond the log (installed from a leader): the log is
+        // discarded and restarts after it.
+        term += 1;
+        let snap = run.model.next() + 20;
+        run.snapshot(snap, term);
+        run.append(3, term);
+        run.ack();
+        assert_eq!(run.model.first, snap + 1);
+        run.compact(snap);
+        // A snapshot whose term disagrees with the live log at its index.
+        for _ in 0..12 {
+            run.append(4, term);
+            run.ack();
+        }
+        term += 1;
+        let snap = run.model.next() - 5;
+        run.snapshot(snap, term);
+        assert!(run.model.entries.is_empty());
+        run.append(2, term);
+        run.ack();
+        run.compact(snap);
+        run.reopen();
+        for _ in 0..6 {
+            run.append(3, term);
+            run.ack();
+        }
+    }
+    run
+}
+
+/// Reopens often: appends continue in the last segment after a clean
+/// close, across rotations and compactions.
+fn reopen_often() -> Run {
+    let mut run = Run::new("reopen_often");
+    for round in 0..24u64 {
+        let term = 1 + round / 3;
+        for i in 0..8 {
+            run.append(1 + (i + round) % 3, term);
+            if i % 2 == 1 {
+                run.ack();
+            }
+        }
+        run.hard_state(term, round % 3, run.model.next() - 2);
+        if round % 5 == 4 {
+            let snap = run.model.next() - 4;
+            run.snapshot(snap, term);
+            run.compact(snap);
+        }
+        run.reopen();
+    }
+    run
+}
+
+/// Deep pipelines: six writes queued before any is waited for, so that
+/// groups carry several writes and a torn group write tears between (and
+/// inside) them; hard states and a truncate inside the pipeline.
+fn pipelined() -> Run {
+    let mut run = Run::new("pipelined");
+    let mut term = 1;
+    for round in 0..80u64 {
+        for i in 0..6 {
+            run.append(1 + (round + i) % 2, term);
+        }
+        if round % 4 == 3 {
+            run.hard_state(term, 2, run.model.next() - 3);
+        }
+        if round % 10 == 9 {
+            term += 1;
+            let next = run.model.next();
+            run.truncate(next - 4);
+            run.append(2, term);
+        }
+        run.ack();
+        if round == 40 {
+            run.reopen();
+        }
+    }
+    run
+}
+
+/// Records of up to a third of a segment: a new segment every few writes,
+/// the seal of the last one checked each time, compaction and recycling
+/// every few segments.
+fn large_records() -> Run {
+    let mut run = Run::new("large_records");
+    let mut term = 1;
+    for i in 0..140u64 {
+        let next = run.model.next();
+        let len = 1500 + (i * 2039) % 4000;
+        let batch = (next..next + 1 + i % 2)
+            .map(|index| Entry {
+                index,
+                term,
+                payload: Bytes::from(vec![(index * 13 + term) as u8; len as usize / 2]),
+            })
+            .collect();
+        run.submit(WriteBatch {
+            entries: batch,
+            ..WriteBatch::default()
+        });
+        if i % 3 != 0 {
+            run.ack();
+        }
+        if i % 10 == 9 {
+            run.hard_state(term, 1, run.model.next() - 2);
+        }
+        if i % 35 == 34 {
+            let snap = run.model.next() - 3;
+            run.snapshot(snap, term);
+            run.compact(snap);
+            term += 1;
+        }
+        if i == 70 {
+            run.reopen();
+        }
+    }
+    run
+}
+
+fn enumerate(run: Run, seed: u64) -> usize {
+    let name = run.name;
+    let t0 = Instant::now();
+    let (sim, states) = run.finish();
+    let ops = sim.op_count();
+    let n = check_all_prefixes(name, &sim, &states, seed);
+    eprintln!(
+        "{name}: {} steps, {ops} ops ({} group writes), {n} crash states in {:.1?}",
+        states.len() - 1,
+        sim.ops()
+            .iter()
+            .filter(|o| matches!(o, Op::Write { .. }))
+            .count(),
+        t0.elapsed()
+    );
+    n
+}
+
+/// Every crash image of every prefix of six workloads recovers an allowed
+/// log and stays usable.
+#[test]
+fn crash_states_recover_an_acknowledged_prefix() {
+    let t0 = Instant::now();
+    let workloads: [(fn() -> Run, u64); 6] = [
+        (appends_across_segments, 1),
+        (conflicts, 2),
+        (snapshots_and_compaction, 3),
+        (reopen_often, 4),
+        (pipelined, 5),
+        (large_records, 6),
+    ];
+    // Two threads: the enumeration is CPU-bound and each image's WAL runs
+    // its own driver thread.
+    let handles: Vec<_> = workloads
+        .into_iter()
+        .map(|(workload, seed)| std::thread::spawn(move || enumerate(workload(), seed)))
+        .collect();
+    let mut n = 0;
+    let mut panics = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(k) => n += k,
+            Err(p) => panics.push(p),
+        }
+    }
+    if let Some(p) = panics.pop() {
+        std::panic::resume_unwind(p);
+    }
+    println!("CRASH-STATES checked={n}");
+    eprintln!("crash-state enumeration took {:.1?}", t0.elapsed());
+    assert!(n >= 10_000, "only {n} crash states checked");
+}
+
+/// A WAL opened and closed without a write: every crash image of that
+/// opens as the empty log.
+#[test]
+fn crash_before_anything_is_written_opens_empty() {
+    let sim = SimStorage::new();
+    let wal = open(&sim).unwrap();
+    assert_eq!(Model::of(&wal).unwrap(), Model::new());
+    wal.close().unwrap();
+    let n = check_all_prefixes("empty", &sim, &[Model::new()], 0);
+    assert!(n >= 2);
+}
+
+/// The decision table's row "last segment, stale bytes of an earlier
+/// incarnation only: clean end, appends continue at S": after a clean close,
+/// a last segment that was recycled from a compacted one is not a torn tail.
+#[test]
+fn clean_reopen_after_recycling_reports_no_torn_tail() {
+    let mut run = Run::new("clean_reopen_after_recycling");
+    while run.segments() < 4 {
+        run.append(3, 1);
+        run.ack();
+    }
+    let snap = run.model.next() - 2;
+    run.snapshot(snap, 1);
+    assert!(run.compact(snap) >= 2);
+    // The next segment starts on the recycled spare: its bytes past the new
+    // records are the old incarnation's records.
+    let segs = run.segments();
+    while run.segments() == segs {
+        run.append(3, 1);
+        run.ack();
+    }
+    run.append(1, 1);
+    run.ack();
+    let live = run.sim.file_names(Path::new(DIR));
+    run.wal.take().unwrap().close().unwrap();
+
+    let wal = open(&run.sim).unwrap();
+    assert_eq!(Model::of(&wal).unwrap(), run.model);
+    assert_eq!(
+        wal.recovery_report().truncated_tail,
+        None,
+        "a clean close left no torn tail"
+    );
+    // Appends continue in the same segment.
+    let next = run.model.next();
+    wal.append(entries(next, next + 1, 1))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(wal.segment_count(), segs + 1);
+    wal.close().unwrap();
+    assert_eq!(run.sim.file_names(Path::new(DIR)), live);
+}
+
+/// A conflict truncates into an earlier segment, so the log's records in
+/// the later segment start below that segment's first index; then the
+/// earlier segment is compacted away. The log must reopen, and every crash
+/// image along the way must recover.
+#[test]
+fn truncate_below_a_segment_start_then_compact() {
+    let mut run = Run::new("truncate_below_a_segment_start_then_compact");
+    // Fill the first segment; remember where the second one starts.
+    let mut second_first = 0;
+    while run.segments() < 2 {
+        second_first = run.model.next();
+        run.append(3, 1);
+        run.ack();
+    }
+    run.append(3, 1);
+    run.ack();
+    assert_eq!(run.segments(), 2);
+    // A conflict three entries before the second segment's first index.
+    run.truncate(second_first - 3);
+    run.append(8, 2);
+    run.ack();
+    // A snapshot that covers everything the first segment still holds.
+    let snap = second_first - 1;
+    run.snapshot(snap, 2);
+    run.hard_state(2, 1, snap);
+    assert_eq!(run.compact(snap), 1, "the first segment is compacted");
+    run.append(2, 2);
+    run.ack();
+    let (sim, states) = run.finish();
+    // A plain reopen first: the clearest failure if it breaks.
+    let wal = open(&sim).unwrap_or_else(|e| panic!("reopen after compaction: {e}"));
+    assert_eq!(Model::of(&wal).unwrap(), *states.last().unwrap());
+    wal.close().unwrap();
+    let n = check_all_prefixes(
+        "truncate_below_a_segment_start_then_compact",
+        &sim,
+        &states,
+        7,
+    );
+    assert!(n > 100);
+}
+
+/// A batch is one write ("everything one write makes durable together"):
+/// a crash never leaves part of it, such as a conflict's truncation without
+/// the entries that replace the suffix, or entries without the hard state
+/// written with them.
+#[test]
+fn crash_never_leaves_part_of_a_write_batch() {
+    let mut run = Run::new("write_batches");
+    let mut term = 1;
+    for round in 0..12u64 {
+        let next = run.model.next();
+        run.submit(WriteBatch {
+            entries: entries(next, next + 4, term),
+            hard_state: Some(HardState {
+                term,
+                vote: 1,
+                commit: next.saturating_sub(2),
+            }),
+            ..WriteBatch::default()
+        });
+        run.ack();
+        if round % 3 == 2 {
+            term += 1;
+            let from = run.model.next() - 3;
+            run.submit(WriteBatch {
+                truncate_from: Some(from),
+                entries: entries(from, from + 5, term),
+                hard_state: Some(HardState {
+                    term,
+                    vote: 2,
+                    commit: from - 1,
+                }),
+                ..WriteBatch::default()
+            });
+            run.ack();
+        }
+        if round % 4 == 3 {
+            let index = run.model.next() + 2;
+            run.submit(WriteBatch {
+                snapshot: Some(SnapshotMeta {
+                    index,
+                    term,
+                    data: Bytes::from_static(b"members=1,2,3"),
+                }),
+                entries: entries(index + 1, index + 4, term),
+                ..WriteBatch::default()
+            });
+            run.ack();
+        }
+    }
+    let (sim, states) = run.finish();
+    let n = check_all_prefixes("write_batches", &sim, &states, 11);
+    assert!(n > 100);
+}
