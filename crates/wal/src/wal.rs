@@ -721,7 +721,13 @@ impl Wal {
 
     fn shutdown(&mut self) -> Result<()> {
         let last = {
-            let mut st = self.lock();
+            // Runs from Drop: a panic that poisoned the lock must not turn
+            // into a second panic (an abort) here. The state is only read.
+            let mut st = self
+                .inner
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             st.closed = true;
             st.next_write_seq - 1
         };
