@@ -40,6 +40,9 @@ pub(crate) struct LogIndex {
     /// One past the last index.
     next: u64,
     records: VecDeque<RecordLoc>,
+    /// Records ever removed from the front: `popped + position` is a
+    /// record's stable number while it stays in `records`.
+    popped: u64,
     /// (first index of the run, term), increasing in both.
     terms: VecDeque<(u64, u64)>,
 }
@@ -51,6 +54,7 @@ impl LogIndex {
             first,
             next: first,
             records: VecDeque::new(),
+            popped: 0,
             terms: VecDeque::new(),
         }
     }
@@ -67,8 +71,17 @@ impl LogIndex {
         &self.records
     }
 
-    /// Adds a record of `terms.len()` entries starting at `next`.
-    pub fn push(&mut self, loc: RecordLoc, terms: impl IntoIterator<Item = u64>) {
+    /// The record with stable number `number` (see [`LogIndex::push`]), if it
+    /// is still there. A number can be reused after a truncation: callers
+    /// check the record is the one they meant.
+    pub fn record_by_number(&mut self, number: u64) -> Option<&mut RecordLoc> {
+        let pos = number.checked_sub(self.popped)?;
+        self.records.get_mut(usize::try_from(pos).ok()?)
+    }
+
+    /// Adds a record of `terms.len()` entries starting at `next`; returns
+    /// its stable number.
+    pub fn push(&mut self, loc: RecordLoc, terms: impl IntoIterator<Item = u64>) -> u64 {
         assert_eq!(loc.first_index, self.next, "records must be contiguous");
         let mut n = 0;
         for term in terms {
@@ -87,11 +100,13 @@ impl LogIndex {
             n += 1;
         }
         assert_eq!(n, loc.count, "record count matches its terms");
+        let number = self.popped + self.records.len() as u64;
         if n == 0 {
-            return;
+            return number;
         }
         self.next += n;
         self.records.push_back(loc);
+        number
     }
 
     /// Removes entries at and above `from` (`first <= from <= next`).
@@ -130,6 +145,7 @@ impl LogIndex {
             return;
         }
         if first >= self.next {
+            self.popped += self.records.len() as u64;
             self.records.clear();
             self.terms.clear();
             self.first = first;
@@ -139,6 +155,7 @@ impl LogIndex {
         self.first = first;
         while self.records.front().is_some_and(|r| r.end() <= first) {
             self.records.pop_front();
+            self.popped += 1;
         }
         // Keep the run that covers `first`.
         while self.terms.len() > 1 && self.terms[1].0 <= first {
@@ -163,10 +180,6 @@ impl LogIndex {
         }
         let at = self.records.partition_point(|r| r.first_index <= index);
         (at > 0).then(|| at - 1)
-    }
-
-    pub fn record_mut(&mut self, pos: usize) -> &mut RecordLoc {
-        &mut self.records[pos]
     }
 
     /// Segment holding the first live entry at or above `index`, if any.

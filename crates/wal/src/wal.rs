@@ -78,8 +78,8 @@ struct State {
     next_write_seq: u64,
     next_segment_seq: u64,
     /// Records whose bodies are held in memory until durable: (write seq,
-    /// first index).
-    held: VecDeque<(u64, u64)>,
+    /// first index, record number in the index).
+    held: VecDeque<(u64, u64, u64)>,
     closed: bool,
 }
 
@@ -430,7 +430,7 @@ impl Wal {
         }
         if let Some(body) = entries_body {
             let first_index = batch.entries[0].index;
-            st.index.push(
+            let number = st.index.push(
                 RecordLoc {
                     first_index,
                     count: batch.entries.len() as u64,
@@ -442,7 +442,7 @@ impl Wal {
                 },
                 batch.entries.iter().map(|e| e.term),
             );
-            st.held.push_back((seq, first_index));
+            st.held.push_back((seq, first_index, number));
         }
         if let Some(hs) = batch.hard_state {
             st.hard_state = hs;
@@ -953,13 +953,13 @@ fn check_range(st: &State, lo: u64, hi: u64) -> Result<()> {
 
 /// Drops in-memory copies of bodies that are durable (and so readable).
 fn release_held(st: &mut State, durable: u64) {
-    while let Some(&(seq, first_index)) = st.held.front() {
+    while let Some(&(seq, first_index, number)) = st.held.front() {
         if seq > durable {
             break;
         }
         st.held.pop_front();
-        if let Some(pos) = st.index.record_pos(first_index) {
-            let r = st.index.record_mut(pos);
+        // By number, not by a search: the index may hold millions of records.
+        if let Some(r) = st.index.record_by_number(number) {
             if r.write_seq == seq && r.first_index == first_index {
                 r.body = None;
             }
