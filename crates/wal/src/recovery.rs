@@ -133,7 +133,12 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
     let mut segs: Vec<(u64, u64, PathBuf)> = Vec::new();
     let mut spares = Vec::new();
     let mut next_spare_name = 0u64;
-    let mut dir_changed = false;
+    // Every unlink and rename below is made durable before the next one.
+    let sync_dir = || {
+        storage
+            .sync_dir(dir)
+            .map_err(|e| Error::io("sync directory", dir, e))
+    };
     let mut partial_spares = 0;
     for name in names {
         let path = dir.join(&name);
@@ -151,7 +156,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
                 storage
                     .remove(&path)
                     .map_err(|e| Error::io("remove spare", &path, e))?;
-                dir_changed = true;
+                sync_dir()?;
             }
         } else if name.starts_with("spare-") && name.ends_with(".tmp") {
             // A spare whose pre-write did not finish.
@@ -159,7 +164,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
                 .remove(&path)
                 .map_err(|e| Error::io("remove partial spare", &path, e))?;
             partial_spares += 1;
-            dir_changed = true;
+            sync_dir()?;
         }
     }
     segs.sort();
@@ -220,7 +225,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
                 .map_err(|e| Error::io("remove unstarted segment", &path, e))?;
         }
         report.unstarted_segments += 1;
-        dir_changed = true;
+        sync_dir()?;
     }
     for f in &loaded {
         if f.header.is_none() {
@@ -351,11 +356,6 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
             file: file.clone(),
             end: s,
         });
-    }
-    if dir_changed {
-        storage
-            .sync_dir(dir)
-            .map_err(|e| Error::io("sync directory", dir, e))?;
     }
     let mut index = index.unwrap_or_else(|| LogIndex::new(1));
     if let Some(meta) = &snapshot {
