@@ -1,0 +1,262 @@
+//! The core's vocabulary: entries, messages, actions and configuration.
+
+use bytes::Bytes;
+
+/// A node's identity; 0 is never a node ("no vote", "no leader").
+pub type NodeId = u64;
+/// A Raft term.
+pub type Term = u64;
+/// A log index; 0 is "before the first entry".
+pub type Index = u64;
+/// Identifies one [`Action::Persist`]; the node reports it back through
+/// [`crate::Raft::persisted`] once durable. Increasing from 1.
+pub type PersistId = u64;
+
+/// What an entry carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Appended by a new leader to commit entries of earlier terms (§5.4.2).
+    Noop,
+    /// An application command.
+    Normal(Bytes),
+}
+
+impl Payload {
+    /// Bytes counted against batch and flow-control bounds.
+    pub fn size(&self) -> usize {
+        match self {
+            Payload::Noop => 0,
+            Payload::Normal(b) => b.len(),
+        }
+    }
+}
+
+/// One log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub index: Index,
+    pub term: Term,
+    pub payload: Payload,
+}
+
+impl Entry {
+    /// Bytes counted against batch and flow-control bounds: the payload and
+    /// a fixed overhead for index, term and framing.
+    pub fn size(&self) -> usize {
+        ENTRY_OVERHEAD_BYTES + self.payload.size()
+    }
+}
+
+/// Per-entry overhead counted by [`Entry::size`].
+pub const ENTRY_OVERHEAD_BYTES: usize = 24;
+
+/// State that must be durable before any vote or message depending on it
+/// leaves the node. `vote == 0`: no vote in `term`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: Term,
+    pub vote: NodeId,
+    pub commit: Index,
+}
+
+/// A message between nodes. `term` is the sender's term (for `PreVote`, the
+/// term the sender would campaign in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub term: Term,
+    pub body: MessageBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageBody {
+    /// Would you vote for me in `term`? Changes no state of the receiver.
+    PreVote {
+        last_index: Index,
+        last_term: Term,
+    },
+    PreVoteResponse {
+        granted: bool,
+    },
+    Vote {
+        last_index: Index,
+        last_term: Term,
+    },
+    VoteResponse {
+        granted: bool,
+    },
+    /// Entries following `(prev_index, prev_term)`; `commit` is the leader's
+    /// commit index.
+    Append {
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        commit: Index,
+    },
+    /// `success`: the follower's log matches the leader's through
+    /// `match_index` (durably). Otherwise `reject` says where to go back to.
+    AppendResponse {
+        success: bool,
+        match_index: Index,
+        reject: Option<RejectHint>,
+    },
+    /// Keeps followers from campaigning and carries the commit index (never
+    /// beyond what the follower is known to match).
+    Heartbeat {
+        commit: Index,
+    },
+    HeartbeatResponse,
+}
+
+/// Why a follower rejected an `Append`, so that the leader backs off a whole
+/// term per round trip instead of one index (thesis §5.3 optimisation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RejectHint {
+    /// The `prev_index` of the rejected message.
+    pub rejected: Index,
+    /// The follower's term at `rejected`, if it has that index.
+    pub conflict_term: Option<Term>,
+    /// With `conflict_term`: the first index of that term in the follower's
+    /// log. Without: the follower's last index + 1.
+    pub conflict_index: Index,
+}
+
+/// What the core asks of its host, in order. The host must carry out
+/// `Persist` actions in order, and may run them concurrently with `Send`s
+/// that have no `after_persist`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Make durable, in this order: drop the log from `entries[0].index` on
+    /// (when `entries` is non-empty), append `entries`, save `hard_state`.
+    /// Report completion with [`crate::Raft::persisted`]`(id)`.
+    Persist {
+        id: PersistId,
+        hard_state: Option<HardState>,
+        entries: Vec<Entry>,
+    },
+    /// Send `msg`; when `after_persist` is set, only once every persist up
+    /// to that id is durable (votes, acknowledgements).
+    Send {
+        msg: Message,
+        after_persist: Option<PersistId>,
+    },
+    /// Committed, locally durable entries to apply, in order. Report with
+    /// [`crate::Raft::applied`].
+    Apply { entries: Vec<Entry> },
+    /// The role or leader changed (for logs and for routing clients).
+    RoleChanged {
+        role: Role,
+        term: Term,
+        leader: Option<NodeId>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// Tunables. Times are in ticks: the host calls [`crate::Raft::tick`] at a
+/// fixed interval.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: NodeId,
+    /// Every voter, this node included.
+    pub voters: Vec<NodeId>,
+    /// The election timeout is drawn uniformly from `min..=max` each time
+    /// it restarts.
+    pub election_ticks_min: u32,
+    pub election_ticks_max: u32,
+    /// A leader sends heartbeats this often; must be below
+    /// `election_ticks_min`.
+    pub heartbeat_ticks: u32,
+    /// Ask for votes without raising the term first (thesis §9.6).
+    pub pre_vote: bool,
+    /// A leader that hears from no quorum within an election timeout steps
+    /// down, and followers ignore vote requests while they hear from a
+    /// leader (thesis §6.2, §9.6).
+    pub check_quorum: bool,
+    /// AppendEntries messages in flight per follower.
+    pub inflight_max: usize,
+    /// Entry bytes in flight per follower.
+    pub inflight_bytes_max: usize,
+    /// Entry bytes per AppendEntries message (at least one entry is sent).
+    pub batch_bytes_max: usize,
+    /// Entry bytes appended but not yet committed; a proposal past it is
+    /// refused with [`crate::ProposeError::Backpressure`].
+    pub uncommitted_bytes_max: usize,
+}
+
+impl Config {
+    /// Defaults for a node `id` among `voters`.
+    pub fn new(id: NodeId, voters: Vec<NodeId>) -> Config {
+        Config {
+            id,
+            voters,
+            election_ticks_min: 10,
+            election_ticks_max: 20,
+            heartbeat_ticks: 2,
+            pre_vote: true,
+            check_quorum: true,
+            inflight_max: 256,
+            inflight_bytes_max: 32 << 20,
+            batch_bytes_max: 1 << 20,
+            uncommitted_bytes_max: 64 << 20,
+        }
+    }
+
+    /// Checks the configuration; the error names the field.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        let err = |field: &'static str, reason: String| Err(crate::ConfigError { field, reason });
+        if self.id == 0 {
+            return err("id", "node ids start at 1".into());
+        }
+        if !self.voters.contains(&self.id) {
+            return err("voters", format!("must include this node ({})", self.id));
+        }
+        if self.voters.contains(&0) {
+            return err("voters", "node ids start at 1".into());
+        }
+        let mut sorted = self.voters.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != self.voters.len() {
+            return err("voters", "lists a node twice".into());
+        }
+        if self.election_ticks_min == 0 || self.election_ticks_max < self.election_ticks_min {
+            return err(
+                "election_ticks_max",
+                format!(
+                    "need 0 < min <= max, got min {} max {}",
+                    self.election_ticks_min, self.election_ticks_max
+                ),
+            );
+        }
+        if self.heartbeat_ticks == 0 || self.heartbeat_ticks >= self.election_ticks_min {
+            return err(
+                "heartbeat_ticks",
+                format!(
+                    "must be in 1..{} (below election_ticks_min), got {}",
+                    self.election_ticks_min, self.heartbeat_ticks
+                ),
+            );
+        }
+        if self.inflight_max == 0 {
+            return err("inflight_max", "must be at least 1".into());
+        }
+        if self.inflight_bytes_max == 0 {
+            return err("inflight_bytes_max", "must be at least 1".into());
+        }
+        if self.batch_bytes_max == 0 {
+            return err("batch_bytes_max", "must be at least 1".into());
+        }
+        if self.uncommitted_bytes_max == 0 {
+            return err("uncommitted_bytes_max", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,350 @@
+//! Exact action lists: what one input makes the core ask for, in order.
+
+mod common;
+
+use common::{cmd, config};
+use skiff_raft::{Action, Entry, HardState, Message, MessageBody, Payload, Raft, Restored, Role};
+
+fn msg(from: u64, to: u64, term: u64, body: MessageBody) -> Message {
+    Message {
+        from,
+        to,
+        term,
+        body,
+    }
+}
+
+fn send(m: Message, after_persist: Option<u64>) -> Action {
+    Action::Send {
+        msg: m,
+        after_persist,
+    }
+}
+
+fn ticks_until_campaign(r: &mut Raft) -> Vec<Action> {
+    for _ in 0..100 {
+        r.tick();
+        let a = r.take_actions();
+        if !a.is_empty() {
+            return a;
+        }
+    }
+    panic!("no campaign");
+}
+
+/// A follower that times out pre-campaigns: pre-vote requests for the next
+/// term, sent at once (nothing to persist: no state changed).
+#[test]
+fn timeout_sends_pre_votes_without_persisting() {
+    let mut r = Raft::new(config(1, 3), Restored::default(), 1).unwrap();
+    let actions = ticks_until_campaign(&mut r);
+    let pv = |to| {
+        msg(
+            1,
+            to,
+            1,
+            MessageBody::PreVote {
+                last_index: 0,
+                last_term: 0,
+            },
+        )
+    };
+    assert_eq!(
+        actions,
+        vec![
+            send(pv(2), None),
+            send(pv(3), None),
+            Action::RoleChanged {
+                role: Role::PreCandidate,
+                term: 0,
+                leader: None
+            },
+        ]
+    );
+    assert_eq!(r.term(), 0);
+}
+
+/// Winning the pre-vote: the term and self-vote are persisted, and the vote
+/// requests wait for that persist.
+#[test]
+fn pre_vote_quorum_persists_term_before_vote_requests() {
+    let mut r = Raft::new(config(1, 3), Restored::default(), 1).unwrap();
+    ticks_until_campaign(&mut r);
+    r.step(msg(2, 1, 1, MessageBody::PreVoteResponse { granted: true }));
+    let hs = HardState {
+        term: 1,
+        vote: 1,
+        commit: 0,
+    };
+    let v = |to| {
+        msg(
+            1,
+            to,
+            1,
+            MessageBody::Vote {
+                last_index: 0,
+                last_term: 0,
+            },
+        )
+    };
+    assert_eq!(
+        r.take_actions(),
+        vec![
+            Action::Persist {
+                id: 1,
+                hard_state: Some(hs),
+                entries: vec![]
+            },
+            send(v(2), Some(1)),
+            send(v(3), Some(1)),
+            Action::RoleChanged {
+                role: Role::Candidate,
+                term: 1,
+                leader: None
+            },
+        ]
+    );
+}
+
+/// Granting a vote: the new term and vote are persisted first and the
+/// answer waits for them.
+#[test]
+fn granting_a_vote_waits_for_its_persist() {
+    let mut r = Raft::new(config(2, 3), Restored::default(), 1).unwrap();
+    r.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::Vote {
+            last_index: 0,
+            last_term: 0,
+        },
+    ));
+    assert_eq!(
+        r.take_actions(),
+        vec![
+            Action::Persist {
+                id: 1,
+                hard_state: Some(HardState {
+                    term: 1,
+                    vote: 1,
+                    commit: 0
+                }),
+                entries: vec![]
+            },
+            send(
+                msg(2, 1, 1, MessageBody::VoteResponse { granted: true }),
+                Some(1)
+            ),
+            Action::RoleChanged {
+                role: Role::Follower,
+                term: 1,
+                leader: None
+            },
+        ]
+    );
+    // A second candidate in the same term is refused.
+    r.step(msg(
+        3,
+        2,
+        1,
+        MessageBody::Vote {
+            last_index: 5,
+            last_term: 1,
+        },
+    ));
+    assert_eq!(
+        r.take_actions(),
+        vec![send(
+            msg(2, 3, 1, MessageBody::VoteResponse { granted: false }),
+            Some(1)
+        )]
+    );
+}
+
+/// Becoming leader: the no-op entry is persisted and sent to every
+/// follower in the same step; the sends do not wait for the persist.
+#[test]
+fn new_leader_persists_and_sends_its_noop_in_one_step() {
+    let mut r = Raft::new(config(1, 3), Restored::default(), 1).unwrap();
+    ticks_until_campaign(&mut r);
+    r.step(msg(2, 1, 1, MessageBody::PreVoteResponse { granted: true }));
+    r.take_actions();
+    r.step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }));
+    let noop = Entry {
+        index: 1,
+        term: 1,
+        payload: Payload::Noop,
+    };
+    let append = |to| {
+        msg(
+            1,
+            to,
+            1,
+            MessageBody::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries: vec![noop.clone()],
+                commit: 0,
+            },
+        )
+    };
+    assert_eq!(
+        r.take_actions(),
+        vec![
+            Action::Persist {
+                id: 2,
+                hard_state: None,
+                entries: vec![noop.clone()]
+            },
+            send(append(2), None),
+            send(append(3), None),
+            Action::RoleChanged {
+                role: Role::Leader,
+                term: 1,
+                leader: Some(1)
+            },
+        ]
+    );
+    // The follower's acknowledgement alone does not commit: the leader's
+    // own copy is not durable yet.
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::AppendResponse {
+            success: true,
+            match_index: 1,
+            reject: None,
+        },
+    ));
+    assert_eq!(r.commit(), 0);
+    assert_eq!(r.take_actions(), vec![]);
+    // Its persist completes: committed, applied.
+    r.persisted(2);
+    assert_eq!(r.commit(), 1);
+    assert_eq!(
+        r.take_actions(),
+        vec![Action::Apply {
+            entries: vec![noop]
+        }]
+    );
+}
+
+/// A follower appending entries persists them and acknowledges only after
+/// the persist; the commit index it learns is bounded by what it matched.
+#[test]
+fn follower_acknowledges_after_persist() {
+    let mut r = Raft::new(config(2, 3), Restored::default(), 1).unwrap();
+    let e1 = Entry {
+        index: 1,
+        term: 1,
+        payload: Payload::Noop,
+    };
+    let e2 = Entry {
+        index: 2,
+        term: 1,
+        payload: Payload::Normal(cmd("x")),
+    };
+    r.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::Append {
+            prev_index: 0,
+            prev_term: 0,
+            entries: vec![e1.clone(), e2.clone()],
+            commit: 9,
+        },
+    ));
+    assert_eq!(
+        r.take_actions(),
+        vec![
+            Action::Persist {
+                id: 1,
+                hard_state: Some(HardState {
+                    term: 1,
+                    vote: 0,
+                    commit: 2
+                }),
+                entries: vec![e1.clone(), e2.clone()],
+            },
+            send(
+                msg(
+                    2,
+                    1,
+                    1,
+                    MessageBody::AppendResponse {
+                        success: true,
+                        match_index: 2,
+                        reject: None
+                    }
+                ),
+                Some(1)
+            ),
+            Action::RoleChanged {
+                role: Role::Follower,
+                term: 1,
+                leader: Some(1)
+            },
+        ]
+    );
+    // Committed but not durable here: nothing to apply until the persist.
+    r.persisted(1);
+    assert_eq!(
+        r.take_actions(),
+        vec![Action::Apply {
+            entries: vec![e1, e2]
+        }]
+    );
+}
+
+/// A mismatch is rejected with a hint naming the follower's conflicting
+/// term and where it starts.
+#[test]
+fn conflict_reject_carries_the_term_hint() {
+    let entries: Vec<Entry> = (1..=6)
+        .map(|i| Entry {
+            index: i,
+            term: if i <= 3 { 1 } else { 2 },
+            payload: Payload::Noop,
+        })
+        .collect();
+    let restored = Restored {
+        hard_state: HardState {
+            term: 2,
+            vote: 0,
+            commit: 2,
+        },
+        entries,
+        ..Restored::default()
+    };
+    let mut r = Raft::new(config(2, 3), restored, 1).unwrap();
+    r.step(msg(
+        1,
+        2,
+        3,
+        MessageBody::Append {
+            prev_index: 6,
+            prev_term: 3,
+            entries: vec![],
+            commit: 2,
+        },
+    ));
+    let actions = r.take_actions();
+    let reject = actions.iter().find_map(|a| match a {
+        Action::Send {
+            msg:
+                Message {
+                    body: MessageBody::AppendResponse { reject, .. },
+                    ..
+                },
+            ..
+        } => *reject,
+        _ => None,
+    });
+    let reject = reject.expect("a rejection");
+    assert_eq!(reject.rejected, 6);
+    assert_eq!(reject.conflict_term, Some(2));
+    assert_eq!(reject.conflict_index, 4);
+}
