@@ -61,6 +61,26 @@ pub enum ProposeError {
     },
     #[error("empty proposal")]
     Empty,
+    #[error("leadership is being transferred to {to}: retry on the new leader")]
+    Transferring { to: NodeId },
+}
+
+/// A read the core refused at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("no known leader to confirm the read")]
+    NoLeader,
+    #[error("{pending} reads are pending; the bound is {max}: retry later")]
+    Backpressure { pending: usize, max: usize },
+}
+
+/// A leadership transfer the core refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    #[error("not the leader (leader: {leader_hint:?})")]
+    NotLeader { leader_hint: Option<NodeId> },
+    #[error("{0} is not another voter")]
+    NotAVoter(NodeId),
 }
 
 /// An invalid [`Config`]: `field` names the setting.

@@ -107,13 +107,13 @@ impl Progress {
     }
 
     /// A heartbeat response arrived. In `Probe`, the outstanding probe may
-    /// have been lost: allow another. In `Replicate`, a full window whose
-    /// match did not move since the previous heartbeat response lost
-    /// messages or answers (the transport drops): probe again from the
-    /// match. Returns whether it fell back to probing.
-    pub fn heartbeat_answered(&mut self, inflight_max: usize, inflight_bytes_max: usize) -> bool {
+    /// have been lost: allow another. In `Replicate`, messages in flight
+    /// whose match did not move over a whole heartbeat round were lost, or
+    /// their answers were (the transport drops): probe again from the match
+    /// (at worst a slow disk gets duplicates). Returns whether it fell back.
+    pub fn heartbeat_answered(&mut self) -> bool {
         let stalled = self.state == ProgressState::Replicate
-            && !self.can_send(inflight_max, inflight_bytes_max)
+            && !self.inflight.is_empty()
             && self.match_index == self.match_at_heartbeat;
         self.match_at_heartbeat = self.match_index;
         self.probe_sent = false;

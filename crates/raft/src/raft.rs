@@ -20,7 +20,21 @@ use crate::types::{
     Action, Config, Entry, HardState, Index, Message, MessageBody, NodeId, Payload, PersistId,
     RejectHint, Role, Term,
 };
-use crate::{ConfigError, ProposeError};
+use crate::{ConfigError, ProposeError, ReadError, TransferError};
+
+/// Heartbeat rounds kept waiting for confirmation; older ones are dropped
+/// (a later round's confirmation covers them).
+const ROUNDS_MAX: usize = 1024;
+
+/// A read waiting for a heartbeat round to confirm leadership.
+#[derive(Debug, Clone, Copy)]
+struct PendingRead {
+    ctx: u64,
+    /// This node, or the follower that forwarded it.
+    from: NodeId,
+    index: Index,
+    round: u64,
+}
 
 /// What a node restarts from: its durable hard state and log.
 #[derive(Debug, Clone, Default)]
@@ -62,7 +76,32 @@ pub struct Raft {
     // This step's output, assembled by `finish_step`.
     step_entries: Vec<Entry>,
     step_msgs: Vec<(Message, bool)>,
+    step_reads: Vec<Action>,
     actions: Vec<Action>,
+    /// Ticks since this node started: the clock of leases.
+    now: u64,
+    /// Set at start when lease reads are on: refuse votes for an election
+    /// timeout, as if a leader were alive (a lease granted before a restart
+    /// must still hold).
+    fresh_start: bool,
+    // ---- Reads. Leader: heartbeat rounds confirm leadership.
+    read_round: u64,
+    round_started_this_step: bool,
+    /// Unconfirmed rounds: (round, tick it started).
+    rounds: VecDeque<(u64, u64)>,
+    /// Highest round each peer answered.
+    round_acks: BTreeMap<NodeId, u64>,
+    confirmed_round: u64,
+    /// Lease reads are served without a round while `now < lease_until`.
+    lease_until: u64,
+    reads: VecDeque<PendingRead>,
+    /// Reads that wait for this leader to commit an entry of its term.
+    reads_waiting_commit: Vec<(u64, NodeId)>,
+    /// Follower: reads forwarded to the leader.
+    reads_forwarded: Vec<u64>,
+    // ---- Leadership transfer (leader).
+    transferee: Option<NodeId>,
+    transfer_elapsed: u32,
     last_role: (Role, Term, Option<NodeId>),
 }
 
@@ -98,9 +137,24 @@ impl Raft {
             saved: hs,
             step_entries: Vec::new(),
             step_msgs: Vec::new(),
+            step_reads: Vec::new(),
             actions: Vec::new(),
+            now: 0,
+            fresh_start: false,
+            read_round: 0,
+            round_started_this_step: false,
+            rounds: VecDeque::new(),
+            round_acks: BTreeMap::new(),
+            confirmed_round: 0,
+            lease_until: 0,
+            reads: VecDeque::new(),
+            reads_waiting_commit: Vec::new(),
+            reads_forwarded: Vec::new(),
+            transferee: None,
+            transfer_elapsed: 0,
             last_role: (Role::Follower, hs.term, None),
         };
+        raft.fresh_start = raft.cfg.lease_reads;
         raft.reset_election_timeout();
         Ok(raft)
     }
@@ -109,7 +163,19 @@ impl Raft {
 
     /// One unit of time passed.
     pub fn tick(&mut self) {
+        self.now += 1;
         self.election_elapsed += 1;
+        if self.fresh_start && self.election_elapsed >= self.cfg.election_ticks_min {
+            self.fresh_start = false;
+        }
+        if let Some(to) = self.transferee {
+            self.transfer_elapsed += 1;
+            if self.transfer_elapsed >= self.cfg.election_ticks_min {
+                // The target did not take over in time: lead on.
+                let _ = to;
+                self.transferee = None;
+            }
+        }
         if self.role == Role::Leader {
             self.heartbeat_elapsed += 1;
             if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
@@ -136,6 +202,9 @@ impl Raft {
         }
         if commands.is_empty() {
             return Err(ProposeError::Empty);
+        }
+        if let Some(to) = self.transferee {
+            return Err(ProposeError::Transferring { to });
         }
         let first = self.log.last_index() + 1;
         let entries: Vec<Entry> = commands
@@ -211,6 +280,64 @@ impl Raft {
         self.finish_step();
     }
 
+    /// Asks for a linearizable read. When [`Action::ReadReady`]`{ ctx,
+    /// index }` comes back, the read may be served from the state machine
+    /// once it has applied through `index`; [`Action::ReadFailed`] means
+    /// retry. On the leader the read index is its commit index, confirmed
+    /// by a heartbeat round answered by a quorum (ReadIndex, thesis §6.4)
+    /// or, with `lease_reads`, by the lease from the last confirmed round:
+    /// followers do not vote for anyone else for `election_ticks_min` ticks
+    /// after hearing from the leader, so a round started at tick `t` and
+    /// confirmed by a quorum lets the leader serve reads until tick `t +
+    /// election_ticks_min - 1`, provided no node's clock runs more than one
+    /// tick fast over that span. A follower forwards the request to the
+    /// leader and reports the index it answers (follower reads).
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), ReadError> {
+        let result = match self.role {
+            Role::Leader => self.leader_read(ctx, self.cfg.id),
+            _ => match self.leader {
+                Some(leader) => {
+                    if self.reads_forwarded.len() >= self.cfg.reads_pending_max {
+                        Err(ReadError::Backpressure {
+                            pending: self.reads_forwarded.len(),
+                            max: self.cfg.reads_pending_max,
+                        })
+                    } else {
+                        self.reads_forwarded.push(ctx);
+                        self.send(leader, MessageBody::ReadIndex { ctx }, false);
+                        Ok(())
+                    }
+                }
+                None => Err(ReadError::NoLeader),
+            },
+        };
+        self.finish_step();
+        result
+    }
+
+    /// Hands leadership to `target`: proposals stop, the target is brought
+    /// up to date and told to campaign at once. Gives up after an election
+    /// timeout (proposals resume).
+    pub fn transfer_leadership(&mut self, target: NodeId) -> Result<(), TransferError> {
+        if self.role != Role::Leader {
+            return Err(TransferError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if target == self.cfg.id || !self.cfg.voters.contains(&target) {
+            return Err(TransferError::NotAVoter(target));
+        }
+        self.transferee = Some(target);
+        self.transfer_elapsed = 0;
+        if self.progress[&target].match_index == self.log.last_index() {
+            self.send(target, MessageBody::TimeoutNow, false);
+        } else {
+            self.send_append(target);
+        }
+        self.finish_step();
+        Ok(())
+    }
+
     /// The actions produced since the last call, in order.
     pub fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
@@ -258,6 +385,14 @@ impl Raft {
     pub fn uncommitted_bytes(&self) -> usize {
         self.uncommitted_bytes
     }
+    /// Reads waiting for confirmation on this node.
+    pub fn reads_pending(&self) -> usize {
+        self.reads.len() + self.reads_waiting_commit.len() + self.reads_forwarded.len()
+    }
+    /// The node leadership is being transferred to, if any.
+    pub fn transferee(&self) -> Option<NodeId> {
+        self.transferee
+    }
 
     /// Asserts the invariants that must hold between steps. Runs after
     /// every step in test builds.
@@ -302,8 +437,8 @@ impl Raft {
                 // would campaign in.
                 MessageBody::PreVote { .. } => {}
                 MessageBody::PreVoteResponse { granted: true } => {}
-                MessageBody::Vote { .. } => {
-                    if self.in_lease() {
+                MessageBody::Vote { transfer, .. } => {
+                    if self.in_lease() && !transfer {
                         // We hear from a leader: this candidate is disruptive
                         // (thesis §4.2.3). Ignore it without adopting its term.
                         return;
@@ -339,6 +474,13 @@ impl Raft {
                 MessageBody::Vote { .. } => {
                     self.send(msg.from, MessageBody::VoteResponse { granted: false }, true);
                 }
+                MessageBody::ReadIndex { ctx } => {
+                    self.send(
+                        msg.from,
+                        MessageBody::ReadIndexResponse { ctx, index: None },
+                        false,
+                    );
+                }
                 _ => {}
             }
             return;
@@ -352,6 +494,7 @@ impl Raft {
             MessageBody::Vote {
                 last_index,
                 last_term,
+                ..
             } => self.on_vote(msg.from, last_index, last_term),
             MessageBody::PreVoteResponse { granted } => {
                 if self.role == Role::PreCandidate && msg.term == self.term + 1 {
@@ -376,12 +519,38 @@ impl Raft {
                 self.follow(msg.from);
                 self.on_append(msg.from, prev_index, prev_term, entries, commit);
             }
-            MessageBody::Heartbeat { commit } => {
+            MessageBody::Heartbeat { commit, round } => {
                 self.follow(msg.from);
                 // The leader never sends a commit beyond what we match.
                 let commit = commit.min(self.log.last_index());
                 self.log.commit_to(commit);
-                self.send(msg.from, MessageBody::HeartbeatResponse, false);
+                self.send(msg.from, MessageBody::HeartbeatResponse { round }, false);
+            }
+            MessageBody::ReadIndex { ctx } => {
+                if self.role == Role::Leader {
+                    // A refusal is answered to the follower inside.
+                    let _ = self.leader_read(ctx, msg.from);
+                } else {
+                    self.send(
+                        msg.from,
+                        MessageBody::ReadIndexResponse { ctx, index: None },
+                        false,
+                    );
+                }
+            }
+            MessageBody::ReadIndexResponse { ctx, index } => {
+                if let Some(pos) = self.reads_forwarded.iter().position(|&c| c == ctx) {
+                    self.reads_forwarded.swap_remove(pos);
+                    self.step_reads.push(match index {
+                        Some(index) => Action::ReadReady { ctx, index },
+                        None => Action::ReadFailed { ctx },
+                    });
+                }
+            }
+            MessageBody::TimeoutNow => {
+                if self.role == Role::Follower && self.leader == Some(msg.from) {
+                    self.become_candidate_now(true);
+                }
             }
             MessageBody::AppendResponse {
                 success,
@@ -392,17 +561,19 @@ impl Raft {
                     self.on_append_response(msg.from, success, match_index, reject);
                 }
             }
-            MessageBody::HeartbeatResponse => {
+            MessageBody::HeartbeatResponse { round } => {
                 if self.role == Role::Leader {
-                    let (max, bytes_max) = (self.cfg.inflight_max, self.cfg.inflight_bytes_max);
                     let Some(pr) = self.progress.get_mut(&msg.from) else {
                         return;
                     };
                     pr.recent_active = true;
-                    pr.heartbeat_answered(max, bytes_max);
+                    pr.heartbeat_answered();
                     if pr.match_index < self.log.last_index() {
                         self.send_append(msg.from);
                     }
+                    let acked = self.round_acks.entry(msg.from).or_insert(0);
+                    *acked = (*acked).max(round);
+                    self.confirm_rounds();
                 }
             }
         }
@@ -425,7 +596,7 @@ impl Raft {
     /// Whether we heard from a leader recently enough to ignore candidates.
     fn in_lease(&self) -> bool {
         self.cfg.check_quorum
-            && self.leader.is_some_and(|l| l != self.cfg.id)
+            && (self.fresh_start || self.leader.is_some_and(|l| l != self.cfg.id))
             && self.election_elapsed < self.cfg.election_ticks_min
     }
 
@@ -445,6 +616,7 @@ impl Raft {
     }
 
     fn become_pre_candidate(&mut self) {
+        self.fail_reads();
         self.role = Role::PreCandidate;
         self.leader = None;
         self.progress.clear();
@@ -470,6 +642,13 @@ impl Raft {
     }
 
     fn become_candidate(&mut self) {
+        self.become_candidate_now(false);
+    }
+
+    /// `transfer`: asked by the leader (TimeoutNow), so voters that still
+    /// hear it do not ignore us.
+    fn become_candidate_now(&mut self, transfer: bool) {
+        self.fail_reads();
         self.role = Role::Candidate;
         self.term += 1;
         self.vote = self.cfg.id;
@@ -485,6 +664,7 @@ impl Raft {
                 MessageBody::Vote {
                     last_index,
                     last_term,
+                    transfer,
                 },
                 true,
             );
@@ -533,6 +713,7 @@ impl Raft {
     }
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        self.fail_reads();
         if term > self.term {
             self.term = term;
             self.vote = 0;
@@ -547,6 +728,11 @@ impl Raft {
 
     fn become_leader(&mut self) {
         self.role = Role::Leader;
+        self.transferee = None;
+        self.round_acks.clear();
+        self.rounds.clear();
+        self.confirmed_round = self.read_round;
+        self.lease_until = 0;
         self.leader = Some(self.cfg.id);
         self.votes.clear();
         self.heartbeat_elapsed = 0;
@@ -593,15 +779,135 @@ impl Raft {
         }
     }
 
+    /// Starts a heartbeat round: every follower is asked to answer it.
     fn broadcast_heartbeat(&mut self) {
-        let commit = self.log.commit();
+        self.read_round += 1;
+        self.round_started_this_step = true;
+        self.rounds.push_back((self.read_round, self.now));
+        if self.rounds.len() > ROUNDS_MAX {
+            self.rounds.pop_front();
+        }
+        let (commit, round) = (self.log.commit(), self.read_round);
         for peer in self.peers().collect::<Vec<_>>() {
             let m = self.progress[&peer].match_index;
             self.send(
                 peer,
                 MessageBody::Heartbeat {
                     commit: commit.min(m),
+                    round,
                 },
+                false,
+            );
+        }
+        self.confirm_rounds();
+    }
+
+    /// Serves or queues a read for `from` (this node or a follower).
+    fn leader_read(&mut self, ctx: u64, from: NodeId) -> Result<(), ReadError> {
+        let pending = self.reads.len() + self.reads_waiting_commit.len();
+        if pending >= self.cfg.reads_pending_max {
+            let err = ReadError::Backpressure {
+                pending,
+                max: self.cfg.reads_pending_max,
+            };
+            if from != self.cfg.id {
+                self.send(
+                    from,
+                    MessageBody::ReadIndexResponse { ctx, index: None },
+                    false,
+                );
+            }
+            return Err(err);
+        }
+        // Until an entry of this term commits, the commit index may lag
+        // what earlier leaders committed (thesis §6.4 step 1).
+        if self.log.term(self.log.commit()) != Some(self.term) {
+            self.reads_waiting_commit.push((ctx, from));
+            return Ok(());
+        }
+        let index = self.log.commit();
+        if self.quorum() == 1 || (self.cfg.lease_reads && self.now < self.lease_until) {
+            self.read_ready(ctx, from, index);
+            return Ok(());
+        }
+        if !self.round_started_this_step {
+            self.broadcast_heartbeat();
+        }
+        self.reads.push_back(PendingRead {
+            ctx,
+            from,
+            index,
+            round: self.read_round,
+        });
+        Ok(())
+    }
+
+    fn read_ready(&mut self, ctx: u64, from: NodeId, index: Index) {
+        if from == self.cfg.id {
+            self.step_reads.push(Action::ReadReady { ctx, index });
+        } else {
+            self.send(
+                from,
+                MessageBody::ReadIndexResponse {
+                    ctx,
+                    index: Some(index),
+                },
+                false,
+            );
+        }
+    }
+
+    /// Confirms the rounds a quorum answered: releases their reads and
+    /// extends the lease.
+    fn confirm_rounds(&mut self) {
+        let mut acked: Vec<u64> = self
+            .peers()
+            .map(|p| self.round_acks.get(&p).copied().unwrap_or(0))
+            .collect();
+        acked.push(self.read_round);
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        let confirmed = acked[self.quorum() - 1];
+        if confirmed <= self.confirmed_round {
+            return;
+        }
+        self.confirmed_round = confirmed;
+        while let Some(&(round, started)) = self.rounds.front() {
+            if round > confirmed {
+                break;
+            }
+            self.rounds.pop_front();
+            if round == confirmed {
+                let lease = started + u64::from(self.cfg.election_ticks_min) - 1;
+                self.lease_until = self.lease_until.max(lease);
+            }
+        }
+        while self.reads.front().is_some_and(|r| r.round <= confirmed) {
+            let r = self.reads.pop_front().expect("checked");
+            self.read_ready(r.ctx, r.from, r.index);
+        }
+    }
+
+    /// Leadership or the leader changed: pending reads cannot be confirmed.
+    fn fail_reads(&mut self) {
+        for r in std::mem::take(&mut self.reads) {
+            self.read_failed(r.ctx, r.from);
+        }
+        for (ctx, from) in std::mem::take(&mut self.reads_waiting_commit) {
+            self.read_failed(ctx, from);
+        }
+        for ctx in std::mem::take(&mut self.reads_forwarded) {
+            self.step_reads.push(Action::ReadFailed { ctx });
+        }
+        self.lease_until = 0;
+    }
+
+    fn read_failed(&mut self, ctx: u64, from: NodeId) {
+        if from == self.cfg.id {
+            self.step_reads.push(Action::ReadFailed { ctx });
+        } else {
+            self.send(
+                from,
+                MessageBody::ReadIndexResponse { ctx, index: None },
                 false,
             );
         }
@@ -737,6 +1043,11 @@ impl Raft {
             if pr.acked(match_index) {
                 self.maybe_commit();
             }
+            if self.transferee == Some(from)
+                && self.progress[&from].match_index == self.log.last_index()
+            {
+                self.send(from, MessageBody::TimeoutNow, false);
+            }
             self.send_append(from);
             return;
         }
@@ -781,6 +1092,9 @@ impl Raft {
                 .map(Entry::size)
                 .sum();
             self.uncommitted_bytes -= freed;
+            for (ctx, from) in std::mem::take(&mut self.reads_waiting_commit) {
+                let _ = self.leader_read(ctx, from);
+            }
         }
     }
 
@@ -835,6 +1149,8 @@ impl Raft {
         if !apply.is_empty() {
             self.actions.push(Action::Apply { entries: apply });
         }
+        self.actions.append(&mut self.step_reads);
+        self.round_started_this_step = false;
         let now = (self.role, self.term, self.leader);
         if now != self.last_role {
             self.last_role = now;

@@ -79,9 +79,12 @@ pub enum MessageBody {
     PreVoteResponse {
         granted: bool,
     },
+    /// `transfer`: the leader asked the sender to campaign (leadership
+    /// transfer), so receivers do not ignore it while they hear that leader.
     Vote {
         last_index: Index,
         last_term: Term,
+        transfer: bool,
     },
     VoteResponse {
         granted: bool,
@@ -102,11 +105,28 @@ pub enum MessageBody {
         reject: Option<RejectHint>,
     },
     /// Keeps followers from campaigning and carries the commit index (never
-    /// beyond what the follower is known to match).
+    /// beyond what the follower is known to match). `round` numbers the
+    /// leader's heartbeat rounds: a quorum answering round `r` confirms the
+    /// leader was still leading when `r` started (ReadIndex, leases).
     Heartbeat {
         commit: Index,
+        round: u64,
     },
-    HeartbeatResponse,
+    HeartbeatResponse {
+        round: u64,
+    },
+    /// A follower asks the leader for a read index on behalf of a client.
+    ReadIndex {
+        ctx: u64,
+    },
+    /// `index: None`: the leader could not serve it (stepped down, too many
+    /// reads pending).
+    ReadIndexResponse {
+        ctx: u64,
+        index: Option<Index>,
+    },
+    /// Leadership transfer: campaign now, the leader steps aside.
+    TimeoutNow,
 }
 
 /// Why a follower rejected an `Append`, so that the leader backs off a whole
@@ -144,6 +164,12 @@ pub enum Action {
     /// Committed, locally durable entries to apply, in order. Report with
     /// [`crate::Raft::applied`].
     Apply { entries: Vec<Entry> },
+    /// The read `ctx` (from [`crate::Raft::read_index`]) is linearizable
+    /// once this node has applied through `index`.
+    ReadReady { ctx: u64, index: Index },
+    /// The read `ctx` cannot be served here (leadership changed before it
+    /// was confirmed); the client may retry.
+    ReadFailed { ctx: u64 },
     /// The role or leader changed (for logs and for routing clients).
     RoleChanged {
         role: Role,
@@ -189,6 +215,14 @@ pub struct Config {
     /// Entry bytes appended but not yet committed; a proposal past it is
     /// refused with [`crate::ProposeError::Backpressure`].
     pub uncommitted_bytes_max: usize,
+    /// Serve reads from a leader lease instead of a heartbeat round each.
+    /// Needs `check_quorum`. Clock assumption: every node's tick interval
+    /// is the same within a drift that loses less than one tick per
+    /// `election_ticks_min` ticks (see [`crate::Raft::read_index`]).
+    pub lease_reads: bool,
+    /// Reads waiting for confirmation (local and forwarded); more are
+    /// refused with [`crate::ReadError::Backpressure`].
+    pub reads_pending_max: usize,
 }
 
 impl Config {
@@ -206,6 +240,8 @@ impl Config {
             inflight_bytes_max: 32 << 20,
             batch_bytes_max: 1 << 20,
             uncommitted_bytes_max: 64 << 20,
+            lease_reads: false,
+            reads_pending_max: 4096,
         }
     }
 
@@ -253,6 +289,12 @@ impl Config {
         }
         if self.batch_bytes_max == 0 {
             return err("batch_bytes_max", "must be at least 1".into());
+        }
+        if self.lease_reads && !self.check_quorum {
+            return err("lease_reads", "needs check_quorum".into());
+        }
+        if self.reads_pending_max == 0 {
+            return err("reads_pending_max", "must be at least 1".into());
         }
         if self.uncommitted_bytes_max == 0 {
             return err("uncommitted_bytes_max", "must be at least 1".into());

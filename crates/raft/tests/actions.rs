@@ -84,6 +84,7 @@ fn pre_vote_quorum_persists_term_before_vote_requests() {
             MessageBody::Vote {
                 last_index: 0,
                 last_term: 0,
+                transfer: false,
             },
         )
     };
@@ -118,6 +119,7 @@ fn granting_a_vote_waits_for_its_persist() {
         MessageBody::Vote {
             last_index: 0,
             last_term: 0,
+            transfer: false,
         },
     ));
     assert_eq!(
@@ -151,6 +153,7 @@ fn granting_a_vote_waits_for_its_persist() {
         MessageBody::Vote {
             last_index: 5,
             last_term: 1,
+            transfer: false,
         },
     ));
     assert_eq!(

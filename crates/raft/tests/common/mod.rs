@@ -24,6 +24,8 @@ pub struct Node {
     pub durable_log: Vec<Entry>,
     pub applied: Vec<Entry>,
     pub auto_persist: bool,
+    /// Reads answered: (ctx, Some(index)) ready, (ctx, None) failed.
+    pub reads: Vec<(u64, Option<Index>)>,
 }
 
 pub struct Cluster {
@@ -66,6 +68,7 @@ impl Cluster {
                     durable_log: Vec::new(),
                     applied: Vec::new(),
                     auto_persist: true,
+                    reads: Vec::new(),
                 },
             );
         }
@@ -117,6 +120,8 @@ impl Cluster {
                 node.applied.extend(entries);
                 node.raft.applied(last);
             }
+            Action::ReadReady { ctx, index } => node.reads.push((ctx, Some(index))),
+            Action::ReadFailed { ctx } => node.reads.push((ctx, None)),
             Action::RoleChanged { .. } => {}
         }
     }
