@@ -223,6 +223,45 @@ impl RaftLog {
         i
     }
 
+    /// Index and term of the entry before the first one kept in memory.
+    pub fn base(&self) -> (Index, Term) {
+        (self.base_index, self.base_term)
+    }
+
+    /// Drops entries through `index` (covered by a snapshot the host took;
+    /// at most what was applied).
+    pub fn compact_to(&mut self, index: Index) {
+        if index <= self.base_index {
+            return;
+        }
+        assert!(
+            index <= self.applied,
+            "compaction at {index} beyond applied {}",
+            self.applied
+        );
+        let term = self.term(index).expect("applied entries are in the log");
+        let n = (index - self.base_index) as usize;
+        self.entries.drain(..n);
+        self.base_index = index;
+        self.base_term = term;
+    }
+
+    /// Replaces the log with a snapshot's `(index, term)`: committed and,
+    /// once the host restored it, applied through `index`.
+    pub fn reset_to_snapshot(&mut self, index: Index, term: Term) {
+        assert!(
+            index > self.commit,
+            "a snapshot below commit is never installed"
+        );
+        self.entries.clear();
+        self.base_index = index;
+        self.base_term = term;
+        self.persisted = self.persisted.min(index.saturating_sub(1)).min(self.commit);
+        self.commit = index;
+        self.applying = index;
+        self.applied = index;
+    }
+
     pub fn check(&self) {
         assert!(self.applied <= self.applying, "applied <= applying");
         assert!(

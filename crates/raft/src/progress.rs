@@ -15,6 +15,9 @@ use crate::types::Index;
 pub enum ProgressState {
     Probe,
     Replicate,
+    /// The follower needs compacted entries: a snapshot is on its way;
+    /// nothing else is sent until it is acknowledged or reported failed.
+    Snapshot,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +60,7 @@ impl Progress {
             ProgressState::Replicate => {
                 self.inflight.len() < inflight_max && self.inflight_bytes < inflight_bytes_max
             }
+            ProgressState::Snapshot => false,
         }
     }
 
@@ -65,6 +69,7 @@ impl Progress {
     pub fn sent(&mut self, last: Index, bytes: usize) {
         match self.state {
             ProgressState::Probe => self.probe_sent = true,
+            ProgressState::Snapshot => {}
             ProgressState::Replicate => {
                 if last >= self.next {
                     self.next = last + 1;
@@ -86,7 +91,7 @@ impl Progress {
             let (_, bytes) = self.inflight.pop_front().expect("checked");
             self.inflight_bytes -= bytes;
         }
-        if self.state == ProgressState::Probe {
+        if self.state != ProgressState::Replicate {
             self.state = ProgressState::Replicate;
         }
         self.next = self.next.max(index + 1);
@@ -122,6 +127,15 @@ impl Progress {
             self.probe_from(next);
         }
         stalled
+    }
+
+    /// A snapshot through `index` is being sent.
+    pub fn snapshot_sent(&mut self, index: Index) {
+        self.state = ProgressState::Snapshot;
+        self.probe_sent = false;
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+        self.next = index + 1;
     }
 
     pub fn inflight_len(&self) -> usize {

@@ -76,7 +76,11 @@ pub struct Raft {
     // This step's output, assembled by `finish_step`.
     step_entries: Vec<Entry>,
     step_msgs: Vec<(Message, bool)>,
+    /// Actions that follow this step's messages and applies (reads,
+    /// snapshots to send, compaction).
     step_reads: Vec<Action>,
+    /// A snapshot to install, ahead of this step's persist.
+    step_snapshot: Option<(Index, Term, Bytes)>,
     actions: Vec<Action>,
     /// Ticks since this node started: the clock of leases.
     now: u64,
@@ -138,6 +142,7 @@ impl Raft {
             step_entries: Vec::new(),
             step_msgs: Vec::new(),
             step_reads: Vec::new(),
+            step_snapshot: None,
             actions: Vec::new(),
             now: 0,
             fresh_start: false,
@@ -268,11 +273,22 @@ impl Raft {
         self.finish_step();
     }
 
-    /// The transport could not deliver to `peer`: stop streaming to it
-    /// optimistically and probe again.
+    /// The host took a durable snapshot of the state machine through
+    /// `index` (at most what it applied): entries up to it leave memory and
+    /// the host is told it may compact its stored log.
+    pub fn snapshot_taken(&mut self, index: Index) {
+        if index > self.log.base().0 {
+            self.log.compact_to(index);
+            self.step_reads.push(Action::Compact { upto: index });
+        }
+        self.finish_step();
+    }
+
+    /// The transport could not deliver to `peer` (or a snapshot to it
+    /// failed): stop streaming to it optimistically and probe again.
     pub fn unreachable(&mut self, peer: NodeId) {
         if let Some(pr) = self.progress.get_mut(&peer) {
-            if pr.state == ProgressState::Replicate {
+            if pr.state != ProgressState::Probe {
                 let next = pr.match_index + 1;
                 pr.probe_from(next);
             }
@@ -546,6 +562,14 @@ impl Raft {
                         None => Action::ReadFailed { ctx },
                     });
                 }
+            }
+            MessageBody::InstallSnapshot {
+                index,
+                snapshot_term,
+                data,
+            } => {
+                self.follow(msg.from);
+                self.on_install_snapshot(msg.from, index, snapshot_term, data);
             }
             MessageBody::TimeoutNow => {
                 if self.role == Role::Follower && self.leader == Some(msg.from) {
@@ -928,10 +952,19 @@ impl Raft {
                 return;
             }
             let prev_index = next - 1;
-            let prev_term = self
-                .log
-                .term(prev_index)
-                .expect("the log keeps every entry a follower may need");
+            let Some(prev_term) = self.log.term(prev_index) else {
+                // Compacted: only a snapshot can bring this follower on.
+                let (base, _) = self.log.base();
+                self.progress
+                    .get_mut(&peer)
+                    .expect("peer has progress")
+                    .snapshot_sent(base);
+                self.step_reads.push(Action::SendSnapshot {
+                    to: peer,
+                    index: base,
+                });
+                return;
+            };
             let bytes: usize = entries.iter().map(Entry::size).sum();
             let last = prev_index + entries.len() as u64;
             self.progress
@@ -1028,6 +1061,30 @@ impl Raft {
         );
     }
 
+    fn on_install_snapshot(&mut self, leader: NodeId, index: Index, term: Term, data: Bytes) {
+        let commit = self.log.commit();
+        let matched = if index <= commit {
+            commit
+        } else if self.log.term(index) == Some(term) {
+            // We hold its last entry: the log through it matches.
+            self.log.commit_to(index);
+            index
+        } else {
+            self.log.reset_to_snapshot(index, term);
+            self.step_snapshot = Some((index, term, data));
+            index
+        };
+        self.send(
+            leader,
+            MessageBody::AppendResponse {
+                success: true,
+                match_index: matched,
+                reject: None,
+            },
+            true,
+        );
+    }
+
     fn on_append_response(
         &mut self,
         from: NodeId,
@@ -1057,6 +1114,7 @@ impl Raft {
         let stale = match pr.state {
             ProgressState::Replicate => hint.rejected < pr.match_index,
             ProgressState::Probe => hint.rejected + 1 != pr.next,
+            ProgressState::Snapshot => true,
         };
         if stale {
             return;
@@ -1120,6 +1178,17 @@ impl Raft {
 
     /// Turns this step's changes into actions (see the module docs).
     fn finish_step(&mut self) {
+        if let Some((index, term, data)) = self.step_snapshot.take() {
+            let id = self.next_persist;
+            self.next_persist += 1;
+            self.persists.push_back((id, index, term));
+            self.actions.push(Action::InstallSnapshot {
+                id,
+                index,
+                term,
+                data,
+            });
+        }
         let hs = self.hard_state();
         let vote_changed = hs.term != self.saved.term || hs.vote != self.saved.vote;
         let entries = std::mem::take(&mut self.step_entries);

@@ -127,6 +127,15 @@ pub enum MessageBody {
     },
     /// Leadership transfer: campaign now, the leader steps aside.
     TimeoutNow,
+    /// The leader's state-machine snapshot through `(index, term)` (sent by
+    /// the host after [`Action::SendSnapshot`]; the data may travel out of
+    /// band, the message is delivered once it arrived whole). Answered with
+    /// an `AppendResponse`.
+    InstallSnapshot {
+        index: Index,
+        snapshot_term: Term,
+        data: Bytes,
+    },
 }
 
 /// Why a follower rejected an `Append`, so that the leader backs off a whole
@@ -164,6 +173,22 @@ pub enum Action {
     /// Committed, locally durable entries to apply, in order. Report with
     /// [`crate::Raft::applied`].
     Apply { entries: Vec<Entry> },
+    /// A follower needs entries this node compacted: send it the latest
+    /// snapshot (`InstallSnapshot`, at least through `index`). Report a
+    /// failure with [`crate::Raft::unreachable`].
+    SendSnapshot { to: NodeId, index: Index },
+    /// Restore the state machine from `data` and record the snapshot
+    /// durably in the log (replacing it), in order with the persists; then
+    /// report [`crate::Raft::persisted`]`(id)`.
+    InstallSnapshot {
+        id: PersistId,
+        index: Index,
+        term: Term,
+        data: Bytes,
+    },
+    /// The log through `upto` is covered by a durable snapshot: the host
+    /// may compact its stored log (for example the WAL's segments).
+    Compact { upto: Index },
     /// The read `ctx` (from [`crate::Raft::read_index`]) is linearizable
     /// once this node has applied through `index`.
     ReadReady { ctx: u64, index: Index },

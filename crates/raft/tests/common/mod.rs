@@ -9,19 +9,33 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use skiff_raft::{
-    Action, Config, Entry, HardState, Index, Message, NodeId, Payload, PersistId, Raft, Restored,
-    Role,
+    Action, Config, Entry, HardState, Index, Message, MessageBody, NodeId, Payload, PersistId,
+    Raft, Restored, Role, Term,
 };
+
+pub struct Unpersisted {
+    pub id: PersistId,
+    pub hard_state: Option<HardState>,
+    pub entries: Vec<Entry>,
+    /// An installed snapshot's (index, term): replaces the durable log.
+    pub snapshot: Option<(Index, Term)>,
+}
 
 pub struct Node {
     pub raft: Raft,
     /// Persists handed out but not yet completed (when `auto_persist` is
     /// off): (id, hard state, entries).
-    pub unpersisted: VecDeque<(PersistId, Option<HardState>, Vec<Entry>)>,
+    pub unpersisted: VecDeque<Unpersisted>,
     /// Messages waiting for a persist.
     pub held: Vec<(PersistId, Message)>,
     pub durable_hs: HardState,
     pub durable_log: Vec<Entry>,
+    /// (index, term) the durable log follows (a snapshot's).
+    pub durable_base: (Index, Term),
+    /// The latest snapshot: (index, term, application commands through it).
+    pub snapshot: Option<(Index, Term, Vec<Bytes>)>,
+    /// Commands restored from an installed snapshot, before `applied`.
+    pub snap_cmds: Vec<Bytes>,
     pub applied: Vec<Entry>,
     pub auto_persist: bool,
     /// Reads answered: (ctx, Some(index)) ready, (ctx, None) failed.
@@ -66,6 +80,9 @@ impl Cluster {
                     held: Vec::new(),
                     durable_hs: HardState::default(),
                     durable_log: Vec::new(),
+                    durable_base: (0, 0),
+                    snapshot: None,
+                    snap_cmds: Vec::new(),
                     applied: Vec::new(),
                     auto_persist: true,
                     reads: Vec::new(),
@@ -106,13 +123,57 @@ impl Cluster {
                 hard_state,
                 entries,
             } => {
-                node.unpersisted.push_back((pid, hard_state, entries));
+                node.unpersisted.push_back(Unpersisted {
+                    id: pid,
+                    hard_state,
+                    entries,
+                    snapshot: None,
+                });
                 if node.auto_persist {
                     self.complete_persists(id);
                 }
             }
+            Action::InstallSnapshot {
+                id: pid,
+                index,
+                term,
+                data,
+            } => {
+                let cmds = decode_cmds(&data);
+                node.snap_cmds = cmds.clone();
+                node.applied.clear();
+                node.snapshot = Some((index, term, cmds));
+                node.unpersisted.push_back(Unpersisted {
+                    id: pid,
+                    hard_state: None,
+                    entries: Vec::new(),
+                    snapshot: Some((index, term)),
+                });
+                if node.auto_persist {
+                    self.complete_persists(id);
+                }
+            }
+            Action::SendSnapshot { to, .. } => {
+                let (index, term, cmds) = node.snapshot.clone().expect("a snapshot was taken");
+                self.net.push_back(Message {
+                    from: id,
+                    to,
+                    term: node.raft.term(),
+                    body: MessageBody::InstallSnapshot {
+                        index,
+                        snapshot_term: term,
+                        data: encode_cmds(&cmds),
+                    },
+                });
+            }
+            Action::Compact { upto } => {
+                if let Some(e) = node.durable_log.iter().find(|e| e.index == upto) {
+                    node.durable_base = (upto, e.term);
+                }
+                node.durable_log.retain(|e| e.index > upto);
+            }
             Action::Send { msg, after_persist } => match after_persist {
-                Some(p) if node.unpersisted.iter().any(|u| u.0 <= p) => node.held.push((p, msg)),
+                Some(p) if node.unpersisted.iter().any(|u| u.id <= p) => node.held.push((p, msg)),
                 _ => self.net.push_back(msg),
             },
             Action::Apply { entries } => {
@@ -130,7 +191,12 @@ impl Cluster {
     pub fn complete_persists(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).unwrap();
         let mut last = None;
-        while let Some((pid, hs, entries)) = node.unpersisted.pop_front() {
+        while let Some(u) = node.unpersisted.pop_front() {
+            let (pid, hs, entries) = (u.id, u.hard_state, u.entries);
+            if let Some((index, term)) = u.snapshot {
+                node.durable_log.clear();
+                node.durable_base = (index, term);
+            }
             if let Some(first) = entries.first() {
                 node.durable_log.retain(|e| e.index < first.index);
                 node.durable_log.extend(entries);
@@ -260,16 +326,28 @@ impl Cluster {
         self.cut.clear();
     }
 
-    /// Application commands applied by `id`, in order.
+    /// Application commands applied by `id`, in order (those restored from
+    /// a snapshot first).
     pub fn applied_cmds(&self, id: NodeId) -> Vec<Bytes> {
-        self.nodes[&id]
-            .applied
-            .iter()
-            .filter_map(|e| match &e.payload {
-                Payload::Normal(b) => Some(b.clone()),
-                Payload::Noop => None,
-            })
-            .collect()
+        let node = &self.nodes[&id];
+        let mut out = node.snap_cmds.clone();
+        out.extend(node.applied.iter().filter_map(|e| match &e.payload {
+            Payload::Normal(b) => Some(b.clone()),
+            Payload::Noop => None,
+        }));
+        out
+    }
+
+    /// `id` snapshots its state machine at what it applied and tells the
+    /// core (which compacts and asks the host to compact).
+    pub fn take_snapshot(&mut self, id: NodeId) {
+        let cmds = self.applied_cmds(id);
+        let node = self.nodes.get_mut(&id).unwrap();
+        let index = node.raft.log().applied();
+        let term = node.raft.log().term(index).unwrap();
+        node.snapshot = Some((index, term, cmds));
+        node.raft.snapshot_taken(index);
+        self.drain(id);
     }
 
     /// Crashes `id` (losing unpersisted state) and restarts it from its
@@ -280,12 +358,38 @@ impl Cluster {
         node.unpersisted.clear();
         node.held.clear();
         node.applied.clear();
+        node.snap_cmds = node
+            .snapshot
+            .as_ref()
+            .map(|s| s.2.clone())
+            .unwrap_or_default();
         let restored = Restored {
             hard_state: node.durable_hs,
-            base_index: 0,
-            base_term: 0,
+            base_index: node.durable_base.0,
+            base_term: node.durable_base.1,
             entries: node.durable_log.clone(),
         };
         node.raft = Raft::new(config(id, n), restored, 7).unwrap();
     }
+}
+
+/// Length-prefixed commands: the harness's state-machine snapshot format.
+pub fn encode_cmds(cmds: &[Bytes]) -> Bytes {
+    let mut out = Vec::new();
+    for c in cmds {
+        out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+        out.extend_from_slice(c);
+    }
+    Bytes::from(out)
+}
+
+pub fn decode_cmds(data: &[u8]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let n = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        out.push(Bytes::copy_from_slice(&data[at + 4..at + 4 + n]));
+        at += 4 + n;
+    }
+    out
 }

@@ -1,0 +1,95 @@
+//! Snapshots (§7): compaction after a snapshot, a lagging follower brought
+//! on by one, and restarts from a snapshot.
+
+mod common;
+
+use common::{cmd, Cluster};
+use skiff_raft::{Action, ProgressState};
+
+fn cmds(prefix: &str, n: usize) -> Vec<bytes::Bytes> {
+    (0..n).map(|i| cmd(&format!("{prefix}{i}"))).collect()
+}
+
+/// The leader compacts after a snapshot; a follower that missed the
+/// compacted entries gets the snapshot, restores from it, and then follows
+/// with entries again.
+#[test]
+fn s7_lagging_follower_catches_up_by_snapshot() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    c.isolate(3);
+    for i in 0..30 {
+        c.propose(1, &[&format!("a{i}")]);
+    }
+    c.deliver_all();
+    c.tick_all(1);
+    c.take_snapshot(1);
+    let (base, _) = c.raft(1).log().base();
+    assert!(base > 25, "compacted through {base}");
+    assert!(c.raft(1).log().entry(1).is_none());
+    c.heal();
+    c.tick_all(6);
+    assert_eq!(c.raft(3).log().base().0, base, "installed the snapshot");
+    assert_eq!(c.applied_cmds(3), cmds("a", 30));
+    assert_eq!(
+        c.raft(1).progress(3).unwrap().state,
+        ProgressState::Replicate
+    );
+    c.propose(1, &["after"]);
+    c.deliver_all();
+    c.tick_all(2);
+    let mut want = cmds("a", 30);
+    want.push(cmd("after"));
+    assert_eq!(c.applied_cmds(3), want);
+    // The follower restarts from its installed snapshot and its log.
+    c.restart(3);
+    c.tick_all(3);
+    assert_eq!(c.applied_cmds(3), want);
+}
+
+/// Compaction is reported to the host, never beyond what was applied.
+#[test]
+fn snapshot_taken_asks_the_host_to_compact() {
+    let mut c = Cluster::new(1);
+    c.elect(1);
+    c.propose(1, &["x", "y"]);
+    let applied = c.raft(1).log().applied();
+    let node = c.nodes.get_mut(&1).unwrap();
+    node.raft.snapshot_taken(applied);
+    let actions = node.raft.take_actions();
+    assert_eq!(actions, vec![Action::Compact { upto: applied }]);
+    // Taking the same snapshot again asks for nothing.
+    node.raft.snapshot_taken(applied);
+    assert_eq!(node.raft.take_actions(), vec![]);
+}
+
+/// A snapshot the follower already covers changes nothing but is
+/// acknowledged, and a snapshot whose last entry it holds keeps its log.
+#[test]
+fn stale_or_contained_snapshots_keep_the_log() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.propose(1, &["a", "b", "c"]);
+    c.deliver_all();
+    c.tick_all(2);
+    let last = c.raft(2).last_index();
+    let term = c.raft(2).term();
+    let commit = c.raft(2).commit();
+    let node = c.nodes.get_mut(&2).unwrap();
+    node.raft.step(skiff_raft::Message {
+        from: 1,
+        to: 2,
+        term,
+        body: skiff_raft::MessageBody::InstallSnapshot {
+            index: commit.min(2),
+            snapshot_term: term,
+            data: bytes::Bytes::new(),
+        },
+    });
+    let actions = node.raft.take_actions();
+    assert!(actions
+        .iter()
+        .all(|a| !matches!(a, Action::InstallSnapshot { .. })));
+    assert_eq!(c.raft(2).last_index(), last);
+}
