@@ -39,6 +39,8 @@ mod raft;
 mod rng;
 mod types;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use crate::log::RaftLog;
 pub use crate::progress::{Progress, ProgressState};

@@ -1,0 +1,4 @@
+//! Test support shared with the other crates (feature `testing`): the
+//! linearizability checker and the deterministic cluster simulation.
+
+pub mod linearizability;
