@@ -47,8 +47,8 @@ pub use crate::progress::{Progress, ProgressState};
 pub use crate::raft::{Raft, Restored};
 pub use crate::rng::Rng;
 pub use crate::types::{
-    Action, Config, Entry, HardState, Index, Message, MessageBody, NodeId, Payload, PersistId,
-    RejectHint, Role, Term, ENTRY_OVERHEAD_BYTES,
+    Action, Config, Entry, HardState, Index, Membership, MembershipChange, Message, MessageBody,
+    NodeId, Payload, PersistId, RejectHint, Role, Term, ENTRY_OVERHEAD_BYTES,
 };
 
 /// A proposal the core refused; nothing was appended.
@@ -65,6 +65,12 @@ pub enum ProposeError {
     Empty,
     #[error("leadership is being transferred to {to}: retry on the new leader")]
     Transferring { to: NodeId },
+    #[error("a membership change is still uncommitted (at index {index})")]
+    ChangePending { index: Index },
+    #[error("the leader has not yet committed an entry of its term; retry shortly")]
+    LeaderNotReady,
+    #[error("invalid membership change: {0}")]
+    InvalidChange(String),
 }
 
 /// A read the core refused at once.

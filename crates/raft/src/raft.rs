@@ -9,7 +9,7 @@
 //! (thesis §10.2.1), and its own log counts toward a quorum only once the
 //! host reports the persist done.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
@@ -17,8 +17,8 @@ use crate::log::RaftLog;
 use crate::progress::{Progress, ProgressState};
 use crate::rng::Rng;
 use crate::types::{
-    Action, Config, Entry, HardState, Index, Message, MessageBody, NodeId, Payload, PersistId,
-    RejectHint, Role, Term,
+    Action, Config, Entry, HardState, Index, Membership, MembershipChange, Message, MessageBody,
+    NodeId, Payload, PersistId, RejectHint, Role, Term,
 };
 use crate::{ConfigError, ProposeError, ReadError, TransferError};
 
@@ -45,6 +45,9 @@ pub struct Restored {
     pub base_index: Index,
     pub base_term: Term,
     pub entries: Vec<Entry>,
+    /// The membership in force at `base_index` (from the snapshot); `None`:
+    /// the configured voters.
+    pub membership: Option<Membership>,
 }
 
 #[derive(Debug)]
@@ -56,7 +59,14 @@ pub struct Raft {
     vote: NodeId,
     leader: Option<NodeId>,
     log: RaftLog,
-    /// Leader only: every other voter.
+    /// The latest membership in the log (in force as soon as appended).
+    membership: Membership,
+    /// Index of the entry that set it; the base index when it comes from
+    /// the snapshot or the configuration.
+    membership_index: Index,
+    /// The membership in force at the log's base.
+    base_membership: Membership,
+    /// Leader only: every other member.
     progress: BTreeMap<NodeId, Progress>,
     /// Pre-candidate and candidate: the answers so far.
     votes: BTreeMap<NodeId, bool>,
@@ -121,7 +131,14 @@ impl Raft {
             restored.entries,
             hs.commit,
         );
+        let base_membership = restored
+            .membership
+            .clone()
+            .unwrap_or_else(|| Membership::with_voters(cfg.voters.iter().copied()));
         let mut raft = Raft {
+            membership: base_membership.clone(),
+            membership_index: restored.base_index,
+            base_membership,
             rng: Rng::new(seed ^ cfg.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             cfg,
             role: Role::Follower,
@@ -159,6 +176,7 @@ impl Raft {
             transfer_elapsed: 0,
             last_role: (Role::Follower, hs.term, None),
         };
+        raft.recompute_membership();
         raft.fresh_start = raft.cfg.lease_reads;
         raft.reset_election_timeout();
         Ok(raft)
@@ -192,7 +210,11 @@ impl Raft {
                 self.check_quorum_active();
             }
         } else if self.election_elapsed >= self.election_timeout {
-            self.campaign();
+            if self.membership.is_voter(self.cfg.id) {
+                self.campaign();
+            } else {
+                self.reset_election_timeout();
+            }
         }
         self.finish_step();
     }
@@ -279,7 +301,11 @@ impl Raft {
     pub fn snapshot_taken(&mut self, index: Index) {
         if index > self.log.base().0 {
             self.log.compact_to(index);
-            self.step_reads.push(Action::Compact { upto: index });
+            self.base_membership = self.membership_at(index);
+            self.step_reads.push(Action::Compact {
+                upto: index,
+                membership: self.base_membership.clone(),
+            });
         }
         self.finish_step();
     }
@@ -340,7 +366,7 @@ impl Raft {
                 leader_hint: self.leader,
             });
         }
-        if target == self.cfg.id || !self.cfg.voters.contains(&target) {
+        if target == self.cfg.id || !self.membership.is_voter(target) {
             return Err(TransferError::NotAVoter(target));
         }
         self.transferee = Some(target);
@@ -423,6 +449,11 @@ impl Raft {
             Role::Leader => {
                 assert_eq!(self.leader, Some(self.cfg.id), "a leader leads itself");
                 assert_eq!(self.vote, self.cfg.id, "a leader voted for itself");
+                let peers: BTreeSet<NodeId> = self.peers().collect();
+                assert!(
+                    self.progress.keys().copied().eq(peers.iter().copied()),
+                    "progress is kept for exactly the other members"
+                );
                 for (id, pr) in &self.progress {
                     assert!(
                         pr.match_index <= self.log.last_index(),
@@ -436,7 +467,13 @@ impl Raft {
                     .sum();
                 assert_eq!(self.uncommitted_bytes, uncommitted, "uncommitted bytes");
             }
-            Role::Candidate => assert_eq!(self.vote, self.cfg.id, "a candidate voted for itself"),
+            Role::Candidate => {
+                assert_eq!(self.vote, self.cfg.id, "a candidate voted for itself");
+                assert!(
+                    self.membership.is_voter(self.cfg.id),
+                    "only voters campaign"
+                );
+            }
             Role::Follower | Role::PreCandidate => {
                 assert!(self.progress.is_empty(), "only a leader tracks progress")
             }
@@ -566,10 +603,11 @@ impl Raft {
             MessageBody::InstallSnapshot {
                 index,
                 snapshot_term,
+                membership,
                 data,
             } => {
                 self.follow(msg.from);
-                self.on_install_snapshot(msg.from, index, snapshot_term, data);
+                self.on_install_snapshot(msg.from, index, snapshot_term, membership, data);
             }
             MessageBody::TimeoutNow => {
                 if self.role == Role::Follower && self.leader == Some(msg.from) {
@@ -613,8 +651,23 @@ impl Raft {
 
     // ---- Elections ------------------------------------------------------
 
-    fn quorum(&self) -> usize {
-        self.cfg.voters.len() / 2 + 1
+    /// The highest value that a majority of every configuration in force
+    /// has reached (`value` of each voter): joint consensus needs both.
+    fn quorum_value(&self, value: impl Fn(NodeId) -> u64) -> u64 {
+        let of = |set: &BTreeSet<NodeId>| -> u64 {
+            if set.is_empty() {
+                return u64::MAX;
+            }
+            let mut v: Vec<u64> = set.iter().map(|&id| value(id)).collect();
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            v[set.len() / 2]
+        };
+        of(&self.membership.voters).min(of(&self.membership.outgoing))
+    }
+
+    /// Whether this node alone is a quorum.
+    fn sole_voter(&self) -> bool {
+        self.quorum_value(|id| u64::from(id == self.cfg.id)) == 1
     }
 
     /// Whether we heard from a leader recently enough to ignore candidates.
@@ -648,7 +701,7 @@ impl Raft {
         self.votes.clear();
         self.votes.insert(self.cfg.id, true);
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for peer in self.peers().collect::<Vec<_>>() {
+        for peer in self.voter_peers() {
             self.step_msgs.push((
                 Message {
                     from: self.cfg.id,
@@ -682,7 +735,7 @@ impl Raft {
         self.votes.clear();
         self.votes.insert(self.cfg.id, true);
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for peer in self.peers().collect::<Vec<_>>() {
+        for peer in self.voter_peers() {
             self.send(
                 peer,
                 MessageBody::Vote {
@@ -698,15 +751,15 @@ impl Raft {
 
     /// Counts the answers of a (pre-)election.
     fn tally(&mut self, pre: bool) {
-        let granted = self.votes.values().filter(|&&g| g).count();
-        let rejected = self.votes.len() - granted;
-        if granted >= self.quorum() {
+        let won = self.quorum_value(|id| u64::from(self.votes.get(&id) == Some(&true))) == 1;
+        let lost = self.quorum_value(|id| u64::from(self.votes.get(&id) != Some(&false))) == 0;
+        if won {
             if pre {
                 self.become_candidate();
             } else {
                 self.become_leader();
             }
-        } else if rejected >= self.quorum() {
+        } else if lost {
             self.become_follower(self.term, None);
         }
     }
@@ -779,11 +832,13 @@ impl Raft {
 
     /// Steps down when no quorum was heard from within an election timeout.
     fn check_quorum_active(&mut self) {
-        let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+        let active = self.quorum_value(|id| {
+            u64::from(id == self.cfg.id || self.progress.get(&id).is_some_and(|p| p.recent_active))
+        });
         for pr in self.progress.values_mut() {
             pr.recent_active = false;
         }
-        if active < self.quorum() {
+        if active == 0 {
             self.become_follower(self.term, None);
         }
     }
@@ -850,7 +905,7 @@ impl Raft {
             return Ok(());
         }
         let index = self.log.commit();
-        if self.quorum() == 1 || (self.cfg.lease_reads && self.now < self.lease_until) {
+        if self.sole_voter() || (self.cfg.lease_reads && self.now < self.lease_until) {
             self.read_ready(ctx, from, index);
             return Ok(());
         }
@@ -884,13 +939,13 @@ impl Raft {
     /// Confirms the rounds a quorum answered: releases their reads and
     /// extends the lease.
     fn confirm_rounds(&mut self) {
-        let mut acked: Vec<u64> = self
-            .peers()
-            .map(|p| self.round_acks.get(&p).copied().unwrap_or(0))
-            .collect();
-        acked.push(self.read_round);
-        acked.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = acked[self.quorum() - 1];
+        let confirmed = self.quorum_value(|id| {
+            if id == self.cfg.id {
+                self.read_round
+            } else {
+                self.round_acks.get(&id).copied().unwrap_or(0)
+            }
+        });
         if confirmed <= self.confirmed_round {
             return;
         }
@@ -962,6 +1017,7 @@ impl Raft {
                 self.step_reads.push(Action::SendSnapshot {
                     to: peer,
                     index: base,
+                    membership: self.base_membership.clone(),
                 });
                 return;
             };
@@ -1047,6 +1103,15 @@ impl Raft {
         }
         let last_new = prev_index + entries.len() as u64;
         let new = self.log.merge(entries);
+        let config_touched = new
+            .first()
+            .is_some_and(|e| e.index <= self.membership_index)
+            || new
+                .iter()
+                .any(|e| matches!(e.payload, Payload::Membership(_)));
+        if config_touched {
+            self.recompute_membership();
+        }
         self.step_entries.extend(new);
         self.log.commit_to(commit.min(last_new));
         // Acknowledged only once durable (the send waits for the persist).
@@ -1061,7 +1126,14 @@ impl Raft {
         );
     }
 
-    fn on_install_snapshot(&mut self, leader: NodeId, index: Index, term: Term, data: Bytes) {
+    fn on_install_snapshot(
+        &mut self,
+        leader: NodeId,
+        index: Index,
+        term: Term,
+        membership: Membership,
+        data: Bytes,
+    ) {
         let commit = self.log.commit();
         let matched = if index <= commit {
             commit
@@ -1071,6 +1143,8 @@ impl Raft {
             index
         } else {
             self.log.reset_to_snapshot(index, term);
+            self.base_membership = membership;
+            self.recompute_membership();
             self.step_snapshot = Some((index, term, data));
             index
         };
@@ -1099,6 +1173,9 @@ impl Raft {
         if success {
             if pr.acked(match_index) {
                 self.maybe_commit();
+                if self.role != Role::Leader {
+                    return; // removed by the change that just committed
+                }
             }
             if self.transferee == Some(from)
                 && self.progress[&from].match_index == self.log.last_index()
@@ -1138,10 +1215,13 @@ impl Raft {
     /// Advances the commit index to the highest entry of this term held
     /// durably by a quorum (the leader's own copy counts once persisted).
     fn maybe_commit(&mut self) {
-        let mut matched: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
-        matched.push(self.log.persisted());
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let n = matched[self.quorum() - 1];
+        let n = self.quorum_value(|id| {
+            if id == self.cfg.id {
+                self.log.persisted()
+            } else {
+                self.progress.get(&id).map_or(0, |p| p.match_index)
+            }
+        });
         if n > self.log.commit() && self.log.term(n) == Some(self.term) {
             let old = self.log.commit();
             self.log.commit_to(n);
@@ -1153,17 +1233,192 @@ impl Raft {
             for (ctx, from) in std::mem::take(&mut self.reads_waiting_commit) {
                 let _ = self.leader_read(ctx, from);
             }
+            if n >= self.membership_index {
+                self.membership_committed();
+            }
         }
+    }
+
+    // ---- Membership -----------------------------------------------------
+
+    /// Proposes a membership change (leader only). One change at a time:
+    /// the previous one must have committed, and — the guard against the
+    /// single-server change bug — this leader must have committed an entry
+    /// of its own term first. Returns the index of the change's entry.
+    pub fn propose_membership(&mut self, change: MembershipChange) -> Result<Index, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if let Some(to) = self.transferee {
+            return Err(ProposeError::Transferring { to });
+        }
+        if self.membership_index > self.log.commit() || self.membership.is_joint() {
+            return Err(ProposeError::ChangePending {
+                index: self.membership_index,
+            });
+        }
+        if self.log.term(self.log.commit()) != Some(self.term) {
+            return Err(ProposeError::LeaderNotReady);
+        }
+        let cur = &self.membership;
+        let invalid = |r: String| Err(ProposeError::InvalidChange(r));
+        let next = match change {
+            MembershipChange::AddLearner(id) => {
+                if id == 0 || cur.is_voter(id) || cur.learners.contains(&id) {
+                    return invalid(format!("{id} is already a member"));
+                }
+                let mut m = cur.clone();
+                m.learners.insert(id);
+                m
+            }
+            MembershipChange::AddVoter(id) => {
+                if id == 0 || cur.voters.contains(&id) {
+                    return invalid(format!("{id} is already a voter"));
+                }
+                let mut m = cur.clone();
+                m.learners.remove(&id);
+                m.voters.insert(id);
+                m
+            }
+            MembershipChange::Remove(id) => {
+                let mut m = cur.clone();
+                if !m.voters.remove(&id) && !m.learners.remove(&id) {
+                    return invalid(format!("{id} is not a member"));
+                }
+                if m.voters.is_empty() {
+                    return invalid("the last voter cannot be removed".into());
+                }
+                m
+            }
+            MembershipChange::Joint { voters, learners } => {
+                if voters.is_empty() || voters.contains(&0) || learners.contains(&0) {
+                    return invalid("voters must be a non-empty set of node ids".into());
+                }
+                if voters.iter().any(|v| learners.contains(v)) {
+                    return invalid("a node cannot be both voter and learner".into());
+                }
+                Membership {
+                    outgoing: if voters == cur.voters {
+                        BTreeSet::new()
+                    } else {
+                        cur.voters.clone()
+                    },
+                    voters,
+                    learners,
+                }
+            }
+        };
+        let index = self.append_membership(next);
+        self.broadcast_append();
+        self.finish_step();
+        Ok(index)
+    }
+
+    /// The membership in force (the latest in the log).
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    fn append_membership(&mut self, m: Membership) -> Index {
+        let index = self.log.last_index() + 1;
+        self.append_as_leader(vec![Entry {
+            index,
+            term: self.term,
+            payload: Payload::Membership(m.clone()),
+        }]);
+        self.membership = m;
+        self.membership_index = index;
+        self.sync_progress();
+        index
+    }
+
+    /// Leader: progress for exactly the other members.
+    fn sync_progress(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let members: BTreeSet<NodeId> = self.peers().collect();
+        self.progress.retain(|id, _| members.contains(id));
+        let next = self.log.last_index() + 1;
+        for id in members {
+            self.progress
+                .entry(id)
+                .or_insert_with(|| Progress::new(next));
+        }
+    }
+
+    /// The membership change at `membership_index` committed.
+    fn membership_committed(&mut self) {
+        if self.membership.is_joint() {
+            // Leave the joint configuration on our own (thesis §4.3).
+            let mut m = self.membership.clone();
+            m.outgoing.clear();
+            self.append_membership(m);
+            self.broadcast_append();
+        } else if !self.membership.is_voter(self.cfg.id) {
+            // Removed: the configuration without us is committed, step down.
+            self.become_follower(self.term, None);
+        }
+    }
+
+    /// Sets the membership from the latest change in the log, or the base.
+    fn recompute_membership(&mut self) {
+        let (base, _) = self.log.base();
+        let mut i = self.log.last_index();
+        while i > base {
+            if let Some(Entry {
+                payload: Payload::Membership(m),
+                ..
+            }) = self.log.entry(i)
+            {
+                self.membership = m.clone();
+                self.membership_index = i;
+                self.sync_progress();
+                return;
+            }
+            i -= 1;
+        }
+        self.membership = self.base_membership.clone();
+        self.membership_index = base;
+        self.sync_progress();
+    }
+
+    /// The membership in force at `index` (at or above the base).
+    fn membership_at(&self, index: Index) -> Membership {
+        let (base, _) = self.log.base();
+        let mut i = index.min(self.log.last_index());
+        while i > base {
+            if let Some(Entry {
+                payload: Payload::Membership(m),
+                ..
+            }) = self.log.entry(i)
+            {
+                return m.clone();
+            }
+            i -= 1;
+        }
+        self.base_membership.clone()
     }
 
     // ---- Output ---------------------------------------------------------
 
+    /// Every other member (the leader replicates to all of them).
     fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.cfg
-            .voters
-            .iter()
-            .copied()
+        self.membership
+            .members()
+            .into_iter()
             .filter(move |&p| p != self.cfg.id)
+    }
+
+    /// Every other voter, in either configuration.
+    fn voter_peers(&self) -> Vec<NodeId> {
+        self.membership
+            .all_voters()
+            .into_iter()
+            .filter(|&p| p != self.cfg.id)
+            .collect()
     }
 
     fn send(&mut self, to: NodeId, body: MessageBody, needs_durable: bool) {
@@ -1186,6 +1441,7 @@ impl Raft {
                 id,
                 index,
                 term,
+                membership: self.base_membership.clone(),
                 data,
             });
         }

@@ -1,5 +1,7 @@
 //! The core's vocabulary: entries, messages, actions and configuration.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 
 /// A node's identity; 0 is never a node ("no vote", "no leader").
@@ -19,6 +21,72 @@ pub enum Payload {
     Noop,
     /// An application command.
     Normal(Bytes),
+    /// A new membership; it takes effect as soon as it is in the log
+    /// (thesis §4.1), and is reverted if the entry is truncated.
+    Membership(Membership),
+}
+
+/// Who votes and who only receives the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub voters: BTreeSet<NodeId>,
+    /// Non-empty during joint consensus: the voters being left. Decisions
+    /// then need a majority of `voters` and a majority of `outgoing`.
+    pub outgoing: BTreeSet<NodeId>,
+    /// Receive the log, never vote or count toward a quorum.
+    pub learners: BTreeSet<NodeId>,
+}
+
+impl Membership {
+    pub fn with_voters(voters: impl IntoIterator<Item = NodeId>) -> Membership {
+        Membership {
+            voters: voters.into_iter().collect(),
+            ..Membership::default()
+        }
+    }
+
+    pub fn is_joint(&self) -> bool {
+        !self.outgoing.is_empty()
+    }
+
+    /// Votes in either configuration.
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.outgoing.contains(&id)
+    }
+
+    /// Everyone the leader replicates to (itself included).
+    pub fn members(&self) -> BTreeSet<NodeId> {
+        let mut all = self.voters.clone();
+        all.extend(&self.outgoing);
+        all.extend(&self.learners);
+        all
+    }
+
+    /// Everyone who votes, in either configuration.
+    pub fn all_voters(&self) -> BTreeSet<NodeId> {
+        let mut all = self.voters.clone();
+        all.extend(&self.outgoing);
+        all
+    }
+}
+
+/// A membership change a leader may propose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// A new member that receives the log but does not vote.
+    AddLearner(NodeId),
+    /// A new voter, or a learner promoted (one voter more: a single-server
+    /// change, thesis §4.1).
+    AddVoter(NodeId),
+    /// Removes a voter (single-server change) or a learner.
+    Remove(NodeId),
+    /// Any new voter set through joint consensus (thesis §4.3): the leader
+    /// enters the joint configuration, and leaves it on its own once that
+    /// entry commits.
+    Joint {
+        voters: BTreeSet<NodeId>,
+        learners: BTreeSet<NodeId>,
+    },
 }
 
 impl Payload {
@@ -27,6 +95,7 @@ impl Payload {
         match self {
             Payload::Noop => 0,
             Payload::Normal(b) => b.len(),
+            Payload::Membership(m) => 8 * m.members().len(),
         }
     }
 }
@@ -134,6 +203,7 @@ pub enum MessageBody {
     InstallSnapshot {
         index: Index,
         snapshot_term: Term,
+        membership: Membership,
         data: Bytes,
     },
 }
@@ -176,7 +246,11 @@ pub enum Action {
     /// A follower needs entries this node compacted: send it the latest
     /// snapshot (`InstallSnapshot`, at least through `index`). Report a
     /// failure with [`crate::Raft::unreachable`].
-    SendSnapshot { to: NodeId, index: Index },
+    SendSnapshot {
+        to: NodeId,
+        index: Index,
+        membership: Membership,
+    },
     /// Restore the state machine from `data` and record the snapshot
     /// durably in the log (replacing it), in order with the persists; then
     /// report [`crate::Raft::persisted`]`(id)`.
@@ -184,11 +258,14 @@ pub enum Action {
         id: PersistId,
         index: Index,
         term: Term,
+        membership: Membership,
         data: Bytes,
     },
     /// The log through `upto` is covered by a durable snapshot: the host
     /// may compact its stored log (for example the WAL's segments).
-    Compact { upto: Index },
+    /// Keep `membership` (in force at `upto`) with the snapshot: a restart
+    /// passes it back in [`crate::Restored`].
+    Compact { upto: Index, membership: Membership },
     /// The read `ctx` (from [`crate::Raft::read_index`]) is linearizable
     /// once this node has applied through `index`.
     ReadReady { ctx: u64, index: Index },
@@ -216,7 +293,10 @@ pub enum Role {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub id: NodeId,
-    /// Every voter, this node included.
+    /// The voters of a new cluster (a node restarting takes its membership
+    /// from its log and snapshot instead). A node joining an existing
+    /// cluster may be absent from it: it learns its membership from the
+    /// leader.
     pub voters: Vec<NodeId>,
     /// The election timeout is drawn uniformly from `min..=max` each time
     /// it restarts.
@@ -275,9 +355,6 @@ impl Config {
         let err = |field: &'static str, reason: String| Err(crate::ConfigError { field, reason });
         if self.id == 0 {
             return err("id", "node ids start at 1".into());
-        }
-        if !self.voters.contains(&self.id) {
-            return err("voters", format!("must include this node ({})", self.id));
         }
         if self.voters.contains(&0) {
             return err("voters", "node ids start at 1".into());

@@ -58,7 +58,13 @@ fn snapshot_taken_asks_the_host_to_compact() {
     let node = c.nodes.get_mut(&1).unwrap();
     node.raft.snapshot_taken(applied);
     let actions = node.raft.take_actions();
-    assert_eq!(actions, vec![Action::Compact { upto: applied }]);
+    assert_eq!(
+        actions,
+        vec![Action::Compact {
+            upto: applied,
+            membership: skiff_raft::Membership::with_voters([1]),
+        }]
+    );
     // Taking the same snapshot again asks for nothing.
     node.raft.snapshot_taken(applied);
     assert_eq!(node.raft.take_actions(), vec![]);
@@ -84,6 +90,7 @@ fn stale_or_contained_snapshots_keep_the_log() {
         body: skiff_raft::MessageBody::InstallSnapshot {
             index: commit.min(2),
             snapshot_term: term,
+            membership: skiff_raft::Membership::with_voters([1, 2, 3]),
             data: bytes::Bytes::new(),
         },
     });

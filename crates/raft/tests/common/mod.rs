@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use skiff_raft::{
-    Action, Config, Entry, HardState, Index, Message, MessageBody, NodeId, Payload, PersistId,
-    Raft, Restored, Role, Term,
+    Action, Config, Entry, HardState, Index, Membership, Message, MessageBody, NodeId, Payload,
+    PersistId, Raft, Restored, Role, Term,
 };
 
 pub struct Unpersisted {
@@ -33,7 +33,9 @@ pub struct Node {
     /// (index, term) the durable log follows (a snapshot's).
     pub durable_base: (Index, Term),
     /// The latest snapshot: (index, term, application commands through it).
-    pub snapshot: Option<(Index, Term, Vec<Bytes>)>,
+    pub snapshot: Option<(Index, Term, Membership, Vec<Bytes>)>,
+    /// The configuration the node was started with (reused on restart).
+    pub config: Config,
     /// Commands restored from an installed snapshot, before `applied`.
     pub snap_cmds: Vec<Bytes>,
     pub applied: Vec<Entry>,
@@ -75,13 +77,14 @@ impl Cluster {
             nodes.insert(
                 id,
                 Node {
-                    raft: Raft::new(c, Restored::default(), 42).unwrap(),
+                    raft: Raft::new(c.clone(), Restored::default(), 42).unwrap(),
                     unpersisted: VecDeque::new(),
                     held: Vec::new(),
                     durable_hs: HardState::default(),
                     durable_log: Vec::new(),
                     durable_base: (0, 0),
                     snapshot: None,
+                    config: c.clone(),
                     snap_cmds: Vec::new(),
                     applied: Vec::new(),
                     auto_persist: true,
@@ -137,12 +140,13 @@ impl Cluster {
                 id: pid,
                 index,
                 term,
+                membership,
                 data,
             } => {
                 let cmds = decode_cmds(&data);
                 node.snap_cmds = cmds.clone();
                 node.applied.clear();
-                node.snapshot = Some((index, term, cmds));
+                node.snapshot = Some((index, term, membership, cmds));
                 node.unpersisted.push_back(Unpersisted {
                     id: pid,
                     hard_state: None,
@@ -154,7 +158,8 @@ impl Cluster {
                 }
             }
             Action::SendSnapshot { to, .. } => {
-                let (index, term, cmds) = node.snapshot.clone().expect("a snapshot was taken");
+                let (index, term, membership, cmds) =
+                    node.snapshot.clone().expect("a snapshot was taken");
                 self.net.push_back(Message {
                     from: id,
                     to,
@@ -162,11 +167,12 @@ impl Cluster {
                     body: MessageBody::InstallSnapshot {
                         index,
                         snapshot_term: term,
+                        membership,
                         data: encode_cmds(&cmds),
                     },
                 });
             }
-            Action::Compact { upto } => {
+            Action::Compact { upto, .. } => {
                 if let Some(e) = node.durable_log.iter().find(|e| e.index == upto) {
                     node.durable_base = (upto, e.term);
                 }
@@ -333,7 +339,7 @@ impl Cluster {
         let mut out = node.snap_cmds.clone();
         out.extend(node.applied.iter().filter_map(|e| match &e.payload {
             Payload::Normal(b) => Some(b.clone()),
-            Payload::Noop => None,
+            Payload::Noop | Payload::Membership(_) => None,
         }));
         out
     }
@@ -345,9 +351,34 @@ impl Cluster {
         let node = self.nodes.get_mut(&id).unwrap();
         let index = node.raft.log().applied();
         let term = node.raft.log().term(index).unwrap();
-        node.snapshot = Some((index, term, cmds));
+        let membership = node.raft.membership().clone();
+        node.snapshot = Some((index, term, membership, cmds));
         node.raft.snapshot_taken(index);
         self.drain(id);
+    }
+
+    /// Starts a new, empty node `id` that knows no membership: it joins
+    /// when a leader adds it.
+    pub fn add_node(&mut self, id: NodeId) {
+        let mut c = config(id, 0);
+        c.voters.clear();
+        self.nodes.insert(
+            id,
+            Node {
+                raft: Raft::new(c.clone(), Restored::default(), 42).unwrap(),
+                unpersisted: VecDeque::new(),
+                held: Vec::new(),
+                durable_hs: HardState::default(),
+                durable_log: Vec::new(),
+                durable_base: (0, 0),
+                snapshot: None,
+                config: c,
+                snap_cmds: Vec::new(),
+                applied: Vec::new(),
+                auto_persist: true,
+                reads: Vec::new(),
+            },
+        );
     }
 
     /// Crashes `id` (losing unpersisted state) and restarts it from its
@@ -361,15 +392,21 @@ impl Cluster {
         node.snap_cmds = node
             .snapshot
             .as_ref()
-            .map(|s| s.2.clone())
+            .map(|s| s.3.clone())
             .unwrap_or_default();
+        let _ = n;
         let restored = Restored {
             hard_state: node.durable_hs,
             base_index: node.durable_base.0,
             base_term: node.durable_base.1,
             entries: node.durable_log.clone(),
+            membership: node
+                .snapshot
+                .as_ref()
+                .filter(|s| s.0 == node.durable_base.0)
+                .map(|s| s.2.clone()),
         };
-        node.raft = Raft::new(config(id, n), restored, 7).unwrap();
+        node.raft = Raft::new(node.config.clone(), restored, 7).unwrap();
     }
 }
 
