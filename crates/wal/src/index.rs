@@ -39,7 +39,7 @@ pub(crate) struct LogIndex {
     first: u64,
     /// One past the last index.
     next: u64,
-    records: VecDeque<RecordLoc>,
+    records: Chunked<RecordLoc>,
     /// Records ever removed from the front: `popped + position` is a
     /// record's stable number while it stays in `records`.
     popped: u64,
@@ -53,7 +53,7 @@ impl LogIndex {
         LogIndex {
             first,
             next: first,
-            records: VecDeque::new(),
+            records: Chunked::new(),
             popped: 0,
             terms: VecDeque::new(),
         }
@@ -67,7 +67,7 @@ impl LogIndex {
         self.next
     }
 
-    pub fn records(&self) -> &VecDeque<RecordLoc> {
+    pub fn records(&self) -> &Chunked<RecordLoc> {
         &self.records
     }
 
@@ -192,7 +192,7 @@ impl LogIndex {
     pub fn check(&self) {
         assert!(self.first <= self.next);
         let mut expect = None;
-        for r in &self.records {
+        for r in self.records.iter() {
             assert!(r.count > 0, "empty record kept");
             if let Some(e) = expect {
                 assert_eq!(r.first_index, e, "records not contiguous");
@@ -211,5 +211,168 @@ impl LogIndex {
         if self.first < self.next {
             assert!(self.terms.front().is_some_and(|&(s, _)| s <= self.first));
         }
+    }
+}
+
+/// Records per chunk of [`Chunked`].
+const CHUNK_RECORDS: usize = 4096;
+
+/// A deque stored in fixed-size chunks: it grows without ever copying what
+/// it holds (a plain `VecDeque` of millions of records would copy hundreds
+/// of megabytes under the WAL's lock each time it doubles).
+///
+/// Invariant: every chunk but the first and the last is full.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Chunked<T> {
+    chunks: VecDeque<VecDeque<T>>,
+    len: usize,
+}
+
+impl<T> Chunked<T> {
+    pub fn new() -> Self {
+        Chunked {
+            chunks: VecDeque::new(),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn locate(&self, i: usize) -> Option<(usize, usize)> {
+        if i >= self.len {
+            return None;
+        }
+        let first = self.chunks.front()?.len();
+        if i < first {
+            return Some((0, i));
+        }
+        let rest = i - first;
+        Some((1 + rest / CHUNK_RECORDS, rest % CHUNK_RECORDS))
+    }
+
+    pub fn get(&self, i: usize) -> Option<&T> {
+        let (c, o) = self.locate(i)?;
+        self.chunks[c].get(o)
+    }
+
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        let (c, o) = self.locate(i)?;
+        self.chunks[c].get_mut(o)
+    }
+
+    pub fn push_back(&mut self, v: T) {
+        if self.chunks.back().is_none_or(|c| c.len() == CHUNK_RECORDS) {
+            self.chunks
+                .push_back(VecDeque::with_capacity(CHUNK_RECORDS));
+        }
+        self.chunks.back_mut().expect("pushed").push_back(v);
+        self.len += 1;
+    }
+
+    pub fn pop_back(&mut self) -> Option<T> {
+        let chunk = self.chunks.back_mut()?;
+        let v = chunk.pop_back();
+        if chunk.is_empty() {
+            self.chunks.pop_back();
+        }
+        if v.is_some() {
+            self.len -= 1;
+        }
+        v
+    }
+
+    pub fn pop_front(&mut self) -> Option<T> {
+        let chunk = self.chunks.front_mut()?;
+        let v = chunk.pop_front();
+        if chunk.is_empty() {
+            self.chunks.pop_front();
+        }
+        if v.is_some() {
+            self.len -= 1;
+        }
+        v
+    }
+
+    pub fn front(&self) -> Option<&T> {
+        self.chunks.front().and_then(|c| c.front())
+    }
+
+    pub fn back(&self) -> Option<&T> {
+        self.chunks.back().and_then(|c| c.back())
+    }
+
+    pub fn back_mut(&mut self) -> Option<&mut T> {
+        self.chunks.back_mut().and_then(|c| c.back_mut())
+    }
+
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.len = 0;
+    }
+
+    /// The first position where `pred` is false (it must be true then
+    /// false along the deque).
+    pub fn partition_point(&self, pred: impl Fn(&T) -> bool) -> usize {
+        let (mut lo, mut hi) = (0, self.len);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if pred(self.get(mid).expect("mid < len")) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::{Chunked, CHUNK_RECORDS};
+
+    #[test]
+    fn chunked_behaves_like_a_vecdeque() {
+        let mut c = Chunked::new();
+        let mut v = VecDeque::new();
+        let mut x = 7u64;
+        for step in 0..100_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            match x >> 61 {
+                0..=3 => {
+                    c.push_back(step);
+                    v.push_back(step);
+                }
+                4 => assert_eq!(c.pop_back(), v.pop_back()),
+                5 => assert_eq!(c.pop_front(), v.pop_front()),
+                6 if !v.is_empty() => {
+                    let i = (x as usize >> 8) % v.len();
+                    assert_eq!(c.get(i), v.get(i));
+                    // Kept sorted so that partition_point is well defined.
+                    assert_eq!(c.get_mut(i).copied(), v.get(i).copied());
+                }
+                _ => {
+                    let cut = step / 2;
+                    assert_eq!(
+                        c.partition_point(|&e| e < cut),
+                        v.partition_point(|&e| e < cut)
+                    );
+                }
+            }
+            assert_eq!(c.len(), v.len());
+            assert_eq!(c.front(), v.front());
+            assert_eq!(c.back(), v.back());
+        }
+        assert!(c.iter().eq(v.iter()));
+        assert!(v.len() > 2 * CHUNK_RECORDS, "exercised several chunks");
     }
 }
