@@ -37,6 +37,8 @@ pub struct Progress {
     /// `match_index` at the previous heartbeat response: a full window
     /// that made no progress over a heartbeat round lost its messages.
     match_at_heartbeat: Index,
+    /// Ticks since the snapshot being sent was asked for.
+    pub snapshot_ticks: u32,
 }
 
 impl Progress {
@@ -50,6 +52,7 @@ impl Progress {
             inflight_bytes: 0,
             recent_active: false,
             match_at_heartbeat: 0,
+            snapshot_ticks: 0,
         }
     }
 
@@ -132,6 +135,7 @@ impl Progress {
     /// A snapshot through `index` is being sent.
     pub fn snapshot_sent(&mut self, index: Index) {
         self.state = ProgressState::Snapshot;
+        self.snapshot_ticks = 0;
         self.probe_sent = false;
         self.inflight.clear();
         self.inflight_bytes = 0;

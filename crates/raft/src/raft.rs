@@ -116,6 +116,9 @@ pub struct Raft {
     // ---- Leadership transfer (leader).
     transferee: Option<NodeId>,
     transfer_elapsed: u32,
+    /// Set for the rest of the term once a transfer started: lease reads
+    /// fall back to heartbeat rounds.
+    lease_revoked: bool,
     last_role: (Role, Term, Option<NodeId>),
 }
 
@@ -174,6 +177,7 @@ impl Raft {
             reads_forwarded: Vec::new(),
             transferee: None,
             transfer_elapsed: 0,
+            lease_revoked: false,
             last_role: (Role::Follower, hs.term, None),
         };
         raft.recompute_membership();
@@ -200,6 +204,7 @@ impl Raft {
             }
         }
         if self.role == Role::Leader {
+            self.retry_lost_snapshots();
             self.heartbeat_elapsed += 1;
             if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
                 self.heartbeat_elapsed = 0;
@@ -371,6 +376,10 @@ impl Raft {
         }
         self.transferee = Some(target);
         self.transfer_elapsed = 0;
+        // The target will be voted in by followers that still hear us
+        // (TimeoutNow votes ignore leases): our lease no longer holds.
+        self.lease_revoked = true;
+        self.lease_until = 0;
         if self.progress[&target].match_index == self.log.last_index() {
             self.send(target, MessageBody::TimeoutNow, false);
         } else {
@@ -630,7 +639,9 @@ impl Raft {
                     };
                     pr.recent_active = true;
                     pr.heartbeat_answered();
-                    if pr.match_index < self.log.last_index() {
+                    if pr.state == ProgressState::Snapshot {
+                        self.probe_snapshot(msg.from);
+                    } else if pr.match_index < self.log.last_index() {
                         self.send_append(msg.from);
                     }
                     let acked = self.round_acks.entry(msg.from).or_insert(0);
@@ -806,6 +817,7 @@ impl Raft {
     fn become_leader(&mut self) {
         self.role = Role::Leader;
         self.transferee = None;
+        self.lease_revoked = false;
         self.round_acks.clear();
         self.rounds.clear();
         self.confirmed_round = self.read_round;
@@ -955,7 +967,7 @@ impl Raft {
                 break;
             }
             self.rounds.pop_front();
-            if round == confirmed {
+            if round == confirmed && !self.lease_revoked {
                 let lease = started + u64::from(self.cfg.election_ticks_min) - 1;
                 self.lease_until = self.lease_until.max(lease);
             }
@@ -1002,11 +1014,9 @@ impl Raft {
             }
             let next = pr.next;
             let probing = pr.state == ProgressState::Probe;
-            let entries = self.log.slice(next, self.cfg.batch_bytes_max);
-            if entries.is_empty() && !probing {
-                return;
-            }
             let prev_index = next - 1;
+            // Checked before "nothing new to send": a follower whose next
+            // entries were compacted needs a snapshot even when idle.
             let Some(prev_term) = self.log.term(prev_index) else {
                 // Compacted: only a snapshot can bring this follower on.
                 let (base, _) = self.log.base();
@@ -1021,6 +1031,10 @@ impl Raft {
                 });
                 return;
             };
+            let entries = self.log.slice(next, self.cfg.batch_bytes_max);
+            if entries.is_empty() && !probing {
+                return;
+            }
             let bytes: usize = entries.iter().map(Entry::size).sum();
             let last = prev_index + entries.len() as u64;
             self.progress
@@ -1124,6 +1138,51 @@ impl Raft {
             },
             true,
         );
+    }
+
+    /// Snapshot sends unanswered for `snapshot_timeout_ticks` are sent again.
+    fn retry_lost_snapshots(&mut self) {
+        let limit = self.cfg.snapshot_timeout_ticks;
+        let mut lost = Vec::new();
+        for (&id, pr) in self.progress.iter_mut() {
+            if pr.state == ProgressState::Snapshot {
+                pr.snapshot_ticks += 1;
+                if pr.snapshot_ticks >= limit {
+                    let next = pr.match_index + 1;
+                    pr.probe_from(next);
+                    lost.push(id);
+                }
+            }
+        }
+        for id in lost {
+            self.send_append(id);
+        }
+    }
+
+    /// A follower in the Snapshot state may have installed the snapshot and
+    /// lost its answer: ask with an empty AppendEntries at the snapshot's
+    /// index (untracked; a refusal while the transfer runs is ignored).
+    fn probe_snapshot(&mut self, peer: NodeId) {
+        let index = self.progress[&peer].next - 1;
+        if let Some(term) = self.log.term(index) {
+            self.send(
+                peer,
+                MessageBody::Append {
+                    prev_index: index,
+                    prev_term: term,
+                    entries: Vec::new(),
+                    commit: self.log.commit().min(index),
+                },
+                false,
+            );
+        } else {
+            // Compacted past the snapshot being sent: it is obsolete, send
+            // the current one.
+            let pr = self.progress.get_mut(&peer).expect("peer has progress");
+            let next = pr.match_index + 1;
+            pr.probe_from(next);
+            self.send_append(peer);
+        }
     }
 
     fn on_install_snapshot(

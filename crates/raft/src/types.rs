@@ -325,6 +325,10 @@ pub struct Config {
     /// is the same within a drift that loses less than one tick per
     /// `election_ticks_min` ticks (see [`crate::Raft::read_index`]).
     pub lease_reads: bool,
+    /// A snapshot send not acknowledged within this many ticks is taken as
+    /// lost and asked for again (the host should report failures with
+    /// `unreachable`; this is the safety net when it could not tell).
+    pub snapshot_timeout_ticks: u32,
     /// Reads waiting for confirmation (local and forwarded); more are
     /// refused with [`crate::ReadError::Backpressure`].
     pub reads_pending_max: usize,
@@ -346,6 +350,7 @@ impl Config {
             batch_bytes_max: 1 << 20,
             uncommitted_bytes_max: 64 << 20,
             lease_reads: false,
+            snapshot_timeout_ticks: 200,
             reads_pending_max: 4096,
         }
     }
@@ -394,6 +399,15 @@ impl Config {
         }
         if self.lease_reads && !self.check_quorum {
             return err("lease_reads", "needs check_quorum".into());
+        }
+        if self.snapshot_timeout_ticks <= self.election_ticks_max {
+            return err(
+                "snapshot_timeout_ticks",
+                format!(
+                    "must exceed election_ticks_max ({}), got {}",
+                    self.election_ticks_max, self.snapshot_timeout_ticks
+                ),
+            );
         }
         if self.reads_pending_max == 0 {
             return err("reads_pending_max", "must be at least 1".into());

@@ -2,3 +2,4 @@
 //! linearizability checker and the deterministic cluster simulation.
 
 pub mod linearizability;
+pub mod sim;

@@ -1,0 +1,204 @@
+//! What is checked after every step and at the end of a run, and the
+//! settling that precedes the end.
+
+use super::*;
+
+impl Sim {
+    /// The checks after every step, on every node that is up: its
+    /// invariants, its log against its persists, what it holds committed,
+    /// and whether it leads (election safety, leader completeness).
+    pub(super) fn check_step(&mut self) -> Result<(), Violation> {
+        for i in 0..self.nodes.len() {
+            let node = &mut self.nodes[i];
+            if !node.up {
+                continue;
+            }
+            let id = node.id;
+            node.raft.check_invariants();
+            let (role, term) = (node.raft.role(), node.raft.term());
+            let log = node.raft.log();
+            if (log.last_index(), Some(log.last_term()))
+                != (
+                    node.shadow_base.0 + node.shadow.len() as u64,
+                    node.shadow_term(node.shadow_base.0 + node.shadow.len() as u64),
+                )
+                || log.base() != node.shadow_base
+            {
+                return violation!(
+                    "node {id}: the log ({:?}..={}/{}) is not what its persists described \
+                     ({:?}..={:?})",
+                    log.base(),
+                    log.last_index(),
+                    log.last_term(),
+                    node.shadow_base,
+                    node.shadow.last().map(|e| (e.index, e.term))
+                );
+            }
+            let commit = node.raft.commit();
+            if commit > node.seen_commit {
+                let from = node.seen_commit.max(log.base().0) + 1;
+                node.seen_commit = commit;
+                for index in from..=commit {
+                    let e = log.entry(index).expect("committed entries are in the log");
+                    self.safety.committed(id, term, e)?;
+                }
+            }
+            if role == Role::Leader {
+                self.safety.leader(id, term)?;
+                if node.last_role != (role, term) {
+                    self.safety.became_leader(id, term, log)?;
+                }
+            }
+            node.last_role = (role, term);
+        }
+        // Proposals whose node no longer leads in their term.
+        for c in 0..self.clients.len() {
+            if let Waiting::Proposed { node, term, .. } = self.clients[c].waiting {
+                let r = &self.node(node).raft;
+                if r.role() != Role::Leader || r.term() != term {
+                    self.give_up(c);
+                }
+            }
+        }
+        if self.now % LOGS_COMPARE_EVERY == 0 {
+            self.compare_logs()?;
+        }
+        Ok(())
+    }
+
+    /// Log matching, pairwise on the logs as they are now.
+    pub(super) fn compare_logs(&self) -> Result<(), Violation> {
+        let up: Vec<&Node> = self.nodes.iter().filter(|n| n.up).collect();
+        for (i, a) in up.iter().enumerate() {
+            for b in &up[i + 1..] {
+                Safety::logs_match(a.id, a.raft.log(), b.id, b.raft.log())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Heals, restarts, stops faults and new operations, and runs until the
+    /// cluster settled; not settling is a (liveness) failure.
+    pub(super) fn settle(&mut self) -> Result<(), Violation> {
+        self.settling = true;
+        self.note(|| "settle: heal, restart, no more faults".to_string());
+        self.cuts.clear();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].up {
+                self.nodes[i].restart_at = self.now;
+            }
+        }
+        for c in 0..self.clients.len() {
+            if let Waiting::Refused { .. } = self.clients[c].waiting {
+                self.give_up(c);
+            }
+        }
+        let end = self.now + self.cfg.settle_steps_max;
+        while self.now < end {
+            self.step()?;
+            if self.settled() {
+                return Ok(());
+            }
+        }
+        let state: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let progress: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter_map(|p| n.raft.progress(p.id).map(|pr| (p.id, pr)))
+                    .map(|(p, pr)| {
+                        format!(
+                            "{p}:{:?} match={} next={} inflight={}",
+                            pr.state,
+                            pr.match_index,
+                            pr.next,
+                            pr.inflight_len()
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{}: up={} {:?} t{} leader={:?} base={} last={} commit={} applied={} \
+                     pending={} progress=[{}]",
+                    n.id,
+                    n.up,
+                    n.raft.role(),
+                    n.raft.term(),
+                    n.raft.leader(),
+                    n.raft.log().base().0,
+                    n.raft.last_index(),
+                    n.raft.commit(),
+                    n.kv.applied,
+                    n.pending.len(),
+                    progress.join(", ")
+                )
+            })
+            .collect();
+        self.stuck = true;
+        violation!(
+            "the cluster did not settle within {} steps after healing: {}",
+            self.cfg.settle_steps_max,
+            state.join("; ")
+        )
+    }
+
+    /// One leader, everyone following it with its whole log committed and
+    /// applied, every client answered.
+    pub(super) fn settled(&self) -> bool {
+        let Some(leader) = self.leader() else {
+            return false;
+        };
+        let l = &self.node(leader).raft;
+        let last = l.last_index();
+        self.nodes.iter().all(|n| {
+            n.up && n.pending.is_empty()
+                && n.raft.leader() == Some(leader)
+                && n.raft.term() == l.term()
+                && n.raft.last_index() == last
+                && n.raft.commit() == last
+                && n.kv.applied == last
+        }) && self.clients.iter().all(|c| c.waiting == Waiting::Idle)
+    }
+
+    /// After settling: the logs match, every state machine is the same,
+    /// and no acknowledged command is missing from the applied log.
+    pub(super) fn final_checks(&mut self) -> Result<(), Violation> {
+        self.compare_logs()?;
+        let first = &self.nodes[0].kv;
+        for n in &self.nodes[1..] {
+            if n.kv != *first {
+                return violation!(
+                    "state machines differ after settling: node 1 {first:?}, node {} {:?}",
+                    n.id,
+                    n.kv
+                );
+            }
+        }
+        let applied = first.applied;
+        for (i, rec) in self.ops.iter().enumerate() {
+            if rec.ret.is_none() || rec.read_index {
+                continue;
+            }
+            let index = rec.index.expect("answered log operations have an index");
+            let kept = index <= applied
+                && self
+                    .safety
+                    .applied_entry(index)
+                    .is_some_and(|e| match &e.payload {
+                        Payload::Normal(b) => Command::decode(b)
+                            .is_ok_and(|cmd| cmd.client == rec.client && cmd.op == rec.op),
+                        _ => false,
+                    });
+            if !kept {
+                return violation!(
+                    "acknowledged op {i} (client {} op {} at {index}) is not in the applied log \
+                     (applied through {applied})",
+                    rec.client,
+                    rec.op
+                );
+            }
+        }
+        Ok(())
+    }
+}

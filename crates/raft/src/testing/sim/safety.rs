@@ -1,0 +1,217 @@
+//! The safety properties of Raft (§5.2–§5.4, Figure 3), checked against
+//! what the simulation observes. Every method takes one observation and
+//! answers whether it is consistent with everything observed before.
+//!
+//! This module only judges: it never drives nodes and never repairs state.
+//! Its methods are public so that tests can feed it forged observations and
+//! see it object.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use crate::types::{Entry, Index, NodeId, Payload, Term};
+use crate::RaftLog;
+
+/// A broken safety property, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Violation {}
+
+macro_rules! violation {
+    ($($arg:tt)*) => {
+        Err(Violation(format!($($arg)*)))
+    };
+}
+pub(crate) use violation;
+
+/// What was seen so far, over the whole run (restarts included).
+#[derive(Debug, Default)]
+pub struct Safety {
+    /// Election safety: the one leader of each term.
+    leaders: BTreeMap<Term, NodeId>,
+    /// Log matching: every `(index, term)` seen in any log, with the term of
+    /// the entry before it and its payload. By induction on the index, equal
+    /// `(index, term)` with equal previous term everywhere means identical
+    /// logs up to there.
+    entries: HashMap<(Index, Term), (Term, Payload)>,
+    /// Entries known committed, with the lowest term of a node seen holding
+    /// them committed (at least the term that committed them).
+    committed: BTreeMap<Index, (Entry, Term)>,
+    /// State machine safety: the entry applied at each index and the
+    /// applied-log digest after it.
+    applied: BTreeMap<Index, (Entry, u64)>,
+}
+
+impl Safety {
+    pub fn new() -> Safety {
+        Safety::default()
+    }
+
+    /// `node` is leader in `term` (election safety: one leader per term).
+    pub fn leader(&mut self, node: NodeId, term: Term) -> Result<(), Violation> {
+        match self.leaders.insert(term, node) {
+            Some(other) if other != node => {
+                violation!("election safety: nodes {other} and {node} both led term {term}")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Distinct leaders seen, one per term.
+    pub fn leaders(&self) -> usize {
+        self.leaders.len()
+    }
+
+    /// `entry` is in `node`'s log, following an entry of `prev_term` (the
+    /// base term at the start of the log, 0 before index 1).
+    pub fn appended(
+        &mut self,
+        node: NodeId,
+        prev_term: Term,
+        entry: &Entry,
+    ) -> Result<(), Violation> {
+        match self.entries.get(&(entry.index, entry.term)) {
+            None => {
+                self.entries.insert(
+                    (entry.index, entry.term),
+                    (prev_term, entry.payload.clone()),
+                );
+                Ok(())
+            }
+            Some((prev, payload)) if *prev == prev_term && *payload == entry.payload => Ok(()),
+            Some((prev, payload)) => violation!(
+                "log matching: node {node} has entry {}/{} = {:?} after term {prev_term}, \
+                 seen before as {payload:?} after term {prev}",
+                entry.index,
+                entry.term,
+                entry.payload
+            ),
+        }
+    }
+
+    /// `node`, in `term`, holds `entry` committed.
+    pub fn committed(&mut self, node: NodeId, term: Term, entry: &Entry) -> Result<(), Violation> {
+        match self.committed.get_mut(&entry.index) {
+            None => {
+                self.committed.insert(entry.index, (entry.clone(), term));
+                Ok(())
+            }
+            Some((seen, _)) if seen != entry => violation!(
+                "committed entries differ at {}: node {node} has {entry:?}, seen {seen:?}",
+                entry.index
+            ),
+            Some((_, t)) => {
+                *t = (*t).min(term);
+                Ok(())
+            }
+        }
+    }
+
+    /// Highest index seen committed.
+    pub fn commit_max(&self) -> Index {
+        self.committed.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// `node` just became leader of `term` with `log` (leader completeness:
+    /// it holds every entry committed in an earlier term).
+    pub fn became_leader(&self, node: NodeId, term: Term, log: &RaftLog) -> Result<(), Violation> {
+        let (base, base_term) = log.base();
+        for (&index, (entry, commit_term)) in self.committed.range(base..) {
+            if *commit_term >= term {
+                continue;
+            }
+            let held = if index == base {
+                (base_term == entry.term).then_some(entry)
+            } else {
+                log.entry(index)
+            };
+            if held != Some(entry) {
+                return violation!(
+                    "leader completeness: node {node} leads term {term} without entry {index} \
+                     committed by term {commit_term} ({entry:?}); it has {:?}",
+                    log.entry(index)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `node` applied `entry`, reaching `digest` (state machine safety: the
+    /// same entry at each index on every node).
+    pub fn applied(&mut self, node: NodeId, entry: &Entry, digest: u64) -> Result<(), Violation> {
+        match self.applied.get(&entry.index) {
+            None => {
+                self.applied.insert(entry.index, (entry.clone(), digest));
+                Ok(())
+            }
+            Some((seen, d)) if seen == entry && *d == digest => Ok(()),
+            Some((seen, _)) if seen == entry => violation!(
+                "state machine safety: node {node} applied {} with a different log before it",
+                entry.index
+            ),
+            Some((seen, _)) => violation!(
+                "state machine safety: node {node} applied {entry:?} at {}, another node {seen:?}",
+                entry.index
+            ),
+        }
+    }
+
+    /// The entry applied at `index`, if any node applied it.
+    pub fn applied_entry(&self, index: Index) -> Option<&Entry> {
+        self.applied.get(&index).map(|(e, _)| e)
+    }
+
+    /// `node` installed a snapshot through `index` whose state machine
+    /// reached `digest`: it must be what applying the log gave.
+    pub fn snapshot(&self, node: NodeId, index: Index, digest: u64) -> Result<(), Violation> {
+        match self.applied.get(&index) {
+            Some((_, d)) if *d == digest => Ok(()),
+            Some(_) => violation!(
+                "state machine safety: node {node} installed a snapshot through {index} \
+                 that differs from the applied log"
+            ),
+            None => violation!(
+                "node {node} installed a snapshot through {index}, which no node applied"
+            ),
+        }
+    }
+
+    /// Log matching between two logs now: where they hold the same term at
+    /// an index, they hold the same entries up to it (as far as both still
+    /// hold entries).
+    pub fn logs_match(a: NodeId, la: &RaftLog, b: NodeId, lb: &RaftLog) -> Result<(), Violation> {
+        let lo = la.base().0.max(lb.base().0);
+        let mut hi = la.last_index().min(lb.last_index());
+        while hi > lo && la.term(hi) != lb.term(hi) {
+            hi -= 1;
+        }
+        if la.term(hi) != lb.term(hi) {
+            // No index where both hold the same term: nothing to compare.
+            return Ok(());
+        }
+        for i in (lo..=hi).rev() {
+            let differ = if i == lo {
+                la.term(i) != lb.term(i)
+            } else {
+                la.entry(i) != lb.entry(i)
+            };
+            if differ {
+                return violation!(
+                    "log matching: nodes {a} and {b} agree on term {:?} at {hi} but differ at \
+                     {i}: {:?} vs {:?}",
+                    la.term(hi),
+                    la.entry(i),
+                    lb.entry(i)
+                );
+            }
+        }
+        Ok(())
+    }
+}
