@@ -11,8 +11,12 @@
 //!   [`skiff_raft::Message`]s whose entry payloads decode as slices of the
 //!   receive buffer ([`encode_raft_frame`], [`decode_messages`]); and the
 //!   body of the [`FrameType::Hello`] frame that opens a connection.
+//! * [`transport`]: the [`Transport`] trait a node sends Raft messages
+//!   through and the [`Inbox`] it receives them from; [`TcpTransport`] (one
+//!   pipelined, coalescing connection per peer, reconnects with backoff) and
+//!   [`SimNetwork`] (a seeded simulated network for tests).
 //!
-//! Both modules' items are re-exported here.
+//! Their items are re-exported here.
 //!
 //! The TCP transport (one pipelined stream per peer, coalesced writes,
 //! reconnects) and snapshot streaming build on these.
@@ -29,6 +33,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod transport;
 
 pub use crate::codec::{
     decode_messages, encode_hello_frame, encode_raft_frame, message_encoded_len, raft_body_len,
@@ -37,6 +42,11 @@ pub use crate::codec::{
 pub use crate::frame::{
     Frame, FrameDecoder, FrameEncoder, FrameHeader, FrameType, DEFAULT_FRAME_BYTES_MAX,
     FRAME_FLAGS_KNOWN, FRAME_HEADER_LEN, FRAME_MAGIC, FRAME_VERSION,
+};
+pub use crate::transport::{
+    Inbox, SendError, ShutdownError, SimDelivery, SimFaults, SimNetConfig, SimNetwork, SimOutcome,
+    SimStats, SimTime, SimTransport, StartError, TcpConfig, TcpTransport, Transport,
+    TransportConfigError, TransportMetrics,
 };
 
 /// Bytes from a peer that are not a valid frame or frame body, or a frame

@@ -1,0 +1,299 @@
+//! The task of one peer: connect, handshake, then write everything queued
+//! for the peer, coalesced, until the connection breaks; then back off and
+//! reconnect.
+//!
+//! Pipelined: the writer never waits for a response, only for the socket
+//! to take its bytes. Whatever queued while a write was in progress goes
+//! into the next frame, so the busier the link, the fewer and larger the
+//! writes. While no connection is up `send` refuses messages, and what was
+//! queued when a connection broke is dropped (counted): Raft retransmits,
+//! and a backlog delivered late after an outage would be stale anyway.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::WriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, Instant};
+
+use super::conn::{check_hello, read_hello, write_hello, ConnError, End};
+use super::metrics::{add, inc};
+use super::tcp::{stopped, PeerSlot, Queued, Shared};
+use crate::codec::{encode_raft_frame, Channel, Hello, RAFT_BODY_PREFIX_LEN};
+use crate::frame::{FrameEncoder, FRAME_HEADER_LEN};
+
+/// A write buffer grown past this (by one large message) is released after
+/// the write rather than kept for the connection's life.
+const WRITE_BUF_KEEP_MAX: usize = 4 << 20;
+/// Bytes read at once from an outbound connection, where the peer should
+/// send nothing: only its close is expected.
+const PROBE_LEN: usize = 64;
+
+/// Runs peer `slot` until it is stopped (removed, or shutdown).
+pub(crate) async fn run_peer(
+    shared: Arc<Shared>,
+    slot: Arc<PeerSlot>,
+    mut queue: mpsc::Receiver<Queued>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = &shared.cfg;
+    let mut backoff = cfg.reconnect_backoff_min;
+    let mut failures: u64 = 0;
+    loop {
+        let attempt = tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            r = connect(&shared, &slot) => r,
+        };
+        match attempt {
+            Ok(stream) => {
+                inc(&shared.counters.connects);
+                tracing::info!(
+                    node = cfg.id,
+                    peer_id = slot.id,
+                    peer_addr = %slot.addr,
+                    failed_attempts = failures,
+                    "connected to peer"
+                );
+                backoff = cfg.reconnect_backoff_min;
+                failures = 0;
+                // A send that saw the last connection up just before it
+                // broke may have queued since the drain: stale, drop it.
+                let mut lost = drain(&mut queue);
+                slot.set_connected(true);
+                let end =
+                    write_loop(&shared, &slot, stream, &mut queue, &mut stop, &mut lost).await;
+                slot.set_connected(false);
+                lost += drain(&mut queue);
+                add(&shared.counters.messages_dropped_on_disconnect, lost as u64);
+                match end {
+                    Ok(End::Stopped) => break,
+                    Ok(end) => tracing::info!(
+                        node = cfg.id,
+                        peer_id = slot.id,
+                        peer_addr = %slot.addr,
+                        ?end,
+                        messages_dropped = lost,
+                        "connection to peer closed; reconnecting"
+                    ),
+                    Err(error) => {
+                        inc(&shared.counters.connections_closed_on_error);
+                        tracing::warn!(
+                            node = cfg.id,
+                            peer_id = slot.id,
+                            peer_addr = %slot.addr,
+                            %error,
+                            messages_dropped = lost,
+                            "connection to peer failed; reconnecting"
+                        );
+                    }
+                }
+            }
+            Err(error) => {
+                inc(&shared.counters.connect_failures);
+                // The first failure in a row is worth a warning; the rest
+                // of an outage only at debug level.
+                if failures == 0 {
+                    tracing::warn!(
+                        node = cfg.id,
+                        peer_id = slot.id,
+                        peer_addr = %slot.addr,
+                        %error,
+                        "cannot connect to peer; retrying with backoff"
+                    );
+                } else {
+                    tracing::debug!(
+                        node = cfg.id,
+                        peer_id = slot.id,
+                        peer_addr = %slot.addr,
+                        %error,
+                        failures,
+                        ?backoff,
+                        "cannot connect to peer"
+                    );
+                }
+                failures += 1;
+            }
+        }
+        // After a failure, and after a broken connection too: a peer that
+        // accepts and at once drops connections must not make this spin.
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            () = sleep(backoff) => {}
+        }
+        if failures > 0 {
+            backoff = backoff.saturating_mul(2).min(cfg.reconnect_backoff_max);
+        }
+    }
+    slot.set_connected(false);
+    drain(&mut queue);
+    tracing::debug!(node = cfg.id, peer_id = slot.id, "peer task stopped");
+}
+
+/// Opens a connection to the peer and exchanges Hellos, each step within
+/// its timeout.
+async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<TcpStream, ConnError> {
+    let cfg = &shared.cfg;
+    let mut stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(slot.addr))
+        .await
+        .map_err(|_| ConnError::Timeout {
+            what: "the TCP connect",
+            after: cfg.connect_timeout,
+        })??;
+    // Frames are coalesced here; Nagle would only add latency.
+    stream.set_nodelay(true)?;
+    let hello = Hello {
+        cluster_id: cfg.cluster_id,
+        from: cfg.id,
+        to: slot.id,
+        channel: Channel::Raft,
+    };
+    let mut buf = BytesMut::new();
+    let reply = tokio::time::timeout(cfg.handshake_timeout, async {
+        write_hello(&mut stream, &hello, &shared.counters).await?;
+        read_hello(&mut stream, &mut buf, &shared.counters).await
+    })
+    .await
+    .map_err(|_| ConnError::Timeout {
+        what: "the peer's Hello",
+        after: cfg.handshake_timeout,
+    })??;
+    check_hello(&reply, cfg.cluster_id, cfg.id, Some(slot.id))?;
+    if !buf.is_empty() {
+        return Err(ConnError::UnexpectedBytes);
+    }
+    Ok(stream)
+}
+
+/// Writes what `queue` holds to `stream` until the connection breaks or
+/// the peer is stopped. Messages taken from the queue but not written are
+/// added to `lost`.
+async fn write_loop(
+    shared: &Shared,
+    slot: &PeerSlot,
+    mut stream: TcpStream,
+    queue: &mut mpsc::Receiver<Queued>,
+    stop: &mut watch::Receiver<bool>,
+    lost: &mut usize,
+) -> Result<End, ConnError> {
+    let cfg = &shared.cfg;
+    let enc = FrameEncoder::new(cfg.frame_bytes_max);
+    let (mut rd, mut wr) = stream.split();
+    let mut buf = BytesMut::with_capacity(cfg.coalesce_bytes_max.min(WRITE_BUF_KEEP_MAX));
+    let mut batch = Vec::new();
+    // A message taken from the queue that did not fit in the last frame.
+    let mut carry: Option<Queued> = None;
+    let mut probe = [0u8; PROBE_LEN];
+    let keepalive = sleep(cfg.keepalive_interval);
+    tokio::pin!(keepalive);
+    loop {
+        let first = match carry.take() {
+            Some(q) => q,
+            None => tokio::select! {
+                biased;
+                () = stopped(stop) => return Ok(End::Stopped),
+                q = queue.recv() => match q {
+                    Some(q) => q,
+                    // The slot (holding the sender) outlives this task.
+                    None => return Ok(End::Stopped),
+                },
+                r = rd.read(&mut probe) => return match r {
+                    Ok(0) => Ok(End::PeerClosed),
+                    Ok(_) => Err(ConnError::UnexpectedBytes),
+                    Err(e) => Err(e.into()),
+                },
+                () = &mut keepalive => {
+                    buf.clear();
+                    let len = encode_raft_frame(&enc, &[], &mut buf)?;
+                    if let Some(end) = write_frame(shared, &mut wr, &buf, stop).await? {
+                        return Ok(end);
+                    }
+                    inc(&shared.counters.keepalives_sent);
+                    add(&shared.counters.bytes_sent, len as u64);
+                    keepalive.as_mut().reset(Instant::now() + cfg.keepalive_interval);
+                    continue;
+                }
+            },
+        };
+        // Everything queued, up to the byte bound; a message that would
+        // cross it starts the next frame (alone, if it is over the bound by
+        // itself: `send` checked that it fits a frame).
+        let mut body_len = RAFT_BODY_PREFIX_LEN + first.len;
+        batch.push(first.msg);
+        while body_len < cfg.coalesce_bytes_max {
+            match queue.try_recv() {
+                Ok(q) if body_len + q.len <= cfg.coalesce_bytes_max => {
+                    body_len += q.len;
+                    batch.push(q.msg);
+                }
+                Ok(q) => {
+                    carry = Some(q);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        buf.clear();
+        let encoded = encode_raft_frame(&enc, &batch, &mut buf);
+        let count = batch.len();
+        batch.clear();
+        let frame_len = match encoded {
+            Ok(len) => len,
+            Err(e) => {
+                *lost += count + usize::from(carry.is_some());
+                return Err(e.into());
+            }
+        };
+        debug_assert_eq!(frame_len, FRAME_HEADER_LEN + body_len);
+        match write_frame(shared, &mut wr, &buf, stop).await {
+            Ok(None) => {}
+            Ok(Some(end)) => return Ok(end),
+            Err(e) => {
+                *lost += count + usize::from(carry.is_some());
+                return Err(e);
+            }
+        }
+        add(&shared.counters.messages_sent, count as u64);
+        inc(&shared.counters.frames_sent);
+        add(&shared.counters.bytes_sent, frame_len as u64);
+        tracing::trace!(peer_id = slot.id, count, frame_len, "frame written");
+        keepalive
+            .as_mut()
+            .reset(Instant::now() + cfg.keepalive_interval);
+        if buf.capacity() > WRITE_BUF_KEEP_MAX {
+            buf = BytesMut::with_capacity(cfg.coalesce_bytes_max.min(WRITE_BUF_KEEP_MAX));
+        }
+    }
+}
+
+/// Writes one frame within `write_timeout`; `Some(End::Stopped)` if the
+/// peer was stopped meanwhile.
+async fn write_frame(
+    shared: &Shared,
+    wr: &mut WriteHalf<'_>,
+    frame: &[u8],
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<End>, ConnError> {
+    let after = shared.cfg.write_timeout;
+    tokio::select! {
+        biased;
+        () = stopped(stop) => Ok(Some(End::Stopped)),
+        r = tokio::time::timeout(after, wr.write_all(frame)) => match r {
+            Ok(Ok(())) => Ok(None),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ConnError::Timeout { what: "a frame to be written", after }),
+        },
+    }
+}
+
+/// Empties the queue; returns how many messages were in it.
+fn drain(queue: &mut mpsc::Receiver<Queued>) -> usize {
+    let mut n = 0;
+    while queue.try_recv().is_ok() {
+        n += 1;
+    }
+    n
+}
