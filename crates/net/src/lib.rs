@@ -15,6 +15,10 @@
 //!   through and the [`Inbox`] it receives them from; [`TcpTransport`] (one
 //!   pipelined, coalescing connection per peer, reconnects with backoff) and
 //!   [`SimNetwork`] (a seeded simulated network for tests).
+//! * [`snapshot`]: snapshot streaming — the bodies of the snapshot frames,
+//!   the [`SnapshotServer`] that serves chunks of snapshot files, and
+//!   [`fetch_snapshot`], which pulls one over parallel connections into a
+//!   verified, durable file.
 //!
 //! Their items are re-exported here.
 //!
@@ -33,6 +37,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod snapshot;
 pub mod transport;
 
 pub use crate::codec::{
@@ -42,6 +47,11 @@ pub use crate::codec::{
 pub use crate::frame::{
     Frame, FrameDecoder, FrameEncoder, FrameHeader, FrameType, DEFAULT_FRAME_BYTES_MAX,
     FRAME_FLAGS_KNOWN, FRAME_HEADER_LEN, FRAME_MAGIC, FRAME_VERSION,
+};
+pub use crate::snapshot::{
+    fetch_snapshot, FetchOptions, FetchStats, Fetched, Refusal, ServerFaults, ServerOptions,
+    ServerStats, SnapshotError, SnapshotFiles, SnapshotMeta, SnapshotProvider, SnapshotServer,
+    DEFAULT_CHUNK_BYTES,
 };
 pub use crate::transport::{
     Inbox, SendError, ShutdownError, SimDelivery, SimFaults, SimNetConfig, SimNetwork, SimOutcome,
