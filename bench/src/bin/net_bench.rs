@@ -1,0 +1,316 @@
+//! `net-bench`: AppendEntries throughput over loopback through skiff-net's
+//! TCP transport, for 128-byte and 4-KiB entries, against the raw ceiling of
+//! the same bytes (the same encoded frames) through a plain socket in the
+//! same run; then snapshot transfer with 1 and with N parallel chunk streams.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use clap::Parser;
+use skiff_bench::fmt_rate;
+use skiff_net::{encode_raft_frame, FrameEncoder, SendError, TcpConfig, TcpTransport, Transport};
+use skiff_raft::{Entry, Message, MessageBody, Payload};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Loopback throughput of skiff-net against a raw TCP ceiling"
+)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 4.0)]
+    duration: f64,
+    /// Short run (well under 20 s).
+    #[arg(long)]
+    quick: bool,
+    /// Entries per AppendEntries message.
+    #[arg(long, default_value_t = 64)]
+    entries_per_message: usize,
+    /// Snapshot size in MiB.
+    #[arg(long, default_value_t = 256)]
+    snapshot_mib: u64,
+    /// Parallel chunk streams for the parallel snapshot run.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Where snapshot files go (a temporary directory is made inside).
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+}
+
+/// One measured AppendEntries run.
+struct Rate {
+    payload_bytes_per_s: f64,
+    entries_per_s: f64,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("net-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let secs = if args.quick { 2.0 } else { args.duration };
+    let d = Duration::from_secs_f64(secs);
+    let mut ratio_128 = 0.0;
+    let mut ae_128 = 0.0;
+    for size in [128usize, 4096] {
+        let batch = append_batch(size, args.entries_per_message);
+        let ae = transport_run(&batch, d).await?;
+        let raw = raw_run(&batch, d).await?;
+        let ratio = ae.payload_bytes_per_s / raw.payload_bytes_per_s;
+        println!(
+            "AppendEntries {size:>5} B entries: {} entries/s, {:.1} MB/s | raw TCP, same frames: {:.1} MB/s | ratio {:.3}",
+            fmt_rate(ae.entries_per_s),
+            ae.payload_bytes_per_s / 1e6,
+            raw.payload_bytes_per_s / 1e6,
+            ratio
+        );
+        if size == 128 {
+            ratio_128 = ratio;
+            ae_128 = ae.payload_bytes_per_s / 1e6;
+        }
+    }
+    let snapshot_mb_per_s = snapshot_runs(&args).await?;
+    println!(
+        "RESULT ae_mb_per_s={:.1} ratio_to_raw={:.3} snapshot_mb_per_s={:.1}",
+        ae_128, ratio_128, snapshot_mb_per_s
+    );
+    Ok(())
+}
+
+/// `n` entries of `size` bytes, as the messages of one AppendEntries.
+fn append_batch(size: usize, n: usize) -> Vec<Entry> {
+    let payload = Bytes::from(vec![0x42u8; size]);
+    (0..n as u64)
+        .map(|i| Entry {
+            index: i + 1,
+            term: 1,
+            payload: Payload::Normal(payload.clone()),
+        })
+        .collect()
+}
+
+fn append(entries: &[Entry], prev_index: u64) -> Message {
+    let mut entries = entries.to_vec();
+    for (i, e) in entries.iter_mut().enumerate() {
+        e.index = prev_index + 1 + i as u64;
+    }
+    Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::Append {
+            prev_index,
+            prev_term: 1,
+            entries,
+            commit: prev_index,
+        },
+    }
+}
+
+fn payload_bytes(m: &Message) -> (u64, u64) {
+    match &m.body {
+        MessageBody::Append { entries, .. } => (
+            entries.len() as u64,
+            entries.iter().map(|e| e.payload.size() as u64).sum(),
+        ),
+        _ => (0, 0),
+    }
+}
+
+async fn transport_run(batch: &[Entry], d: Duration) -> Result<Rate, Box<dyn std::error::Error>> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let (receiver, mut inbox) = TcpTransport::start(TcpConfig::new(7, 2, any)).await?;
+    let (sender, _sender_inbox) =
+        TcpTransport::start(TcpConfig::new(7, 1, any).with_peer(2, receiver.local_addr())).await?;
+    if !sender.wait_connected(2, Duration::from_secs(10)).await {
+        return Err("the sender did not connect within 10 s".into());
+    }
+    let stop = Instant::now() + d;
+    let counter = tokio::spawn(async move {
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        let mut buf = Vec::with_capacity(1024);
+        let start = Instant::now();
+        loop {
+            buf.clear();
+            let got =
+                tokio::time::timeout(Duration::from_millis(200), inbox.recv_many(&mut buf, 1024))
+                    .await;
+            match got {
+                Ok(0) => break,
+                Ok(_) => {
+                    for m in &buf {
+                        let (e, b) = payload_bytes(m);
+                        entries += e;
+                        bytes += b;
+                    }
+                }
+                Err(_) if Instant::now() >= stop => break,
+                Err(_) => {}
+            }
+            if Instant::now() >= stop {
+                break;
+            }
+        }
+        (entries, bytes, start.elapsed())
+    });
+    let mut prev = 0u64;
+    while Instant::now() < stop {
+        match sender.send(append(batch, prev)) {
+            Ok(()) => prev += batch.len() as u64,
+            Err(SendError::QueueFull { .. }) => tokio::task::yield_now().await,
+            Err(e) => return Err(format!("send failed: {e}").into()),
+        }
+    }
+    let (entries, bytes, elapsed) = counter.await?;
+    let _ = sender.shutdown(Duration::from_secs(5)).await;
+    let _ = receiver.shutdown(Duration::from_secs(5)).await;
+    let secs = elapsed.as_secs_f64();
+    Ok(Rate {
+        payload_bytes_per_s: bytes as f64 / secs,
+        entries_per_s: entries as f64 / secs,
+    })
+}
+
+/// The same frames (as the transport's writer would coalesce them, 1 MiB
+/// each) written through a plain socket to a reader that discards them.
+async fn raw_run(batch: &[Entry], d: Duration) -> Result<Rate, Box<dyn std::error::Error>> {
+    let enc = FrameEncoder::default();
+    let mut frame = BytesMut::new();
+    let mut msgs = Vec::new();
+    let mut prev = 0;
+    let (mut entries_per_frame, mut bytes_per_frame) = (0u64, 0u64);
+    while frame.is_empty() || skiff_net::raft_body_len(&msgs) < (1 << 20) {
+        let m = append(batch, prev);
+        prev += batch.len() as u64;
+        let (e, b) = payload_bytes(&m);
+        entries_per_frame += e;
+        bytes_per_frame += b;
+        msgs.push(m);
+        frame.clear();
+        encode_raft_frame(&enc, &msgs, &mut frame)?;
+    }
+    let frame = frame.freeze();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<u64, std::io::Error>(total);
+            }
+            total += n as u64;
+        }
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let start = Instant::now();
+    let mut frames = 0u64;
+    while start.elapsed() < d {
+        s.write_all(&frame).await?;
+        frames += 1;
+    }
+    s.shutdown().await?;
+    drop(s);
+    let total = reader.await??;
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(total, frames * frame.len() as u64, "reader got every byte");
+    Ok(Rate {
+        payload_bytes_per_s: (frames * bytes_per_frame) as f64 / secs,
+        entries_per_s: (frames * entries_per_frame) as f64 / secs,
+    })
+}
+
+/// Streams a snapshot file of `--snapshot-mib` over loopback with one
+/// stream, then with `--streams` parallel streams (a warm-up fetch first:
+/// on a VM the first writes into fresh memory are much slower). Returns
+/// the parallel run's MB/s, measured end to end (verified, fsynced and
+/// renamed into place).
+async fn snapshot_runs(args: &Args) -> Result<f64, Box<dyn std::error::Error>> {
+    use skiff_net::{
+        fetch_snapshot, Channel, FetchOptions, Hello, ServerOptions, SnapshotFiles, SnapshotMeta,
+        SnapshotServer,
+    };
+    use std::io::Write;
+    use std::sync::Arc;
+
+    let mib = if args.quick {
+        args.snapshot_mib.min(128)
+    } else {
+        args.snapshot_mib
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("net-bench-")
+        .tempdir_in(&args.dir)?;
+    let src = tmp.path().join("source.snap");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&src)?);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for w in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block)?;
+        }
+        f.flush()?;
+    }
+    let meta = SnapshotMeta::of_file(1, 1, &src)?;
+    let files = Arc::new(SnapshotFiles::new());
+    files.insert(src, meta);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server = SnapshotServer::serve(listener, files, ServerOptions::new(7, 1))?;
+    let hello = Hello {
+        cluster_id: 7,
+        from: 2,
+        to: 1,
+        channel: Channel::Snapshot,
+    };
+    let fetch = |streams: usize, n: usize| {
+        let opts = FetchOptions {
+            streams,
+            chunks_inflight_per_stream: 2,
+            ..FetchOptions::default()
+        };
+        let dest = tmp.path().join(format!("dest-{n}"));
+        let addr = server.local_addr();
+        async move {
+            std::fs::create_dir_all(&dest)?;
+            let started = Instant::now();
+            let fetched = fetch_snapshot(addr, hello, meta, &dest, &opts).await?;
+            let secs = started.elapsed().as_secs_f64();
+            std::fs::remove_dir_all(&dest)?;
+            Ok::<f64, Box<dyn std::error::Error>>(fetched.stats.bytes_received as f64 / secs / 1e6)
+        }
+    };
+    let warm = fetch(args.streams, 0).await?;
+    let one = fetch(1, 1).await?;
+    let many = fetch(args.streams, 2).await?;
+    println!(
+        "snapshot {mib} MiB, 1 MiB chunks, end to end (verified, fsynced): 1 stream {one:.0} MB/s, {} streams {many:.0} MB/s (warm-up {warm:.0} MB/s)",
+        args.streams
+    );
+    Ok(many)
+}
