@@ -703,14 +703,20 @@ impl Raft {
         }
     }
 
-    fn become_pre_candidate(&mut self) {
+    /// Common start of a pre-election and an election: no leader, a fresh
+    /// timeout, and our own vote counted.
+    fn start_campaign(&mut self, role: Role) {
         self.fail_reads();
-        self.role = Role::PreCandidate;
+        self.role = role;
         self.leader = None;
         self.progress.clear();
         self.reset_election_timeout();
         self.votes.clear();
         self.votes.insert(self.cfg.id, true);
+    }
+
+    fn become_pre_candidate(&mut self) {
+        self.start_campaign(Role::PreCandidate);
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
         for peer in self.voter_peers() {
             self.step_msgs.push((
@@ -736,15 +742,11 @@ impl Raft {
     /// `transfer`: asked by the leader (TimeoutNow), so voters that still
     /// hear it do not ignore us.
     fn become_candidate_now(&mut self, transfer: bool) {
+        // Reads fail under the old term (their refusals carry it).
         self.fail_reads();
-        self.role = Role::Candidate;
         self.term += 1;
         self.vote = self.cfg.id;
-        self.leader = None;
-        self.progress.clear();
-        self.reset_election_timeout();
-        self.votes.clear();
-        self.votes.insert(self.cfg.id, true);
+        self.start_campaign(Role::Candidate);
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
         for peer in self.voter_peers() {
             self.send(

@@ -44,6 +44,26 @@ pub struct Node {
     pub reads: Vec<(u64, Option<Index>)>,
 }
 
+impl Node {
+    /// A new node with an empty disk.
+    fn fresh(config: Config) -> Node {
+        Node {
+            raft: Raft::new(config.clone(), Restored::default(), 42).unwrap(),
+            unpersisted: VecDeque::new(),
+            held: Vec::new(),
+            durable_hs: HardState::default(),
+            durable_log: Vec::new(),
+            durable_base: (0, 0),
+            snapshot: None,
+            config,
+            snap_cmds: Vec::new(),
+            applied: Vec::new(),
+            auto_persist: true,
+            reads: Vec::new(),
+        }
+    }
+}
+
 pub struct Cluster {
     pub nodes: BTreeMap<NodeId, Node>,
     pub net: VecDeque<Message>,
@@ -74,23 +94,7 @@ impl Cluster {
         for id in 1..=n {
             let mut c = config(id, n);
             tweak(&mut c);
-            nodes.insert(
-                id,
-                Node {
-                    raft: Raft::new(c.clone(), Restored::default(), 42).unwrap(),
-                    unpersisted: VecDeque::new(),
-                    held: Vec::new(),
-                    durable_hs: HardState::default(),
-                    durable_log: Vec::new(),
-                    durable_base: (0, 0),
-                    snapshot: None,
-                    config: c.clone(),
-                    snap_cmds: Vec::new(),
-                    applied: Vec::new(),
-                    auto_persist: true,
-                    reads: Vec::new(),
-                },
-            );
+            nodes.insert(id, Node::fresh(c));
         }
         Cluster {
             nodes,
@@ -362,23 +366,7 @@ impl Cluster {
     pub fn add_node(&mut self, id: NodeId) {
         let mut c = config(id, 0);
         c.voters.clear();
-        self.nodes.insert(
-            id,
-            Node {
-                raft: Raft::new(c.clone(), Restored::default(), 42).unwrap(),
-                unpersisted: VecDeque::new(),
-                held: Vec::new(),
-                durable_hs: HardState::default(),
-                durable_log: Vec::new(),
-                durable_base: (0, 0),
-                snapshot: None,
-                config: c,
-                snap_cmds: Vec::new(),
-                applied: Vec::new(),
-                auto_persist: true,
-                reads: Vec::new(),
-            },
-        );
+        self.nodes.insert(id, Node::fresh(c));
     }
 
     /// Crashes `id` (losing unpersisted state) and restarts it from its
