@@ -305,8 +305,9 @@ impl Raft {
     /// the host is told it may compact its stored log.
     pub fn snapshot_taken(&mut self, index: Index) {
         if index > self.log.base().0 {
-            self.log.compact_to(index);
+            // Read before the entries that say it are dropped.
             self.base_membership = self.membership_at(index);
+            self.log.compact_to(index);
             self.step_reads.push(Action::Compact {
                 upto: index,
                 membership: self.base_membership.clone(),
@@ -882,7 +883,7 @@ impl Raft {
         }
         let (commit, round) = (self.log.commit(), self.read_round);
         for peer in self.peers().collect::<Vec<_>>() {
-            let m = self.progress[&peer].match_index;
+            let m = self.progress.get(&peer).map_or(0, |p| p.match_index);
             self.send(
                 peer,
                 MessageBody::Heartbeat {
@@ -1010,7 +1011,10 @@ impl Raft {
     /// messages as fit, in `Probe` one (even empty, to find the match).
     fn send_append(&mut self, peer: NodeId) {
         loop {
-            let pr = &self.progress[&peer];
+            // A membership change may have just removed the peer.
+            let Some(pr) = self.progress.get(&peer) else {
+                return;
+            };
             if !pr.can_send(self.cfg.inflight_max, self.cfg.inflight_bytes_max) {
                 return;
             }
@@ -1165,7 +1169,10 @@ impl Raft {
     /// lost its answer: ask with an empty AppendEntries at the snapshot's
     /// index (untracked; a refusal while the transfer runs is ignored).
     fn probe_snapshot(&mut self, peer: NodeId) {
-        let index = self.progress[&peer].next - 1;
+        let Some(pr) = self.progress.get(&peer) else {
+            return;
+        };
+        let index = pr.next - 1;
         if let Some(term) = self.log.term(index) {
             self.send(
                 peer,
@@ -1239,7 +1246,10 @@ impl Raft {
                 }
             }
             if self.transferee == Some(from)
-                && self.progress[&from].match_index == self.log.last_index()
+                && self
+                    .progress
+                    .get(&from)
+                    .is_some_and(|p| p.match_index == self.log.last_index())
             {
                 self.send(from, MessageBody::TimeoutNow, false);
             }
