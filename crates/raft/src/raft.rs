@@ -215,7 +215,7 @@ impl Raft {
                 self.check_quorum_active();
             }
         } else if self.election_elapsed >= self.election_timeout {
-            if self.membership.is_voter(self.cfg.id) {
+            if self.can_campaign() {
                 self.campaign();
             } else {
                 self.reset_election_timeout();
@@ -303,10 +303,22 @@ impl Raft {
     /// The host took a durable snapshot of the state machine through
     /// `index` (at most what it applied): entries up to it leave memory and
     /// the host is told it may compact its stored log.
+    ///
+    /// The membership in force at `index` goes with the snapshot. A node
+    /// that joined knowing no membership (no voters configured) learns it
+    /// from the first membership entry or snapshot the leader sends; until
+    /// its log holds one at or below `index`, the membership there is
+    /// unknown to it and the log is not compacted (no `Compact`): the host
+    /// keeps its stored log and may snapshot again later.
     pub fn snapshot_taken(&mut self, index: Index) {
         if index > self.log.base().0 {
             // Read before the entries that say it are dropped.
-            self.base_membership = self.membership_at(index);
+            let membership = self.membership_at(index);
+            if membership.voters.is_empty() {
+                self.finish_step();
+                return;
+            }
+            self.base_membership = membership;
             self.log.compact_to(index);
             self.step_reads.push(Action::Compact {
                 upto: index,
@@ -479,10 +491,7 @@ impl Raft {
             }
             Role::Candidate => {
                 assert_eq!(self.vote, self.cfg.id, "a candidate voted for itself");
-                assert!(
-                    self.membership.is_voter(self.cfg.id),
-                    "only voters campaign"
-                );
+                assert!(self.can_campaign(), "only voters campaign");
             }
             Role::Follower | Role::PreCandidate => {
                 assert!(self.progress.is_empty(), "only a leader tracks progress")
@@ -620,7 +629,12 @@ impl Raft {
                 self.on_install_snapshot(msg.from, index, snapshot_term, membership, data);
             }
             MessageBody::TimeoutNow => {
-                if self.role == Role::Follower && self.leader == Some(msg.from) {
+                // A transfer to a node the membership no longer lets
+                // campaign (demoted since it was asked) is void.
+                if self.role == Role::Follower
+                    && self.leader == Some(msg.from)
+                    && self.can_campaign()
+                {
                     self.become_candidate_now(true);
                 }
             }
@@ -639,9 +653,11 @@ impl Raft {
                         return;
                     };
                     pr.recent_active = true;
-                    pr.heartbeat_answered();
+                    pr.heartbeat_answered(round);
                     if pr.state == ProgressState::Snapshot {
-                        self.probe_snapshot(msg.from);
+                        if pr.snapshot_probe_due(round) {
+                            self.probe_snapshot(msg.from);
+                        }
                     } else if pr.match_index < self.log.last_index() {
                         self.send_append(msg.from);
                     }
@@ -687,6 +703,21 @@ impl Raft {
         self.cfg.check_quorum
             && (self.fresh_start || self.leader.is_some_and(|l| l != self.cfg.id))
             && self.election_elapsed < self.cfg.election_ticks_min
+    }
+
+    /// Whether this node may start an election: it votes in its latest
+    /// configuration, or that configuration is not known to be committed
+    /// and it votes in the one before it. A leader appends a change only
+    /// once the previous one committed, so until the latest commits the
+    /// one before may still be the cluster's, and this node may be needed
+    /// for its quorum (a removed voter that alone holds the change, say).
+    /// Votes are still counted in the latest configuration.
+    pub fn can_campaign(&self) -> bool {
+        self.membership.is_voter(self.cfg.id)
+            || (self.membership_index > self.log.commit()
+                && self
+                    .membership_at(self.membership_index - 1)
+                    .is_voter(self.cfg.id))
     }
 
     fn reset_election_timeout(&mut self) {
@@ -1029,7 +1060,7 @@ impl Raft {
                 self.progress
                     .get_mut(&peer)
                     .expect("peer has progress")
-                    .snapshot_sent(base);
+                    .snapshot_sent(base, self.read_round);
                 self.step_reads.push(Action::SendSnapshot {
                     to: peer,
                     index: base,
@@ -1046,7 +1077,7 @@ impl Raft {
             self.progress
                 .get_mut(&peer)
                 .expect("peer has progress")
-                .sent(last, bytes);
+                .sent(last, bytes, self.read_round);
             self.send(
                 peer,
                 MessageBody::Append {
@@ -1260,7 +1291,20 @@ impl Raft {
             return;
         };
         let stale = match pr.state {
-            ProgressState::Replicate => hint.rejected < pr.match_index,
+            // Below the match: answers an older message. "Too short" for a
+            // message inside the window: the follower holds everything up
+            // to the match (durably, in this term), and the window's
+            // earlier messages fill the gap unless they were lost (or the
+            // follower lost their unacknowledged entries in a crash) — the
+            // heartbeat stall check or `unreachable` probes again then.
+            // Under a transport that reorders, rewinding here would resend
+            // the whole window on every reordering.
+            ProgressState::Replicate => {
+                hint.rejected < pr.match_index
+                    || (hint.conflict_term.is_none()
+                        && hint.rejected < pr.next
+                        && hint.conflict_index > pr.match_index)
+            }
             ProgressState::Probe => hint.rejected + 1 != pr.next,
             ProgressState::Snapshot => true,
         };
@@ -1409,6 +1453,14 @@ impl Raft {
     fn sync_progress(&mut self) {
         if self.role != Role::Leader {
             return;
+        }
+        if self
+            .transferee
+            .is_some_and(|t| !self.membership.is_voter(t))
+        {
+            // The target was demoted (leaving a joint configuration, a
+            // truncated change): it may not campaign, lead on.
+            self.transferee = None;
         }
         let members: BTreeSet<NodeId> = self.peers().collect();
         self.progress.retain(|id, _| members.contains(id));

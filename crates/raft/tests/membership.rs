@@ -210,3 +210,194 @@ fn snapshot_carries_the_membership() {
     assert_eq!(c.raft(4).membership().learners, set(&[4]));
     assert_eq!(c.applied_cmds(4).len(), 10);
 }
+
+/// Leaves a joint configuration with its leave entry delivered to `only`:
+/// proposes `Joint { voters, learners }` on leader 1, lets it commit, and
+/// cuts the leader's links to every other node the moment it appends the
+/// entry that leaves the joint configuration (so only `only` receives it).
+fn leave_joint_seen_only_by(c: &mut Cluster, voters: &[u64], learners: &[u64], only: u64) {
+    change(
+        c,
+        1,
+        MembershipChange::Joint {
+            voters: set(voters),
+            learners: set(learners),
+        },
+    )
+    .unwrap();
+    while c.raft(1).membership().is_joint() {
+        assert!(c.deliver_one(), "the joint configuration never committed");
+    }
+
+    let others: Vec<u64> = c.nodes.keys().copied().filter(|&id| id != 1).collect();
+    for id in others {
+        if id != only {
+            c.cut.insert((1, id));
+        }
+    }
+    c.deliver_all();
+}
+
+/// A node demoted by the latest, still uncommitted, configuration is a
+/// voter of the one before, and may be the only node that can be elected:
+/// here {1,2,3} -> joint -> {1,2,4} with 3 a learner, the entry leaving the
+/// joint configuration reached only 3, and the leader died. 2 and 4 need
+/// 3's vote (in the joint configuration), and 3 refuses them (its log is
+/// longer): 3 must campaign, and win in {1,2,4}.
+#[test]
+fn node_excluded_by_an_uncommitted_change_still_campaigns() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    c.add_node(4);
+    leave_joint_seen_only_by(&mut c, &[1, 2, 4], &[3], 3);
+    let m3 = c.raft(3).membership().clone();
+    assert_eq!(m3.voters, set(&[1, 2, 4]));
+    assert!(!m3.is_joint() && m3.learners == set(&[3]));
+    let leave = c.raft(3).last_index();
+    assert!(c.raft(3).commit() < leave, "uncommitted at 3");
+    assert!(c.raft(3).can_campaign(), "3 votes in the joint config");
+    assert!(c.raft(2).membership().is_joint());
+    // The leader dies.
+    c.isolate(1);
+    let mut leaders = Vec::new();
+    'outer: for _ in 0..200 {
+        for id in [2, 3, 4] {
+            c.tick(id);
+        }
+        loop {
+            for id in [2, 3, 4] {
+                if c.raft(id).role() == Role::Leader && leaders.last() != Some(&id) {
+                    leaders.push(id);
+                }
+            }
+            if [2, 4].iter().any(|&id| c.raft(id).role() == Role::Leader) {
+                break 'outer;
+            }
+            if !c.deliver_one() {
+                break;
+            }
+        }
+    }
+    assert_eq!(leaders.first(), Some(&3), "3 is elected first: {leaders:?}");
+    // 3 commits the change that removes it, steps down, never campaigns
+    // again; 2 or 4 takes over in {1,2,4}.
+    let leader = *leaders.last().unwrap();
+    assert!(leader == 2 || leader == 4, "{leaders:?}");
+    assert_eq!(*c.raft(leader).membership(), m3);
+    assert!(!c.raft(3).can_campaign());
+    c.propose(leader, &["after"]);
+    c.tick_all(3);
+    assert!(c.raft(leader).commit() > leave);
+    assert_eq!(c.applied_cmds(4).last(), Some(&cmd("after")));
+}
+
+/// A transfer to a node that stops being a voter is cancelled: here the
+/// target is an outgoing voter of a joint configuration that the leader
+/// leaves while the transfer waits for it to catch up. A TimeoutNow that
+/// reaches a node that may not campaign is ignored.
+#[test]
+fn transfer_to_a_demoted_voter_is_cancelled_and_timeout_now_ignored() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    c.add_node(4);
+    // 3 lags: the transfer waits for it.
+    c.cut.insert((1, 3));
+    change(
+        &mut c,
+        1,
+        MembershipChange::Joint {
+            voters: set(&[1, 2, 4]),
+            learners: set(&[3]),
+        },
+    )
+    .unwrap();
+    c.nodes
+        .get_mut(&1)
+        .unwrap()
+        .raft
+        .transfer_leadership(3)
+        .unwrap();
+    c.drain(1);
+    assert_eq!(c.raft(1).transferee(), Some(3));
+    // The joint configuration commits (1, 2 and 4) and the leader leaves
+    // it: 3 is a learner now.
+    c.deliver_all();
+    c.tick_all(2);
+    let m = c.raft(1).membership().clone();
+    assert!(!m.is_joint() && !m.is_voter(3), "{m:?}");
+    assert_eq!(c.raft(1).transferee(), None);
+    c.propose(1, &["not transferring"]);
+    // 3 catches up; a TimeoutNow (say, sent before the demotion) changes
+    // nothing there.
+    c.heal();
+    c.tick_all(4);
+    assert_eq!(*c.raft(3).membership(), m);
+    assert!(!c.raft(3).can_campaign());
+    let term = c.raft(3).term();
+    let node = c.nodes.get_mut(&3).unwrap();
+    node.raft.step(skiff_raft::Message {
+        from: 1,
+        to: 3,
+        term,
+        body: skiff_raft::MessageBody::TimeoutNow,
+    });
+    assert_eq!(node.raft.role(), Role::Follower);
+    assert_eq!(node.raft.term(), term);
+    assert!(node.raft.take_actions().is_empty());
+    assert_eq!(c.raft(1).role(), Role::Leader);
+}
+
+/// A node that joined knowing no membership learns it from the log; a
+/// snapshot through entries it received before any membership entry has
+/// no known membership, so the log is not compacted there (a restart from
+/// such a snapshot would have no voters). Past the membership entry it is.
+#[test]
+fn joining_node_compacts_only_where_it_knows_the_membership() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.batch_bytes_max = 1);
+    c.elect(1);
+    c.propose(1, &["a", "b", "c", "d"]);
+    c.deliver_all();
+    c.tick_all(2);
+    c.add_node(4);
+    let index = change(&mut c, 1, MembershipChange::AddLearner(4)).unwrap();
+    // One entry per message: 4 applies entries before the change's.
+    let mut before_change = None;
+    for _ in 0..10_000 {
+        if !c.deliver_one() {
+            c.tick_all(1);
+        }
+        let r = c.raft(4);
+        let applied = r.log().applied();
+        if before_change.is_none() && applied > 0 && applied < index {
+            before_change = Some(applied);
+            assert!(r.membership().voters.is_empty());
+            c.take_snapshot(4);
+            assert_eq!(c.raft(4).log().base().0, 0, "not compacted");
+            assert_eq!(c.nodes[&4].durable_base.0, 0);
+        }
+        if c.raft(4).log().applied() >= index {
+            break;
+        }
+    }
+    assert!(
+        before_change.is_some(),
+        "4 applied nothing before the change"
+    );
+    assert!(c.raft(4).log().applied() >= index);
+    // Past the change: compacted, with the membership in force there.
+    c.take_snapshot(4);
+    let applied = c.raft(4).log().applied();
+    assert_eq!(c.raft(4).log().base().0, applied);
+    let node = &c.nodes[&4];
+    assert_eq!(node.durable_base.0, applied);
+    assert_eq!(node.snapshot.as_ref().unwrap().2.learners, set(&[4]));
+    c.restart(4);
+    assert_eq!(c.raft(4).membership().learners, set(&[4]));
+    assert_eq!(
+        c.raft(4).membership().voters,
+        set(&[1, 2, 3]),
+        "restarted from the compacted snapshot"
+    );
+}

@@ -1,10 +1,12 @@
 //! The deterministic cluster simulation over many seeds, and proof that its
 //! checks can fail.
 //!
-//! `SKIFF_SEEDS=<n>` runs seeds `0..n` (default 1000), `SKIFF_SEED=<s>` runs
-//! one seed and prints the last `SKIFF_TRACE` events (default 400) of a
-//! failure; `SKIFF_STEPS=<n>` lengthens or shortens each run. A failure
-//! prints the seed and how to replay it.
+//! `SKIFF_SEEDS=<n>` runs `n` seeds (default 1000) from `SKIFF_FIRST`
+//! (default 0); `SKIFF_SEED=<s>` runs one seed and prints the last
+//! `SKIFF_TRACE` events (default 400) of a failure; `SKIFF_STEPS=<n>`
+//! lengthens or shortens each run; `SKIFF_MEMBERSHIP=0` keeps the voters'
+//! membership fixed (no spares, no changes). A failure prints the seed and
+//! how to replay it.
 
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use skiff_raft::testing::linearizability::{Input, Operation, Output, Verdict};
 use skiff_raft::testing::sim::{self, Command, Kv, Safety, SimConfig};
-use skiff_raft::{Entry, Payload, RaftLog};
+use skiff_raft::{Entry, Membership, Payload, RaftLog};
 
 const SEEDS_DEFAULT: u64 = 1000;
 
@@ -30,17 +32,25 @@ fn simulation() {
     let one = env_u64("SKIFF_SEED");
     let seeds: Vec<u64> = match one {
         Some(s) => vec![s],
-        None => (0..env_u64("SKIFF_SEEDS").unwrap_or(SEEDS_DEFAULT)).collect(),
+        None => {
+            let first = env_u64("SKIFF_FIRST").unwrap_or(0);
+            (first..first + env_u64("SKIFF_SEEDS").unwrap_or(SEEDS_DEFAULT)).collect()
+        }
     };
     let started = Instant::now();
     let (mut checked, mut unknown, mut violations, mut stuck) = (0u64, 0u64, 0u64, 0u64);
     let (mut ops_ok, mut ops_unknown, mut leaders, mut crashes, mut snaps) = (0, 0, 0, 0, 0);
+    let (mut proposed, mut accepted, mut reshaped) = (0, 0, 0);
     let mut failures = Vec::new();
     for &seed in &seeds {
         let mut cfg = SimConfig::new(seed);
         let steps = env_u64("SKIFF_STEPS");
         if let Some(steps) = steps {
             cfg.steps = steps;
+        }
+        if env_u64("SKIFF_MEMBERSHIP") == Some(0) {
+            cfg.membership = false;
+            cfg.spares = 0;
         }
         if one.is_some() {
             cfg.trace_lines = env_u64("SKIFF_TRACE").unwrap_or(400) as usize;
@@ -51,6 +61,12 @@ fn simulation() {
         leaders += report.leaders;
         crashes += report.crashes;
         snaps += report.snapshots_installed;
+        proposed += report.changes_proposed;
+        accepted += report.changes_accepted;
+        reshaped += u64::from(
+            report.verdict.is_some()
+                && (report.final_voters as u64 != report.nodes || report.final_learners > 0),
+        );
         match &report.verdict {
             Some(Verdict::Unknown { .. }) => {
                 checked += 1;
@@ -61,9 +77,12 @@ fn simulation() {
         }
         if one.is_some() {
             println!(
-                "seed {seed}: {} nodes, {} steps, {} ops answered, {} unknown, {} leaders, \
-                 {} crashes, {} partitions, {} snapshots installed, verdict {:?}, hash {:016x}",
+                "seed {seed}: {} nodes + {} spares, {} steps, {} ops answered, {} unknown, \
+                 {} leaders, {} crashes, {} partitions, {} snapshots installed, {} of {} \
+                 membership changes accepted, final {} voters {} learners, verdict {:?}, \
+                 hash {:016x}",
                 report.nodes,
+                report.spares,
                 report.steps,
                 report.ops_ok,
                 report.ops_unknown,
@@ -71,6 +90,10 @@ fn simulation() {
                 report.crashes,
                 report.partitions,
                 report.snapshots_installed,
+                report.changes_accepted,
+                report.changes_proposed,
+                report.final_voters,
+                report.final_learners,
                 report.verdict.as_ref().map(|v| v.is_linearizable()),
                 report.trace_hash
             );
@@ -94,7 +117,8 @@ fn simulation() {
     println!(
         "  ({stuck} of the violations did not settle; {unknown} checks out of budget; \
          {ops_ok} ops answered, {ops_unknown} unknown, {leaders} leaders, {crashes} crashes, \
-         {snaps} snapshots installed; {:.1?})",
+         {snaps} snapshots installed, {accepted} of {proposed} membership changes accepted, \
+         {reshaped} runs settled in another membership; {:.1?})",
         started.elapsed()
     );
     assert!(
@@ -199,6 +223,93 @@ fn log_matching_check_fails_on_forged_logs() {
     Safety::logs_match(1, &a, 3, &c).unwrap();
     let d = RaftLog::restore(0, 0, vec![entry(1, 2, "q"), entry(2, 2, "w")], 0);
     assert!(Safety::logs_match(3, &c, 4, &d).is_err());
+}
+
+#[test]
+fn election_check_fails_on_a_double_vote_or_a_leader_without_a_quorum() {
+    let mut s = Safety::new();
+    s.voted(2, 5, 1).unwrap();
+    s.voted(2, 5, 1).unwrap();
+    let err = s.voted(2, 5, 3).unwrap_err();
+    assert!(err.0.contains("voted for 1 and for 3"), "{err}");
+    s.voted(3, 5, 1).unwrap();
+    // 1 with the votes of 2 and 3 leads {1, 2, 3}; not {1, 4, 5}; nor
+    // joint {1, 2, 3} -> {4, 5, 6}.
+    let m = |v: &[u64], o: &[u64]| Membership {
+        voters: v.iter().copied().collect(),
+        outgoing: o.iter().copied().collect(),
+        learners: Default::default(),
+    };
+    s.elected(1, 5, &m(&[1, 2, 3], &[])).unwrap();
+    s.elected(1, 5, &m(&[1, 2, 3, 4, 5], &[])).unwrap();
+    s.elected(1, 5, &m(&[1, 4, 5], &[])).unwrap_err();
+    s.elected(1, 5, &m(&[2, 3, 4], &[1, 2, 3])).unwrap();
+    let err = s.elected(1, 5, &m(&[4, 5, 6], &[1, 2, 3])).unwrap_err();
+    assert!(err.0.contains("election safety"), "{err}");
+    // A leader outside its membership does not count its own vote.
+    s.elected(1, 5, &m(&[2, 4, 5], &[])).unwrap_err();
+    s.elected(1, 5, &m(&[2, 3], &[])).unwrap();
+}
+
+#[test]
+fn membership_check_fails_on_two_voters_changed_at_once() {
+    let m = |v: &[u64], o: &[u64], l: &[u64]| Membership {
+        voters: v.iter().copied().collect(),
+        outgoing: o.iter().copied().collect(),
+        learners: l.iter().copied().collect(),
+    };
+    let change = |index, m: Membership| Entry {
+        index,
+        term: 1,
+        payload: Payload::Membership(m),
+    };
+    let mut s = Safety::with_initial_membership(m(&[1, 2, 3], &[], &[]));
+    s.committed(1, 1, &change(2, m(&[1, 2, 3], &[], &[4, 5])))
+        .unwrap();
+    s.committed(1, 1, &change(3, m(&[1, 2, 3, 4], &[], &[5])))
+        .unwrap();
+    s.committed(1, 1, &change(5, m(&[4, 5], &[1, 2, 3, 4], &[1])))
+        .unwrap();
+    s.committed(1, 1, &change(6, m(&[4, 5], &[], &[1])))
+        .unwrap();
+    assert_eq!(s.committed_membership(1), Some(&m(&[1, 2, 3], &[], &[])));
+    assert_eq!(
+        s.committed_membership(4),
+        Some(&m(&[1, 2, 3, 4], &[], &[5]))
+    );
+    let err = s
+        .committed(1, 1, &change(8, m(&[5, 6, 7], &[], &[])))
+        .unwrap_err();
+    assert!(err.0.contains("membership safety"), "{err}");
+    // Leaving a joint configuration for other voters than its incoming ones.
+    let mut s = Safety::with_initial_membership(m(&[1, 2, 3], &[], &[]));
+    s.committed(1, 1, &change(2, m(&[3, 4], &[1, 2, 3], &[])))
+        .unwrap();
+    assert!(s.committed(1, 1, &change(3, m(&[4], &[], &[]))).is_err());
+    // Found out of order: checked against the one after it too.
+    let mut s = Safety::with_initial_membership(m(&[1, 2, 3], &[], &[]));
+    s.committed(1, 1, &change(9, m(&[1, 2], &[], &[]))).unwrap();
+    assert!(s
+        .committed(1, 1, &change(4, m(&[1, 2, 3, 4], &[], &[])))
+        .is_err());
+}
+
+/// Membership changes happen: some are accepted, and some runs settle in
+/// another membership than they started in.
+#[test]
+fn membership_changes_reshape_the_cluster() {
+    let (mut accepted, mut reshaped) = (0, 0);
+    for seed in 0..12 {
+        let r = sim::run(&SimConfig::new(seed));
+        assert!(!r.failed(), "{}", r.describe());
+        accepted += r.changes_accepted;
+        reshaped += usize::from(r.final_voters as u64 != r.nodes || r.final_learners > 0);
+    }
+    assert!(accepted > 20, "only {accepted} changes accepted");
+    assert!(
+        reshaped > 2,
+        "only {reshaped} runs settled in another membership"
+    );
 }
 
 #[test]

@@ -22,17 +22,20 @@
 //!    later from its disk), a symmetric partition, a one-way cut, a node
 //!    (the leader) that hears nobody, sometimes while it hands leadership
 //!    away, a leader isolated, a leadership transfer; partitions heal
-//!    later. Messages are dropped and duplicated at random; a drop is
-//!    sometimes reported with [`Raft::unreachable`] (a lost snapshot
-//!    always: its transfer is a stream whose sender sees it fail).
+//!    later. Or a membership change (see below). Messages are dropped and
+//!    duplicated at random; a drop is sometimes reported with
+//!    [`Raft::unreachable`] (a lost snapshot always: its transfer is a
+//!    stream whose sender sees it fail).
 //!    Messages sent with `after_persist` wait on their node until that
 //!    persist completed, and die with it on a crash.
 //! 2. *Settling*: everything heals and restarts, faults stop, clients
-//!    call no more; the cluster must settle (one leader, every node caught
-//!    up and applied) within [`SimConfig::settle_steps_max`] steps.
-//! 3. *Final checks*: every acknowledged command is in the log every node
-//!    applied, the nodes' state machines agree, and the history is
-//!    linearizable.
+//!    call no more; the cluster must settle (one leader in a committed,
+//!    non-joint membership, every member caught up and applied) within
+//!    [`SimConfig::settle_steps_max`] steps. Nodes outside the final
+//!    membership are exempt.
+//! 3. *Final checks*: every acknowledged command is in the log the leader
+//!    applied, the members' state machines and memberships agree, and the
+//!    history is linearizable.
 //!
 //! After every step: election safety, log matching, leader completeness,
 //! state machine safety (see [`Safety`]), that each node's log is what its
@@ -40,6 +43,30 @@
 //! handed out is checked against the highest commit index reached before
 //! the read was asked for (a lower one could miss an acknowledged write,
 //! whether or not a client happened to look).
+//!
+//! # Membership
+//!
+//! The cluster starts with [`SimConfig::nodes`] voters and
+//! [`SimConfig::spares`] more nodes that run from the start knowing no
+//! membership (a joining node's `Config` has no voters). During the faulty
+//! phase the node the simulation believes leads is asked for random
+//! changes (`AddLearner`, `AddVoter`, `Remove`, `Joint`), valid or not:
+//! each answer is checked against what the contract says it must be (the
+//! refusals that apply, or exactly the new membership), and
+//! `NotLeader`/`LeaderNotReady`/`ChangePending`/`Transferring` are normal.
+//! Removed nodes keep running (a removed node that missed its removal may
+//! disrupt the others), or are stopped once their removal committed, and
+//! start again from their disk if added back.
+//!
+//! The checks that depend on the membership use the one in force: a node
+//! elected leader holds durable votes from a quorum of its configuration
+//! (each configuration while joint), and no node votes twice in a term;
+//! each node's membership is the latest in the log its persists
+//! described, or the one kept with its snapshot; the membership kept with
+//! a snapshot (`Compact`, `InstallSnapshot`, `SendSnapshot`) is the one
+//! committed at its index; committed memberships change one voter at a
+//! time or through a joint configuration. Crashes keep a quorum of the
+//! leader's membership up.
 
 //! # Clients
 //!
@@ -64,6 +91,7 @@
 mod checks;
 mod clients;
 mod command;
+mod membership;
 mod network;
 mod safety;
 mod storage;
@@ -77,7 +105,7 @@ pub use self::safety::{Safety, Violation};
 use crate::testing::linearizability::{self, Input, Operation, Output, Verdict};
 use crate::{
     Action, Config, Entry, HardState, Index, Membership, Message, MessageBody, NodeId, Payload,
-    PersistId, ProposeError, Raft, ReadError, Restored, Rng, Role, Term,
+    PersistId, ProposeError, Raft, ReadError, Restored, Rng, Role, Term, TransferError,
 };
 
 /// Messages in flight at once; more is a runaway (a bug in the core or here).
@@ -92,8 +120,13 @@ const LOGS_COMPARE_EVERY: u64 = 64;
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub seed: u64,
-    /// Voters: 3 or 5 in the usual runs.
+    /// Voters: 3 or 5 in the usual runs (ids `1..=nodes`).
     pub nodes: u64,
+    /// Extra nodes (ids after the voters) that start empty, knowing no
+    /// membership, and may be added.
+    pub spares: u64,
+    /// Propose membership changes during the faulty phase (with `faults`).
+    pub membership: bool,
     /// Steps of the faulty phase.
     pub steps: u64,
     pub clients: u32,
@@ -116,11 +149,14 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
-    /// The usual run for `seed`: 3 nodes for even seeds, 5 for odd ones.
+    /// The usual run for `seed`: 3 nodes for even seeds, 5 for odd ones;
+    /// 0, 1 or 2 spares as `seed / 2` goes.
     pub fn new(seed: u64) -> SimConfig {
         SimConfig {
             seed,
             nodes: if seed % 2 == 0 { 3 } else { 5 },
+            spares: (seed / 2) % 3,
+            membership: true,
             steps: 10_000,
             clients: 4,
             keys: 3,
@@ -139,6 +175,7 @@ impl SimConfig {
 pub struct SimReport {
     pub seed: u64,
     pub nodes: u64,
+    pub spares: u64,
     /// Steps run, settling included.
     pub steps: u64,
     /// Every event and action folded: equal for two runs of one seed.
@@ -152,6 +189,12 @@ pub struct SimReport {
     pub crashes: usize,
     pub partitions: usize,
     pub snapshots_installed: usize,
+    /// Membership changes proposed, and accepted (entries appended).
+    pub changes_proposed: usize,
+    pub changes_accepted: usize,
+    /// Members of the final membership (voters, learners).
+    pub final_voters: usize,
+    pub final_learners: usize,
     /// The first broken property, if any (the run stops there).
     pub violation: Option<String>,
     /// The violation is that the cluster did not settle (liveness, not
@@ -209,6 +252,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     SimReport {
         seed: cfg.seed,
         nodes: cfg.nodes,
+        spares: cfg.spares,
         steps: sim.now,
         trace_hash: sim.hash,
         history: sim.history(),
@@ -218,6 +262,10 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         crashes: sim.crashes,
         partitions: sim.partitions,
         snapshots_installed: sim.snapshots_installed,
+        changes_proposed: sim.changes_proposed,
+        changes_accepted: sim.changes_accepted,
+        final_voters: sim.final_membership.voters.len(),
+        final_learners: sim.final_membership.learners.len(),
         violation,
         stuck: sim.stuck,
         verdict,
@@ -248,6 +296,8 @@ struct Knobs {
     /// The host applies committed entries in later steps, a few at a time,
     /// instead of at once.
     apply_lag: bool,
+    /// Weight of membership events (like `fault_weight`).
+    membership_weight: u32,
 }
 
 /// A state-machine snapshot the host holds.
@@ -281,6 +331,8 @@ struct Node {
     raft: Raft,
     up: bool,
     restart_at: u64,
+    /// Stopped after its removal committed: down until added back.
+    stopped: bool,
     /// Incarnation: bumped by each crash.
     life: u64,
     // ---- The disk: what survives a crash.
@@ -305,11 +357,39 @@ struct Node {
     /// the core's log every step.
     shadow_base: (Index, Term),
     shadow: Vec<Entry>,
+    /// The membership in force at the shadow's base (the snapshot's, or
+    /// the configured voters) with the index that set it (the base after a
+    /// restart or a snapshot install, the entry's when it was compacted
+    /// here), and the shadow's membership entries.
+    shadow_base_membership: (Index, Membership),
+    shadow_changes: Vec<(Index, Membership)>,
     seen_commit: Index,
     last_role: (Role, Term),
 }
 
 impl Node {
+    /// The membership in force per the shadow log: its latest membership
+    /// entry, or the base's.
+    fn shadow_membership(&self) -> (Index, &Membership) {
+        match self.shadow_changes.last() {
+            Some((i, m)) => (*i, m),
+            None => (
+                self.shadow_base_membership.0,
+                &self.shadow_base_membership.1,
+            ),
+        }
+    }
+
+    /// The membership in force at `index` (at or above the shadow's base)
+    /// per the shadow log.
+    fn shadow_membership_at(&self, index: Index) -> &Membership {
+        self.shadow_changes
+            .iter()
+            .rev()
+            .find(|(i, _)| *i <= index)
+            .map_or(&self.shadow_base_membership.1, |(_, m)| m)
+    }
+
     fn shadow_term(&self, index: Index) -> Option<Term> {
         if index == self.shadow_base.0 {
             return Some(self.shadow_base.1);
@@ -393,6 +473,7 @@ enum Event {
     Client,
     Snapshot,
     Fault,
+    Membership,
 }
 
 struct Sim {
@@ -421,6 +502,10 @@ struct Sim {
     crashes: usize,
     partitions: usize,
     snapshots_installed: usize,
+    changes_proposed: usize,
+    changes_accepted: usize,
+    /// The leader's membership once settled.
+    final_membership: Membership,
     hash: u64,
     trace: VecDeque<String>,
 }
@@ -445,11 +530,15 @@ impl Sim {
             read_index_permille: rng.range(0, 1000),
             lease_reads: rng.range(0, 2) == 0,
             apply_lag: rng.range(0, 1) == 0,
+            membership_weight: rng.range(1, 12),
         };
         if !cfg.faults {
             knobs.drop_permille = 0;
             knobs.dup_permille = 0;
             knobs.fault_weight = 0;
+        }
+        if !cfg.faults || !cfg.membership {
+            knobs.membership_weight = 0;
         }
         let voters: Vec<NodeId> = (1..=cfg.nodes).collect();
         let raft_cfg = {
@@ -467,12 +556,16 @@ impl Sim {
             c.check_quorum |= knobs.lease_reads;
             c
         };
-        let nodes = voters
-            .iter()
-            .map(|&id| {
+        let nodes = (1..=cfg.nodes + cfg.spares)
+            .map(|id| {
                 let mut c = raft_cfg.clone();
                 c.id = id;
+                if id > cfg.nodes {
+                    // Joining later: it learns its membership from the leader.
+                    c.voters.clear();
+                }
                 let seed = rng.next_u64();
+                let base_membership = Membership::with_voters(c.voters.iter().copied());
                 Node {
                     id,
                     raft: Raft::new(c.clone(), Restored::default(), seed)
@@ -480,6 +573,7 @@ impl Sim {
                     cfg: c,
                     up: true,
                     restart_at: 0,
+                    stopped: false,
                     life: 0,
                     disk_hs: HardState::default(),
                     disk_base: (0, 0),
@@ -493,6 +587,8 @@ impl Sim {
                     snapshot: None,
                     shadow_base: (0, 0),
                     shadow: Vec::new(),
+                    shadow_base_membership: (0, base_membership),
+                    shadow_changes: Vec::new(),
                     seen_commit: 0,
                     last_role: (Role::Follower, 0),
                 }
@@ -525,10 +621,13 @@ impl Sim {
             last_written: BTreeMap::new(),
             last_read: BTreeMap::new(),
             applied_ops: HashMap::new(),
-            safety: Safety::new(),
+            safety: Safety::with_initial_membership(Membership::with_voters(voters)),
             crashes: 0,
             partitions: 0,
             snapshots_installed: 0,
+            changes_proposed: 0,
+            changes_accepted: 0,
+            final_membership: Membership::default(),
             hash: mix(cfg.seed),
             trace: VecDeque::new(),
         }
@@ -576,6 +675,7 @@ impl Sim {
             Event::Client => self.client_event()?,
             Event::Snapshot => self.snapshot_event()?,
             Event::Fault => self.fault()?,
+            Event::Membership => self.membership_event()?,
         }
         self.flush_unreachable()?;
         self.check_step()
@@ -588,6 +688,7 @@ impl Sim {
                 self.restart(self.nodes[i].id)?;
             }
         }
+        self.restart_readded()?;
         if !self.cuts.is_empty() && self.heal_at <= self.now {
             self.note(|| "heal".to_string());
             self.cuts.clear();
@@ -650,6 +751,14 @@ impl Sim {
                     self.knobs.fault_weight
                 },
             ),
+            (
+                Event::Membership,
+                if self.settling {
+                    0
+                } else {
+                    self.knobs.membership_weight
+                },
+            ),
         ];
         let total: u32 = weights.iter().map(|w| w.1).sum();
         let mut x = self.rng.range(0, total - 1);
@@ -686,9 +795,21 @@ impl Sim {
             } => {
                 self.fold(&[1, id, pid, entries.len() as u64]);
                 self.note(|| {
+                    let changes: Vec<_> = entries
+                        .iter()
+                        .filter_map(|e| match &e.payload {
+                            Payload::Membership(m) => Some((e.index, m)),
+                            _ => None,
+                        })
+                        .collect();
                     format!(
-                        "  {id} persist #{pid} hs={hard_state:?} entries={:?}",
-                        span(&entries)
+                        "  {id} persist #{pid} hs={hard_state:?} entries={:?}{}",
+                        span(&entries),
+                        if changes.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" changes={changes:?}")
+                        }
                     )
                 });
                 self.shadow_replace(id, &entries)?;
@@ -725,9 +846,14 @@ impl Sim {
                     self.apply_entries(id, &entries)?;
                 }
             }
-            Action::SendSnapshot { to, index, .. } => {
+            Action::SendSnapshot {
+                to,
+                index,
+                membership,
+            } => {
                 self.fold(&[5, id, to, index]);
-                self.send_snapshot(id, to, index)?;
+                self.check_snapshot_membership(id, index, &membership, "sends a snapshot")?;
+                self.send_snapshot(id, to, index, &membership)?;
             }
             Action::Compact { upto, membership } => {
                 self.fold(&[6, id, upto]);

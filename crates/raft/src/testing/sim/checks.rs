@@ -5,8 +5,9 @@ use super::*;
 
 impl Sim {
     /// The checks after every step, on every node that is up: its
-    /// invariants, its log against its persists, what it holds committed,
-    /// and whether it leads (election safety, leader completeness).
+    /// invariants, its log against its persists, its membership against
+    /// that log, what it holds committed, and whether it leads (election
+    /// safety in the membership it campaigned in, leader completeness).
     pub(super) fn check_step(&mut self) -> Result<(), Violation> {
         for i in 0..self.nodes.len() {
             let node = &mut self.nodes[i];
@@ -34,6 +35,14 @@ impl Sim {
                     node.shadow.last().map(|e| (e.index, e.term))
                 );
             }
+            let (_, shadow_membership) = node.shadow_membership();
+            if node.raft.membership() != shadow_membership {
+                return violation!(
+                    "node {id}: its membership {:?} is not the one in force in its log ({:?})",
+                    node.raft.membership(),
+                    node.shadow_membership()
+                );
+            }
             let commit = node.raft.commit();
             if commit > node.seen_commit {
                 let from = node.seen_commit.max(log.base().0) + 1;
@@ -46,6 +55,9 @@ impl Sim {
             if role == Role::Leader {
                 self.safety.leader(id, term)?;
                 if node.last_role != (role, term) {
+                    // A leader need not be a voter in its membership
+                    // (thesis §4.2.2); its votes must be a quorum of it.
+                    self.safety.elected(id, term, node.raft.membership())?;
                     self.safety.became_leader(id, term, log)?;
                 }
             }
@@ -81,10 +93,12 @@ impl Sim {
     /// cluster settled; not settling is a (liveness) failure.
     pub(super) fn settle(&mut self) -> Result<(), Violation> {
         self.settling = true;
-        self.note(|| "settle: heal, restart, no more faults".to_string());
+        let in_flight = self.net.len();
+        self.note(|| format!("settle: heal, restart, no more faults ({in_flight} in flight)"));
         self.cuts.clear();
+        // Stopped nodes stay stopped unless the membership includes them.
         for i in 0..self.nodes.len() {
-            if !self.nodes[i].up {
+            if !self.nodes[i].up && !self.nodes[i].stopped {
                 self.nodes[i].restart_at = self.now;
             }
         }
@@ -119,10 +133,11 @@ impl Sim {
                     })
                     .collect();
                 format!(
-                    "{}: up={} {:?} t{} leader={:?} base={} last={} commit={} applied={} \
-                     pending={} progress=[{}]",
+                    "{}: up={} stopped={} {:?} t{} leader={:?} base={} last={} commit={} \
+                     applied={} pending={} membership={:?} progress=[{}]",
                     n.id,
                     n.up,
+                    n.stopped,
                     n.raft.role(),
                     n.raft.term(),
                     n.raft.leader(),
@@ -131,51 +146,72 @@ impl Sim {
                     n.raft.commit(),
                     n.kv.applied,
                     n.pending.len(),
+                    n.raft.membership(),
                     progress.join(", ")
                 )
             })
             .collect();
         self.stuck = true;
         violation!(
-            "the cluster did not settle within {} steps after healing: {}",
+            "the cluster did not settle within {} steps after healing ({} messages in \
+             flight): {}",
             self.cfg.settle_steps_max,
+            self.net.len(),
             state.join("; ")
         )
     }
 
-    /// One leader, everyone following it with its whole log committed and
-    /// applied, every client answered.
+    /// One leader in a committed, non-joint membership, every member
+    /// (voter or learner) following it with its whole log committed and
+    /// applied, every client answered. Nodes outside the membership are
+    /// exempt.
     pub(super) fn settled(&self) -> bool {
         let Some(leader) = self.leader() else {
             return false;
         };
-        let l = &self.node(leader).raft;
-        let last = l.last_index();
-        self.nodes.iter().all(|n| {
+        let l = &self.node(leader);
+        let last = l.raft.last_index();
+        let m = l.raft.membership();
+        let caught_up = |n: &Node| {
             n.up && n.pending.is_empty()
                 && n.raft.leader() == Some(leader)
-                && n.raft.term() == l.term()
+                && n.raft.term() == l.raft.term()
                 && n.raft.last_index() == last
                 && n.raft.commit() == last
                 && n.kv.applied == last
-        }) && self.clients.iter().all(|c| c.waiting == Waiting::Idle)
+        };
+        !m.is_joint()
+            && caught_up(l)
+            && m.members().into_iter().all(|id| caught_up(self.node(id)))
+            && self.clients.iter().all(|c| c.waiting == Waiting::Idle)
     }
 
-    /// After settling: the logs match, every state machine is the same,
-    /// and no acknowledged command is missing from the applied log.
+    /// After settling: the logs match, every member has the leader's state
+    /// machine and membership, and no acknowledged command is missing from
+    /// the applied log.
     pub(super) fn final_checks(&mut self) -> Result<(), Violation> {
         self.compare_logs()?;
-        let first = &self.nodes[0].kv;
-        for n in &self.nodes[1..] {
+        let leader = self.leader().expect("settled with a leader");
+        let m = self.node(leader).raft.membership().clone();
+        let first = &self.node(leader).kv;
+        for id in m.members() {
+            let n = self.node(id);
             if n.kv != *first {
                 return violation!(
-                    "state machines differ after settling: node 1 {first:?}, node {} {:?}",
-                    n.id,
+                    "state machines differ after settling: leader {leader} {first:?}, node {id} \
+                     {:?}",
                     n.kv
+                );
+            }
+            if *n.raft.membership() != m {
+                return violation!(
+                    "memberships differ after settling: leader {leader} {m:?}, node {id} {:?}",
+                    n.raft.membership()
                 );
             }
         }
         let applied = first.applied;
+        self.final_membership = m;
         for (i, rec) in self.ops.iter().enumerate() {
             if rec.ret.is_none() || rec.read_index {
                 continue;

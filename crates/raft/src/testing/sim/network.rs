@@ -4,13 +4,15 @@
 use super::*;
 
 impl Sim {
-    /// `id` must send `to` its latest snapshot (at least through `index`);
-    /// the transfer sometimes fails, and the core is told.
+    /// `id` must send `to` its latest snapshot (at least through `index`,
+    /// with `membership` in force there); the transfer sometimes fails, and
+    /// the core is told.
     pub(super) fn send_snapshot(
         &mut self,
         id: NodeId,
         to: NodeId,
         index: Index,
+        membership: &Membership,
     ) -> Result<(), Violation> {
         let term = self.node(id).raft.term();
         let Some(s) = self.node(id).snapshot.clone() else {
@@ -20,6 +22,13 @@ impl Sim {
             return violation!(
                 "node {id} asked to send a snapshot through {index}; its latest is {}",
                 s.index
+            );
+        }
+        if s.index == index && s.membership != *membership {
+            return violation!(
+                "node {id} asked to send its snapshot through {index} with membership \
+                 {membership:?}; the snapshot keeps {:?}",
+                s.membership
             );
         }
         if self.chance(self.knobs.snapshot_fail_permille) {
@@ -154,15 +163,20 @@ impl Sim {
         Ok(())
     }
 
-    /// Crashes a random node, keeping a majority up so that the cluster
-    /// can still make progress.
+    /// Crashes a random node, keeping a majority of each voter set of the
+    /// membership in force up, so that the cluster can still make
+    /// progress.
     fn crash_one(&mut self) {
-        let n = self.nodes.len();
-        let down = self.nodes.iter().filter(|n| !n.up).count();
-        if down < n.saturating_sub(1) / 2 {
-            if let Some(id) = self.random_up_node() {
-                self.crash(id);
-            }
+        let Some(id) = self.random_up_node() else {
+            return;
+        };
+        let m = self.reference_membership();
+        let keeps_quorum = |set: &BTreeSet<NodeId>| {
+            let down = set.iter().filter(|&&v| v == id || !self.node(v).up).count();
+            2 * down < set.len() || set.is_empty()
+        };
+        if keeps_quorum(&m.voters) && keeps_quorum(&m.outgoing) {
+            self.crash(id);
         }
     }
 
@@ -225,20 +239,43 @@ impl Sim {
         self.partitioned("isolate the leader");
     }
 
-    /// `leader` hands leadership to another random node.
+    /// `leader` hands leadership to another random node, mostly a voter;
+    /// a node that is no voter must be refused.
     fn transfer(&mut self, leader: NodeId) -> Result<(), Violation> {
         let n = self.nodes.len() as u32;
         if n < 2 {
             return Ok(());
         }
-        let mut target = u64::from(self.rng.range(1, n - 1));
-        if target >= leader {
-            target += 1;
-        }
+        let m = self.node(leader).raft.membership().clone();
+        let voters: Vec<NodeId> = m
+            .all_voters()
+            .into_iter()
+            .filter(|&v| v != leader)
+            .collect();
+        let target = if !voters.is_empty() && self.chance(800) {
+            voters[self.rng.range(0, voters.len() as u32 - 1) as usize]
+        } else {
+            let mut target = u64::from(self.rng.range(1, n - 1));
+            if target >= leader {
+                target += 1;
+            }
+            target
+        };
         self.note(|| format!("transfer {leader} -> {target}"));
         self.fold(&[0x70, leader, target]);
         let result = self.node_mut(leader).raft.transfer_leadership(target);
         self.note(|| format!("  {result:?}"));
+        let voter = m.is_voter(target);
+        match result {
+            Ok(()) if voter => {}
+            Err(TransferError::NotAVoter(t)) if !voter && t == target => {}
+            _ => {
+                return violation!(
+                    "leader {leader} answered a transfer to {target} (voter: {voter}, \
+                     membership {m:?}) with {result:?}"
+                )
+            }
+        }
         self.drive(leader)
     }
 

@@ -6,10 +6,10 @@
 //! Its methods are public so that tests can feed it forged observations and
 //! see it object.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use crate::types::{Entry, Index, NodeId, Payload, Term};
+use crate::types::{Entry, Index, Membership, NodeId, Payload, Term};
 use crate::RaftLog;
 
 /// A broken safety property, in words.
@@ -47,11 +47,71 @@ pub struct Safety {
     /// State machine safety: the entry applied at each index and the
     /// applied-log digest after it.
     applied: BTreeMap<Index, (Entry, u64)>,
+    /// Durable votes: (term, voter) → the candidate it voted for.
+    votes: HashMap<(Term, NodeId), NodeId>,
+    /// The cluster's first membership (before any membership entry), when
+    /// known.
+    initial: Option<Membership>,
+    /// Committed membership entries.
+    memberships: BTreeMap<Index, Membership>,
 }
 
 impl Safety {
     pub fn new() -> Safety {
         Safety::default()
+    }
+
+    /// A cluster that started with `initial` (the membership in force
+    /// before the first membership entry).
+    pub fn with_initial_membership(initial: Membership) -> Safety {
+        Safety {
+            initial: Some(initial),
+            ..Safety::default()
+        }
+    }
+
+    /// `node` durably voted for `candidate` in `term`: never for two
+    /// candidates in one term.
+    pub fn voted(&mut self, node: NodeId, term: Term, candidate: NodeId) -> Result<(), Violation> {
+        match *self.votes.entry((term, node)).or_insert(candidate) {
+            other if other != candidate => violation!(
+                "election safety: node {node} voted for {other} and for {candidate} in term {term}"
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// `node` became leader of `term` in `membership` (the one it campaigned
+    /// in): a majority of its voters, and of the outgoing voters while
+    /// joint, durably voted for it (its own vote counts, durable or not:
+    /// nothing depends on it before it is).
+    pub fn elected(
+        &self,
+        node: NodeId,
+        term: Term,
+        membership: &Membership,
+    ) -> Result<(), Violation> {
+        let quorum = |set: &BTreeSet<NodeId>| {
+            let yes = set
+                .iter()
+                .filter(|&&v| v == node || self.votes.get(&(term, v)) == Some(&node))
+                .count();
+            2 * yes > set.len()
+        };
+        let ok = quorum(&membership.voters)
+            && (membership.outgoing.is_empty() || quorum(&membership.outgoing));
+        if ok {
+            return Ok(());
+        }
+        let votes: Vec<NodeId> = membership
+            .members()
+            .into_iter()
+            .filter(|&v| self.votes.get(&(term, v)) == Some(&node))
+            .collect();
+        violation!(
+            "election safety: node {node} leads term {term} in {membership:?} with durable \
+             votes from {votes:?} only"
+        )
     }
 
     /// `node` is leader in `term` (election safety: one leader per term).
@@ -101,6 +161,9 @@ impl Safety {
         match self.committed.get_mut(&entry.index) {
             None => {
                 self.committed.insert(entry.index, (entry.clone(), term));
+                if let Payload::Membership(m) = &entry.payload {
+                    self.membership_committed(node, entry.index, m)?;
+                }
                 Ok(())
             }
             Some((seen, _)) if seen != entry => violation!(
@@ -112,6 +175,49 @@ impl Safety {
                 Ok(())
             }
         }
+    }
+
+    /// A membership committed at `index`: the committed memberships before
+    /// and after it differ from it by at most one voter, or enter or leave
+    /// a joint configuration (thesis §4.1, §4.3).
+    fn membership_committed(
+        &mut self,
+        node: NodeId,
+        index: Index,
+        m: &Membership,
+    ) -> Result<(), Violation> {
+        self.memberships.insert(index, m.clone());
+        let prev = self
+            .memberships
+            .range(..index)
+            .next_back()
+            .map(|(&i, m)| (i, m))
+            .or(self.initial.as_ref().map(|m| (0, m)));
+        let next = self
+            .memberships
+            .range(index + 1..)
+            .next()
+            .map(|(&i, m)| (i, m));
+        let pairs = [prev.map(|p| (p, (index, m))), next.map(|n| ((index, m), n))];
+        for ((ia, a), (ib, b)) in pairs.into_iter().flatten() {
+            if let Err(why) = membership_step(a, b) {
+                return violation!(
+                    "membership safety: node {node} holds committed {b:?} at {ib} after \
+                     committed {a:?} at {ia}: {why}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The membership committed at `index`: the latest committed membership
+    /// entry at or before it, else the initial one (`None` when not known).
+    pub fn committed_membership(&self, index: Index) -> Option<&Membership> {
+        self.memberships
+            .range(..=index)
+            .next_back()
+            .map(|(_, m)| m)
+            .or(self.initial.as_ref())
     }
 
     /// Highest index seen committed.
@@ -214,4 +320,39 @@ impl Safety {
         }
         Ok(())
     }
+}
+
+/// Whether `b` may follow `a` in the log (both committed, consecutive):
+/// learners change freely; voters by at most one outside joint
+/// consensus; a joint configuration is entered from its outgoing voters
+/// and left for its incoming ones.
+pub fn membership_step(a: &Membership, b: &Membership) -> Result<(), String> {
+    if b.voters.is_empty() {
+        return Err("no voters".into());
+    }
+    // An outgoing voter may already be a learner (demoted when the joint
+    // configuration is left).
+    if b.voters.iter().any(|v| b.learners.contains(v)) {
+        return Err("a node is both voter and learner".into());
+    }
+    match (a.is_joint(), b.is_joint()) {
+        (false, false) => {
+            let changed = a.voters.symmetric_difference(&b.voters).count();
+            if changed > 1 {
+                return Err(format!("{changed} voters changed at once"));
+            }
+        }
+        (false, true) => {
+            if b.outgoing != a.voters {
+                return Err("the joint configuration does not leave the voters in force".into());
+            }
+        }
+        (true, false) => {
+            if b.voters != a.voters {
+                return Err("leaving the joint configuration for other voters".into());
+            }
+        }
+        (true, true) => return Err("a joint configuration follows another".into()),
+    }
+    Ok(())
 }

@@ -36,6 +36,7 @@ impl Sim {
             );
         }
         self.safety.snapshot(id, index, kv.digest)?;
+        self.check_snapshot_membership(id, index, &membership, "installs a snapshot")?;
         self.snapshots_installed += 1;
         let snapshot = Snapshot {
             index,
@@ -56,20 +57,43 @@ impl Sim {
         node.snapshot = Some(snapshot.clone());
         node.shadow_base = (index, term);
         node.shadow.clear();
+        node.shadow_base_membership = (index, snapshot.membership.clone());
+        node.shadow_changes.clear();
         self.queue_persist(id, pid, Write::Snapshot(snapshot));
         self.serve_reads(id);
         Ok(())
     }
 
     /// The log through `upto` is covered by the disk's snapshot: drop it
-    /// from the disk (and the shadow log).
+    /// from the disk (and the shadow log). `membership`, kept with the
+    /// snapshot, must be the one in force at `upto`: per the log this node
+    /// persisted, and per the committed log.
     pub(super) fn compact(
         &mut self,
         id: NodeId,
         upto: Index,
         membership: Membership,
     ) -> Result<(), Violation> {
+        self.check_snapshot_membership(id, upto, &membership, "compacts")?;
         let node = self.node_mut(id);
+        if upto > node.shadow_base.0 {
+            let in_force = node
+                .shadow_changes
+                .iter()
+                .rev()
+                .find(|(i, _)| *i <= upto)
+                .unwrap_or(&node.shadow_base_membership)
+                .clone();
+            if in_force.1 != membership {
+                return violation!(
+                    "node {id} compacts through {upto} keeping membership {membership:?}; its \
+                     log has {:?} in force there",
+                    in_force.1
+                );
+            }
+            node.shadow_changes.retain(|(i, _)| *i > upto);
+            node.shadow_base_membership = in_force;
+        }
         let Some(s) = node.disk_snapshot.as_mut().filter(|s| s.index >= upto) else {
             return violation!("node {id} asked to compact through {upto} without a snapshot");
         };
@@ -120,6 +144,7 @@ impl Sim {
             );
         }
         node.shadow.truncate((first.index - base - 1) as usize);
+        node.shadow_changes.retain(|(i, _)| *i < first.index);
         for e in entries {
             let prev = node.shadow_term(e.index - 1).expect("contiguous");
             if e.index != base + node.shadow.len() as u64 + 1 {
@@ -129,6 +154,9 @@ impl Sim {
                 );
             }
             self.safety.appended(id, prev, e)?;
+            if let Payload::Membership(m) = &e.payload {
+                node.shadow_changes.push((e.index, m.clone()));
+            }
             node.shadow.push(e.clone());
         }
         Ok(())
@@ -174,6 +202,15 @@ impl Sim {
     /// Makes one persist durable on the disk, exactly as the contract says:
     /// truncate from the first entry, append, save the hard state.
     pub(super) fn write_disk(&mut self, id: NodeId, write: Write) -> Result<(), Violation> {
+        if let Write::Log {
+            hard_state: Some(hs),
+            ..
+        } = &write
+        {
+            if hs.vote != 0 {
+                self.safety.voted(id, hs.term, hs.vote)?;
+            }
+        }
         let node = self.node_mut(id);
         match write {
             Write::Log {
@@ -236,7 +273,9 @@ impl Sim {
         let snapshot = Snapshot {
             index,
             term,
-            membership: node.raft.membership().clone(),
+            // In force at `index` per its log (the core says so again
+            // with `Compact`, checked there).
+            membership: node.shadow_membership_at(index).clone(),
             kv: node.kv.clone(),
         };
         self.fold(&[0x50, id, index]);
@@ -255,6 +294,19 @@ impl Sim {
         let restart_at = self.now + u64::from(self.rng.range(0, 400));
         self.fold(&[0xCC, id, restart_at]);
         self.note(|| format!("crash {id} until {restart_at}"));
+        self.go_down(id, restart_at);
+    }
+
+    /// `id` (removed from the membership) is stopped: it starts again from
+    /// its disk only if it is added back.
+    pub(super) fn stop(&mut self, id: NodeId) {
+        self.fold(&[0x5D, id]);
+        self.note(|| format!("stop {id} (removed)"));
+        self.go_down(id, u64::MAX);
+        self.node_mut(id).stopped = true;
+    }
+
+    fn go_down(&mut self, id: NodeId, restart_at: u64) {
         let lie = if self.cfg.lying_disk {
             self.rng.range(1, 3) as usize
         } else {
@@ -312,8 +364,21 @@ impl Sim {
         node.raft = Raft::new(node.cfg.clone(), restored, seed)
             .map_err(|e| Violation(format!("node {id} cannot restart: {e}")))?;
         node.up = true;
+        node.stopped = false;
         node.durable_id = 0;
         node.kv = snapshot.as_ref().map(|s| s.kv.clone()).unwrap_or_default();
+        node.shadow_base_membership = match &snapshot {
+            Some(s) => (s.index, s.membership.clone()),
+            None => (0, Membership::with_voters(node.cfg.voters.iter().copied())),
+        };
+        node.shadow_changes = node
+            .disk_log
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Payload::Membership(m) => Some((e.index, m.clone())),
+                _ => None,
+            })
+            .collect();
         node.snapshot = snapshot;
         node.shadow_base = node.disk_base;
         node.shadow = node.disk_log.clone();

@@ -1,0 +1,154 @@
+//! Per-follower flow control under a transport that drops, duplicates and
+//! reorders: stale answers never rewind or restart a follower's stream,
+//! and losses are detected per round trip (heartbeat rounds), so a slow
+//! network gets fewer retries rather than a flood of them.
+
+mod common;
+
+use common::Cluster;
+use skiff_raft::{MessageBody, Progress, ProgressState};
+
+/// A probe is answered at or past its previous entry; an older success
+/// (reordered, duplicated, or sent before the follower was removed and
+/// added back) moves the match but neither ends the probe nor lets a
+/// second probe go. The answer that ends it streams on from its index.
+#[test]
+fn stale_success_does_not_end_a_probe() {
+    let mut pr = Progress::new(11);
+    pr.probe_from(8);
+    pr.sent(7, 0, 1);
+    assert!(pr.probe_sent);
+    assert!(pr.acked(5), "the match moves");
+    assert_eq!(pr.match_index, 5);
+    assert_eq!(
+        (pr.state, pr.next, pr.probe_sent),
+        (ProgressState::Probe, 8, true)
+    );
+    assert!(!pr.can_send(8, 1 << 20), "the probe is still outstanding");
+    // The probe's answer: the follower holds through 9.
+    assert!(pr.acked(9));
+    assert_eq!(
+        (pr.state, pr.next, pr.match_index),
+        (ProgressState::Replicate, 10, 9)
+    );
+    assert!(pr.can_send(8, 1 << 20));
+}
+
+/// A progress made afresh for a node added back: `next` is past the
+/// leader's log. A success from before the removal is stale; the probe's
+/// own answer sets `next` right after what it matched.
+#[test]
+fn leaving_probe_streams_from_the_match() {
+    let mut pr = Progress::new(21);
+    pr.sent(20, 0, 1);
+    assert!(!pr.acked(0));
+    assert_eq!(pr.state, ProgressState::Probe);
+    assert!(pr.acked(20));
+    assert_eq!((pr.state, pr.next), (ProgressState::Replicate, 21));
+    // A later stale ack in Replicate changes nothing.
+    pr.sent(25, 100, 2);
+    assert!(!pr.acked(12));
+    assert_eq!((pr.next, pr.match_index, pr.inflight_len()), (26, 20, 1));
+}
+
+/// While a snapshot is on its way, only an answer at or past its index
+/// ends the Snapshot state.
+#[test]
+fn stale_success_does_not_end_a_snapshot_send() {
+    let mut pr = Progress::new(3);
+    pr.snapshot_sent(50, 1);
+    assert!(pr.acked(20));
+    assert_eq!((pr.state, pr.next), (ProgressState::Snapshot, 51));
+    assert!(pr.acked(50));
+    assert_eq!((pr.state, pr.next), (ProgressState::Replicate, 51));
+}
+
+/// Losses are detected by round trips: a message is taken as lost once a
+/// heartbeat sent a whole round after it was answered, not on the first
+/// heartbeat answer (which a reordering network may deliver first).
+#[test]
+fn losses_are_detected_per_round_trip() {
+    // Replicate: the window's oldest message left during round 3.
+    let mut pr = Progress::new(1);
+    pr.sent(0, 0, 3);
+    pr.acked(0);
+    assert_eq!(pr.state, ProgressState::Replicate);
+    pr.sent(4, 40, 3);
+    pr.sent(8, 40, 4);
+    assert!(!pr.heartbeat_answered(3));
+    assert!(!pr.heartbeat_answered(4));
+    assert_eq!(pr.state, ProgressState::Replicate);
+    assert!(
+        pr.heartbeat_answered(5),
+        "round 5 left a round after round 3 ended"
+    );
+    assert_eq!(
+        (pr.state, pr.next, pr.inflight_len()),
+        (ProgressState::Probe, 1, 0)
+    );
+    // Probe: one probe per round trip, however many heartbeats answer.
+    pr.sent(0, 0, 7);
+    for round in [5, 6, 7, 8] {
+        pr.heartbeat_answered(round);
+        assert!(pr.probe_sent, "round {round}");
+    }
+    pr.heartbeat_answered(9);
+    assert!(!pr.probe_sent);
+    // Snapshot: asked about once per round trip.
+    pr.snapshot_sent(40, 9);
+    assert!(!pr.snapshot_probe_due(10));
+    assert!(pr.snapshot_probe_due(11));
+    assert!(!pr.snapshot_probe_due(12));
+    assert!(pr.snapshot_probe_due(13));
+}
+
+/// Two appends in flight arrive in the wrong order: the follower rejects
+/// the second ("log too short"). That reject is inside the window and the
+/// first fills the gap: the leader keeps streaming instead of probing and
+/// sending the window again.
+#[test]
+fn reordered_too_short_reject_keeps_the_stream() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    c.tick_all(2);
+    assert_eq!(
+        c.raft(1).progress(2).unwrap().state,
+        ProgressState::Replicate
+    );
+    c.cut.insert((1, 3));
+    c.propose(1, &["a"]);
+    c.propose(1, &["b"]);
+    let appends: Vec<usize> = (0..c.net.len())
+        .filter(|&i| c.net[i].to == 2 && matches!(c.net[i].body, MessageBody::Append { .. }))
+        .collect();
+    assert_eq!(appends.len(), 2);
+    c.net.swap(appends[0], appends[1]);
+    // The second append, then its reject, reach their ends first.
+    assert!(c.deliver_one());
+    let reject = c.net.pop_back().unwrap();
+    assert!(matches!(
+        reject.body,
+        MessageBody::AppendResponse { success: false, .. }
+    ));
+    let sent_before = c.net.len();
+    c.nodes.get_mut(&1).unwrap().raft.step(reject);
+    c.drain(1);
+    let pr = c.raft(1).progress(2).unwrap();
+    assert_eq!(pr.state, ProgressState::Replicate, "{pr:?}");
+    assert_eq!(pr.inflight_len(), 2);
+    assert_eq!(c.net.len(), sent_before, "nothing sent again");
+    // The first arrives; the second is sent again only once the stall is
+    // seen over a round trip.
+    c.deliver_all();
+    assert_eq!(
+        c.raft(1).progress(2).unwrap().match_index,
+        c.raft(1).last_index() - 1
+    );
+    c.tick_all(8);
+    assert_eq!(
+        c.raft(1).progress(2).unwrap().match_index,
+        c.raft(1).last_index()
+    );
+    assert_eq!(c.raft(1).commit(), c.raft(1).last_index());
+}
