@@ -1,0 +1,236 @@
+//! `skiff status`: Maintenance.Status on every endpoint, one row each.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tonic::transport::Endpoint;
+
+use super::{error_chain, normalize_endpoint, BenchError};
+use crate::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+use crate::pb::etcdserverpb::StatusRequest;
+
+/// Connect + call, per endpoint.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Flags of `skiff status`.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct StatusArgs {
+    /// Client endpoints, comma separated (host:port or http://host:port).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub endpoints: Vec<String>,
+}
+
+/// One member as it answered (etcd's StatusResponse fields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    /// The member's id (header.member_id).
+    pub member_id: u64,
+    /// The leader it knows of; 0 = none.
+    pub leader_id: u64,
+    /// Raft term.
+    pub raft_term: u64,
+    /// Raft commit index (etcd's raftIndex).
+    pub raft_index: u64,
+    /// Applied index (etcd's raftAppliedIndex).
+    pub applied_index: u64,
+    /// Server version string.
+    pub version: String,
+    /// Errors the member reports about itself.
+    pub errors: Vec<String>,
+}
+
+impl MemberState {
+    /// This member believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.leader_id != 0 && self.leader_id == self.member_id
+    }
+}
+
+/// One row of `skiff status`: an endpoint and what it said, or why it did
+/// not answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// The endpoint (normalized: http://host:port).
+    pub endpoint: String,
+    /// The answer, or the reason there was none.
+    pub reply: Result<MemberState, String>,
+}
+
+/// Calls Maintenance.Status on every endpoint concurrently, each bounded by
+/// [`STATUS_TIMEOUT`]. Rows come back in the order of `endpoints`. Fails
+/// only on an empty list or an endpoint that cannot be parsed.
+pub async fn status(endpoints: &[String]) -> Result<Vec<MemberStatus>, BenchError> {
+    if endpoints.is_empty() {
+        return Err(BenchError::NoEndpoints);
+    }
+    let endpoints = endpoints
+        .iter()
+        .map(|e| normalize_endpoint(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut calls = JoinSet::new();
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let endpoint = endpoint.clone();
+        calls.spawn(async move {
+            let reply = match tokio::time::timeout(STATUS_TIMEOUT, ask(&endpoint)).await {
+                Ok(reply) => reply,
+                Err(_) => Err(format!(
+                    "no answer within {} s",
+                    STATUS_TIMEOUT.as_secs_f64()
+                )),
+            };
+            (i, MemberStatus { endpoint, reply })
+        });
+    }
+    let mut rows: Vec<Option<MemberStatus>> = vec![None; endpoints.len()];
+    while let Some(joined) = calls.join_next().await {
+        let (i, row) = joined.map_err(|e| BenchError::Task(e.to_string()))?;
+        rows[i] = Some(row);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| row.expect("every call reports"))
+        .collect())
+}
+
+async fn ask(endpoint: &str) -> Result<MemberState, String> {
+    let channel = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| error_chain(&e))?
+        .connect_timeout(STATUS_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| format!("unreachable: {}", error_chain(&e)))?;
+    let mut request = tonic::Request::new(StatusRequest {});
+    request.set_timeout(STATUS_TIMEOUT);
+    let reply = MaintenanceClient::new(channel)
+        .status(request)
+        .await
+        .map_err(|s| format!("Status failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok(MemberState {
+        member_id: reply.header.map(|h| h.member_id).unwrap_or(0),
+        leader_id: reply.leader,
+        raft_term: reply.raft_term,
+        raft_index: reply.raft_index,
+        applied_index: reply.raft_applied_index,
+        version: reply.version,
+        errors: reply.errors,
+    })
+}
+
+/// The table `skiff status` prints, ending with a summary line that scripts
+/// can grep: `members=<n> reachable=<n> leader=<hex id|none>`. Member and
+/// leader ids are hexadecimal, as etcdctl prints them.
+pub fn format_status_table(rows: &[MemberStatus]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.endpoint.len())
+        .max()
+        .unwrap_or(0)
+        .max("ENDPOINT".len());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>16}  {:>16}  {:>9}  {:>10}  {:>13}  {:>9}",
+        "ENDPOINT",
+        "MEMBER ID",
+        "LEADER ID",
+        "RAFT TERM",
+        "RAFT INDEX",
+        "APPLIED INDEX",
+        "IS LEADER"
+    );
+    for row in rows {
+        match &row.reply {
+            Ok(m) => {
+                let _ = writeln!(
+                    out,
+                    "{:<width$}  {:>16x}  {:>16x}  {:>9}  {:>10}  {:>13}  {:>9}",
+                    row.endpoint,
+                    m.member_id,
+                    m.leader_id,
+                    m.raft_term,
+                    m.raft_index,
+                    m.applied_index,
+                    m.is_leader()
+                );
+                for err in &m.errors {
+                    let _ = writeln!(out, "{:<width$}  member reports: {err}", "");
+                }
+            }
+            Err(reason) => {
+                let _ = writeln!(out, "{:<width$}  unreachable: {reason}", row.endpoint);
+            }
+        }
+    }
+    let reachable = rows.iter().filter(|r| r.reply.is_ok()).count();
+    let leader = rows
+        .iter()
+        .filter_map(|r| r.reply.as_ref().ok())
+        .find(|m| m.is_leader())
+        .map(|m| format!("{:x}", m.member_id))
+        .unwrap_or_else(|| "none".to_string());
+    let _ = writeln!(
+        out,
+        "members={} reachable={reachable} leader={leader}",
+        rows.len()
+    );
+    out
+}
+
+/// Prints [`format_status_table`] to stdout.
+pub fn print_status_table(rows: &[MemberStatus]) {
+    print!("{}", format_status_table(rows));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, leader: u64) -> MemberState {
+        MemberState {
+            member_id: id,
+            leader_id: leader,
+            raft_term: 3,
+            raft_index: 42,
+            applied_index: 41,
+            version: "skiff".to_string(),
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn table_has_a_row_per_member_and_a_summary() {
+        let rows = vec![
+            MemberStatus {
+                endpoint: "http://127.0.0.1:1".to_string(),
+                reply: Ok(member(0x1a, 0x1a)),
+            },
+            MemberStatus {
+                endpoint: "http://127.0.0.1:2".to_string(),
+                reply: Ok(member(2, 0x1a)),
+            },
+            MemberStatus {
+                endpoint: "http://127.0.0.1:3".to_string(),
+                reply: Err("unreachable: connection refused".to_string()),
+            },
+        ];
+        let table = format_status_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(lines[0].starts_with("ENDPOINT"));
+        assert!(lines[1].contains(" 1a ") && lines[1].trim_end().ends_with("true"));
+        assert!(lines[2].trim_end().ends_with("false"));
+        assert!(lines[3].contains("unreachable"));
+        assert_eq!(lines[4], "members=3 reachable=2 leader=1a");
+    }
+
+    #[test]
+    fn no_leader_is_none() {
+        let rows = vec![MemberStatus {
+            endpoint: "http://h:1".to_string(),
+            reply: Ok(member(1, 0)),
+        }];
+        assert!(format_status_table(&rows).ends_with("members=1 reachable=1 leader=none\n"));
+    }
+}

@@ -1,0 +1,434 @@
+//! A node's configuration: every tunable, from flags or a TOML file.
+//!
+//! Field names are the same in the TOML file and (with `-` for `_`) on the
+//! command line. Every check names the field it rejects.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use skiff_raft::NodeId;
+
+/// A configuration error; `field` names the offending field or flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad<T>(field: &str, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    })
+}
+
+/// Which WAL backend to run (see `skiff_wal::Backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WalBackend {
+    /// io_uring where the kernel allows it, else pwritev.
+    Auto,
+    IoUring,
+    Pwritev,
+}
+
+/// Everything a node needs. `NodeConfig::default()` holds the defaults; the
+/// identity and addresses have no useful default and are checked by
+/// [`NodeConfig::validate`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    /// etcd v3 gRPC API.
+    pub listen_client: SocketAddr,
+    /// Raft messages between nodes.
+    pub listen_peer: SocketAddr,
+    /// Snapshot streaming; port 0 picks a free port (it is announced to
+    /// followers in each snapshot offer).
+    pub listen_snapshot: SocketAddr,
+    /// Prometheus text metrics over HTTP; none when unset.
+    pub listen_metrics: Option<SocketAddr>,
+    /// `id=peer-addr` for every voter of a new cluster, this node included.
+    #[serde(deserialize_with = "de_cluster")]
+    pub initial_cluster: BTreeMap<NodeId, SocketAddr>,
+    /// `id=client-addr` of the members: where writes sent to a follower are
+    /// forwarded and what `member list` shows. Optional.
+    #[serde(deserialize_with = "de_cluster")]
+    pub initial_cluster_clients: BTreeMap<NodeId, SocketAddr>,
+    /// Derived from `initial_cluster` when 0.
+    pub cluster_id: u64,
+
+    // ---- Raft timing.
+    pub tick_interval_ms: u64,
+    pub election_ticks_min: u32,
+    pub election_ticks_max: u32,
+    pub heartbeat_ticks: u32,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+    pub lease_reads: bool,
+
+    // ---- Batching and flow control.
+    /// Proposals per Raft proposal batch.
+    pub batch_entries_max: usize,
+    /// Bytes per Raft proposal batch.
+    pub batch_bytes_max: usize,
+    /// How long the first proposal of a batch may wait for more; 0 takes
+    /// what is queued and goes.
+    pub batch_linger_us: u64,
+    /// AppendEntries in flight per follower.
+    pub inflight_max: usize,
+    /// Entry bytes in flight per follower.
+    pub inflight_bytes_max: usize,
+    /// Entry bytes per AppendEntries message.
+    pub append_bytes_max: usize,
+    /// Proposed but uncommitted bytes before proposals are refused.
+    pub uncommitted_bytes_max: usize,
+    /// Client requests waiting in the node (proposals and reads) before new
+    /// ones are refused with RESOURCE_EXHAUSTED.
+    pub requests_pending_max: usize,
+    /// Longest a client request waits for its answer.
+    pub request_timeout_ms: u64,
+
+    // ---- Snapshots.
+    /// Take a state-machine snapshot after this many applied entries.
+    pub snapshot_entries: u64,
+    /// ... or once this many payload bytes were applied since the last one.
+    pub snapshot_bytes: u64,
+    /// Parallel streams a follower fetches a snapshot with.
+    pub snapshot_streams: usize,
+    /// Bytes per snapshot chunk.
+    pub snapshot_chunk_bytes: u32,
+
+    // ---- WAL.
+    pub wal_backend: WalBackend,
+    pub wal_segment_size: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        NodeConfig {
+            id: 0,
+            data_dir: PathBuf::new(),
+            listen_client: ([127, 0, 0, 1], 2379).into(),
+            listen_peer: ([127, 0, 0, 1], 2380).into(),
+            listen_snapshot: any,
+            listen_metrics: None,
+            initial_cluster: BTreeMap::new(),
+            initial_cluster_clients: BTreeMap::new(),
+            cluster_id: 0,
+            tick_interval_ms: 10,
+            election_ticks_min: 30,
+            election_ticks_max: 60,
+            heartbeat_ticks: 5,
+            pre_vote: true,
+            check_quorum: true,
+            lease_reads: false,
+            batch_entries_max: 4096,
+            batch_bytes_max: 4 << 20,
+            batch_linger_us: 0,
+            inflight_max: 256,
+            inflight_bytes_max: 64 << 20,
+            append_bytes_max: 1 << 20,
+            uncommitted_bytes_max: 256 << 20,
+            requests_pending_max: 65_536,
+            request_timeout_ms: 10_000,
+            snapshot_entries: 100_000,
+            snapshot_bytes: 256 << 20,
+            snapshot_streams: 4,
+            snapshot_chunk_bytes: 1 << 20,
+            wal_backend: WalBackend::Auto,
+            wal_segment_size: 64 << 20,
+        }
+    }
+}
+
+fn de_cluster<'de, D>(d: D) -> Result<BTreeMap<NodeId, SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let s = String::deserialize(d)?;
+    parse_cluster(&s).map_err(serde::de::Error::custom)
+}
+
+/// Parses `1=127.0.0.1:2380,2=...` (an `http://` prefix is accepted).
+pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((id, addr)) = part.split_once('=') else {
+            return Err(format!("`{part}` is not id=host:port"));
+        };
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{id}` in `{part}` is not a node id (a positive integer)"))?;
+        if id == 0 {
+            return Err(format!("node ids start at 1 (`{part}`)"));
+        }
+        let addr = addr.trim();
+        let addr = addr.strip_prefix("http://").unwrap_or(addr);
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| format!("`{addr}` in `{part}` is not host:port: {e}"))?;
+        if out.insert(id, addr).is_some() {
+            return Err(format!("node {id} is listed twice"));
+        }
+    }
+    Ok(out)
+}
+
+impl NodeConfig {
+    /// Reads a TOML file; unknown keys and bad values are errors naming the
+    /// field.
+    pub fn from_toml_file(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: "config".into(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        NodeConfig::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<NodeConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let reason = e.message().to_string();
+            // toml reports the key for unknown fields in the message; for a
+            // bad value the span points at the value, so the field is the
+            // key on the line where the span starts.
+            let field = e
+                .span()
+                .and_then(|span| {
+                    let start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+                    let line = text[start..].lines().next()?;
+                    let key = line.split('=').next()?.trim();
+                    (!key.is_empty()).then(|| key.to_string())
+                })
+                .unwrap_or_else(|| "config".into());
+            ConfigError { field, reason }
+        })
+    }
+
+    /// The cluster id: configured, or a hash of the initial cluster (so
+    /// that nodes given the same `initial_cluster` agree).
+    pub fn cluster_id(&self) -> u64 {
+        if self.cluster_id != 0 {
+            return self.cluster_id;
+        }
+        let mut text = String::new();
+        for (id, addr) in &self.initial_cluster {
+            text.push_str(&format!("{id}={addr},"));
+        }
+        u64::from(crc32c::crc32c(text.as_bytes())) << 32 | 0x5_4B1F
+    }
+
+    pub fn tick_interval(&self) -> Duration {
+        Duration::from_millis(self.tick_interval_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return bad("id", "node ids start at 1");
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must be set");
+        }
+        if self.initial_cluster.is_empty() {
+            return bad(
+                "initial_cluster",
+                "must list the voters, this node included",
+            );
+        }
+        match self.initial_cluster.get(&self.id) {
+            None => {
+                return bad(
+                    "initial_cluster",
+                    format!("does not list this node (id {})", self.id),
+                )
+            }
+            Some(addr) if addr.port() != self.listen_peer.port() => {
+                return bad(
+                    "listen_peer",
+                    format!(
+                        "port {} differs from this node's initial_cluster entry {addr}",
+                        self.listen_peer.port()
+                    ),
+                )
+            }
+            Some(_) => {}
+        }
+        for id in self.initial_cluster_clients.keys() {
+            if !self.initial_cluster.contains_key(id) {
+                return bad(
+                    "initial_cluster_clients",
+                    format!("node {id} is not in initial_cluster"),
+                );
+            }
+        }
+        if self.tick_interval_ms == 0 {
+            return bad("tick_interval_ms", "must be at least 1");
+        }
+        let positive = [
+            ("batch_entries_max", self.batch_entries_max),
+            ("batch_bytes_max", self.batch_bytes_max),
+            ("requests_pending_max", self.requests_pending_max),
+            ("snapshot_streams", self.snapshot_streams),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("request_timeout_ms", "must be at least 1");
+        }
+        if self.snapshot_entries == 0 {
+            return bad("snapshot_entries", "must be at least 1");
+        }
+        if self.batch_linger_us > 1_000_000 {
+            return bad("batch_linger_us", "must be at most 1 s (1000000)");
+        }
+        self.raft_config().validate().map_err(|e| ConfigError {
+            field: e.field.to_string(),
+            reason: e.reason,
+        })?;
+        self.wal_options().validate().map_err(|e| ConfigError {
+            field: "wal".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// The Raft core's configuration.
+    pub fn raft_config(&self) -> skiff_raft::Config {
+        let mut c =
+            skiff_raft::Config::new(self.id, self.initial_cluster.keys().copied().collect());
+        c.election_ticks_min = self.election_ticks_min;
+        c.election_ticks_max = self.election_ticks_max;
+        c.heartbeat_ticks = self.heartbeat_ticks;
+        c.pre_vote = self.pre_vote;
+        c.check_quorum = self.check_quorum;
+        c.lease_reads = self.lease_reads;
+        c.inflight_max = self.inflight_max;
+        c.inflight_bytes_max = self.inflight_bytes_max;
+        c.batch_bytes_max = self.append_bytes_max;
+        c.uncommitted_bytes_max = self.uncommitted_bytes_max;
+        c
+    }
+
+    /// The WAL's options.
+    pub fn wal_options(&self) -> skiff_wal::Options {
+        skiff_wal::Options {
+            segment_size: self.wal_segment_size,
+            backend: match self.wal_backend {
+                WalBackend::Auto => skiff_wal::Backend::Auto,
+                WalBackend::IoUring => skiff_wal::Backend::IoUring,
+                WalBackend::Pwritev => skiff_wal::Backend::Pwritev,
+            },
+            // The WAL's snapshot record holds only the membership.
+            snapshot_meta_max: 64 << 10,
+            ..skiff_wal::Options::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three() -> NodeConfig {
+        NodeConfig {
+            id: 1,
+            data_dir: "/tmp/x".into(),
+            listen_peer: "127.0.0.1:7001".parse().unwrap(),
+            initial_cluster: parse_cluster("1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003")
+                .unwrap(),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn parses_cluster_lists() {
+        let c = parse_cluster("1=127.0.0.1:1, 2=http://127.0.0.1:2").unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[&2], "127.0.0.1:2".parse().unwrap());
+        assert!(parse_cluster("1=127.0.0.1:1,1=127.0.0.1:2")
+            .unwrap_err()
+            .contains("twice"));
+        assert!(parse_cluster("0=127.0.0.1:1")
+            .unwrap_err()
+            .contains("start at 1"));
+        assert!(parse_cluster("x=127.0.0.1:1")
+            .unwrap_err()
+            .contains("node id"));
+        assert!(parse_cluster("1=nowhere")
+            .unwrap_err()
+            .contains("host:port"));
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        three().validate().unwrap();
+        type Change = Box<dyn Fn(&mut NodeConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("id", Box::new(|c| c.id = 0)),
+            ("data_dir", Box::new(|c| c.data_dir = PathBuf::new())),
+            ("initial_cluster", Box::new(|c| c.id = 9)),
+            (
+                "listen_peer",
+                Box::new(|c| c.listen_peer = "127.0.0.1:9".parse().unwrap()),
+            ),
+            ("heartbeat_ticks", Box::new(|c| c.heartbeat_ticks = 100)),
+            ("election_ticks_max", Box::new(|c| c.election_ticks_max = 1)),
+            ("batch_entries_max", Box::new(|c| c.batch_entries_max = 0)),
+            ("tick_interval_ms", Box::new(|c| c.tick_interval_ms = 0)),
+            ("wal", Box::new(|c| c.wal_segment_size = 1000)),
+        ];
+        for (field, change) in cases {
+            let mut c = three();
+            change(&mut c);
+            let err = c.validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn toml_round_trip_and_errors() {
+        let c = NodeConfig::from_toml(
+            "id = 2\ndata_dir = \"/d\"\nlisten_peer = \"127.0.0.1:7002\"\n\
+             initial_cluster = \"1=127.0.0.1:7001,2=127.0.0.1:7002\"\n\
+             batch_linger_us = 50\nwal_backend = \"pwritev\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.id, 2);
+        assert_eq!(c.batch_linger_us, 50);
+        assert_eq!(c.wal_backend, WalBackend::Pwritev);
+        c.validate().unwrap();
+
+        let err = NodeConfig::from_toml("id = 1\nbatch_size = 3\n").unwrap_err();
+        assert!(err.reason.contains("batch_size"), "{err}");
+        let err = NodeConfig::from_toml("election_ticks_min = \"many\"\n").unwrap_err();
+        assert_eq!(err.field, "election_ticks_min", "{err}");
+        let err = NodeConfig::from_toml("initial_cluster = \"1=x\"\n").unwrap_err();
+        assert!(err.reason.contains("host:port"), "{err}");
+    }
+
+    #[test]
+    fn cluster_id_is_shared_by_members() {
+        let a = three();
+        let mut b = three();
+        b.id = 2;
+        assert_eq!(a.cluster_id(), b.cluster_id());
+        let mut c = three();
+        c.cluster_id = 7;
+        assert_eq!(c.cluster_id(), 7);
+    }
+}

@@ -1,0 +1,143 @@
+//! A whole cluster in one process, on loopback, in a temporary directory:
+//! what `skiff bench` loads when it is given no endpoints, and a fixture
+//! for tests.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use skiff_raft::{NodeId, Role};
+
+use crate::config::NodeConfig;
+use crate::node::{Node, StartError};
+
+/// Nodes of a running embedded cluster (index `i` is node `i + 1`).
+pub struct EmbeddedCluster {
+    nodes: Vec<Option<Node>>,
+    configs: Vec<NodeConfig>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A free loopback port (bound, then released for the node to take).
+fn free_addr() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+impl EmbeddedCluster {
+    /// Starts `n` nodes with `base`'s tunables in a new temporary directory.
+    pub fn start(n: usize, base: &NodeConfig) -> Result<EmbeddedCluster, StartError> {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-embedded-")
+            .tempdir()
+            .map_err(|source| StartError::DataDir {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let mut c = EmbeddedCluster::start_in(n, base, dir.path())?;
+        c._dir = Some(dir);
+        Ok(c)
+    }
+
+    /// Starts `n` nodes under `root` (`root/node-<id>`).
+    pub fn start_in(
+        n: usize,
+        base: &NodeConfig,
+        root: &std::path::Path,
+    ) -> Result<EmbeddedCluster, StartError> {
+        let io = |source| StartError::DataDir {
+            path: root.to_path_buf(),
+            source,
+        };
+        let mut peers = BTreeMap::new();
+        let mut clients = BTreeMap::new();
+        for id in 1..=n as NodeId {
+            peers.insert(id, free_addr().map_err(io)?);
+            clients.insert(id, free_addr().map_err(io)?);
+        }
+        let configs: Vec<NodeConfig> = (1..=n as NodeId)
+            .map(|id| NodeConfig {
+                id,
+                data_dir: root.join(format!("node-{id}")),
+                listen_client: clients[&id],
+                listen_peer: peers[&id],
+                listen_snapshot: ([127, 0, 0, 1], 0).into(),
+                listen_metrics: None,
+                initial_cluster: peers.clone(),
+                initial_cluster_clients: clients.clone(),
+                ..base.clone()
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for cfg in &configs {
+            nodes.push(Some(Node::start(cfg.clone())?));
+        }
+        Ok(EmbeddedCluster {
+            nodes,
+            configs,
+            _dir: None,
+        })
+    }
+
+    /// Client endpoints (`http://host:port`) of the running nodes.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .flatten()
+            .map(|n| format!("http://{}", n.client_addr()))
+            .collect()
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id as usize - 1)?.as_ref()
+    }
+
+    /// Waits until one running node leads and the others agree (bounded).
+    pub fn wait_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let running: Vec<&Node> = self.nodes.iter().flatten().collect();
+            let leaders: Vec<NodeId> = running
+                .iter()
+                .filter(|n| n.handle().status().role == Role::Leader)
+                .map(|n| n.handle().id())
+                .collect();
+            if let [leader] = leaders[..] {
+                let agree = running
+                    .iter()
+                    .all(|n| n.handle().status().leader == Some(leader));
+                if agree {
+                    return Some(leader);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Stops node `id` (a clean shutdown).
+    pub fn stop(&mut self, id: NodeId) -> Result<(), String> {
+        match self.nodes.get_mut(id as usize - 1).and_then(Option::take) {
+            Some(n) => n.shutdown(),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts node `id` again from its data directory.
+    pub fn restart(&mut self, id: NodeId) -> Result<(), StartError> {
+        self.stop(id).ok();
+        let node = Node::start(self.configs[id as usize - 1].clone())?;
+        self.nodes[id as usize - 1] = Some(node);
+        Ok(())
+    }
+
+    /// Stops every node.
+    pub fn shutdown(mut self) -> Result<(), String> {
+        let mut result = Ok(());
+        for n in self.nodes.iter_mut().filter_map(Option::take) {
+            if let Err(e) = n.shutdown() {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,1240 @@
+//! The event loop: collect inputs → `raft.step` → dispatch actions.
+//!
+//! One thread owns the Raft core and the KV state machine. Each pass:
+//!
+//! 1. **collect**: wait for an input or the next tick, then drain what is
+//!    queued (bounded by `batch_entries_max` / `batch_bytes_max`): Raft
+//!    messages from peers, client writes (the proposal batcher), client
+//!    reads, "persist N is durable" from the WAL waiter;
+//! 2. **step**: feed them to the core — one `propose` for the whole batch of
+//!    writes, one `read_index` for the whole batch of linearizable reads;
+//! 3. **dispatch** the actions, in order:
+//!    * `Persist` → one WAL write (group commit happens in the WAL); its
+//!      ticket goes to the waiter thread, which reports it durable;
+//!    * `Send` → the transport at once (the leader's AppendEntries leave in
+//!      the same pass as its own WAL write: its fsync overlaps the network),
+//!      or, for votes and acknowledgements, held until their persist is
+//!      durable;
+//!    * `Apply` → the apply stage: the KV store, then the reply to the
+//!      client that proposed each entry; waiting reads are served;
+//!    * snapshots: send (offer the file to the follower, which fetches it
+//!      in parallel chunks), install (restore the store from the fetched
+//!      file), compact (record the snapshot in the WAL, then drop segments).
+//!
+//! Stage names: accepted (request reached the loop) → submitted (proposed
+//! and handed to the WAL) → durable → committed → applied.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hdrhistogram::Histogram;
+use skiff_net::{SnapshotFiles, Transport};
+use skiff_raft::{
+    Action, Entry, Index, Membership, Message, MessageBody, NodeId, Payload, PersistId, Raft, Role,
+};
+use skiff_wal::{Ticket, Wal, WriteBatch};
+use tokio::sync::oneshot;
+
+use crate::command::Command;
+use crate::config::NodeConfig;
+use crate::kv::{KvError, KvStore};
+use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp};
+use crate::storage::{self, encode_membership};
+
+/// Inputs queued for the loop (bounded: `INPUTS_MAX`).
+pub const INPUTS_MAX: usize = 65_536;
+/// Messages moved from the transport's inbox per input.
+pub const MESSAGES_PER_INPUT_MAX: usize = 1024;
+/// Persist tickets waiting for the WAL waiter thread.
+pub const TICKETS_MAX: usize = 65_536;
+/// Snapshot files kept besides the latest (for transfers under way).
+pub const SNAPSHOTS_KEPT: usize = 1;
+
+/// Why a client request was not served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    #[error("not the leader")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("too many requests: {0}")]
+    Busy(String),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("the node stopped: {0}")]
+    Stopped(String),
+}
+
+pub type WriteReply = oneshot::Sender<Result<ResponseOp, RequestError>>;
+pub type ReadReply = oneshot::Sender<Result<RangeResponse, RequestError>>;
+
+/// What the loop reacts to.
+pub enum Input {
+    Messages(Vec<Message>),
+    /// A client write (Put, DeleteRange, Txn), validated by the API.
+    Write {
+        op: RequestOp,
+        reply: WriteReply,
+        accepted: Instant,
+    },
+    /// A client read; linearizable unless `req.serializable`.
+    Read {
+        req: RangeRequest,
+        reply: ReadReply,
+    },
+    /// The WAL made persist `id` durable.
+    Persisted(PersistId),
+    /// The snapshot record through `upto` is durable: compact the WAL.
+    SnapshotRecorded {
+        upto: Index,
+    },
+    /// A follower fetched the leader's snapshot into `path`: step `msg`.
+    SnapshotFetched {
+        msg: Message,
+        path: PathBuf,
+    },
+    /// The WAL failed (fsync error, full disk, ...): fatal.
+    WalFailed(String),
+    /// Render the metrics as Prometheus text.
+    Metrics(oneshot::Sender<String>),
+    Shutdown,
+}
+
+/// State other threads read (status, routing): written by the loop only.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub role: AtomicU8,
+    pub term: AtomicU64,
+    pub leader: AtomicU64,
+    pub commit: AtomicU64,
+    pub applied: AtomicU64,
+    pub revision: AtomicU64,
+    pub membership: Mutex<Membership>,
+    /// Set when the loop ended; `fatal` says why when it failed.
+    pub stopped: AtomicBool,
+    pub fatal: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub fn role(&self) -> Role {
+        match self.role.load(Ordering::Acquire) {
+            3 => Role::Leader,
+            2 => Role::Candidate,
+            1 => Role::PreCandidate,
+            _ => Role::Follower,
+        }
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        match self.leader.load(Ordering::Acquire) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+}
+
+/// What a follower is told to fetch a snapshot from: carried as the `data`
+/// of the `InstallSnapshot` message (`len` u64 LE, `crc` u32 LE, then the
+/// leader's snapshot server address as text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotOffer {
+    pub len: u64,
+    pub crc: u32,
+    pub addr: SocketAddr,
+}
+
+impl SnapshotOffer {
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(12 + 48);
+        b.extend_from_slice(&self.len.to_le_bytes());
+        b.extend_from_slice(&self.crc.to_le_bytes());
+        b.extend_from_slice(self.addr.to_string().as_bytes());
+        b.freeze()
+    }
+
+    pub fn decode(b: &[u8]) -> Option<SnapshotOffer> {
+        let (len, rest) = b.split_first_chunk::<8>()?;
+        let (crc, rest) = rest.split_first_chunk::<4>()?;
+        let addr = std::str::from_utf8(rest).ok()?.parse().ok()?;
+        Some(SnapshotOffer {
+            len: u64::from_le_bytes(*len),
+            crc: u32::from_le_bytes(*crc),
+            addr,
+        })
+    }
+}
+
+/// Per-stage latency histograms (µs) and batch sizes, owned by the loop.
+struct Stages {
+    propose_to_durable_us: Histogram<u64>,
+    propose_to_commit_us: Histogram<u64>,
+    commit_to_apply_us: Histogram<u64>,
+    batch_entries: Histogram<u64>,
+    read_index_us: Histogram<u64>,
+    snapshot_write_us: Histogram<u64>,
+}
+
+impl Stages {
+    fn new() -> Stages {
+        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds");
+        Stages {
+            propose_to_durable_us: h(),
+            propose_to_commit_us: h(),
+            commit_to_apply_us: h(),
+            batch_entries: h(),
+            read_index_us: h(),
+            snapshot_write_us: h(),
+        }
+    }
+}
+
+fn us_since(t: Instant) -> u64 {
+    t.elapsed().as_micros().clamp(1, u128::from(u64::MAX)) as u64
+}
+
+/// A proposal waiting for its entry to be applied.
+struct PendingWrite {
+    request_id: u64,
+    reply: WriteReply,
+    accepted: Instant,
+}
+
+struct PendingRead {
+    req: RangeRequest,
+    reply: ReadReply,
+    accepted: Instant,
+}
+
+/// Everything the loop owns.
+pub struct EventLoop {
+    pub(crate) cfg: NodeConfig,
+    pub(crate) raft: Raft,
+    pub(crate) kv: KvStore,
+    pub(crate) wal: Arc<Wal>,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) inputs: Receiver<Input>,
+    pub(crate) tickets: Sender<(Ticket, Input)>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) snap_dir: PathBuf,
+    pub(crate) snapshots: Arc<SnapshotFiles>,
+    pub(crate) snapshot_addr: SocketAddr,
+    /// The latest snapshot: (index, term, offer).
+    pub(crate) snapshot: Option<(Index, u64, SnapshotOffer)>,
+    pub(crate) cluster_id: u64,
+    // ---- Bookkeeping.
+    durable: PersistId,
+    held_sends: VecDeque<(PersistId, Message)>,
+    writes: BTreeMap<Index, PendingWrite>,
+    next_request: u64,
+    reads_waiting_index: HashMap<u64, Vec<PendingRead>>,
+    reads_waiting_apply: BTreeMap<Index, Vec<PendingRead>>,
+    next_read_ctx: u64,
+    fetched: HashMap<Index, PathBuf>,
+    /// The last index written to the WAL (to know when a persist truncates).
+    wal_last: Index,
+    applied_since_snapshot: (u64, u64),
+    snapshot_in_progress: bool,
+    last_snapshot_index: Index,
+    /// Propose batches waiting to become durable locally: (last index, when
+    /// the oldest request of the batch was accepted, requests).
+    submitted: VecDeque<(Index, Instant, u64)>,
+    stages: Stages,
+    last_sweep: Instant,
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: NodeConfig,
+        raft: Raft,
+        kv: KvStore,
+        wal: Arc<Wal>,
+        transport: Arc<dyn Transport>,
+        inputs: Receiver<Input>,
+        tickets: Sender<(Ticket, Input)>,
+        shared: Arc<Shared>,
+        snap_dir: PathBuf,
+        snapshots: Arc<SnapshotFiles>,
+        snapshot_addr: SocketAddr,
+        snapshot: Option<(Index, u64, SnapshotOffer)>,
+    ) -> EventLoop {
+        let wal_last = wal.last_index();
+        let last_snapshot_index = snapshot.as_ref().map_or(0, |s| s.0);
+        let cluster_id = cfg.cluster_id();
+        let next_request = cfg.id << 48 | (now_nanos() & ((1 << 40) - 1)) << 8;
+        EventLoop {
+            cfg,
+            raft,
+            kv,
+            wal,
+            transport,
+            inputs,
+            tickets,
+            shared,
+            snap_dir,
+            snapshots,
+            snapshot_addr,
+            snapshot,
+            cluster_id,
+            durable: 0,
+            held_sends: VecDeque::new(),
+            writes: BTreeMap::new(),
+            next_request,
+            reads_waiting_index: HashMap::new(),
+            reads_waiting_apply: BTreeMap::new(),
+            next_read_ctx: 1,
+            fetched: HashMap::new(),
+            wal_last,
+            applied_since_snapshot: (0, 0),
+            snapshot_in_progress: false,
+            last_snapshot_index,
+            submitted: VecDeque::new(),
+            stages: Stages::new(),
+            last_sweep: Instant::now(),
+        }
+    }
+
+    /// Runs until `Shutdown` or a fatal error (returned).
+    pub fn run(mut self) -> Result<(), String> {
+        let tick = self.cfg.tick_interval();
+        let linger = Duration::from_micros(self.cfg.batch_linger_us);
+        let mut next_tick = Instant::now() + tick;
+        let mut writes: Vec<(RequestOp, WriteReply, Instant)> = Vec::new();
+        let mut reads: Vec<PendingRead> = Vec::new();
+        self.publish();
+        let result = loop {
+            // ---- 1. collect.
+            let now = Instant::now();
+            let first = if now >= next_tick {
+                None
+            } else {
+                match self.inputs.recv_timeout(next_tick - now) {
+                    Ok(input) => Some(input),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break Ok(()),
+                }
+            };
+            let mut stop = None;
+            let mut batch_bytes = 0usize;
+            let mut input = first;
+            let mut linger_until: Option<Instant> = None;
+            loop {
+                if let Some(i) = input.take() {
+                    match self.collect(i, &mut writes, &mut reads, &mut batch_bytes) {
+                        Ok(()) => {}
+                        Err(e) => {
+                            stop = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if writes.len() >= self.cfg.batch_entries_max
+                    || batch_bytes >= self.cfg.batch_bytes_max
+                {
+                    break;
+                }
+                match self.inputs.try_recv() {
+                    Ok(i) => input = Some(i),
+                    Err(_) => {
+                        // Nothing queued: linger for more writes if asked to.
+                        if writes.is_empty() || linger.is_zero() {
+                            break;
+                        }
+                        let until = *linger_until.get_or_insert_with(|| Instant::now() + linger);
+                        let now = Instant::now();
+                        if now >= until {
+                            break;
+                        }
+                        match self.inputs.recv_timeout(until - now) {
+                            Ok(i) => input = Some(i),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if let Some(stop) = stop {
+                break stop;
+            }
+            // ---- 2. step.
+            if Instant::now() >= next_tick {
+                self.raft.tick();
+                next_tick += tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + tick;
+                }
+            }
+            if !writes.is_empty() {
+                self.propose(&mut writes);
+            }
+            if !reads.is_empty() {
+                self.read(&mut reads);
+            }
+            // ---- 3. dispatch.
+            if let Err(e) = self.dispatch() {
+                break Err(e);
+            }
+            if self.last_sweep.elapsed() >= Duration::from_secs(1) {
+                self.sweep();
+            }
+        };
+        self.stop(result.as_ref().err().cloned());
+        result
+    }
+
+    /// One input into this pass. `Err(Ok(()))`-like: `Err` ends the loop with
+    /// its result.
+    fn collect(
+        &mut self,
+        input: Input,
+        writes: &mut Vec<(RequestOp, WriteReply, Instant)>,
+        reads: &mut Vec<PendingRead>,
+        batch_bytes: &mut usize,
+    ) -> Result<(), Result<(), String>> {
+        match input {
+            Input::Messages(msgs) => {
+                for msg in msgs {
+                    self.raft.step(msg);
+                }
+            }
+            Input::Write {
+                op,
+                reply,
+                accepted,
+            } => {
+                *batch_bytes += prost::Message::encoded_len(&op);
+                writes.push((op, reply, accepted));
+            }
+            Input::Read { req, reply } => reads.push(PendingRead {
+                req,
+                reply,
+                accepted: Instant::now(),
+            }),
+            Input::Persisted(id) => self.on_persisted(id),
+            Input::SnapshotRecorded { upto } => self.on_snapshot_recorded(upto),
+            Input::SnapshotFetched { msg, path } => {
+                if let MessageBody::InstallSnapshot { index, .. } = &msg.body {
+                    self.fetched.insert(*index, path);
+                }
+                self.raft.step(msg);
+            }
+            Input::WalFailed(e) => return Err(Err(format!("WAL failed: {e}"))),
+            Input::Metrics(reply) => {
+                let _ = reply.send(self.render_metrics());
+            }
+            Input::Shutdown => return Err(Ok(())),
+        }
+        Ok(())
+    }
+
+    fn pending_requests(&self) -> usize {
+        self.writes.len()
+            + self
+                .reads_waiting_apply
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+            + self
+                .reads_waiting_index
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+    }
+
+    /// The proposal batcher's output: one `propose` for the whole batch.
+    fn propose(&mut self, writes: &mut Vec<(RequestOp, WriteReply, Instant)>) {
+        let room = self
+            .cfg
+            .requests_pending_max
+            .saturating_sub(self.pending_requests());
+        if writes.len() > room {
+            for (_, reply, _) in writes.drain(room..) {
+                let _ = reply.send(Err(RequestError::Busy(format!(
+                    "{} requests pending (requests_pending_max)",
+                    self.cfg.requests_pending_max
+                ))));
+            }
+        }
+        if writes.is_empty() {
+            return;
+        }
+        let mut ids = Vec::with_capacity(writes.len());
+        let commands: Vec<Bytes> = writes
+            .iter()
+            .map(|(op, _, _)| {
+                self.next_request += 1;
+                ids.push(self.next_request);
+                Command {
+                    request_id: self.next_request,
+                    op: op.clone(),
+                }
+                .encode()
+            })
+            .collect();
+        match self.raft.propose(commands) {
+            Ok((first, last)) => {
+                let oldest = writes
+                    .iter()
+                    .map(|w| w.2)
+                    .min()
+                    .unwrap_or_else(Instant::now);
+                let n = writes.len() as u64;
+                self.stages.batch_entries.saturating_record(n);
+                self.submitted.push_back((last, oldest, n));
+                for ((index, (_, reply, accepted)), request_id) in
+                    (first..=last).zip(writes.drain(..)).zip(ids)
+                {
+                    self.writes.insert(
+                        index,
+                        PendingWrite {
+                            request_id,
+                            reply,
+                            accepted,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                let err = match e {
+                    skiff_raft::ProposeError::NotLeader { leader_hint } => {
+                        RequestError::NotLeader {
+                            leader: leader_hint,
+                        }
+                    }
+                    skiff_raft::ProposeError::Backpressure { .. } => {
+                        RequestError::Busy(e.to_string())
+                    }
+                    other => RequestError::Unavailable(other.to_string()),
+                };
+                for (_, reply, _) in writes.drain(..) {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Serializable reads are served at once; linearizable ones share one
+    /// read index.
+    fn read(&mut self, reads: &mut Vec<PendingRead>) {
+        let mut linear = Vec::new();
+        for r in reads.drain(..) {
+            if r.req.serializable {
+                self.serve_read(r);
+            } else {
+                linear.push(r);
+            }
+        }
+        if linear.is_empty() {
+            return;
+        }
+        if self.pending_requests() + linear.len() > self.cfg.requests_pending_max {
+            for r in linear {
+                let _ = r.reply.send(Err(RequestError::Busy(format!(
+                    "{} requests pending (requests_pending_max)",
+                    self.cfg.requests_pending_max
+                ))));
+            }
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        match self.raft.read_index(ctx) {
+            Ok(()) => {
+                self.reads_waiting_index.insert(ctx, linear);
+            }
+            Err(e) => {
+                for r in linear {
+                    let _ = r
+                        .reply
+                        .send(Err(RequestError::Unavailable(format!("read index: {e}"))));
+                }
+            }
+        }
+    }
+
+    fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.cfg.id,
+            revision,
+            raft_term: self.raft.term(),
+        })
+    }
+
+    fn serve_read(&mut self, r: PendingRead) {
+        let result = self.kv.range(&r.req).map(|mut resp| {
+            resp.header = self.header(self.kv.revision());
+            resp
+        });
+        if !r.req.serializable {
+            self.stages
+                .read_index_us
+                .saturating_record(us_since(r.accepted));
+        }
+        let _ = r.reply.send(result.map_err(RequestError::from));
+    }
+
+    fn on_persisted(&mut self, id: PersistId) {
+        self.durable = self.durable.max(id);
+        self.raft.persisted(id);
+        let persisted = self.raft.persisted_index();
+        while let Some(&(last, oldest, n)) = self.submitted.front() {
+            if last > persisted {
+                break;
+            }
+            self.submitted.pop_front();
+            let _ = self
+                .stages
+                .propose_to_durable_us
+                .record_n(us_since(oldest), n);
+        }
+    }
+
+    fn on_snapshot_recorded(&mut self, upto: Index) {
+        self.snapshot_in_progress = false;
+        match self.wal.compact(upto) {
+            Ok(n) => tracing::debug!(upto, segments = n, "WAL compacted"),
+            Err(e) => tracing::warn!(upto, error = %e, "WAL compaction failed"),
+        }
+        self.remove_old_snapshots();
+    }
+
+    /// Dispatches every action of this pass, in order.
+    fn dispatch(&mut self) -> Result<(), String> {
+        loop {
+            let actions = self.raft.take_actions();
+            if actions.is_empty() {
+                break;
+            }
+            self.dispatch_actions(actions)?;
+            // Releases sends held for persists that are now durable.
+            while let Some((id, _)) = self.held_sends.front() {
+                if *id > self.durable {
+                    break;
+                }
+                let (_, msg) = self.held_sends.pop_front().expect("front exists");
+                self.send(msg);
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn dispatch_actions(&mut self, actions: Vec<Action>) -> Result<(), String> {
+        for action in actions {
+            match action {
+                Action::Persist {
+                    id,
+                    hard_state,
+                    entries,
+                } => self.persist(id, hard_state, entries)?,
+                Action::Send { msg, after_persist } => match after_persist {
+                    Some(id) if id > self.durable => self.held_sends.push_back((id, msg)),
+                    _ => self.send(msg),
+                },
+                Action::Apply { entries } => self.apply(entries)?,
+                Action::SendSnapshot {
+                    to,
+                    index,
+                    membership,
+                } => self.send_snapshot(to, index, membership),
+                Action::InstallSnapshot {
+                    id,
+                    index,
+                    term,
+                    membership,
+                    data: _,
+                } => self.install_snapshot(id, index, term, &membership)?,
+                Action::Compact { upto, membership } => self.record_snapshot(upto, &membership)?,
+                Action::ReadReady { ctx, index } => {
+                    if let Some(reads) = self.reads_waiting_index.remove(&ctx) {
+                        if index <= self.kv.applied_index() {
+                            for r in reads {
+                                self.serve_read(r);
+                            }
+                        } else {
+                            self.reads_waiting_apply
+                                .entry(index)
+                                .or_default()
+                                .extend(reads);
+                        }
+                    }
+                }
+                Action::ReadFailed { ctx } => {
+                    for r in self.reads_waiting_index.remove(&ctx).unwrap_or_default() {
+                        let _ = r.reply.send(Err(RequestError::Unavailable(
+                            "leadership changed before the read was confirmed; retry".into(),
+                        )));
+                    }
+                }
+                Action::RoleChanged { role, term, leader } => {
+                    tracing::info!(?role, term, ?leader, "role changed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn persist(
+        &mut self,
+        id: PersistId,
+        hard_state: Option<skiff_raft::HardState>,
+        entries: Vec<Entry>,
+    ) -> Result<(), String> {
+        let truncate_from = entries
+            .first()
+            .map(|e| e.index)
+            .filter(|&i| i <= self.wal_last);
+        if let Some(last) = entries.last() {
+            self.wal_last = last.index;
+        }
+        let batch = WriteBatch {
+            truncate_from,
+            snapshot: None,
+            entries: entries.iter().map(storage::to_wal).collect(),
+            hard_state: hard_state.map(storage::to_wal_hard_state),
+        };
+        let ticket = self
+            .wal
+            .write(batch)
+            .map_err(|e| format!("WAL write: {e}"))?;
+        self.tickets
+            .send_timeout((ticket, Input::Persisted(id)), Duration::from_secs(30))
+            .map_err(|_| "the WAL waiter stopped".to_string())
+    }
+
+    fn send(&mut self, msg: Message) {
+        if let Err(e) = self.transport.send(msg) {
+            tracing::trace!(error = %e, "send failed");
+            self.raft.unreachable(e.peer());
+        }
+    }
+
+    /// The apply stage: committed entries into the KV store, replies out.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        for e in entries {
+            let pending = self.writes.remove(&e.index);
+            match e.payload {
+                Payload::Normal(data) => {
+                    self.applied_since_snapshot.0 += 1;
+                    self.applied_since_snapshot.1 += data.len() as u64;
+                    let cmd = Command::decode(data)
+                        .map_err(|err| format!("entry {} is not a command: {err}", e.index))?;
+                    let result = self.kv.apply(e.index, &cmd.op);
+                    if let Some(p) = pending {
+                        if p.request_id == cmd.request_id {
+                            self.stages
+                                .propose_to_commit_us
+                                .saturating_record(us_since(p.accepted));
+                            let result = result.map(|mut r| {
+                                set_header(&mut r, self.header(self.kv.revision()));
+                                r
+                            });
+                            let _ = p.reply.send(result.map_err(RequestError::from));
+                        } else {
+                            let _ = p.reply.send(Err(lost()));
+                        }
+                    }
+                }
+                Payload::Noop | Payload::Membership(_) => {
+                    self.kv.mark_applied(e.index);
+                    if let Some(p) = pending {
+                        let _ = p.reply.send(Err(lost()));
+                    }
+                }
+            }
+        }
+        self.stages
+            .commit_to_apply_us
+            .saturating_record(us_since(started));
+        self.raft.applied(last);
+        // Reads waiting for this much to be applied.
+        while let Some(entry) = self.reads_waiting_apply.first_entry() {
+            if *entry.key() > last {
+                break;
+            }
+            for r in entry.remove() {
+                self.serve_read(r);
+            }
+        }
+        let (n, bytes) = self.applied_since_snapshot;
+        if !self.snapshot_in_progress
+            && (n >= self.cfg.snapshot_entries || bytes >= self.cfg.snapshot_bytes)
+        {
+            self.take_snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the store to a snapshot file, durably, then tells the core.
+    fn take_snapshot(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let index = self.kv.applied_index();
+        if index <= self.last_snapshot_index {
+            return Ok(());
+        }
+        let term = self
+            .wal
+            .term(index)
+            .map_err(|e| format!("term of applied entry {index}: {e}"))?;
+        let path = storage::snapshot_path(&self.snap_dir, index, term);
+        let (len, crc) = write_snapshot_file(&self.kv, &path)
+            .map_err(|e| format!("snapshot {}: {e}", path.display()))?;
+        self.stages
+            .snapshot_write_us
+            .saturating_record(us_since(started));
+        tracing::info!(index, term, bytes = len, "snapshot taken");
+        let offer = SnapshotOffer {
+            len,
+            crc,
+            addr: self.snapshot_addr,
+        };
+        self.offer_snapshot(index, term, path, offer);
+        self.applied_since_snapshot = (0, 0);
+        self.snapshot_in_progress = true;
+        self.last_snapshot_index = index;
+        self.raft.snapshot_taken(index);
+        Ok(())
+    }
+
+    fn offer_snapshot(&mut self, index: Index, term: u64, path: PathBuf, offer: SnapshotOffer) {
+        self.snapshots.insert(
+            path,
+            skiff_net::SnapshotMeta {
+                index,
+                term,
+                len: offer.len,
+                crc: offer.crc,
+            },
+        );
+        if let Some((old, _, _)) = self.snapshot.replace((index, term, offer)) {
+            if old != index {
+                self.snapshots.remove(old);
+            }
+        }
+    }
+
+    /// `Compact`: record the snapshot in the WAL; once durable, compact.
+    fn record_snapshot(&mut self, upto: Index, membership: &Membership) -> Result<(), String> {
+        let Some((index, term, _)) = self.snapshot.clone() else {
+            return Ok(());
+        };
+        if index != upto {
+            return Ok(());
+        }
+        let mut data = BytesMut::new();
+        encode_membership(membership, &mut data);
+        let ticket = self
+            .wal
+            .save_snapshot(skiff_wal::SnapshotMeta {
+                index,
+                term,
+                data: data.freeze(),
+            })
+            .map_err(|e| format!("WAL snapshot record: {e}"))?;
+        self.snapshot_in_progress = true;
+        self.tickets
+            .send_timeout(
+                (ticket, Input::SnapshotRecorded { upto }),
+                Duration::from_secs(30),
+            )
+            .map_err(|_| "the WAL waiter stopped".to_string())
+    }
+
+    /// `SendSnapshot`: offer our latest snapshot; the follower fetches it.
+    fn send_snapshot(&mut self, to: NodeId, needed: Index, membership: Membership) {
+        let Some((index, term, offer)) = self.snapshot.clone() else {
+            tracing::warn!(to, "a follower needs a snapshot but none is held");
+            return;
+        };
+        if index < needed {
+            tracing::warn!(to, index, needed, "the snapshot held is older than needed");
+            return;
+        }
+        let msg = Message {
+            from: self.cfg.id,
+            to,
+            term: self.raft.term(),
+            body: MessageBody::InstallSnapshot {
+                index,
+                snapshot_term: term,
+                membership,
+                data: offer.encode(),
+            },
+        };
+        tracing::info!(to, index, "offering snapshot");
+        self.send(msg);
+    }
+
+    /// `InstallSnapshot`: restore the store from the fetched file and make
+    /// the snapshot the WAL's base.
+    fn install_snapshot(
+        &mut self,
+        id: PersistId,
+        index: Index,
+        term: u64,
+        membership: &Membership,
+    ) -> Result<(), String> {
+        let path = self
+            .fetched
+            .remove(&index)
+            .ok_or_else(|| format!("snapshot {index} to install was not fetched"))?;
+        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        self.kv = KvStore::read_snapshot(&mut reader)
+            .map_err(|e| format!("snapshot {}: {e}", path.display()))?;
+        let crc = file_crc(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let canonical = storage::snapshot_path(&self.snap_dir, index, term);
+        if canonical != path {
+            std::fs::rename(&path, &canonical)
+                .map_err(|e| format!("rename {}: {e}", path.display()))?;
+            fsync_dir(&self.snap_dir).map_err(|e| format!("{}: {e}", self.snap_dir.display()))?;
+        }
+        let offer = SnapshotOffer {
+            len,
+            crc,
+            addr: self.snapshot_addr,
+        };
+        self.offer_snapshot(index, term, canonical, offer);
+        self.last_snapshot_index = index;
+        self.applied_since_snapshot = (0, 0);
+        // Requests waiting on entries the snapshot replaced.
+        let stale: Vec<Index> = self.writes.range(..=index).map(|(i, _)| *i).collect();
+        for i in stale {
+            if let Some(p) = self.writes.remove(&i) {
+                let _ = p.reply.send(Err(lost()));
+            }
+        }
+        let mut data = BytesMut::new();
+        encode_membership(membership, &mut data);
+        let ticket = self
+            .wal
+            .write(WriteBatch {
+                snapshot: Some(skiff_wal::SnapshotMeta {
+                    index,
+                    term,
+                    data: data.freeze(),
+                }),
+                ..WriteBatch::default()
+            })
+            .map_err(|e| format!("WAL snapshot record: {e}"))?;
+        self.wal_last = self.wal.last_index();
+        tracing::info!(index, term, "snapshot installed");
+        self.tickets
+            .send_timeout((ticket, Input::Persisted(id)), Duration::from_secs(30))
+            .map_err(|_| "the WAL waiter stopped".to_string())
+    }
+
+    fn remove_old_snapshots(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.snap_dir) else {
+            return;
+        };
+        let mut snaps: Vec<(u64, PathBuf)> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let index = name.strip_prefix("snapshot-")?.get(..20)?.parse().ok()?;
+                name.ends_with(".snap").then(|| (index, e.path()))
+            })
+            .collect();
+        snaps.sort();
+        let keep = SNAPSHOTS_KEPT + 1;
+        if snaps.len() > keep {
+            for (_, path) in &snaps[..snaps.len() - keep] {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    /// Drops requests whose clients gave up.
+    fn sweep(&mut self) {
+        self.last_sweep = Instant::now();
+        self.writes.retain(|_, w| !w.reply.is_closed());
+        for reads in self.reads_waiting_apply.values_mut() {
+            reads.retain(|r| !r.reply.is_closed());
+        }
+        self.reads_waiting_apply.retain(|_, r| !r.is_empty());
+    }
+
+    fn publish(&self) {
+        let s = &self.shared;
+        let role = match self.raft.role() {
+            Role::Follower => 0,
+            Role::PreCandidate => 1,
+            Role::Candidate => 2,
+            Role::Leader => 3,
+        };
+        s.role.store(role, Ordering::Release);
+        s.term.store(self.raft.term(), Ordering::Release);
+        s.leader
+            .store(self.raft.leader().unwrap_or(0), Ordering::Release);
+        s.commit.store(self.raft.commit(), Ordering::Release);
+        s.applied.store(self.kv.applied_index(), Ordering::Release);
+        s.revision
+            .store(self.kv.revision().max(0) as u64, Ordering::Release);
+        let m = self.raft.membership();
+        let mut shared = s.membership.lock().unwrap_or_else(|e| e.into_inner());
+        if *shared != *m {
+            *shared = m.clone();
+        }
+    }
+
+    fn stop(&mut self, fatal: Option<String>) {
+        if let Some(f) = &fatal {
+            tracing::error!(error = %f, "node stopping on a fatal error");
+        }
+        let why = fatal.clone().unwrap_or_else(|| "shut down".into());
+        for (_, w) in std::mem::take(&mut self.writes) {
+            let _ = w.reply.send(Err(RequestError::Stopped(why.clone())));
+        }
+        for (_, reads) in std::mem::take(&mut self.reads_waiting_apply) {
+            for r in reads {
+                let _ = r.reply.send(Err(RequestError::Stopped(why.clone())));
+            }
+        }
+        for (_, reads) in std::mem::take(&mut self.reads_waiting_index) {
+            for r in reads {
+                let _ = r.reply.send(Err(RequestError::Stopped(why.clone())));
+            }
+        }
+        *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) = fatal;
+        self.shared.stopped.store(true, Ordering::Release);
+    }
+
+    fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        let s = &self.shared;
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP skiff_{name} {help}\n# TYPE skiff_{name} gauge\nskiff_{name} {v}\n"
+            ));
+        };
+        gauge(
+            &mut out,
+            "raft_term",
+            "Current Raft term.",
+            self.raft.term(),
+        );
+        gauge(
+            &mut out,
+            "is_leader",
+            "1 on the leader.",
+            u64::from(self.raft.role() == Role::Leader),
+        );
+        gauge(
+            &mut out,
+            "commit_index",
+            "Raft commit index.",
+            self.raft.commit(),
+        );
+        gauge(
+            &mut out,
+            "applied_index",
+            "Last index applied to the KV store.",
+            s.applied.load(Ordering::Acquire),
+        );
+        gauge(
+            &mut out,
+            "kv_revision",
+            "KV store revision.",
+            self.kv.revision().max(0) as u64,
+        );
+        gauge(
+            &mut out,
+            "requests_pending",
+            "Client requests waiting in the node.",
+            self.pending_requests() as u64,
+        );
+        let st = &self.stages;
+        histogram(
+            &mut out,
+            "propose_to_durable_us",
+            "Accepted to locally durable (leader), µs.",
+            &st.propose_to_durable_us,
+        );
+        histogram(
+            &mut out,
+            "propose_to_commit_us",
+            "Accepted to committed and applied, µs.",
+            &st.propose_to_commit_us,
+        );
+        histogram(
+            &mut out,
+            "commit_to_apply_us",
+            "Applying one batch of committed entries, µs.",
+            &st.commit_to_apply_us,
+        );
+        histogram(
+            &mut out,
+            "batch_entries",
+            "Proposals per Raft proposal batch.",
+            &st.batch_entries,
+        );
+        histogram(
+            &mut out,
+            "read_index_us",
+            "Linearizable read: accepted to served, µs.",
+            &st.read_index_us,
+        );
+        histogram(
+            &mut out,
+            "snapshot_write_us",
+            "Writing a state-machine snapshot, µs.",
+            &st.snapshot_write_us,
+        );
+        let wal = self.wal.metrics();
+        histogram(
+            &mut out,
+            "wal_fsync_us",
+            "WAL fdatasync, µs.",
+            &wal.fsync_us,
+        );
+        histogram(
+            &mut out,
+            "wal_write_us",
+            "WAL group write, µs.",
+            &wal.write_us,
+        );
+        histogram(
+            &mut out,
+            "wal_queue_wait_us",
+            "WAL queue wait, µs.",
+            &wal.queue_wait_us,
+        );
+        histogram(
+            &mut out,
+            "wal_group_bytes",
+            "WAL group size, bytes.",
+            &wal.group_bytes,
+        );
+        out
+    }
+}
+
+fn lost() -> RequestError {
+    RequestError::Unavailable(
+        "the proposal was dropped by a leadership change and not applied; retry".into(),
+    )
+}
+
+fn set_header(r: &mut ResponseOp, header: Option<ResponseHeader>) {
+    use crate::pb::etcdserverpb::response_op::Response;
+    match &mut r.response {
+        Some(Response::ResponsePut(p)) => p.header = header,
+        Some(Response::ResponseDeleteRange(p)) => p.header = header,
+        Some(Response::ResponseTxn(p)) => p.header = header,
+        Some(Response::ResponseRange(p)) => p.header = header,
+        None => {}
+    }
+}
+
+/// Prometheus summary-style quantiles plus count and sum.
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+    out.push_str(&format!(
+        "# HELP skiff_{name} {help}\n# TYPE skiff_{name} summary\n"
+    ));
+    for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+        out.push_str(&format!(
+            "skiff_{name}{{quantile=\"{q}\"}} {}\n",
+            h.value_at_quantile(q)
+        ));
+    }
+    let sum = (h.mean() * h.len() as f64) as u64;
+    out.push_str(&format!(
+        "skiff_{name}_sum {sum}\nskiff_{name}_count {}\n",
+        h.len()
+    ));
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A writer that counts and checksums what passes through.
+struct CrcWriter<W> {
+    inner: W,
+    len: u64,
+    crc: u32,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes the store to `path` durably (temporary file, fsync, rename,
+/// directory fsync); returns its length and CRC32C.
+fn write_snapshot_file(kv: &KvStore, path: &Path) -> std::io::Result<(u64, u32)> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let file = std::fs::File::create(&tmp)?;
+    let mut w = CrcWriter {
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        len: 0,
+        crc: 0,
+    };
+    kv.write_snapshot(&mut w)?;
+    w.flush()?;
+    let (len, crc) = (w.len, w.crc);
+    let file = w.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    fsync_dir(dir)?;
+    Ok((len, crc))
+}
+
+pub(crate) fn file_crc(path: &Path) -> std::io::Result<u32> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut crc = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(crc);
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The WAL waiter: reports each ticket's input once durable, in order.
+/// A WAL error or a ticket that does not become durable in time is fatal.
+pub(crate) fn run_waiter(tickets: Receiver<(Ticket, Input)>, inputs: Sender<Input>) {
+    while let Ok((ticket, input)) = tickets.recv() {
+        let input = match ticket.wait() {
+            Ok(()) => input,
+            Err(e) => Input::WalFailed(e.to_string()),
+        };
+        let failed = matches!(input, Input::WalFailed(_));
+        if inputs.send(input).is_err() || failed {
+            return;
+        }
+    }
+}
