@@ -1,3 +1,692 @@
 //! skiff-tests: end-to-end tests that use Skiff's public APIs the way a user
 //! would — real files, real fsync, real processes. Shared helpers live here;
 //! the tests are in `tests/`.
+//!
+//! # The cluster harness
+//!
+//! [`Cluster`] runs `skiff serve` child processes on loopback, each with its
+//! own data directory under one temporary directory, its stdout and stderr
+//! appended to `node-<id>.log` there. Nodes can be killed (`SIGKILL`),
+//! terminated (`SIGTERM`, then a bounded wait for a clean exit) and restarted
+//! from their data directory. Every wait is bounded; a test that fails prints
+//! the tail of every node's log and keeps the directory (its path is
+//! printed). Dropping a cluster kills its children.
+//!
+//! # Which `skiff` binary
+//!
+//! `CARGO_BIN_EXE_skiff` exists only inside the skiff-node package, so
+//! [`skiff_bin`] finds the binary itself: `$SKIFF_BIN` when set; otherwise it
+//! runs `cargo build --bin skiff` once per test process, into the target
+//! directory the test binary itself lives in (`<target>/<dir>/deps/<test>`),
+//! with the profile that directory belongs to (`debug` → `test`, the profile
+//! `cargo test` builds with; `release` → `release`; any other directory name
+//! is taken as a profile name). Cargo makes that a no-op when the binary is
+//! fresh, and it never runs a stale one. This crate depends on skiff-node
+//! (and on skiff-raft and skiff-wal with `testing`, as `cargo test
+//! --workspace` unifies them) so that the binary's dependencies are already
+//! built, with the same features, by the time the tests run.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use etcd_client;
+use etcd_client::{Client, ConnectOptions, StatusResponse};
+
+/// A member's id (the `--id` flag).
+pub type NodeId = u64;
+
+/// Longest a node may take from spawn to accepting client connections.
+pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a node may take to exit after SIGTERM.
+pub const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Per-request timeout of the clients this harness hands out.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect timeout of those clients.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between two polls of a condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Lines of each node's log printed when a test fails.
+pub const LOG_TAIL_LINES: usize = 120;
+/// WAL segment size the nodes run with by default: small, so that
+/// preallocating segments costs little.
+pub const WAL_SEGMENT_BYTES: u64 = 4 << 20;
+/// Cluster starts attempted when a node cannot bind its ports (another
+/// process took a port between the probe and the node's bind).
+const START_ATTEMPTS_MAX: usize = 3;
+
+/// Path of the `skiff` binary under test (see the crate docs).
+pub fn skiff_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("SKIFF_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => build_skiff(),
+    })
+}
+
+fn build_skiff() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // <target>/<dir>/deps/<test binary>
+    let mut dir = exe.parent().expect("the test binary has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("deps has a parent");
+    }
+    let dir_name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("the profile directory has a name");
+    let profile = match dir_name {
+        "debug" => "test",
+        "release" => "release",
+        other => other,
+    };
+    let target_dir = dir.parent().expect("the profile directory has a parent");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let started = Instant::now();
+    let output = Command::new(&cargo)
+        .current_dir(workspace)
+        .args(["build", "--quiet", "--bin", "skiff", "--profile", profile])
+        .args(["-p", "skiff-node", "-p", "skiff-tests"])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build skiff: {e}"));
+    assert!(
+        output.status.success(),
+        "`cargo build --bin skiff --profile {profile}` failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bin = dir.join("skiff");
+    assert!(
+        bin.is_file(),
+        "cargo built skiff but {} is missing",
+        bin.display()
+    );
+    eprintln!(
+        "skiff-tests: using {} (cargo build took {:.1} s)",
+        bin.display(),
+        started.elapsed().as_secs_f64()
+    );
+    bin
+}
+
+/// A loopback address whose port was free a moment ago.
+///
+/// Ports come from below the kernel's ephemeral range, so that the clients'
+/// and peers' outgoing connections cannot take a port a node is about to
+/// bind again on restart. Falls back to an ephemeral port where that range
+/// is too small.
+pub fn free_addr() -> SocketAddr {
+    const LOW: u16 = 10_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOW + 2_000 {
+        let span = ephemeral_low - LOW;
+        // Spread concurrent test processes over the range.
+        let _ = NEXT.compare_exchange(
+            0,
+            (std::process::id() as u16).wrapping_mul(613) % span + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        for _ in 0..span {
+            let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr().expect("a bound listener has an address");
+            }
+        }
+    }
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// Polls `cond` every [`POLL_INTERVAL`] until it returns `Some`, or panics
+/// with `what` after `timeout`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {:.1} s waiting for {what}",
+            timeout.as_secs_f64()
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Runs `cmd` to completion with its output captured; panics if it runs
+/// longer than `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} ran longer than {:.1} s", timeout.as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+/// Removes ANSI colour sequences (in case a node's log has them).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// `GET /metrics` on `addr`; the body of a 200 answer.
+pub fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
+    let timeout = Duration::from_secs(5);
+    let mut conn = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    conn.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).map_err(|e| e.to_string())?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP head in {answer:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("metrics answered {head:?}: {body}"));
+    }
+    Ok(body.to_string())
+}
+
+/// Connects an etcd client to `endpoints` with the harness's timeouts.
+pub async fn connect(endpoints: &[String]) -> Client {
+    let options = ConnectOptions::new()
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(CONNECT_TIMEOUT);
+    Client::connect(endpoints, Some(options))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create a client for {endpoints:?}: {e}"))
+}
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Members (ids 1..=nodes).
+    pub nodes: usize,
+    /// `--wal-segment-size` of every node.
+    pub wal_segment_bytes: u64,
+    /// Extra `skiff serve` flags for every node.
+    pub args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        ClusterOptions {
+            nodes: 3,
+            wal_segment_bytes: WAL_SEGMENT_BYTES,
+            args: Vec::new(),
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// Adds `--flag value` to every node's command line.
+    pub fn arg(mut self, flag: &str, value: impl ToString) -> ClusterOptions {
+        self.args.push(flag.to_string());
+        self.args.push(value.to_string());
+        self
+    }
+}
+
+/// One member: its addresses, its directory and, while it runs, its
+/// process.
+struct Member {
+    client: SocketAddr,
+    peer: SocketAddr,
+    metrics: SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// Processes started for this member so far.
+    starts: u32,
+}
+
+/// A cluster of `skiff serve` processes (see the crate docs).
+pub struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    options: ClusterOptions,
+    members: BTreeMap<NodeId, Member>,
+}
+
+impl Cluster {
+    /// Starts every member and waits until each accepts client connections
+    /// (not for a leader: see [`Cluster::wait_leader`]).
+    pub fn start(options: ClusterOptions) -> Cluster {
+        let mut attempt = 1;
+        loop {
+            match Cluster::try_start(options.clone()) {
+                Ok(cluster) => return cluster,
+                Err((cluster, why)) if attempt < START_ATTEMPTS_MAX && why.contains("listen") => {
+                    eprintln!("cluster start attempt {attempt} failed ({why}); new ports");
+                    drop(cluster);
+                    attempt += 1;
+                }
+                Err((cluster, why)) => {
+                    cluster.print_logs();
+                    panic!("cluster did not start: {why}");
+                }
+            }
+        }
+    }
+
+    fn try_start(options: ClusterOptions) -> Result<Cluster, (Cluster, String)> {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-tests-")
+            .tempdir()
+            .expect("a temporary directory");
+        let mut members = BTreeMap::new();
+        for id in 1..=options.nodes as NodeId {
+            members.insert(
+                id,
+                Member {
+                    client: free_addr(),
+                    peer: free_addr(),
+                    metrics: free_addr(),
+                    data_dir: dir.path().join(format!("node-{id}")),
+                    log: dir.path().join(format!("node-{id}.log")),
+                    child: None,
+                    starts: 0,
+                },
+            );
+        }
+        let mut cluster = Cluster {
+            dir: Some(dir),
+            options,
+            members,
+        };
+        let ids = cluster.ids();
+        for &id in &ids {
+            cluster.spawn(id);
+        }
+        for &id in &ids {
+            if let Err(why) = cluster.wait_serving(id) {
+                return Err((cluster, why));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Every member's id.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.members.keys().copied().collect()
+    }
+
+    /// Members whose process runs.
+    pub fn running(&self) -> Vec<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.child.is_some())
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    fn member(&self, id: NodeId) -> &Member {
+        self.members
+            .get(&id)
+            .unwrap_or_else(|| panic!("no member {id}"))
+    }
+
+    fn member_mut(&mut self, id: NodeId) -> &mut Member {
+        self.members
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("no member {id}"))
+    }
+
+    /// `http://host:port` of `id`'s client API.
+    pub fn endpoint(&self, id: NodeId) -> String {
+        format!("http://{}", self.member(id).client)
+    }
+
+    /// Every member's endpoint, in id order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.ids().into_iter().map(|id| self.endpoint(id)).collect()
+    }
+
+    /// `id`'s metrics address.
+    pub fn metrics_addr(&self, id: NodeId) -> SocketAddr {
+        self.member(id).metrics
+    }
+
+    /// `id`'s data directory.
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
+        self.member(id).data_dir.clone()
+    }
+
+    /// The `skiff serve` arguments of `id`.
+    pub fn serve_args(&self, id: NodeId) -> Vec<String> {
+        let list = |f: fn(&Member) -> SocketAddr| {
+            self.members
+                .iter()
+                .map(|(id, m)| format!("{id}={}", f(m)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let m = self.member(id);
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            m.data_dir.display().to_string(),
+            "--listen-client".into(),
+            m.client.to_string(),
+            "--listen-peer".into(),
+            m.peer.to_string(),
+            "--listen-metrics".into(),
+            m.metrics.to_string(),
+            "--initial-cluster".into(),
+            list(|m| m.peer),
+            "--initial-cluster-clients".into(),
+            list(|m| m.client),
+            "--wal-segment-size".into(),
+            self.options.wal_segment_bytes.to_string(),
+        ];
+        args.extend(self.options.args.iter().cloned());
+        args
+    }
+
+    fn spawn(&mut self, id: NodeId) {
+        let args = self.serve_args(id);
+        let m = self.member_mut(id);
+        assert!(m.child.is_none(), "member {id} already runs");
+        m.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("open the node's log");
+        writeln!(
+            log,
+            "==== harness: start {} of member {id}: skiff {}",
+            m.starts,
+            args.join(" ")
+        )
+        .expect("write the node's log");
+        let err = log.try_clone().expect("clone the log handle");
+        let child = Command::new(skiff_bin())
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", skiff_bin().display()));
+        m.child = Some(child);
+    }
+
+    /// Waits until `id` accepts TCP connections on its client address, or
+    /// reports why not (it exited, or took too long).
+    fn wait_serving(&mut self, id: NodeId) -> Result<(), String> {
+        let deadline = Instant::now() + NODE_START_TIMEOUT;
+        loop {
+            let client = self.member(id).client;
+            if TcpStream::connect_timeout(&client, Duration::from_secs(1)).is_ok() {
+                return Ok(());
+            }
+            let m = self.member_mut(id);
+            let child = m.child.as_mut().expect("waiting on a running member");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                m.child = None;
+                let log = self.log(id);
+                let last = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                return Err(format!("member {id} exited at start ({status}): {last}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "member {id} did not accept client connections on {client} within {:.0} s",
+                    NODE_START_TIMEOUT.as_secs_f64()
+                ));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// `SIGKILL`s `id` and reaps it: no chance to flush or say goodbye.
+    pub fn kill(&mut self, id: NodeId) {
+        let m = self.member_mut(id);
+        let mut child = m
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("member {id} is not running"));
+        let _ = child.kill();
+        child.wait().expect("reap a killed member");
+    }
+
+    /// Sends `SIGTERM` to `id` and waits (bounded) for it to exit; returns
+    /// its exit status.
+    pub fn terminate(&mut self, id: NodeId) -> ExitStatus {
+        let m = self.member_mut(id);
+        let mut child = m
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("member {id} is not running"));
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: plain kill(2) on our own child, which has not been reaped
+        // yet (so the pid cannot have been reused).
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) on member {id} failed");
+        let deadline = Instant::now() + NODE_STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "member {id} did not exit within {:.0} s of SIGTERM",
+                    NODE_STOP_TIMEOUT.as_secs_f64()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Starts `id` again from its data directory, with the same flags, and
+    /// waits until it accepts client connections.
+    pub fn restart(&mut self, id: NodeId) {
+        self.spawn(id);
+        if let Err(why) = self.wait_serving(id) {
+            panic!("restart of member {id} failed: {why}");
+        }
+    }
+
+    /// `id`'s log so far (every start of it), without colour codes.
+    pub fn log(&self, id: NodeId) -> String {
+        let raw = std::fs::read(&self.member(id).log).unwrap_or_default();
+        strip_ansi(&String::from_utf8_lossy(&raw))
+    }
+
+    /// The lines `id` logged since its latest start.
+    pub fn log_since_start(&self, id: NodeId) -> String {
+        let log = self.log(id);
+        match log.rfind("==== harness: start ") {
+            Some(at) => log[at..].to_string(),
+            None => log,
+        }
+    }
+
+    /// Prints the tail of every member's log to stderr.
+    pub fn print_logs(&self) {
+        for &id in self.members.keys() {
+            let log = self.log(id);
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+            eprintln!(
+                "----- member {id}: last {} of {} log lines -----",
+                lines.len() - from,
+                lines.len()
+            );
+            for line in &lines[from..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    /// A client for `id` alone.
+    pub async fn client(&self, id: NodeId) -> Client {
+        connect(&[self.endpoint(id)]).await
+    }
+
+    /// `Maintenance.Status` of `id`.
+    pub async fn status(&self, id: NodeId) -> Result<StatusResponse, String> {
+        let mut client = self.client(id).await;
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.status()).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("Status timed out".into()),
+        }
+    }
+
+    /// Waits until exactly one running member leads and every running
+    /// member knows it; returns the leader and its term.
+    pub async fn wait_leader(&self, timeout: Duration) -> (NodeId, u64) {
+        let running = self.running();
+        let (members, cluster) = (&running, self);
+        poll_until(
+            &format!("a leader that members {running:?} agree on"),
+            timeout,
+            move || async move {
+                let mut leader = None;
+                let mut term = 0;
+                for &id in members {
+                    let s = cluster.status(id).await.ok()?;
+                    if s.leader() == 0 || leader.is_some_and(|l| l != s.leader()) {
+                        return None;
+                    }
+                    leader = Some(s.leader());
+                    if s.leader() == id {
+                        term = s.raft_term();
+                    }
+                }
+                let leader = leader?;
+                // The leader must be one of the running members and answer
+                // as the leader itself.
+                (term > 0).then_some((leader, term))
+            },
+        )
+        .await
+    }
+
+    /// Waits until `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: NodeId, index: u64, timeout: Duration) {
+        poll_until(
+            &format!("member {id} to apply index {index}"),
+            timeout,
+            move || async move {
+                let s = self.status(id).await.ok()?;
+                (s.raft_applied_index() >= index).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// `GET /metrics` on `id`.
+    pub fn metrics(&self, id: NodeId) -> Result<String, String> {
+        fetch_metrics(self.metrics_addr(id))
+    }
+
+    /// Runs the `skiff` binary with `args` (bounded); returns its output.
+    pub fn skiff(&self, args: &[&str]) -> Output {
+        run_bounded(
+            Command::new(skiff_bin()).args(args),
+            Duration::from_secs(60),
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in self.members.values_mut() {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            self.print_logs();
+            if let Some(dir) = self.dir.take() {
+                let kept = dir.keep();
+                eprintln!("----- cluster directory kept: {}", kept.display());
+            }
+        }
+    }
+}
