@@ -321,6 +321,12 @@ impl NodeConfig {
         c.inflight_bytes_max = self.inflight_bytes_max;
         c.batch_bytes_max = self.append_bytes_max;
         c.uncommitted_bytes_max = self.uncommitted_bytes_max;
+        // A snapshot offer unanswered for longer than an election timeout
+        // is offered again; keep Raft's default unless elections are
+        // slower than it.
+        c.snapshot_timeout_ticks = c
+            .snapshot_timeout_ticks
+            .max(self.election_ticks_max.saturating_mul(2));
         c
     }
 
@@ -372,6 +378,16 @@ mod tests {
         assert!(parse_cluster("1=nowhere")
             .unwrap_err()
             .contains("host:port"));
+    }
+
+    #[test]
+    fn slow_elections_are_valid() {
+        let mut c = three();
+        c.election_ticks_min = 200;
+        c.election_ticks_max = 400;
+        c.heartbeat_ticks = 190;
+        c.validate().unwrap();
+        assert!(c.raft_config().snapshot_timeout_ticks > 400);
     }
 
     #[test]

@@ -608,22 +608,30 @@ impl EventLoop {
     /// Dispatches every action of this pass, in order.
     fn dispatch(&mut self) -> Result<(), String> {
         loop {
+            // Sends held for persists that are now durable leave first: a
+            // persist completing (a follower's entries, a vote) often makes
+            // Raft emit nothing new, and its held acknowledgement must not
+            // wait for the next action.
+            self.release_held_sends();
             let actions = self.raft.take_actions();
             if actions.is_empty() {
                 break;
             }
             self.dispatch_actions(actions)?;
-            // Releases sends held for persists that are now durable.
-            while let Some((id, _)) = self.held_sends.front() {
-                if *id > self.durable {
-                    break;
-                }
-                let (_, msg) = self.held_sends.pop_front().expect("front exists");
-                self.send(msg);
-            }
         }
         self.publish();
         Ok(())
+    }
+
+    /// Sends the held messages whose persist is now durable, in order.
+    fn release_held_sends(&mut self) {
+        while let Some((id, _)) = self.held_sends.front() {
+            if *id > self.durable {
+                break;
+            }
+            let (_, msg) = self.held_sends.pop_front().expect("front exists");
+            self.send(msg);
+        }
     }
 
     fn dispatch_actions(&mut self, actions: Vec<Action>) -> Result<(), String> {

@@ -163,3 +163,43 @@ fn lagging_follower_catches_up_by_snapshot() {
     });
     cluster.shutdown().unwrap();
 }
+
+/// A follower's acknowledgement leaves as soon as its WAL says durable, not
+/// with the next thing Raft happens to emit. Heartbeats here come every
+/// 1.9 s: were acknowledgements held until the follower's next action (the
+/// next heartbeat it answers), a put would take about a second on average;
+/// released on durability it takes milliseconds. The bound leaves a wide
+/// margin for a busy machine on both sides.
+#[test]
+fn acknowledgements_do_not_wait_for_a_heartbeat() {
+    let cfg = NodeConfig {
+        tick_interval_ms: 10,
+        election_ticks_min: 200,
+        election_ticks_max: 400,
+        heartbeat_ticks: 190,
+        ..base()
+    };
+    let cluster = EmbeddedCluster::start(3, &cfg).unwrap();
+    let leader = cluster
+        .wait_leader(Duration::from_secs(60))
+        .expect("a leader");
+    let ep = format!("http://{}", cluster.node(leader).unwrap().client_addr());
+    let rt = rt();
+    let mut took: Vec<Duration> = rt.block_on(async {
+        let mut c = client(&ep).await;
+        let mut took = Vec::new();
+        for i in 0..21 {
+            let t = Instant::now();
+            put(&mut c, &format!("k{i}"), "v").await;
+            took.push(t.elapsed());
+        }
+        took
+    });
+    took.sort();
+    let median = took[took.len() / 2];
+    assert!(
+        median < Duration::from_millis(400),
+        "median put {median:?} with heartbeats every 1.9 s: {took:?}"
+    );
+    cluster.shutdown().unwrap();
+}
