@@ -23,6 +23,8 @@
 //!  10   ReadIndexResponse   | ctx u64 | index opt<u64> |
 //!  11   TimeoutNow          (no fields)
 //!  12   InstallSnapshot     | index u64 | snapshot_term u64 | membership | len u32 | data[len] |
+//!  13   Propose             | ctx u64 | count u32 | count × (len u32 | data[len]) |
+//!  14   ProposeRefused      | ctx u64 |
 //!
 //! entry:      | index u64 | term u64 | kind u8 | payload by kind |
 //!               kind 1 Noop:        (nothing)
@@ -85,6 +87,8 @@ enum Tag {
     ReadIndexResponse = 10,
     TimeoutNow = 11,
     InstallSnapshot = 12,
+    Propose = 13,
+    ProposeRefused = 14,
 }
 
 impl Tag {
@@ -102,6 +106,8 @@ impl Tag {
             MessageBody::ReadIndexResponse { .. } => Tag::ReadIndexResponse,
             MessageBody::TimeoutNow => Tag::TimeoutNow,
             MessageBody::InstallSnapshot { .. } => Tag::InstallSnapshot,
+            MessageBody::Propose { .. } => Tag::Propose,
+            MessageBody::ProposeRefused { .. } => Tag::ProposeRefused,
         }
     }
 
@@ -119,6 +125,8 @@ impl Tag {
             10 => Tag::ReadIndexResponse,
             11 => Tag::TimeoutNow,
             12 => Tag::InstallSnapshot,
+            13 => Tag::Propose,
+            14 => Tag::ProposeRefused,
             _ => return None,
         })
     }
@@ -178,6 +186,10 @@ pub fn message_encoded_len(msg: &Message) -> usize {
             MessageBody::InstallSnapshot {
                 membership, data, ..
             } => 16 + membership_len(membership) + 4 + data.len(),
+            MessageBody::Propose { commands, .. } => {
+                12 + commands.iter().map(|c| 4 + c.len()).sum::<usize>()
+            }
+            MessageBody::ProposeRefused { .. } => 8,
         }
 }
 
@@ -330,6 +342,15 @@ fn put_message(dst: &mut BytesMut, m: &Message) {
             put_len(dst, data.len());
             dst.put_slice(data);
         }
+        MessageBody::Propose { ctx, commands } => {
+            dst.put_u64_le(*ctx);
+            put_len(dst, commands.len());
+            for c in commands {
+                put_len(dst, c.len());
+                dst.put_slice(c);
+            }
+        }
+        MessageBody::ProposeRefused { ctx } => dst.put_u64_le(*ctx),
     }
 }
 
@@ -554,6 +575,18 @@ fn read_message(r: &mut Reader<'_>) -> Result<Message, WireError> {
             snapshot_term: r.u64("InstallSnapshot")?,
             membership: read_membership(r)?,
             data: r.bytes("InstallSnapshot data")?,
+        },
+        Tag::Propose => {
+            let ctx = r.u64("Propose")?;
+            let count = r.count(4, "the command count of a Propose")?;
+            let mut commands = Vec::with_capacity(count);
+            for _ in 0..count {
+                commands.push(r.bytes("a proposed command")?);
+            }
+            MessageBody::Propose { ctx, commands }
+        }
+        Tag::ProposeRefused => MessageBody::ProposeRefused {
+            ctx: r.u64("ProposeRefused")?,
         },
     };
     Ok(Message {

@@ -1,25 +1,20 @@
 //! The etcd v3 gRPC API on top of a node: KV (Range, Put, DeleteRange, Txn,
 //! Compact), Cluster.MemberList and Maintenance.Status.
 //!
-//! Writes are proposed on the leader; a follower forwards them to the
-//! leader's client address (one hop; a forwarded request is never forwarded
-//! again). Reads are linearizable (ReadIndex, served on any member after it
+//! Writes are proposed through Raft: on the leader directly, on a follower
+//! forwarded to the leader over the peer connection (Raft `Propose`), and
+//! answered when this member applies them. Reads are linearizable (ReadIndex, served on any member after it
 //! applied through the read index) unless the request asks for
 //! `serializable`, which is served from this member's state at once.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
 
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::event_loop::RequestError;
 use crate::kv::{validate_request, KvError};
 use crate::node::NodeHandle;
 use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
-use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
 use crate::pb::etcdserverpb::request_op::Request as Op;
@@ -30,14 +25,10 @@ use crate::pb::etcdserverpb::{
     RequestOp, ResponseHeader, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 
-/// Metadata key marking a request a follower forwarded.
-const FORWARDED: &str = "skiff-forwarded";
 /// The version `Maintenance.Status` reports (the etcd API level served).
 pub const API_VERSION: &str = "3.5.0";
 /// Largest gRPC message accepted (etcd's default request bound + framing).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 2 << 20;
-/// Leaders' client channels cached for forwarding.
-const FORWARD_CHANNELS_MAX: usize = 16;
 
 /// Starts the gRPC server on `addr`; returns the bound address. It stops
 /// when `stop` fires.
@@ -50,10 +41,7 @@ pub async fn serve(
         .await
         .map_err(|e| e.to_string())?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let api = Api {
-        node,
-        channels: Mutex::new(HashMap::new()),
-    };
+    let api = Api { node };
     let api = std::sync::Arc::new(api);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
@@ -75,7 +63,6 @@ pub async fn serve(
 
 struct Api {
     node: NodeHandle,
-    channels: Mutex<HashMap<SocketAddr, Channel>>,
 }
 
 fn kv_status(e: &KvError) -> Status {
@@ -88,7 +75,7 @@ fn status_of(e: RequestError) -> Status {
         RequestError::NotLeader {
             leader: Some(leader),
         } => Status::unavailable(format!(
-            "etcdserver: not leader (leader is member {leader}; its client address is not configured)"
+            "etcdserver: not leader (the leader is member {leader})"
         )),
         RequestError::Unavailable(m) => Status::unavailable(m),
         RequestError::Busy(m) => {
@@ -110,90 +97,16 @@ impl Api {
         })
     }
 
-    /// Proposes `op` here, or forwards the original request to the leader.
-    async fn write<T, F, Fut>(
-        &self,
-        op: RequestOp,
-        forwarded: bool,
-        forward: F,
-    ) -> Result<OpResponse, Status>
-    where
-        F: FnOnce(KvClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<T, Status>>,
-        T: Into<OpResponse>,
-    {
+    /// Proposes `op` (through the leader) and waits until it is applied
+    /// on this member.
+    async fn write(&self, op: RequestOp) -> Result<OpResponse, Status> {
         validate_request(&op).map_err(|e| kv_status(&e))?;
-        match self.node.write(op).await {
-            Ok(r) => r
-                .response
-                .ok_or_else(|| Status::internal("empty response from the state machine")),
-            Err(RequestError::NotLeader {
-                leader: Some(leader),
-            }) if !forwarded => {
-                let Some(addr) = self.node.client_addr(leader) else {
-                    return Err(status_of(RequestError::NotLeader {
-                        leader: Some(leader),
-                    }));
-                };
-                let client = self.client(addr).await?;
-                forward(client).await.map(Into::into)
-            }
-            Err(e) => Err(status_of(e)),
-        }
-    }
-
-    async fn client(&self, addr: SocketAddr) -> Result<KvClient<Channel>, Status> {
-        if let Some(ch) = self.lock_channels().get(&addr) {
-            return Ok(KvClient::new(ch.clone()));
-        }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(self.node.config().request_timeout())
-            .tcp_nodelay(true);
-        let ch = endpoint
-            .connect()
+        self.node
+            .write(op)
             .await
-            .map_err(|e| Status::unavailable(format!("forwarding to the leader at {addr}: {e}")))?;
-        let mut channels = self.lock_channels();
-        if channels.len() >= FORWARD_CHANNELS_MAX {
-            channels.clear();
-        }
-        channels.insert(addr, ch.clone());
-        Ok(KvClient::new(ch))
-    }
-
-    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Channel>> {
-        self.channels.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-fn is_forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED)
-}
-
-fn forwarded_request<T>(msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    req
-}
-
-impl From<PutResponse> for OpResponse {
-    fn from(r: PutResponse) -> OpResponse {
-        OpResponse::ResponsePut(r)
-    }
-}
-
-impl From<DeleteRangeResponse> for OpResponse {
-    fn from(r: DeleteRangeResponse) -> OpResponse {
-        OpResponse::ResponseDeleteRange(r)
-    }
-}
-
-impl From<TxnResponse> for OpResponse {
-    fn from(r: TxnResponse) -> OpResponse {
-        OpResponse::ResponseTxn(r)
+            .map_err(status_of)?
+            .response
+            .ok_or_else(|| Status::internal("empty response from the state machine"))
     }
 }
 
@@ -213,19 +126,10 @@ impl Kv for Api {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let forwarded = is_forwarded(&req);
-        let put = req.into_inner();
         let op = RequestOp {
-            request: Some(Op::RequestPut(put.clone())),
+            request: Some(Op::RequestPut(req.into_inner())),
         };
-        let r = self
-            .write(op, forwarded, |mut c| async move {
-                c.put(forwarded_request(put))
-                    .await
-                    .map(Response::into_inner)
-            })
-            .await?;
-        match r {
+        match self.write(op).await? {
             OpResponse::ResponsePut(p) => Ok(Response::new(p)),
             _ => Err(unexpected()),
         }
@@ -235,38 +139,20 @@ impl Kv for Api {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let forwarded = is_forwarded(&req);
-        let del = req.into_inner();
         let op = RequestOp {
-            request: Some(Op::RequestDeleteRange(del.clone())),
+            request: Some(Op::RequestDeleteRange(req.into_inner())),
         };
-        let r = self
-            .write(op, forwarded, |mut c| async move {
-                c.delete_range(forwarded_request(del))
-                    .await
-                    .map(Response::into_inner)
-            })
-            .await?;
-        match r {
+        match self.write(op).await? {
             OpResponse::ResponseDeleteRange(p) => Ok(Response::new(p)),
             _ => Err(unexpected()),
         }
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let forwarded = is_forwarded(&req);
-        let txn = req.into_inner();
         let op = RequestOp {
-            request: Some(Op::RequestTxn(txn.clone())),
+            request: Some(Op::RequestTxn(req.into_inner())),
         };
-        let r = self
-            .write(op, forwarded, |mut c| async move {
-                c.txn(forwarded_request(txn))
-                    .await
-                    .map(Response::into_inner)
-            })
-            .await?;
-        match r {
+        match self.write(op).await? {
             OpResponse::ResponseTxn(p) => Ok(Response::new(p)),
             _ => Err(unexpected()),
         }

@@ -104,6 +104,11 @@ pub struct NodeConfig {
     /// Bytes per snapshot chunk.
     pub snapshot_chunk_bytes: u32,
 
+    // ---- Threads.
+    /// Worker threads of the node's network runtime (client gRPC, peer
+    /// transport, snapshot streams).
+    pub io_threads: usize,
+
     // ---- WAL.
     pub wal_backend: WalBackend,
     pub wal_segment_size: u64,
@@ -132,6 +137,7 @@ impl Default for NodeConfig {
             batch_entries_max: 4096,
             batch_bytes_max: 4 << 20,
             batch_linger_us: 0,
+            io_threads: 2,
             inflight_max: 256,
             inflight_bytes_max: 64 << 20,
             append_bytes_max: 1 << 20,
@@ -292,6 +298,9 @@ impl NodeConfig {
         }
         if self.snapshot_entries == 0 {
             return bad("snapshot_entries", "must be at least 1");
+        }
+        if self.io_threads == 0 || self.io_threads > 256 {
+            return bad("io_threads", "must be between 1 and 256");
         }
         if self.batch_linger_us > 1_000_000 {
             return bad("batch_linger_us", "must be at most 1 s (1000000)");

@@ -5,12 +5,13 @@
 //! 1. **collect**: wait for an input or the next tick, then drain what is
 //!    queued (bounded by `batch_entries_max` / `batch_bytes_max`): Raft
 //!    messages from peers, client writes (the proposal batcher), client
-//!    reads, "persist N is durable" from the WAL waiter;
+//!    reads; then the WAL tickets that became durable (the WAL driver wakes
+//!    the loop through the tickets' waker, no thread in between);
 //! 2. **step**: feed them to the core — one `propose` for the whole batch of
 //!    writes, one `read_index` for the whole batch of linearizable reads;
 //! 3. **dispatch** the actions, in order:
 //!    * `Persist` → one WAL write (group commit happens in the WAL); its
-//!      ticket goes to the waiter thread, which reports it durable;
+//!      ticket waits in the loop, in order, until the WAL says durable;
 //!    * `Send` → the transport at once (the leader's AppendEntries leave in
 //!      the same pass as its own WAL write: its fsync overlaps the network),
 //!      or, for votes and acknowledgements, held until their persist is
@@ -25,11 +26,14 @@
 //! and handed to the WAL) → durable → committed → applied.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -52,7 +56,8 @@ use crate::storage::{self, encode_membership};
 pub const INPUTS_MAX: usize = 65_536;
 /// Messages moved from the transport's inbox per input.
 pub const MESSAGES_PER_INPUT_MAX: usize = 1024;
-/// Persist tickets waiting for the WAL waiter thread.
+/// WAL writes (persists, snapshot records) in flight before the loop
+/// stops proposing (bounded by Raft's windows long before this).
 pub const TICKETS_MAX: usize = 65_536;
 /// Snapshot files kept besides the latest (for transfers under way).
 pub const SNAPSHOTS_KEPT: usize = 1;
@@ -89,19 +94,14 @@ pub enum Input {
         req: RangeRequest,
         reply: ReadReply,
     },
-    /// The WAL made persist `id` durable.
-    Persisted(PersistId),
-    /// The snapshot record through `upto` is durable: compact the WAL.
-    SnapshotRecorded {
-        upto: Index,
-    },
+    /// A WAL ticket became durable (or the WAL failed): look at the
+    /// tickets waiting in the loop.
+    WalProgress,
     /// A follower fetched the leader's snapshot into `path`: step `msg`.
     SnapshotFetched {
         msg: Message,
         path: PathBuf,
     },
-    /// The WAL failed (fsync error, full disk, ...): fatal.
-    WalFailed(String),
     /// Render the metrics as Prometheus text.
     Metrics(oneshot::Sender<String>),
     Shutdown,
@@ -206,6 +206,15 @@ struct PendingWrite {
     accepted: Instant,
 }
 
+/// A write this follower forwarded to the leader: answered when this node
+/// applies the command with its request id, or when the leader refuses
+/// the batch `ctx`.
+struct ForwardedWrite {
+    ctx: u64,
+    reply: WriteReply,
+    accepted: Instant,
+}
+
 struct PendingRead {
     req: RangeRequest,
     reply: ReadReply,
@@ -220,7 +229,6 @@ pub struct EventLoop {
     pub(crate) wal: Arc<Wal>,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) inputs: Receiver<Input>,
-    pub(crate) tickets: Sender<(Ticket, Input)>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) snap_dir: PathBuf,
     pub(crate) snapshots: Arc<SnapshotFiles>,
@@ -230,8 +238,16 @@ pub struct EventLoop {
     pub(crate) cluster_id: u64,
     // ---- Bookkeeping.
     durable: PersistId,
+    /// WAL writes not yet durable, in WAL order, with what their
+    /// durability means and when they were written.
+    tickets: VecDeque<(Ticket, Durable, Instant)>,
+    /// Wakes the loop when the WAL advances.
+    wal_waker: Arc<WalWaker>,
     held_sends: VecDeque<(PersistId, Message)>,
     writes: BTreeMap<Index, PendingWrite>,
+    /// Writes forwarded to the leader, by request id.
+    forwarded: HashMap<u64, ForwardedWrite>,
+    next_forward_ctx: u64,
     next_request: u64,
     reads_waiting_index: HashMap<u64, Vec<PendingRead>>,
     reads_waiting_apply: BTreeMap<Index, Vec<PendingRead>>,
@@ -258,7 +274,7 @@ impl EventLoop {
         wal: Arc<Wal>,
         transport: Arc<dyn Transport>,
         inputs: Receiver<Input>,
-        tickets: Sender<(Ticket, Input)>,
+        wake: Sender<Input>,
         shared: Arc<Shared>,
         snap_dir: PathBuf,
         snapshots: Arc<SnapshotFiles>,
@@ -276,7 +292,11 @@ impl EventLoop {
             wal,
             transport,
             inputs,
-            tickets,
+            tickets: VecDeque::new(),
+            wal_waker: Arc::new(WalWaker {
+                pending: AtomicBool::new(false),
+                inputs: wake,
+            }),
             shared,
             snap_dir,
             snapshots,
@@ -286,6 +306,8 @@ impl EventLoop {
             durable: 0,
             held_sends: VecDeque::new(),
             writes: BTreeMap::new(),
+            forwarded: HashMap::new(),
+            next_forward_ctx: 1,
             next_request,
             reads_waiting_index: HashMap::new(),
             reads_waiting_apply: BTreeMap::new(),
@@ -362,6 +384,9 @@ impl EventLoop {
             if let Some(stop) = stop {
                 break stop;
             }
+            if let Err(e) = self.poll_tickets() {
+                break Err(e);
+            }
             // ---- 2. step.
             if Instant::now() >= next_tick {
                 self.raft.tick();
@@ -416,15 +441,14 @@ impl EventLoop {
                 reply,
                 accepted: Instant::now(),
             }),
-            Input::Persisted(id) => self.on_persisted(id),
-            Input::SnapshotRecorded { upto } => self.on_snapshot_recorded(upto),
+            // Tickets are looked at on every pass.
+            Input::WalProgress => {}
             Input::SnapshotFetched { msg, path } => {
                 if let MessageBody::InstallSnapshot { index, .. } = &msg.body {
                     self.fetched.insert(*index, path);
                 }
                 self.raft.step(msg);
             }
-            Input::WalFailed(e) => return Err(Err(format!("WAL failed: {e}"))),
             Input::Metrics(reply) => {
                 let _ = reply.send(self.render_metrics());
             }
@@ -435,6 +459,7 @@ impl EventLoop {
 
     fn pending_requests(&self) -> usize {
         self.writes.len()
+            + self.forwarded.len()
             + self
                 .reads_waiting_apply
                 .values()
@@ -477,6 +502,10 @@ impl EventLoop {
                 .encode()
             })
             .collect();
+        if self.raft.role() != Role::Leader {
+            self.forward(writes, ids, commands);
+            return;
+        }
         match self.raft.propose(commands) {
             Ok((first, last)) => {
                 let oldest = writes
@@ -501,20 +530,65 @@ impl EventLoop {
                 }
             }
             Err(e) => {
-                let err = match e {
-                    skiff_raft::ProposeError::NotLeader { leader_hint } => {
-                        RequestError::NotLeader {
-                            leader: leader_hint,
-                        }
-                    }
-                    skiff_raft::ProposeError::Backpressure { .. } => {
-                        RequestError::Busy(e.to_string())
-                    }
-                    other => RequestError::Unavailable(other.to_string()),
-                };
+                let err = propose_error(e);
                 for (_, reply, _) in writes.drain(..) {
                     let _ = reply.send(Err(err.clone()));
                 }
+            }
+        }
+    }
+
+    /// A follower's batch goes to the leader as one Raft `Propose`; each
+    /// write is answered when this node applies it (found by request id).
+    fn forward(
+        &mut self,
+        writes: &mut Vec<(RequestOp, WriteReply, Instant)>,
+        ids: Vec<u64>,
+        commands: Vec<Bytes>,
+    ) {
+        let ctx = self.next_forward_ctx;
+        self.next_forward_ctx += 1;
+        match self.raft.forward(ctx, commands) {
+            Ok(()) => {
+                self.stages
+                    .batch_entries
+                    .saturating_record(writes.len() as u64);
+                for ((_, reply, accepted), request_id) in writes.drain(..).zip(ids) {
+                    self.forwarded.insert(
+                        request_id,
+                        ForwardedWrite {
+                            ctx,
+                            reply,
+                            accepted,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                let err = propose_error(e);
+                for (_, reply, _) in writes.drain(..) {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// The leader refused the forwarded batch `ctx`: none of it was
+    /// proposed.
+    fn forward_refused(&mut self, ctx: u64) {
+        let refused: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, f)| f.ctx == ctx)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in refused {
+            if let Some(f) = self.forwarded.remove(&id) {
+                let _ = f.reply.send(Err(RequestError::Unavailable(
+                    "etcdserver: the leader did not take the write (leadership changing or \
+                     too many uncommitted writes); retry"
+                        .into(),
+                )));
             }
         }
     }
@@ -681,6 +755,7 @@ impl EventLoop {
                         )));
                     }
                 }
+                Action::ProposeRefused { ctx } => self.forward_refused(ctx),
                 Action::RoleChanged { role, term, leader } => {
                     tracing::info!(?role, term, ?leader, "role changed");
                 }
@@ -712,9 +787,46 @@ impl EventLoop {
             .wal
             .write(batch)
             .map_err(|e| format!("WAL write: {e}"))?;
-        self.tickets
-            .send_timeout((ticket, Input::Persisted(id)), Duration::from_secs(30))
-            .map_err(|_| "the WAL waiter stopped".to_string())
+        self.wait_for(ticket, Durable::Persisted(id))
+    }
+
+    /// Keeps `ticket` until the WAL says durable; its waker wakes the loop.
+    fn wait_for(&mut self, mut ticket: Ticket, durable: Durable) -> Result<(), String> {
+        if self.tickets.len() >= TICKETS_MAX {
+            return Err(format!("{TICKETS_MAX} WAL writes in flight (TICKETS_MAX)"));
+        }
+        let waker = Waker::from(self.wal_waker.clone());
+        // Registers the waker; a ticket already durable is taken below.
+        let _ = Pin::new(&mut ticket).poll(&mut Context::from_waker(&waker));
+        self.tickets.push_back((ticket, durable, Instant::now()));
+        Ok(())
+    }
+
+    /// Takes the tickets that became durable, in order. A WAL failure, or
+    /// a write not durable within the WAL's `wait_timeout`, is fatal.
+    fn poll_tickets(&mut self) -> Result<(), String> {
+        self.wal_waker.pending.store(false, Ordering::Release);
+        while let Some((ticket, _, written)) = self.tickets.front() {
+            match ticket.is_durable() {
+                Ok(true) => {}
+                Ok(false) => {
+                    let limit = self.wal.options().wait_timeout;
+                    if written.elapsed() > limit {
+                        return Err(format!(
+                            "a WAL write was not durable within {limit:?} (wait_timeout)"
+                        ));
+                    }
+                    break;
+                }
+                Err(e) => return Err(format!("WAL failed: {e}")),
+            }
+            let (_, durable, _) = self.tickets.pop_front().expect("front exists");
+            match durable {
+                Durable::Persisted(id) => self.on_persisted(id),
+                Durable::SnapshotRecorded { upto } => self.on_snapshot_recorded(upto),
+            }
+        }
+        Ok(())
     }
 
     fn send(&mut self, msg: Message) {
@@ -739,19 +851,27 @@ impl EventLoop {
                     let cmd = Command::decode(data)
                         .map_err(|err| format!("entry {} is not a command: {err}", e.index))?;
                     let result = self.kv.apply(e.index, &cmd.op);
-                    if let Some(p) = pending {
-                        if p.request_id == cmd.request_id {
-                            self.stages
-                                .propose_to_commit_us
-                                .saturating_record(us_since(p.accepted));
-                            let result = result.map(|mut r| {
-                                set_header(&mut r, self.header(self.kv.revision()));
-                                r
-                            });
-                            let _ = p.reply.send(result.map_err(RequestError::from));
-                        } else {
-                            let _ = p.reply.send(Err(lost()));
+                    // Proposed here at this index, or forwarded from here.
+                    let waiter = match pending {
+                        Some(p) if p.request_id == cmd.request_id => Some((p.reply, p.accepted)),
+                        other => {
+                            if let Some(p) = other {
+                                let _ = p.reply.send(Err(lost()));
+                            }
+                            self.forwarded
+                                .remove(&cmd.request_id)
+                                .map(|f| (f.reply, f.accepted))
                         }
+                    };
+                    if let Some((reply, accepted)) = waiter {
+                        self.stages
+                            .propose_to_commit_us
+                            .saturating_record(us_since(accepted));
+                        let result = result.map(|mut r| {
+                            set_header(&mut r, self.header(self.kv.revision()));
+                            r
+                        });
+                        let _ = reply.send(result.map_err(RequestError::from));
                     }
                 }
                 Payload::Noop | Payload::Membership(_) => {
@@ -851,12 +971,7 @@ impl EventLoop {
             })
             .map_err(|e| format!("WAL snapshot record: {e}"))?;
         self.snapshot_in_progress = true;
-        self.tickets
-            .send_timeout(
-                (ticket, Input::SnapshotRecorded { upto }),
-                Duration::from_secs(30),
-            )
-            .map_err(|_| "the WAL waiter stopped".to_string())
+        self.wait_for(ticket, Durable::SnapshotRecorded { upto })
     }
 
     /// `SendSnapshot`: offer our latest snapshot; the follower fetches it.
@@ -939,9 +1054,7 @@ impl EventLoop {
             .map_err(|e| format!("WAL snapshot record: {e}"))?;
         self.wal_last = self.wal.last_index();
         tracing::info!(index, term, "snapshot installed");
-        self.tickets
-            .send_timeout((ticket, Input::Persisted(id)), Duration::from_secs(30))
-            .map_err(|_| "the WAL waiter stopped".to_string())
+        self.wait_for(ticket, Durable::Persisted(id))
     }
 
     fn remove_old_snapshots(&self) {
@@ -969,6 +1082,7 @@ impl EventLoop {
     fn sweep(&mut self) {
         self.last_sweep = Instant::now();
         self.writes.retain(|_, w| !w.reply.is_closed());
+        self.forwarded.retain(|_, w| !w.reply.is_closed());
         for reads in self.reads_waiting_apply.values_mut() {
             reads.retain(|r| !r.reply.is_closed());
         }
@@ -1130,6 +1244,16 @@ impl EventLoop {
     }
 }
 
+fn propose_error(e: skiff_raft::ProposeError) -> RequestError {
+    match e {
+        skiff_raft::ProposeError::NotLeader { leader_hint } => RequestError::NotLeader {
+            leader: leader_hint,
+        },
+        skiff_raft::ProposeError::Backpressure { .. } => RequestError::Busy(e.to_string()),
+        other => RequestError::Unavailable(other.to_string()),
+    }
+}
+
 fn lost() -> RequestError {
     RequestError::Unavailable(
         "the proposal was dropped by a leadership change and not applied; retry".into(),
@@ -1232,17 +1356,31 @@ pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The WAL waiter: reports each ticket's input once durable, in order.
-/// A WAL error or a ticket that does not become durable in time is fatal.
-pub(crate) fn run_waiter(tickets: Receiver<(Ticket, Input)>, inputs: Sender<Input>) {
-    while let Ok((ticket, input)) = tickets.recv() {
-        let input = match ticket.wait() {
-            Ok(()) => input,
-            Err(e) => Input::WalFailed(e.to_string()),
-        };
-        let failed = matches!(input, Input::WalFailed(_));
-        if inputs.send(input).is_err() || failed {
-            return;
+/// What a WAL ticket's durability means to the loop.
+enum Durable {
+    /// Persist `id` of the Raft core.
+    Persisted(PersistId),
+    /// The snapshot record through `upto`: compact the WAL.
+    SnapshotRecorded { upto: Index },
+}
+
+/// The waker of the loop's WAL tickets: the WAL driver calls it when
+/// writes become durable (or the WAL fails). It queues one `WalProgress`
+/// until the loop's next pass; the loop looks at its tickets on every pass
+/// anyway, so a full input queue loses nothing.
+struct WalWaker {
+    pending: AtomicBool,
+    inputs: Sender<Input>,
+}
+
+impl Wake for WalWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let _ = self.inputs.try_send(Input::WalProgress);
         }
     }
 }

@@ -82,6 +82,8 @@ struct ServeArgs {
     #[arg(long)]
     batch_linger_us: Option<u64>,
     #[arg(long)]
+    io_threads: Option<usize>,
+    #[arg(long)]
     inflight_max: Option<usize>,
     #[arg(long)]
     inflight_bytes_max: Option<usize>,
@@ -139,6 +141,7 @@ impl ServeArgs {
             batch_entries_max,
             batch_bytes_max,
             batch_linger_us,
+            io_threads,
             inflight_max,
             inflight_bytes_max,
             append_bytes_max,

@@ -1,10 +1,10 @@
 //! A running node: its threads, its runtime and the handle clients use.
 //!
-//! Threads: the event loop (owns Raft and the KV store), the WAL waiter
-//! (reports persists durable, in order), the inbox pump (moves Raft messages
-//! from the transport to the loop, and starts snapshot fetches), and a small
-//! tokio runtime for the transport, the snapshot server, the gRPC API and
-//! the metrics endpoint.
+//! Threads: the event loop (owns Raft and the KV store; the WAL's driver
+//! wakes it when writes become durable), and a small tokio runtime for the
+//! transport, the inbox pump (a task moving Raft messages from the
+//! transport to the loop, and starting snapshot fetches), the snapshot
+//! server, the gRPC API and the metrics endpoint.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,8 +24,7 @@ use skiff_wal::Wal;
 
 use crate::config::{ConfigError, NodeConfig};
 use crate::event_loop::{
-    run_waiter, EventLoop, Input, RequestError, Shared, SnapshotOffer, INPUTS_MAX,
-    MESSAGES_PER_INPUT_MAX, TICKETS_MAX,
+    EventLoop, Input, RequestError, Shared, SnapshotOffer, INPUTS_MAX, MESSAGES_PER_INPUT_MAX,
 };
 use crate::kv::KvStore;
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseOp};
@@ -196,7 +195,6 @@ pub struct Node {
     handle: NodeHandle,
     runtime: Option<tokio::runtime::Runtime>,
     transport: Arc<TcpTransport>,
-    threads: Vec<JoinHandle<()>>,
     loop_thread: Option<JoinHandle<Result<(), String>>>,
     client_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
@@ -261,7 +259,7 @@ impl Node {
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(cfg.io_threads)
             .thread_name(format!("skiff-{}-io", cfg.id))
             .enable_all()
             .build()
@@ -323,7 +321,6 @@ impl Node {
         });
 
         let (input_tx, input_rx) = crossbeam_channel::bounded(INPUTS_MAX);
-        let (ticket_tx, ticket_rx) = crossbeam_channel::bounded(TICKETS_MAX);
         let shared = Arc::new(Shared::default());
         let cfg = Arc::new(cfg);
         let handle = NodeHandle {
@@ -332,20 +329,6 @@ impl Node {
             cfg: cfg.clone(),
             cluster_id,
         };
-        let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(format!("skiff-{}-{name}", cfg.id))
-                .spawn(f)
-                .map_err(StartError::Runtime)
-        };
-        {
-            let inputs = input_tx.clone();
-            threads.push(spawn(
-                "wal-waiter",
-                Box::new(move || run_waiter(ticket_rx, inputs)),
-            )?);
-        }
         {
             let pump = Pump {
                 inbox,
@@ -361,7 +344,7 @@ impl Node {
                 },
                 fetching: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
             };
-            threads.push(spawn("inbox", Box::new(move || pump.run()))?);
+            runtime.spawn(pump.run());
         }
         let event_loop = EventLoop::new(
             (*cfg).clone(),
@@ -370,7 +353,7 @@ impl Node {
             wal,
             transport.clone(),
             input_rx,
-            ticket_tx,
+            input_tx.clone(),
             shared,
             snap_dir,
             snapshots,
@@ -417,7 +400,6 @@ impl Node {
             handle,
             runtime: Some(runtime),
             transport,
-            threads,
             loop_thread: Some(loop_thread),
             client_addr,
             metrics_addr,
@@ -475,11 +457,6 @@ impl Node {
             let _ = rt.block_on(transport.shutdown(Duration::from_secs(2)));
             rt.shutdown_timeout(Duration::from_secs(2));
         }
-        // The pump ends when the inbox closes, the waiter when the loop's
-        // ticket sender is gone.
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
         result
     }
 }
@@ -507,20 +484,28 @@ struct Pump {
 }
 
 impl Pump {
-    fn run(mut self) {
-        let mut batch = Vec::new();
-        while let Some(msg) = self.inbox.blocking_recv() {
-            self.take(msg, &mut batch);
-            while batch.len() < MESSAGES_PER_INPUT_MAX {
-                match self.inbox.try_recv() {
-                    Some(msg) => self.take(msg, &mut batch),
-                    None => break,
-                }
+    /// A task on the node's runtime: the transport's reader tasks wake it
+    /// on their own worker, so a message reaches the loop with one thread
+    /// wakeup (the loop's).
+    async fn run(mut self) {
+        let mut received = Vec::with_capacity(MESSAGES_PER_INPUT_MAX);
+        loop {
+            received.clear();
+            if self
+                .inbox
+                .recv_many(&mut received, MESSAGES_PER_INPUT_MAX)
+                .await
+                == 0
+            {
+                return;
+            }
+            let mut batch = Vec::with_capacity(received.len());
+            for msg in received.drain(..) {
+                self.take(msg, &mut batch);
             }
             if !batch.is_empty()
-                && self
-                    .inputs
-                    .send(Input::Messages(std::mem::take(&mut batch)))
+                && send_input(&self.inputs, Input::Messages(batch))
+                    .await
                     .is_err()
             {
                 return;
@@ -592,13 +577,13 @@ impl Pump {
                         ms = fetched.stats.transfer.as_millis() as u64,
                         "snapshot fetched"
                     );
-                    let _ = inputs.send_timeout(
-                        Input::SnapshotFetched {
-                            msg,
-                            path: fetched.path,
-                        },
-                        Duration::from_secs(30),
-                    );
+                    let input = Input::SnapshotFetched {
+                        msg,
+                        path: fetched.path,
+                    };
+                    if let Err(e) = send_input(&inputs, input).await {
+                        tracing::warn!(error = %e, "fetched snapshot not handed over");
+                    }
                 }
                 Err(e) => tracing::warn!(index = meta.index, error = %e, "snapshot fetch failed"),
             }
@@ -607,5 +592,33 @@ impl Pump {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
         });
+    }
+}
+
+/// Longest a task waits for room in the loop's input queue.
+const INPUT_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Queues `input` for the loop from a task: waits (without blocking the
+/// runtime's worker) while the queue is full, up to `INPUT_WAIT_MAX`.
+async fn send_input(inputs: &Sender<Input>, mut input: Input) -> Result<(), String> {
+    let deadline = Instant::now() + INPUT_WAIT_MAX;
+    let mut pause = Duration::from_micros(50);
+    loop {
+        match inputs.try_send(input) {
+            Ok(()) => return Ok(()),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err("the event loop stopped".into())
+            }
+            Err(crossbeam_channel::TrySendError::Full(back)) => {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the loop's input queue stayed full for {INPUT_WAIT_MAX:?}"
+                    ));
+                }
+                input = back;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(5));
+            }
+        }
     }
 }

@@ -43,6 +43,9 @@ pub struct Progress {
     inflight_bytes: usize,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
+    /// The highest commit index sent to the follower that it can use (an
+    /// `Append`'s bounded by its last entry, a heartbeat's by the match).
+    pub commit_sent: Index,
     /// Ticks since the snapshot being sent was asked for.
     pub snapshot_ticks: u32,
 }
@@ -58,6 +61,7 @@ impl Progress {
             inflight: VecDeque::new(),
             inflight_bytes: 0,
             recent_active: false,
+            commit_sent: 0,
             snapshot_ticks: 0,
         }
     }

@@ -227,6 +227,35 @@ impl Raft {
     /// Appends client commands (leader only) and starts replicating them.
     /// Returns the indexes they got.
     pub fn propose(&mut self, commands: Vec<Bytes>) -> Result<(Index, Index), ProposeError> {
+        let result = self.propose_commands(commands);
+        self.finish_step();
+        result
+    }
+
+    /// Proposes `commands` through the leader: on the leader, the same as
+    /// [`Raft::propose`]; on a follower, sends them to the leader as one
+    /// `Propose` batch named `ctx`. The host learns the outcome by applying
+    /// them (it recognises its commands by an id inside them), or
+    /// [`Action::ProposeRefused`]`{ ctx }` when the leader refused the
+    /// batch. A batch lost in flight (the leader crashed or changed) is
+    /// never answered: the host bounds its wait.
+    pub fn forward(&mut self, ctx: u64, commands: Vec<Bytes>) -> Result<(), ProposeError> {
+        let result = match self.role {
+            Role::Leader => self.propose_commands(commands).map(|_| ()),
+            _ if commands.is_empty() => Err(ProposeError::Empty),
+            _ => match self.leader {
+                Some(leader) => {
+                    self.send(leader, MessageBody::Propose { ctx, commands }, false);
+                    Ok(())
+                }
+                None => Err(ProposeError::NotLeader { leader_hint: None }),
+            },
+        };
+        self.finish_step();
+        result
+    }
+
+    fn propose_commands(&mut self, commands: Vec<Bytes>) -> Result<(Index, Index), ProposeError> {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader {
                 leader_hint: self.leader,
@@ -261,7 +290,6 @@ impl Raft {
         let last = first + entries.len() as u64 - 1;
         self.append_as_leader(entries);
         self.broadcast_append();
-        self.finish_step();
         Ok((first, last))
     }
 
@@ -553,6 +581,9 @@ impl Raft {
                         false,
                     );
                 }
+                MessageBody::Propose { ctx, .. } => {
+                    self.send(msg.from, MessageBody::ProposeRefused { ctx }, false);
+                }
                 _ => {}
             }
             return;
@@ -609,6 +640,17 @@ impl Raft {
                         false,
                     );
                 }
+            }
+            MessageBody::Propose { ctx, commands } => {
+                // Proposed only by the leader of this term; never passed on
+                // (no forwarding loops): the follower retries elsewhere.
+                let accepted = self.role == Role::Leader && self.propose_commands(commands).is_ok();
+                if !accepted {
+                    self.send(msg.from, MessageBody::ProposeRefused { ctx }, false);
+                }
+            }
+            MessageBody::ProposeRefused { ctx } => {
+                self.step_reads.push(Action::ProposeRefused { ctx });
             }
             MessageBody::ReadIndexResponse { ctx, index } => {
                 if let Some(pos) = self.reads_forwarded.iter().position(|&c| c == ctx) {
@@ -915,6 +957,9 @@ impl Raft {
         let (commit, round) = (self.log.commit(), self.read_round);
         for peer in self.peers().collect::<Vec<_>>() {
             let m = self.progress.get(&peer).map_or(0, |p| p.match_index);
+            if let Some(pr) = self.progress.get_mut(&peer) {
+                pr.commit_sent = pr.commit_sent.max(commit.min(m));
+            }
             self.send(
                 peer,
                 MessageBody::Heartbeat {
@@ -1074,10 +1119,9 @@ impl Raft {
             }
             let bytes: usize = entries.iter().map(Entry::size).sum();
             let last = prev_index + entries.len() as u64;
-            self.progress
-                .get_mut(&peer)
-                .expect("peer has progress")
-                .sent(last, bytes, self.read_round);
+            let pr = self.progress.get_mut(&peer).expect("peer has progress");
+            pr.sent(last, bytes, self.read_round);
+            pr.commit_sent = pr.commit_sent.max(self.log.commit().min(last));
             self.send(
                 peer,
                 MessageBody::Append {
@@ -1285,6 +1329,7 @@ impl Raft {
                 self.send(from, MessageBody::TimeoutNow, false);
             }
             self.send_append(from);
+            self.send_commit(from);
             return;
         }
         let Some(hint) = reject else {
@@ -1351,7 +1396,57 @@ impl Raft {
             if n >= self.membership_index {
                 self.membership_committed();
             }
+            self.broadcast_commit();
         }
+    }
+
+    /// A commit index that moved goes at once to every follower in
+    /// `Replicate`, with its next entries or on a heartbeat (see
+    /// [`Raft::send_commit`]). The flow of `Append`s is left alone.
+    fn broadcast_commit(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        for peer in self.peers().collect::<Vec<_>>() {
+            let Some(pr) = self.progress.get(&peer) else {
+                continue;
+            };
+            if pr.state != ProgressState::Replicate {
+                continue;
+            }
+            if pr.next <= last {
+                self.send_append(peer);
+            }
+            self.send_commit(peer);
+        }
+    }
+
+    /// Tells `peer` the commit index, on a heartbeat of the current round,
+    /// when it may use more of it than it was sent: followers apply, and
+    /// answer the writes forwarded through them, without waiting for the
+    /// next heartbeat.
+    fn send_commit(&mut self, peer: NodeId) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let (commit, round) = (self.log.commit(), self.read_round);
+        let Some(pr) = self.progress.get_mut(&peer) else {
+            return;
+        };
+        let usable = commit.min(pr.match_index);
+        if usable <= pr.commit_sent {
+            return;
+        }
+        pr.commit_sent = usable;
+        self.send(
+            peer,
+            MessageBody::Heartbeat {
+                commit: usable,
+                round,
+            },
+            false,
+        );
     }
 
     // ---- Membership -----------------------------------------------------

@@ -194,6 +194,18 @@ pub enum MessageBody {
         ctx: u64,
         index: Option<Index>,
     },
+    /// A follower forwards client commands to the leader, which proposes
+    /// them as they are (the host finds its own commands again when it
+    /// applies them, by an id inside each command). `ctx` names the batch.
+    Propose {
+        ctx: u64,
+        commands: Vec<Bytes>,
+    },
+    /// The receiver did not propose the batch `ctx` (not the leader, or
+    /// a bound of the leader was reached). Accepted batches get no answer.
+    ProposeRefused {
+        ctx: u64,
+    },
     /// Leadership transfer: campaign now, the leader steps aside.
     TimeoutNow,
     /// The leader's state-machine snapshot through `(index, term)` (sent by
@@ -272,6 +284,9 @@ pub enum Action {
     /// The read `ctx` cannot be served here (leadership changed before it
     /// was confirmed); the client may retry.
     ReadFailed { ctx: u64 },
+    /// The leader refused the batch `ctx` this node forwarded with
+    /// [`crate::Raft::forward`]: none of its commands were proposed.
+    ProposeRefused { ctx: u64 },
     /// The role or leader changed (for logs and for routing clients).
     RoleChanged {
         role: Role,

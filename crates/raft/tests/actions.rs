@@ -223,14 +223,30 @@ fn new_leader_persists_and_sends_its_noop_in_one_step() {
     ));
     assert_eq!(r.commit(), 0);
     assert_eq!(r.take_actions(), vec![]);
-    // Its persist completes: committed, applied.
+    // Its persist completes: committed, applied, and the new commit index
+    // goes at once, on a heartbeat of the current round, to the follower
+    // known to match (node 3 has not answered yet: it learns it later).
     r.persisted(2);
     assert_eq!(r.commit(), 1);
     assert_eq!(
         r.take_actions(),
-        vec![Action::Apply {
-            entries: vec![noop]
-        }]
+        vec![
+            send(
+                msg(
+                    1,
+                    2,
+                    1,
+                    MessageBody::Heartbeat {
+                        commit: 1,
+                        round: 0
+                    }
+                ),
+                None
+            ),
+            Action::Apply {
+                entries: vec![noop]
+            }
+        ]
     );
 }
 

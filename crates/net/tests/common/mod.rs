@@ -34,9 +34,11 @@ pub fn variant(body: &MessageBody) -> usize {
         MessageBody::ReadIndexResponse { .. } => 9,
         MessageBody::TimeoutNow => 10,
         MessageBody::InstallSnapshot { .. } => 11,
+        MessageBody::Propose { .. } => 12,
+        MessageBody::ProposeRefused { .. } => 13,
     }
 }
-pub const VARIANTS: usize = 12;
+pub const VARIANTS: usize = 14;
 
 /// Which `Payload` variant, by number (exhaustive, as above).
 pub fn payload_kind(p: &Payload) -> usize {
@@ -153,6 +155,15 @@ pub fn every_variant() -> Vec<Message> {
             index: None,
         }),
         m(MessageBody::TimeoutNow),
+        m(MessageBody::Propose {
+            ctx: 77,
+            commands: vec![Bytes::from_static(b"put k v"), Bytes::new()],
+        }),
+        m(MessageBody::Propose {
+            ctx: 78,
+            commands: Vec::new(),
+        }),
+        m(MessageBody::ProposeRefused { ctx: 77 }),
         m(MessageBody::InstallSnapshot {
             index: 100,
             snapshot_term: 6,
@@ -343,6 +354,9 @@ pub fn body() -> impl Strategy<Value = MessageBody> {
         (u(), proptest::option::of(u()))
             .prop_map(|(ctx, index)| MessageBody::ReadIndexResponse { ctx, index }),
         Just(MessageBody::TimeoutNow),
+        (u(), proptest::collection::vec(data(), 0..6))
+            .prop_map(|(ctx, commands)| MessageBody::Propose { ctx, commands }),
+        u().prop_map(|ctx| MessageBody::ProposeRefused { ctx }),
         (u(), u(), membership(), data()).prop_map(|(index, snapshot_term, membership, data)| {
             MessageBody::InstallSnapshot {
                 index,

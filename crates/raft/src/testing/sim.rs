@@ -867,6 +867,15 @@ impl Sim {
                 self.fold(&[8, id, ctx]);
                 self.read_failed(id, ctx);
             }
+            Action::ProposeRefused { ctx } => {
+                // The simulated clients propose at the node they believe
+                // leads and never forward; a refusal of a forward is only
+                // ever an answer to a `forward` call.
+                self.fold(&[10, id, ctx]);
+                return violation!(
+                    "node {id} got ProposeRefused {{ ctx: {ctx} }} for a batch it never forwarded"
+                );
+            }
             Action::RoleChanged { role, term, leader } => {
                 self.fold(&[9, id, role as u64, term, leader.unwrap_or(0)]);
                 self.note(|| format!("  {id} is {role:?} in term {term}, leader {leader:?}"));
@@ -951,6 +960,8 @@ fn body_tag(body: &MessageBody) -> u64 {
         MessageBody::ReadIndexResponse { .. } => 10,
         MessageBody::TimeoutNow => 11,
         MessageBody::InstallSnapshot { .. } => 12,
+        MessageBody::Propose { .. } => 13,
+        MessageBody::ProposeRefused { .. } => 14,
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Node {
     pub auto_persist: bool,
     /// Reads answered: (ctx, Some(index)) ready, (ctx, None) failed.
     pub reads: Vec<(u64, Option<Index>)>,
+    /// Forwarded batches the leader refused.
+    pub refused: Vec<u64>,
 }
 
 impl Node {
@@ -60,6 +62,7 @@ impl Node {
             applied: Vec::new(),
             auto_persist: true,
             reads: Vec::new(),
+            refused: Vec::new(),
         }
     }
 }
@@ -193,6 +196,7 @@ impl Cluster {
             }
             Action::ReadReady { ctx, index } => node.reads.push((ctx, Some(index))),
             Action::ReadFailed { ctx } => node.reads.push((ctx, None)),
+            Action::ProposeRefused { ctx } => node.refused.push(ctx),
             Action::RoleChanged { .. } => {}
         }
     }
