@@ -796,8 +796,15 @@ impl EventLoop {
             return Err(format!("{TICKETS_MAX} WAL writes in flight (TICKETS_MAX)"));
         }
         let waker = Waker::from(self.wal_waker.clone());
-        // Registers the waker; a ticket already durable is taken below.
-        let _ = Pin::new(&mut ticket).poll(&mut Context::from_waker(&waker));
+        // Registers the waker. A ticket durable already (the driver was
+        // faster than this thread) registers none: wake the loop now, or
+        // it would sleep until the next tick with the ticket unseen.
+        if Pin::new(&mut ticket)
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            waker.wake_by_ref();
+        }
         self.tickets.push_back((ticket, durable, Instant::now()));
         Ok(())
     }
