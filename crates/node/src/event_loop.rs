@@ -529,12 +529,7 @@ impl EventLoop {
                     );
                 }
             }
-            Err(e) => {
-                let err = propose_error(e);
-                for (_, reply, _) in writes.drain(..) {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
+            Err(e) => refuse_all(writes, propose_error(e)),
         }
     }
 
@@ -564,12 +559,7 @@ impl EventLoop {
                     );
                 }
             }
-            Err(e) => {
-                let err = propose_error(e);
-                for (_, reply, _) in writes.drain(..) {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
+            Err(e) => refuse_all(writes, propose_error(e)),
         }
     }
 
@@ -1248,6 +1238,13 @@ impl EventLoop {
             &wal.group_bytes,
         );
         out
+    }
+}
+
+/// Answers every write of a batch that was not proposed with `err`.
+fn refuse_all(writes: &mut Vec<(RequestOp, WriteReply, Instant)>, err: RequestError) {
+    for (_, reply, _) in writes.drain(..) {
+        let _ = reply.send(Err(err.clone()));
     }
 }
 

@@ -1,0 +1,69 @@
+//! `skiff bench` with no endpoints — the README's main command — as a child
+//! process: it starts its embedded 3-node cluster, loads it, ends with the
+//! exact `RESULT` line, and writes the JSON report and the SVG plot asked
+//! for. Short measured window: this checks the job runs end to end, not
+//! its speed (that is the bench's own business).
+
+use std::process::Command;
+use std::time::Duration;
+
+use skiff_tests::{run_bounded, skiff_bin};
+
+const BENCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{name} in {line:?}: {e}"))
+}
+
+#[test]
+fn bench_loads_an_embedded_cluster_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("result.json");
+    let svg = dir.path().join("latency.svg");
+    let out = run_bounded(
+        Command::new(skiff_bin())
+            .args(["bench", "--duration", "1", "--warmup", "0", "--no-progress"])
+            .args(["--clients", "2", "--concurrency", "4"])
+            .arg("--json")
+            .arg(&json)
+            .arg("--plot")
+            .arg(&svg)
+            .env("TMPDIR", dir.path()),
+        BENCH_TIMEOUT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "skiff bench failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("RESULT writes_per_s="),
+        "last line {last:?} of\n{stdout}"
+    );
+    let names: Vec<&str> = last
+        .split_whitespace()
+        .skip(1)
+        .map(|kv| kv.split('=').next().unwrap())
+        .collect();
+    assert_eq!(names, ["writes_per_s", "p50_us", "p99_us", "p999_us"]);
+    assert!(field(last, "writes_per_s") > 0, "{last}");
+    let (p50, p99, p999) = (
+        field(last, "p50_us"),
+        field(last, "p99_us"),
+        field(last, "p999_us"),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= p999, "{last}");
+
+    let report = std::fs::read_to_string(&json).expect("the JSON report");
+    assert!(report.contains("\"writes_per_s\""), "{report}");
+    let plot = std::fs::read_to_string(&svg).expect("the SVG plot");
+    assert!(plot.trim_start().starts_with("<svg") || plot.starts_with("<?xml"));
+    assert!(plot.trim_end().ends_with("</svg>"));
+}
