@@ -425,6 +425,23 @@ impl EventLoop {
         match input {
             Input::Messages(msgs) => {
                 for msg in msgs {
+                    if forwarded_commands_are_bad(&msg) {
+                        // Proposed, a command that does not decode would
+                        // stop every node at apply: refuse the batch.
+                        tracing::warn!(
+                            from = msg.from,
+                            "forwarded commands that do not decode refused"
+                        );
+                        if let MessageBody::Propose { ctx, .. } = msg.body {
+                            self.send(Message {
+                                from: self.cfg.id,
+                                to: msg.from,
+                                term: self.raft.term(),
+                                body: MessageBody::ProposeRefused { ctx },
+                            });
+                        }
+                        continue;
+                    }
                     self.raft.step(msg);
                 }
             }
@@ -1241,6 +1258,16 @@ impl EventLoop {
     }
 }
 
+/// Whether `msg` forwards a command this node could not apply.
+fn forwarded_commands_are_bad(msg: &Message) -> bool {
+    match &msg.body {
+        MessageBody::Propose { commands, .. } => commands
+            .iter()
+            .any(|c| c.is_empty() || Command::decode(c.clone()).is_err()),
+        _ => false,
+    }
+}
+
 /// Answers every write of a batch that was not proposed with `err`.
 fn refuse_all(writes: &mut Vec<(RequestOp, WriteReply, Instant)>, err: RequestError) {
     for (_, reply, _) in writes.drain(..) {
@@ -1386,5 +1413,47 @@ impl Wake for WalWaker {
         if !self.pending.swap(true, Ordering::AcqRel) {
             let _ = self.inputs.try_send(Input::WalProgress);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn propose(commands: Vec<Bytes>) -> Message {
+        Message {
+            from: 2,
+            to: 1,
+            term: 3,
+            body: MessageBody::Propose { ctx: 1, commands },
+        }
+    }
+
+    #[test]
+    fn forwarded_commands_that_do_not_decode_are_caught() {
+        let good = Command {
+            request_id: 7,
+            op: RequestOp::default(),
+        }
+        .encode();
+        assert!(!forwarded_commands_are_bad(&propose(vec![good.clone()])));
+        for bad in [
+            Bytes::new(),
+            Bytes::from_static(&[0xFE, 1, 2]),
+            good.slice(..good.len() / 2),
+        ] {
+            assert!(
+                forwarded_commands_are_bad(&propose(vec![good.clone(), bad.clone()])),
+                "{bad:?}"
+            );
+        }
+        let heartbeat = Message {
+            body: MessageBody::Heartbeat {
+                commit: 0,
+                round: 0,
+            },
+            ..propose(Vec::new())
+        };
+        assert!(!forwarded_commands_are_bad(&heartbeat));
     }
 }
