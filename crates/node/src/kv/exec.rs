@@ -12,7 +12,7 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 
-use super::{KvError, KvStore, Record};
+use super::{record_bytes, KvError, KvStore, Record};
 use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::request_op::Request;
@@ -326,46 +326,54 @@ impl WriteTxn<'_> {
         Ok(range(&self.store.map, req, self.view_revision()))
     }
 
+    /// One walk of the map for a key that exists (two for a new key).
     fn put(&mut self, req: &PutRequest) -> Result<PutResponse, KvError> {
         if req.lease != 0 {
             return Err(KvError::LeaseNotFound);
         }
-        let old = self.store.map.get(&req.key[..]);
-        if (req.ignore_value || req.ignore_lease) && old.is_none() {
-            return Err(KvError::KeyNotFound);
-        }
-        let prev_kv = if req.prev_kv {
-            old.map(|r| r.key_value(&req.key))
-        } else {
-            None
-        };
         let revision = self.write_revision();
-        let value = match old {
-            Some(old) if req.ignore_value => old.value.clone(),
-            // Copy: a slice of the request would pin the whole log entry.
-            _ => Bytes::copy_from_slice(&req.value),
-        };
-        let record = match old {
-            Some(old) => {
+        let key = &req.key[..];
+        let store = &mut *self.store;
+        let (prev_kv, old) = match store.map.get_mut(key) {
+            Some(slot) => {
                 debug_assert!(
-                    old.mod_revision < revision,
+                    slot.mod_revision < revision,
                     "key written twice in one request"
                 );
-                Record {
+                let prev_kv = req.prev_kv.then(|| slot.key_value(&req.key));
+                let value = if req.ignore_value {
+                    slot.value.clone()
+                } else {
+                    // Copy: a slice of the request would pin the whole log
+                    // entry.
+                    Bytes::copy_from_slice(&req.value)
+                };
+                let record = Record {
                     value,
-                    create_revision: old.create_revision,
+                    create_revision: slot.create_revision,
                     mod_revision: revision,
-                    version: old.version + 1,
-                }
+                    version: slot.version + 1,
+                };
+                store.approx_bytes += record_bytes(key, &record);
+                let old = std::mem::replace(slot, record);
+                store.approx_bytes -= record_bytes(key, &old);
+                (prev_kv, Some(old))
             }
-            None => Record {
-                value,
-                create_revision: revision,
-                mod_revision: revision,
-                version: 1,
-            },
+            None => {
+                if req.ignore_value || req.ignore_lease {
+                    return Err(KvError::KeyNotFound);
+                }
+                let record = Record {
+                    value: Bytes::copy_from_slice(&req.value),
+                    create_revision: revision,
+                    mod_revision: revision,
+                    version: 1,
+                };
+                store.approx_bytes += record_bytes(key, &record);
+                store.map.insert(Bytes::copy_from_slice(key), record);
+                (None, None)
+            }
         };
-        let old = self.store.insert_record(&req.key, record);
         self.undo.push((req.key.clone(), old));
         Ok(PutResponse {
             header: header(self.view_revision()),
