@@ -21,6 +21,10 @@ use tokio::time::{sleep, Instant};
 use super::conn::{check_hello, read_hello, write_hello, ConnError, End};
 use super::metrics::{add, inc};
 use super::tcp::{stopped, PeerSlot, Queued, Shared};
+
+/// Consecutive failed connects to a peer after which the outage is logged
+/// as a warning (with the default backoff, about 1.5 s of it).
+const CONNECT_FAILURES_WARNED: u64 = 5;
 use crate::codec::{encode_raft_frame, Channel, Hello, RAFT_BODY_PREFIX_LEN};
 use crate::frame::{FrameEncoder, FRAME_HEADER_LEN};
 
@@ -93,16 +97,28 @@ pub(crate) async fn run_peer(
             }
             Err(error) => {
                 inc(&shared.counters.connect_failures);
-                // The first failure in a row is worth a warning; the rest
-                // of an outage only at debug level.
-                if failures == 0 {
-                    tracing::warn!(
-                        node = cfg.id,
-                        peer_id = slot.id,
-                        peer_addr = %slot.addr,
-                        %error,
-                        "cannot connect to peer; retrying with backoff"
-                    );
+                // Peers starting one after another refuse the first tries:
+                // the first failure is news, an outage that lasts
+                // (`CONNECT_FAILURES_WARNED`) a warning, the rest debug.
+                if failures == 0 || failures == CONNECT_FAILURES_WARNED {
+                    if failures == CONNECT_FAILURES_WARNED {
+                        tracing::warn!(
+                            node = cfg.id,
+                            peer_id = slot.id,
+                            peer_addr = %slot.addr,
+                            %error,
+                            failures = failures + 1,
+                            "cannot connect to peer; retrying with backoff"
+                        );
+                    } else {
+                        tracing::info!(
+                            node = cfg.id,
+                            peer_id = slot.id,
+                            peer_addr = %slot.addr,
+                            %error,
+                            "cannot connect to peer yet; retrying with backoff"
+                        );
+                    }
                 } else {
                     tracing::debug!(
                         node = cfg.id,
