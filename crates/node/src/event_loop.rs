@@ -52,6 +52,15 @@ use crate::kv::{KvError, KvStore};
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp};
 use crate::storage::{self, encode_membership};
 
+mod metrics;
+mod snapshots;
+mod wal_tickets;
+
+use self::metrics::Stages;
+pub(crate) use self::snapshots::file_crc;
+pub use self::snapshots::SnapshotOffer;
+use self::wal_tickets::{Durable, WalWaker};
+
 /// Inputs queued for the loop (bounded: `INPUTS_MAX`).
 pub const INPUTS_MAX: usize = 65_536;
 /// Messages moved from the transport's inbox per input.
@@ -136,61 +145,6 @@ impl Shared {
         match self.leader.load(Ordering::Acquire) {
             0 => None,
             id => Some(id),
-        }
-    }
-}
-
-/// What a follower is told to fetch a snapshot from: carried as the `data`
-/// of the `InstallSnapshot` message (`len` u64 LE, `crc` u32 LE, then the
-/// leader's snapshot server address as text).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotOffer {
-    pub len: u64,
-    pub crc: u32,
-    pub addr: SocketAddr,
-}
-
-impl SnapshotOffer {
-    pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(12 + 48);
-        b.extend_from_slice(&self.len.to_le_bytes());
-        b.extend_from_slice(&self.crc.to_le_bytes());
-        b.extend_from_slice(self.addr.to_string().as_bytes());
-        b.freeze()
-    }
-
-    pub fn decode(b: &[u8]) -> Option<SnapshotOffer> {
-        let (len, rest) = b.split_first_chunk::<8>()?;
-        let (crc, rest) = rest.split_first_chunk::<4>()?;
-        let addr = std::str::from_utf8(rest).ok()?.parse().ok()?;
-        Some(SnapshotOffer {
-            len: u64::from_le_bytes(*len),
-            crc: u32::from_le_bytes(*crc),
-            addr,
-        })
-    }
-}
-
-/// Per-stage latency histograms (µs) and batch sizes, owned by the loop.
-struct Stages {
-    propose_to_durable_us: Histogram<u64>,
-    propose_to_commit_us: Histogram<u64>,
-    commit_to_apply_us: Histogram<u64>,
-    batch_entries: Histogram<u64>,
-    read_index_us: Histogram<u64>,
-    snapshot_write_us: Histogram<u64>,
-}
-
-impl Stages {
-    fn new() -> Stages {
-        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds");
-        Stages {
-            propose_to_durable_us: h(),
-            propose_to_commit_us: h(),
-            commit_to_apply_us: h(),
-            batch_entries: h(),
-            read_index_us: h(),
-            snapshot_write_us: h(),
         }
     }
 }
@@ -677,15 +631,6 @@ impl EventLoop {
         }
     }
 
-    fn on_snapshot_recorded(&mut self, upto: Index) {
-        self.snapshot_in_progress = false;
-        match self.wal.compact(upto) {
-            Ok(n) => tracing::debug!(upto, segments = n, "WAL compacted"),
-            Err(e) => tracing::warn!(upto, error = %e, "WAL compaction failed"),
-        }
-        self.remove_old_snapshots();
-    }
-
     /// Dispatches every action of this pass, in order.
     fn dispatch(&mut self) -> Result<(), String> {
         loop {
@@ -797,52 +742,6 @@ impl EventLoop {
         self.wait_for(ticket, Durable::Persisted(id))
     }
 
-    /// Keeps `ticket` until the WAL says durable; its waker wakes the loop.
-    fn wait_for(&mut self, mut ticket: Ticket, durable: Durable) -> Result<(), String> {
-        if self.tickets.len() >= TICKETS_MAX {
-            return Err(format!("{TICKETS_MAX} WAL writes in flight (TICKETS_MAX)"));
-        }
-        let waker = Waker::from(self.wal_waker.clone());
-        // Registers the waker. A ticket durable already (the driver was
-        // faster than this thread) registers none: wake the loop now, or
-        // it would sleep until the next tick with the ticket unseen.
-        if Pin::new(&mut ticket)
-            .poll(&mut Context::from_waker(&waker))
-            .is_ready()
-        {
-            waker.wake_by_ref();
-        }
-        self.tickets.push_back((ticket, durable, Instant::now()));
-        Ok(())
-    }
-
-    /// Takes the tickets that became durable, in order. A WAL failure, or
-    /// a write not durable within the WAL's `wait_timeout`, is fatal.
-    fn poll_tickets(&mut self) -> Result<(), String> {
-        self.wal_waker.pending.store(false, Ordering::Release);
-        while let Some((ticket, _, written)) = self.tickets.front() {
-            match ticket.is_durable() {
-                Ok(true) => {}
-                Ok(false) => {
-                    let limit = self.wal.options().wait_timeout;
-                    if written.elapsed() > limit {
-                        return Err(format!(
-                            "a WAL write was not durable within {limit:?} (wait_timeout)"
-                        ));
-                    }
-                    break;
-                }
-                Err(e) => return Err(format!("WAL failed: {e}")),
-            }
-            let (_, durable, _) = self.tickets.pop_front().expect("front exists");
-            match durable {
-                Durable::Persisted(id) => self.on_persisted(id),
-                Durable::SnapshotRecorded { upto } => self.on_snapshot_recorded(upto),
-            }
-        }
-        Ok(())
-    }
-
     fn send(&mut self, msg: Message) {
         if let Err(e) = self.transport.send(msg) {
             tracing::trace!(error = %e, "send failed");
@@ -918,180 +817,6 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Writes the store to a snapshot file, durably, then tells the core.
-    fn take_snapshot(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        let index = self.kv.applied_index();
-        if index <= self.last_snapshot_index {
-            return Ok(());
-        }
-        let term = self
-            .wal
-            .term(index)
-            .map_err(|e| format!("term of applied entry {index}: {e}"))?;
-        let path = storage::snapshot_path(&self.snap_dir, index, term);
-        let (len, crc) = write_snapshot_file(&self.kv, &path)
-            .map_err(|e| format!("snapshot {}: {e}", path.display()))?;
-        self.stages
-            .snapshot_write_us
-            .saturating_record(us_since(started));
-        tracing::info!(index, term, bytes = len, "snapshot taken");
-        let offer = SnapshotOffer {
-            len,
-            crc,
-            addr: self.snapshot_addr,
-        };
-        self.offer_snapshot(index, term, path, offer);
-        self.applied_since_snapshot = (0, 0);
-        self.snapshot_in_progress = true;
-        self.last_snapshot_index = index;
-        self.raft.snapshot_taken(index);
-        Ok(())
-    }
-
-    fn offer_snapshot(&mut self, index: Index, term: u64, path: PathBuf, offer: SnapshotOffer) {
-        self.snapshots.insert(
-            path,
-            skiff_net::SnapshotMeta {
-                index,
-                term,
-                len: offer.len,
-                crc: offer.crc,
-            },
-        );
-        if let Some((old, _, _)) = self.snapshot.replace((index, term, offer)) {
-            if old != index {
-                self.snapshots.remove(old);
-            }
-        }
-    }
-
-    /// `Compact`: record the snapshot in the WAL; once durable, compact.
-    fn record_snapshot(&mut self, upto: Index, membership: &Membership) -> Result<(), String> {
-        let Some((index, term, _)) = self.snapshot.clone() else {
-            return Ok(());
-        };
-        if index != upto {
-            return Ok(());
-        }
-        let mut data = BytesMut::new();
-        encode_membership(membership, &mut data);
-        let ticket = self
-            .wal
-            .save_snapshot(skiff_wal::SnapshotMeta {
-                index,
-                term,
-                data: data.freeze(),
-            })
-            .map_err(|e| format!("WAL snapshot record: {e}"))?;
-        self.snapshot_in_progress = true;
-        self.wait_for(ticket, Durable::SnapshotRecorded { upto })
-    }
-
-    /// `SendSnapshot`: offer our latest snapshot; the follower fetches it.
-    fn send_snapshot(&mut self, to: NodeId, needed: Index, membership: Membership) {
-        let Some((index, term, offer)) = self.snapshot.clone() else {
-            tracing::warn!(to, "a follower needs a snapshot but none is held");
-            return;
-        };
-        if index < needed {
-            tracing::warn!(to, index, needed, "the snapshot held is older than needed");
-            return;
-        }
-        let msg = Message {
-            from: self.cfg.id,
-            to,
-            term: self.raft.term(),
-            body: MessageBody::InstallSnapshot {
-                index,
-                snapshot_term: term,
-                membership,
-                data: offer.encode(),
-            },
-        };
-        tracing::info!(to, index, "offering snapshot");
-        self.send(msg);
-    }
-
-    /// `InstallSnapshot`: restore the store from the fetched file and make
-    /// the snapshot the WAL's base.
-    fn install_snapshot(
-        &mut self,
-        id: PersistId,
-        index: Index,
-        term: u64,
-        membership: &Membership,
-    ) -> Result<(), String> {
-        let path = self
-            .fetched
-            .remove(&index)
-            .ok_or_else(|| format!("snapshot {index} to install was not fetched"))?;
-        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        self.kv = KvStore::read_snapshot(&mut reader)
-            .map_err(|e| format!("snapshot {}: {e}", path.display()))?;
-        let crc = file_crc(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let canonical = storage::snapshot_path(&self.snap_dir, index, term);
-        if canonical != path {
-            std::fs::rename(&path, &canonical)
-                .map_err(|e| format!("rename {}: {e}", path.display()))?;
-            fsync_dir(&self.snap_dir).map_err(|e| format!("{}: {e}", self.snap_dir.display()))?;
-        }
-        let offer = SnapshotOffer {
-            len,
-            crc,
-            addr: self.snapshot_addr,
-        };
-        self.offer_snapshot(index, term, canonical, offer);
-        self.last_snapshot_index = index;
-        self.applied_since_snapshot = (0, 0);
-        // Requests waiting on entries the snapshot replaced.
-        let stale: Vec<Index> = self.writes.range(..=index).map(|(i, _)| *i).collect();
-        for i in stale {
-            if let Some(p) = self.writes.remove(&i) {
-                let _ = p.reply.send(Err(lost()));
-            }
-        }
-        let mut data = BytesMut::new();
-        encode_membership(membership, &mut data);
-        let ticket = self
-            .wal
-            .write(WriteBatch {
-                snapshot: Some(skiff_wal::SnapshotMeta {
-                    index,
-                    term,
-                    data: data.freeze(),
-                }),
-                ..WriteBatch::default()
-            })
-            .map_err(|e| format!("WAL snapshot record: {e}"))?;
-        self.wal_last = self.wal.last_index();
-        tracing::info!(index, term, "snapshot installed");
-        self.wait_for(ticket, Durable::Persisted(id))
-    }
-
-    fn remove_old_snapshots(&self) {
-        let Ok(dir) = std::fs::read_dir(&self.snap_dir) else {
-            return;
-        };
-        let mut snaps: Vec<(u64, PathBuf)> = dir
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let index = name.strip_prefix("snapshot-")?.get(..20)?.parse().ok()?;
-                name.ends_with(".snap").then(|| (index, e.path()))
-            })
-            .collect();
-        snaps.sort();
-        let keep = SNAPSHOTS_KEPT + 1;
-        if snaps.len() > keep {
-            for (_, path) in &snaps[..snaps.len() - keep] {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
-
     /// Drops requests whose clients gave up.
     fn sweep(&mut self) {
         self.last_sweep = Instant::now();
@@ -1147,115 +872,6 @@ impl EventLoop {
         *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) = fatal;
         self.shared.stopped.store(true, Ordering::Release);
     }
-
-    fn render_metrics(&self) -> String {
-        let mut out = String::new();
-        let s = &self.shared;
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP skiff_{name} {help}\n# TYPE skiff_{name} gauge\nskiff_{name} {v}\n"
-            ));
-        };
-        gauge(
-            &mut out,
-            "raft_term",
-            "Current Raft term.",
-            self.raft.term(),
-        );
-        gauge(
-            &mut out,
-            "is_leader",
-            "1 on the leader.",
-            u64::from(self.raft.role() == Role::Leader),
-        );
-        gauge(
-            &mut out,
-            "commit_index",
-            "Raft commit index.",
-            self.raft.commit(),
-        );
-        gauge(
-            &mut out,
-            "applied_index",
-            "Last index applied to the KV store.",
-            s.applied.load(Ordering::Acquire),
-        );
-        gauge(
-            &mut out,
-            "kv_revision",
-            "KV store revision.",
-            self.kv.revision().max(0) as u64,
-        );
-        gauge(
-            &mut out,
-            "requests_pending",
-            "Client requests waiting in the node.",
-            self.pending_requests() as u64,
-        );
-        let st = &self.stages;
-        histogram(
-            &mut out,
-            "propose_to_durable_us",
-            "Accepted to locally durable (leader), µs.",
-            &st.propose_to_durable_us,
-        );
-        histogram(
-            &mut out,
-            "propose_to_commit_us",
-            "Accepted to committed and applied, µs.",
-            &st.propose_to_commit_us,
-        );
-        histogram(
-            &mut out,
-            "commit_to_apply_us",
-            "Applying one batch of committed entries, µs.",
-            &st.commit_to_apply_us,
-        );
-        histogram(
-            &mut out,
-            "batch_entries",
-            "Proposals per Raft proposal batch.",
-            &st.batch_entries,
-        );
-        histogram(
-            &mut out,
-            "read_index_us",
-            "Linearizable read: accepted to served, µs.",
-            &st.read_index_us,
-        );
-        histogram(
-            &mut out,
-            "snapshot_write_us",
-            "Writing a state-machine snapshot, µs.",
-            &st.snapshot_write_us,
-        );
-        let wal = self.wal.metrics();
-        histogram(
-            &mut out,
-            "wal_fsync_us",
-            "WAL fdatasync, µs.",
-            &wal.fsync_us,
-        );
-        histogram(
-            &mut out,
-            "wal_write_us",
-            "WAL group write, µs.",
-            &wal.write_us,
-        );
-        histogram(
-            &mut out,
-            "wal_queue_wait_us",
-            "WAL queue wait, µs.",
-            &wal.queue_wait_us,
-        );
-        histogram(
-            &mut out,
-            "wal_group_bytes",
-            "WAL group size, bytes.",
-            &wal.group_bytes,
-        );
-        out
-    }
 }
 
 /// Whether `msg` forwards a command this node could not apply.
@@ -1302,118 +918,11 @@ fn set_header(r: &mut ResponseOp, header: Option<ResponseHeader>) {
     }
 }
 
-/// Prometheus summary-style quantiles plus count and sum.
-fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
-    out.push_str(&format!(
-        "# HELP skiff_{name} {help}\n# TYPE skiff_{name} summary\n"
-    ));
-    for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
-        out.push_str(&format!(
-            "skiff_{name}{{quantile=\"{q}\"}} {}\n",
-            h.value_at_quantile(q)
-        ));
-    }
-    let sum = (h.mean() * h.len() as f64) as u64;
-    out.push_str(&format!(
-        "skiff_{name}_sum {sum}\nskiff_{name}_count {}\n",
-        h.len()
-    ));
-}
-
 fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-}
-
-/// A writer that counts and checksums what passes through.
-struct CrcWriter<W> {
-    inner: W,
-    len: u64,
-    crc: u32,
-}
-
-impl<W: Write> Write for CrcWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Writes the store to `path` durably (temporary file, fsync, rename,
-/// directory fsync); returns its length and CRC32C.
-fn write_snapshot_file(kv: &KvStore, path: &Path) -> std::io::Result<(u64, u32)> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let file = std::fs::File::create(&tmp)?;
-    let mut w = CrcWriter {
-        inner: std::io::BufWriter::with_capacity(1 << 20, file),
-        len: 0,
-        crc: 0,
-    };
-    kv.write_snapshot(&mut w)?;
-    w.flush()?;
-    let (len, crc) = (w.len, w.crc);
-    let file = w.inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    fsync_dir(dir)?;
-    Ok((len, crc))
-}
-
-pub(crate) fn file_crc(path: &Path) -> std::io::Result<u32> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut crc = 0;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(crc);
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-    }
-}
-
-pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// What a WAL ticket's durability means to the loop.
-enum Durable {
-    /// Persist `id` of the Raft core.
-    Persisted(PersistId),
-    /// The snapshot record through `upto`: compact the WAL.
-    SnapshotRecorded { upto: Index },
-}
-
-/// The waker of the loop's WAL tickets: the WAL driver calls it when
-/// writes become durable (or the WAL fails). It queues one `WalProgress`
-/// until the loop's next pass; the loop looks at its tickets on every pass
-/// anyway, so a full input queue loses nothing.
-struct WalWaker {
-    pending: AtomicBool,
-    inputs: Sender<Input>,
-}
-
-impl Wake for WalWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.pending.swap(true, Ordering::AcqRel) {
-            let _ = self.inputs.try_send(Input::WalProgress);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,156 @@
+//! The loop's stage histograms and their Prometheus text.
+
+use super::*;
+
+/// Per-stage latency histograms (µs) and batch sizes, owned by the loop.
+pub(super) struct Stages {
+    pub(super) propose_to_durable_us: Histogram<u64>,
+    pub(super) propose_to_commit_us: Histogram<u64>,
+    pub(super) commit_to_apply_us: Histogram<u64>,
+    pub(super) batch_entries: Histogram<u64>,
+    pub(super) read_index_us: Histogram<u64>,
+    pub(super) snapshot_write_us: Histogram<u64>,
+}
+
+impl Stages {
+    pub(super) fn new() -> Stages {
+        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds");
+        Stages {
+            propose_to_durable_us: h(),
+            propose_to_commit_us: h(),
+            commit_to_apply_us: h(),
+            batch_entries: h(),
+            read_index_us: h(),
+            snapshot_write_us: h(),
+        }
+    }
+}
+
+impl EventLoop {
+    pub(super) fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        let s = &self.shared;
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP skiff_{name} {help}\n# TYPE skiff_{name} gauge\nskiff_{name} {v}\n"
+            ));
+        };
+        gauge(
+            &mut out,
+            "raft_term",
+            "Current Raft term.",
+            self.raft.term(),
+        );
+        gauge(
+            &mut out,
+            "is_leader",
+            "1 on the leader.",
+            u64::from(self.raft.role() == Role::Leader),
+        );
+        gauge(
+            &mut out,
+            "commit_index",
+            "Raft commit index.",
+            self.raft.commit(),
+        );
+        gauge(
+            &mut out,
+            "applied_index",
+            "Last index applied to the KV store.",
+            s.applied.load(Ordering::Acquire),
+        );
+        gauge(
+            &mut out,
+            "kv_revision",
+            "KV store revision.",
+            self.kv.revision().max(0) as u64,
+        );
+        gauge(
+            &mut out,
+            "requests_pending",
+            "Client requests waiting in the node.",
+            self.pending_requests() as u64,
+        );
+        let st = &self.stages;
+        histogram(
+            &mut out,
+            "propose_to_durable_us",
+            "Accepted to locally durable (leader), µs.",
+            &st.propose_to_durable_us,
+        );
+        histogram(
+            &mut out,
+            "propose_to_commit_us",
+            "Accepted to committed and applied, µs.",
+            &st.propose_to_commit_us,
+        );
+        histogram(
+            &mut out,
+            "commit_to_apply_us",
+            "Applying one batch of committed entries, µs.",
+            &st.commit_to_apply_us,
+        );
+        histogram(
+            &mut out,
+            "batch_entries",
+            "Proposals per Raft proposal batch.",
+            &st.batch_entries,
+        );
+        histogram(
+            &mut out,
+            "read_index_us",
+            "Linearizable read: accepted to served, µs.",
+            &st.read_index_us,
+        );
+        histogram(
+            &mut out,
+            "snapshot_write_us",
+            "Writing a state-machine snapshot, µs.",
+            &st.snapshot_write_us,
+        );
+        let wal = self.wal.metrics();
+        histogram(
+            &mut out,
+            "wal_fsync_us",
+            "WAL fdatasync, µs.",
+            &wal.fsync_us,
+        );
+        histogram(
+            &mut out,
+            "wal_write_us",
+            "WAL group write, µs.",
+            &wal.write_us,
+        );
+        histogram(
+            &mut out,
+            "wal_queue_wait_us",
+            "WAL queue wait, µs.",
+            &wal.queue_wait_us,
+        );
+        histogram(
+            &mut out,
+            "wal_group_bytes",
+            "WAL group size, bytes.",
+            &wal.group_bytes,
+        );
+        out
+    }
+}
+
+/// Prometheus summary-style quantiles plus count and sum.
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+    out.push_str(&format!(
+        "# HELP skiff_{name} {help}\n# TYPE skiff_{name} summary\n"
+    ));
+    for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+        out.push_str(&format!(
+            "skiff_{name}{{quantile=\"{q}\"}} {}\n",
+            h.value_at_quantile(q)
+        ));
+    }
+    let sum = (h.mean() * h.len() as f64) as u64;
+    out.push_str(&format!(
+        "skiff_{name}_sum {sum}\nskiff_{name}_count {}\n",
+        h.len()
+    ));
+}
