@@ -61,13 +61,18 @@ impl Command {
 
     /// Encodes the command; the result is what a log entry carries.
     pub fn encode(&self) -> Bytes {
-        let body_len = self.op.encoded_len();
+        Command::encode_parts(self.request_id, &self.op)
+    }
+
+    /// Encodes the command `(request_id, op)` without building it (the
+    /// proposal path encodes the client's op in place, no copy).
+    pub fn encode_parts(request_id: u64, op: &RequestOp) -> Bytes {
+        let body_len = op.encoded_len();
         let mut buf = BytesMut::with_capacity(COMMAND_HEADER_BYTES + body_len);
         buf.put_u8(COMMAND_VERSION);
-        buf.put_u64_le(self.request_id);
+        buf.put_u64_le(request_id);
         // A BytesMut grows on demand, so encoding cannot run out of room.
-        self.op
-            .encode(&mut buf)
+        op.encode(&mut buf)
             .expect("BytesMut has unbounded capacity");
         debug_assert_eq!(buf.len(), COMMAND_HEADER_BYTES + body_len);
         buf.freeze()

@@ -466,11 +466,7 @@ impl EventLoop {
             .map(|(op, _, _)| {
                 self.next_request += 1;
                 ids.push(self.next_request);
-                Command {
-                    request_id: self.next_request,
-                    op: op.clone(),
-                }
-                .encode()
+                Command::encode_parts(self.next_request, op)
             })
             .collect();
         if self.raft.role() != Role::Leader {
