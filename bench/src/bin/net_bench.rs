@@ -2,6 +2,12 @@
 //! TCP transport, for 128-byte and 4-KiB entries, against the raw ceiling of
 //! the same bytes (the same encoded frames) through a plain socket in the
 //! same run; then snapshot transfer with 1 and with N parallel chunk streams.
+//!
+//! The sending and the receiving side run on runtimes of their own (one
+//! worker thread each, the sender's messages built on the main thread), as
+//! they would in two nodes: on one shared runtime the scheduler keeps the
+//! writer and the reader on one worker and the run measures one core. The
+//! raw ceiling's writer and reader are two threads as well.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,6 +18,7 @@ use skiff_bench::fmt_rate;
 use skiff_net::{encode_raft_frame, FrameEncoder, SendError, TcpConfig, TcpTransport, Transport};
 use skiff_raft::{Entry, Message, MessageBody, Payload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Handle;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,6 +46,13 @@ struct Args {
     dir: std::path::PathBuf,
 }
 
+/// How long the sender waits when the transport refuses a message because
+/// the peer's send queue is full.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(1);
+
+/// Bound of each transport's shutdown at the end of a run.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One measured AppendEntries run.
 struct Rate {
     payload_bytes_per_s: f64,
@@ -53,26 +67,32 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    if let Err(e) = rt.block_on(run(args)) {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    };
+    let (send_rt, recv_rt) = (runtime(), runtime());
+    if let Err(e) = send_rt.block_on(run(args, recv_rt.handle().clone())) {
         eprintln!("net-bench: {e}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+/// `recv` is the receiving side's runtime; everything else runs on the
+/// caller's.
+async fn run(args: Args, recv: Handle) -> Result<(), Box<dyn std::error::Error>> {
     let secs = if args.quick { 2.0 } else { args.duration };
     let d = Duration::from_secs_f64(secs);
     let mut ratio_128 = 0.0;
     let mut ae_128 = 0.0;
     for size in [128usize, 4096] {
-        let batch = append_batch(size, args.entries_per_message);
-        let ae = transport_run(&batch, d).await?;
-        let raw = raw_run(&batch, d).await?;
+        let log = log_of(size, args.entries_per_message);
+        let n = args.entries_per_message;
+        let ae = transport_run(&log, n, d, &recv).await?;
+        let raw = raw_run(&log, n, d, &recv).await?;
         let ratio = ae.payload_bytes_per_s / raw.payload_bytes_per_s;
         println!(
             "AppendEntries {size:>5} B entries: {} entries/s, {:.1} MB/s | raw TCP, same frames: {:.1} MB/s | ratio {:.3}",
@@ -94,23 +114,41 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `n` entries of `size` bytes, as the messages of one AppendEntries.
-fn append_batch(size: usize, n: usize) -> Vec<Entry> {
-    let payload = Bytes::from(vec![0x42u8; size]);
-    (0..n as u64)
+/// Payload bytes of the entries the sender cycles through: a leader's
+/// in-memory log holds one payload allocation per entry, and sending clones
+/// them out of it. (One payload shared by every entry would make each clone
+/// and drop fight over one reference count across the sender's and the
+/// writer's threads, a cost real traffic does not have.) Recent entries of
+/// a leader are in cache; this fits the L3 of the machines we measure on.
+const LOG_BYTES: usize = 4 << 20;
+
+/// A log of [`LOG_BYTES`] of `size`-byte entries (at least `n` of them),
+/// each its own allocation.
+fn log_of(size: usize, n: usize) -> Vec<Entry> {
+    let len = (LOG_BYTES / size.max(1)).max(n).max(1);
+    (0..len as u64)
         .map(|i| Entry {
             index: i + 1,
             term: 1,
-            payload: Payload::Normal(payload.clone()),
+            payload: Payload::Normal(Bytes::from(vec![(i % 251) as u8; size])),
         })
         .collect()
 }
 
-fn append(entries: &[Entry], prev_index: u64) -> Message {
-    let mut entries = entries.to_vec();
-    for (i, e) in entries.iter_mut().enumerate() {
-        e.index = prev_index + 1 + i as u64;
-    }
+/// The AppendEntries after `prev_index`: the next `n` entries of `log`
+/// (wrapping around it), renumbered to continue from `prev_index`.
+fn append(log: &[Entry], n: usize, prev_index: u64) -> Message {
+    let start = prev_index as usize % log.len();
+    let entries = (0..n)
+        .map(|i| {
+            let e = &log[(start + i) % log.len()];
+            Entry {
+                index: prev_index + 1 + i as u64,
+                term: e.term,
+                payload: e.payload.clone(),
+            }
+        })
+        .collect();
     Message {
         from: 1,
         to: 2,
@@ -134,53 +172,68 @@ fn payload_bytes(m: &Message) -> (u64, u64) {
     }
 }
 
-async fn transport_run(batch: &[Entry], d: Duration) -> Result<Rate, Box<dyn std::error::Error>> {
+async fn transport_run(
+    log: &[Entry],
+    n: usize,
+    d: Duration,
+    recv: &Handle,
+) -> Result<Rate, Box<dyn std::error::Error>> {
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let (receiver, mut inbox) = TcpTransport::start(TcpConfig::new(7, 2, any)).await?;
+    let (receiver, mut inbox) = recv
+        .spawn(TcpTransport::start(TcpConfig::new(7, 2, any)))
+        .await??;
     let (sender, _sender_inbox) =
         TcpTransport::start(TcpConfig::new(7, 1, any).with_peer(2, receiver.local_addr())).await?;
     if !sender.wait_connected(2, Duration::from_secs(10)).await {
         return Err("the sender did not connect within 10 s".into());
     }
     let stop = Instant::now() + d;
-    let counter = tokio::spawn(async move {
+    // Counts what arrives until `stop`, then drains without counting until
+    // the receiver shuts down, so that the sender can finish its queue and
+    // close cleanly.
+    let counter = recv.spawn(async move {
         let (mut entries, mut bytes) = (0u64, 0u64);
         let mut buf = Vec::with_capacity(1024);
         let start = Instant::now();
+        let mut measured = None;
         loop {
             buf.clear();
             let got =
                 tokio::time::timeout(Duration::from_millis(200), inbox.recv_many(&mut buf, 1024))
                     .await;
-            match got {
-                Ok(0) => break,
-                Ok(_) => {
-                    for m in &buf {
-                        let (e, b) = payload_bytes(m);
-                        entries += e;
-                        bytes += b;
-                    }
+            if measured.is_none() {
+                for m in &buf {
+                    let (e, b) = payload_bytes(m);
+                    entries += e;
+                    bytes += b;
                 }
-                Err(_) if Instant::now() >= stop => break,
-                Err(_) => {}
+                if Instant::now() >= stop {
+                    measured = Some((entries, bytes, start.elapsed()));
+                }
             }
-            if Instant::now() >= stop {
+            if got == Ok(0) {
                 break;
             }
         }
-        (entries, bytes, start.elapsed())
+        measured.unwrap_or((entries, bytes, start.elapsed()))
     });
     let mut prev = 0u64;
     while Instant::now() < stop {
-        match sender.send(append(batch, prev)) {
-            Ok(()) => prev += batch.len() as u64,
-            Err(SendError::QueueFull { .. }) => tokio::task::yield_now().await,
+        match sender.send(append(log, n, prev)) {
+            Ok(()) => prev += n as u64,
+            // The queue holds `send_queue_max` messages (tens of ms of
+            // work): back off instead of building messages to drop, as a
+            // leader stops sending to a peer reported unreachable.
+            Err(SendError::QueueFull { .. }) => tokio::time::sleep(QUEUE_FULL_BACKOFF).await,
             Err(e) => return Err(format!("send failed: {e}").into()),
         }
     }
-    let (entries, bytes, elapsed) = counter.await?;
-    let _ = sender.shutdown(Duration::from_secs(5)).await;
-    let _ = receiver.shutdown(Duration::from_secs(5)).await;
+    sender.shutdown(SHUTDOWN_TIMEOUT).await?;
+    recv.spawn(async move { receiver.shutdown(SHUTDOWN_TIMEOUT).await })
+        .await??;
+    let (entries, bytes, elapsed) = tokio::time::timeout(SHUTDOWN_TIMEOUT, counter)
+        .await
+        .map_err(|_| "the receiver's inbox did not close after shutdown")??;
     let secs = elapsed.as_secs_f64();
     Ok(Rate {
         payload_bytes_per_s: bytes as f64 / secs,
@@ -190,15 +243,20 @@ async fn transport_run(batch: &[Entry], d: Duration) -> Result<Rate, Box<dyn std
 
 /// The same frames (as the transport's writer would coalesce them, 1 MiB
 /// each) written through a plain socket to a reader that discards them.
-async fn raw_run(batch: &[Entry], d: Duration) -> Result<Rate, Box<dyn std::error::Error>> {
+async fn raw_run(
+    log: &[Entry],
+    n: usize,
+    d: Duration,
+    recv: &Handle,
+) -> Result<Rate, Box<dyn std::error::Error>> {
     let enc = FrameEncoder::default();
     let mut frame = BytesMut::new();
     let mut msgs = Vec::new();
     let mut prev = 0;
     let (mut entries_per_frame, mut bytes_per_frame) = (0u64, 0u64);
     while frame.is_empty() || skiff_net::raft_body_len(&msgs) < (1 << 20) {
-        let m = append(batch, prev);
-        prev += batch.len() as u64;
+        let m = append(log, n, prev);
+        prev += n as u64;
         let (e, b) = payload_bytes(&m);
         entries_per_frame += e;
         bytes_per_frame += b;
@@ -209,7 +267,7 @@ async fn raw_run(batch: &[Entry], d: Duration) -> Result<Rate, Box<dyn std::erro
     let frame = frame.freeze();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let reader = tokio::spawn(async move {
+    let reader = recv.spawn(async move {
         let (mut s, _) = listener.accept().await?;
         let mut buf = vec![0u8; 256 << 10];
         let mut total = 0u64;

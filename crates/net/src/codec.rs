@@ -232,7 +232,19 @@ pub fn encode_raft_frame(
     msgs: &[Message],
     dst: &mut BytesMut,
 ) -> Result<usize, WireError> {
-    let body_len = raft_body_len(msgs);
+    encode_raft_frame_sized(enc, msgs, raft_body_len(msgs), dst)
+}
+
+/// [`encode_raft_frame`] for a caller that summed the messages' lengths
+/// already (the writer, as it takes them from the queue): `body_len` must
+/// be [`raft_body_len`] of `msgs`.
+pub(crate) fn encode_raft_frame_sized(
+    enc: &FrameEncoder,
+    msgs: &[Message],
+    body_len: usize,
+    dst: &mut BytesMut,
+) -> Result<usize, WireError> {
+    debug_assert_eq!(body_len, raft_body_len(msgs));
     enc.encode_with(dst, FrameType::Raft, body_len, |dst| {
         put_len(dst, msgs.len());
         for m in msgs {

@@ -302,12 +302,10 @@ impl FrameDecoder {
     /// (at most `frame_bytes_max`), so that the reader fills it without
     /// reallocating.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
-        let Some(header_bytes) = buf.first_chunk::<FRAME_HEADER_LEN>() else {
+        let Some(header) = self.header(buf)? else {
             return Ok(None);
         };
-        let header = FrameHeader::decode(header_bytes)?;
         let frame_len = header.frame_len();
-        check_frame_len(frame_len, self.frame_bytes_max)?;
         if buf.len() < frame_len {
             buf.reserve(frame_len - buf.len());
             return Ok(None);
@@ -325,6 +323,26 @@ impl FrameDecoder {
             ty: header.ty,
             body: frame.freeze(),
         }))
+    }
+
+    /// How many bytes the frame at the front of `buf` still lacks: 0 when
+    /// it is complete or its header is not in yet. Errors as
+    /// [`decode`](FrameDecoder::decode) would (a bad header, a frame over
+    /// the bound), so a reader can make room before decoding.
+    pub fn missing(&self, buf: &[u8]) -> Result<usize, WireError> {
+        Ok(self
+            .header(buf)?
+            .map_or(0, |h| h.frame_len().saturating_sub(buf.len())))
+    }
+
+    /// The checked header at the front of `buf`, if it is in.
+    fn header(&self, buf: &[u8]) -> Result<Option<FrameHeader>, WireError> {
+        let Some(header_bytes) = buf.first_chunk::<FRAME_HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let header = FrameHeader::decode(header_bytes)?;
+        check_frame_len(header.frame_len(), self.frame_bytes_max)?;
+        Ok(Some(header))
     }
 
     /// Like [`decode`](FrameDecoder::decode), once the stream has ended:

@@ -57,6 +57,41 @@ fn every_truncation_waits_then_is_truncated_at_eof() {
     assert_eq!(dec.decode_eof(&mut BytesMut::new()), Ok(None));
 }
 
+#[test]
+fn missing_counts_what_the_front_frame_still_lacks() {
+    let stream = stream();
+    let dec = FrameDecoder::default();
+    let first_len = dec
+        .decode(&mut BytesMut::from(&stream[..]))
+        .unwrap()
+        .map(|f| FRAME_HEADER_LEN + f.body.len())
+        .unwrap();
+    for len in 0..=stream.len() {
+        let want = if len < FRAME_HEADER_LEN {
+            0
+        } else {
+            first_len.saturating_sub(len)
+        };
+        assert_eq!(dec.missing(&stream[..len]), Ok(want), "prefix of {len}");
+    }
+    // The same refusals as decode, from the header alone.
+    let small = FrameDecoder::new(1024);
+    let over = header_bytes(FrameType::Raft as u8, 1024);
+    assert_eq!(
+        small.missing(&over),
+        Err(WireError::TooLarge {
+            len: 1024 + FRAME_HEADER_LEN,
+            max: 1024
+        })
+    );
+    let mut bad = header_bytes(FrameType::Raft as u8, 8);
+    bad[0] ^= 0xFF;
+    assert_eq!(
+        dec.missing(&bad),
+        dec.decode(&mut BytesMut::from(&bad[..])).map(|_| 0)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Bad input: headers, bounds, checksums.
 

@@ -9,6 +9,7 @@
 //! than drop a message, and stops reading its socket meanwhile: that is the
 //! backpressure.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,6 +179,7 @@ async fn read_loop(
         return Ok(End::Stopped);
     };
     let decoder = FrameDecoder::new(cfg.frame_bytes_max);
+    let mut buffers = RecvBuffers::default();
     // Idle is measured between complete frames, not between reads: a
     // length field corrupted upward makes the decoder wait for a body that
     // never comes, while keepalives behind it keep the socket busy.
@@ -185,7 +187,14 @@ async fn read_loop(
     loop {
         // Every complete frame already buffered (the handshake may have
         // read some) before reading more.
-        while let Some(frame) = decoder.decode(&mut buf)? {
+        loop {
+            // Room for the rest of a frame whose header is in, so that the
+            // decoder need not allocate it.
+            let missing = decoder.missing(&buf)?;
+            buffers.make_room(&mut buf, missing);
+            let Some(frame) = decoder.decode(&mut buf)? else {
+                break;
+            };
             if frame.ty != FrameType::Raft {
                 return Err(ConnError::UnexpectedFrame {
                     got: frame.ty,
@@ -203,9 +212,8 @@ async fn read_loop(
             }
             deadline = Instant::now() + cfg.read_idle_timeout;
         }
-        if buf.capacity() - buf.len() < cfg.read_chunk_bytes {
-            buf.reserve(cfg.read_chunk_bytes);
-        }
+        let want = decoder.missing(&buf)?.max(cfg.read_chunk_bytes);
+        buffers.make_room(&mut buf, want);
         let read = tokio::select! {
             biased;
             () = stopped(shutdown) => return Ok(End::Stopped),
@@ -223,6 +231,60 @@ async fn read_loop(
             Ok(Ok(0)) if buf.is_empty() => return Ok(End::PeerClosed),
             Ok(Ok(0)) => return Err(WireError::Truncated { what: "a frame" }.into()),
             Ok(Ok(n)) => add(&shared.counters.bytes_received, n as u64),
+        }
+    }
+}
+
+/// Receive buffers a connection has moved on from, kept to be reused: the
+/// messages decoded from a frame are slices of its buffer, so a buffer comes
+/// back (its memory warm and already faulted in) once they are all dropped.
+/// Without this every frame of a busy connection lands in fresh memory
+/// (for large frames, a fresh mapping: page faults and zeroing).
+#[derive(Default)]
+struct RecvBuffers {
+    /// Retired buffers with the size of their memory, oldest first.
+    spares: VecDeque<(BytesMut, usize)>,
+    /// The size of the memory behind the buffer in use (0: not known, the
+    /// buffer came from elsewhere; it is not kept).
+    current: usize,
+}
+
+/// Retired buffers kept per connection.
+const RECV_BUFFERS_KEPT: usize = 4;
+/// A buffer larger than this is not kept (a rare huge frame does not pin
+/// its memory for the connection's life).
+const RECV_BUFFER_KEEP_BYTES_MAX: usize = 4 << 20;
+
+impl RecvBuffers {
+    /// Makes room in `buf` for `want` more bytes: in place if its memory is
+    /// no longer shared, else in a retired buffer whose messages are all
+    /// gone, else in a new one. What `buf` holds moves along.
+    fn make_room(&mut self, buf: &mut BytesMut, want: usize) {
+        if buf.capacity() - buf.len() >= want || buf.try_reclaim(want) {
+            return;
+        }
+        let need = buf.len() + want;
+        let reusable = self
+            .spares
+            .iter_mut()
+            .position(|(spare, _)| spare.try_reclaim(need));
+        let (mut next, size) = match reusable.and_then(|i| self.spares.remove(i)) {
+            Some(spare) => spare,
+            None => {
+                let fresh = BytesMut::with_capacity(need);
+                let size = fresh.capacity();
+                (fresh, size)
+            }
+        };
+        next.extend_from_slice(buf);
+        let mut old = std::mem::replace(buf, next);
+        let old_size = std::mem::replace(&mut self.current, size);
+        old.clear();
+        if old_size > 0 && old_size <= RECV_BUFFER_KEEP_BYTES_MAX {
+            if self.spares.len() == RECV_BUFFERS_KEPT {
+                self.spares.pop_front();
+            }
+            self.spares.push_back((old, old_size));
         }
     }
 }
@@ -291,4 +353,59 @@ async fn deliver(
     }
     add(&shared.counters.messages_received, delivered as u64);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_comes_back_once_its_frames_are_dropped() {
+        let mut buffers = RecvBuffers::default();
+        let mut buf = BytesMut::new();
+        buffers.make_room(&mut buf, 4000);
+        let first = buf.as_ptr();
+        buf.extend_from_slice(&[7; 1000]);
+        // A frame decoded from it is still held: more room than is left
+        // comes from new memory, and the unread bytes move along.
+        let frame = buf.split_to(600).freeze();
+        buffers.make_room(&mut buf, 3500);
+        let second = buf.as_ptr();
+        assert_ne!(second, first);
+        assert_eq!(&buf[..], &[7; 400][..]);
+        assert!(buf.capacity() >= 3900);
+        // Once that frame is gone, the first buffer is reused.
+        drop(frame);
+        let frame = buf.split_to(400).freeze();
+        buffers.make_room(&mut buf, 3600);
+        assert_eq!(buf.as_ptr(), first);
+        assert!(buf.is_empty());
+        // Room that is there already is used in place.
+        drop(frame);
+        buf.extend_from_slice(&[1; 10]);
+        buffers.make_room(&mut buf, 100);
+        assert_eq!(buf.as_ptr(), first);
+        assert_eq!(&buf[..], &[1; 10][..]);
+    }
+
+    #[test]
+    fn spares_are_bounded_in_number_and_size() {
+        let mut buffers = RecvBuffers::default();
+        let mut buf = BytesMut::new();
+        let mut held = Vec::new();
+        for _ in 0..3 * RECV_BUFFERS_KEPT {
+            buffers.make_room(&mut buf, 1024);
+            buf.extend_from_slice(&[0; 16]);
+            held.push(buf.split().freeze());
+        }
+        assert_eq!(buffers.spares.len(), RECV_BUFFERS_KEPT);
+        buffers.make_room(&mut buf, RECV_BUFFER_KEEP_BYTES_MAX + 1);
+        buf.extend_from_slice(&[0; 16]);
+        held.push(buf.split().freeze());
+        buffers.make_room(&mut buf, 1024);
+        assert!(buffers
+            .spares
+            .iter()
+            .all(|(_, size)| *size <= RECV_BUFFER_KEEP_BYTES_MAX));
+    }
 }

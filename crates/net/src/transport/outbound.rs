@@ -25,7 +25,9 @@ use super::tcp::{stopped, PeerSlot, Queued, Shared};
 /// Consecutive failed connects to a peer after which the outage is logged
 /// as a warning (with the default backoff, about 1.5 s of it).
 const CONNECT_FAILURES_WARNED: u64 = 5;
-use crate::codec::{encode_raft_frame, Channel, Hello, RAFT_BODY_PREFIX_LEN};
+use crate::codec::{
+    encode_raft_frame, encode_raft_frame_sized, Channel, Hello, RAFT_BODY_PREFIX_LEN,
+};
 use crate::frame::{FrameEncoder, FRAME_HEADER_LEN};
 
 /// A write buffer grown past this (by one large message) is released after
@@ -253,7 +255,7 @@ async fn write_loop(
             }
         }
         buf.clear();
-        let encoded = encode_raft_frame(&enc, &batch, &mut buf);
+        let encoded = encode_raft_frame_sized(&enc, &batch, body_len, &mut buf);
         let count = batch.len();
         batch.clear();
         let frame_len = match encoded {
