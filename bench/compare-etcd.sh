@@ -6,7 +6,10 @@
 # `skiff status` with a leader, then runs `skiff bench` (128 B values) at
 # clients x concurrency = 1x1, 8x16, 16x64 against each, and prints writes/s,
 # p50 and p99 side by side with the ratios skiff/etcd (writes/s) and
-# etcd/skiff (p99): above 1 means Skiff is ahead on both.
+# etcd/skiff (p99): above 1 means Skiff is ahead on both. Then the same load
+# against `skiff bench --ceiling` (an in-process server that answers every
+# Put at once and keeps nothing): the most this client and gRPC stack reach
+# on this machine, with skiff's writes/s as a fraction of it.
 #
 # The same client (`skiff bench`, etcd v3 gRPC API) loads both. etcd keeps
 # its own defaults (data dir on the same disk, fsync on every commit), so the
@@ -19,7 +22,7 @@
 #   DURATION=s        measured seconds per run (default 10)
 #   WARMUP=s          warmup seconds per run (default 1)
 #   CONFIGS="CxK .."  clients x concurrency pairs (default "1x1 8x16 16x64")
-#   TARGETS="etcd skiff"  which clusters to run (default both)
+#   TARGETS="etcd skiff ceiling"  which runs to make (default all three)
 #   ENDPOINTS=all|leader  load all three members round-robin (default) or
 #                     only the leader; the same choice applies to both
 #   KEEP=1            keep data dirs and logs (results and logs are always
@@ -30,7 +33,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-1}"
 CONFIGS="${CONFIGS:-1x1 8x16 16x64}"
-TARGETS="${TARGETS:-etcd skiff}"
+TARGETS="${TARGETS:-etcd skiff ceiling}"
 ENDPOINTS_MODE="${ENDPOINTS:-all}"
 ETCD="${ETCD:-etcd}"
 KEEP="${KEEP:-0}"
@@ -66,7 +69,7 @@ trap 'exit 143' TERM
 
 case "$ENDPOINTS_MODE" in all | leader) ;; *) die "ENDPOINTS must be all or leader" ;; esac
 for target in $TARGETS; do
-    case "$target" in etcd | skiff) ;; *) die "TARGETS: unknown target '$target'" ;; esac
+    case "$target" in etcd | skiff | ceiling) ;; *) die "TARGETS: unknown target '$target'" ;; esac
 done
 
 # --- the skiff binary (also the load client for etcd) -----------------------
@@ -194,12 +197,15 @@ json_errors() {
          inside { gsub(/[^0-9]/, "", $2); sum += $2 }' "$1"
 }
 
+# run_bench TARGET ENDPOINTS CxK; ENDPOINTS "" runs `skiff bench --ceiling`.
 run_bench() {
     local target="$1" endpoints="$2" config="$3"
     local clients="${config%x*}" concurrency="${config#*x}"
     local json="$RESULTS/$target-$config.json"
+    local to=(--ceiling)
+    [[ -n "$endpoints" ]] && to=(--endpoints "$endpoints")
     log "$target $config: $clients clients x $concurrency in flight, ${DURATION} s"
-    if ! "$SKIFF" bench --endpoints "$endpoints" \
+    if ! "$SKIFF" bench "${to[@]}" \
         --clients "$clients" --concurrency "$concurrency" \
         --value-size 128 --duration "$DURATION" --warmup "$WARMUP" \
         --no-progress --json "$json" >"$RESULTS/$target-$config.out" 2>&1; then
@@ -220,6 +226,12 @@ stop_all() {
 
 # One cluster at a time, so that the two never compete for CPU or disk.
 for target in $TARGETS; do
+    if [[ "$target" == ceiling ]]; then
+        for config in $CONFIGS; do
+            run_bench ceiling "" "$config"
+        done
+        continue
+    fi
     if [[ "$target" == etcd ]]; then
         start_etcd
         endpoints="$ETCD_ENDPOINTS"
@@ -268,3 +280,20 @@ for config in $CONFIGS; do
         "$(ratio "$sw" "$ew")" "$(ratio "$ep99" "$sp99")"
 done
 printf '(w/s s/e = skiff/etcd writes per second; p99 e/s = etcd/skiff p99: above 1 = skiff ahead)\n'
+if [[ " $TARGETS " == *" ceiling "* ]]; then
+    printf '\nceiling: the same load against a server that answers every Put at once and keeps nothing\n'
+    printf '%-8s | %11s %9s %9s %6s | %12s %12s\n' \
+        "CxK" "ceiling w/s" "p50 us" "p99 us" "errs" "skiff/ceil" "10x etcd/ceil"
+    for config in $CONFIGS; do
+        c="$RESULTS/ceiling-$config.json"
+        cw="$(cell "$c" writes_per_s)"
+        cerr="-"; [[ -f "$c" ]] && cerr="$(json_errors "$c")"
+        ten_etcd="$(awk -v e="$(cell "$RESULTS/etcd-$config.json" writes_per_s)" \
+            'BEGIN { if (e == "-") print "-"; else print 10 * e }')"
+        printf '%-8s | %11s %9s %9s %6s | %12s %12s\n' \
+            "$config" "$(round "$cw")" "$(cell "$c" p50_us)" "$(cell "$c" p99_us)" "$cerr" \
+            "$(ratio "$(cell "$RESULTS/skiff-$config.json" writes_per_s)" "$cw")" \
+            "$(ratio "$ten_etcd" "$cw")"
+    done
+    printf '(10x etcd/ceil above 1: ten times etcd is more than any server reaches through this client here)\n'
+fi

@@ -67,3 +67,41 @@ fn bench_loads_an_embedded_cluster_and_reports() {
     assert!(plot.trim_start().starts_with("<svg") || plot.starts_with("<?xml"));
     assert!(plot.trim_end().ends_with("</svg>"));
 }
+
+#[test]
+fn bench_ceiling_loads_a_server_that_keeps_nothing() {
+    let out = run_bounded(
+        Command::new(skiff_bin())
+            .args(["bench", "--ceiling", "--duration", "1", "--warmup", "0"])
+            .args(["--no-progress", "--clients", "2", "--concurrency", "4"]),
+        BENCH_TIMEOUT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "skiff bench --ceiling failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stderr.contains("ceiling:"), "{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(field(last, "writes_per_s") > 0, "{last}");
+    // Every Put succeeded: the table's error column is 0.
+    assert!(
+        !stdout.contains("errors by code"),
+        "the ceiling server refused Puts:\n{stdout}"
+    );
+
+    // It is a baseline for a cluster run, not a target: with endpoints it
+    // is refused by name.
+    let out = run_bounded(
+        Command::new(skiff_bin()).args(["bench", "--ceiling", "--endpoints", "127.0.0.1:2379"]),
+        BENCH_TIMEOUT,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ceiling") && stderr.contains("--endpoints"),
+        "{stderr}"
+    );
+}

@@ -233,6 +233,20 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
             .map(|_| ())
             .map_err(|e| e.to_string());
     }
+    if args.ceiling {
+        let server = skiff_node::bench::CeilingServer::start()?;
+        eprintln!(
+            "ceiling: an in-process server that answers every Put at once and keeps nothing ({})",
+            server.endpoint()
+        );
+        return rt
+            .block_on(skiff_node::bench::run_and_report(
+                args,
+                &[server.endpoint()],
+            ))
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+    }
     eprintln!("starting an embedded 3-node cluster on loopback (temporary directory)");
     let cluster = EmbeddedCluster::start(3, &NodeConfig::default()).map_err(|e| e.to_string())?;
     let leader = cluster

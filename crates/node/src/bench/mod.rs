@@ -19,6 +19,7 @@
 //! `skiff status` ([`status`]) asks each endpoint for `Maintenance.Status` and
 //! prints one row per member; an unreachable member is a row, not an error.
 
+mod ceiling;
 mod load;
 mod report;
 mod status;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use ceiling::CeilingServer;
 pub use load::run_load;
 pub use report::{JsonReport, LoadReport, PercentilePoint};
 pub use status::{
@@ -101,6 +103,11 @@ pub struct BenchArgs {
     /// No live progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Load an in-process server that answers every Put at once and keeps
+    /// nothing, instead of a cluster: the most this client and gRPC stack
+    /// reach on this machine, the baseline to read cluster runs against.
+    #[arg(long, conflicts_with = "endpoints")]
+    pub ceiling: bool,
 }
 
 impl Default for BenchArgs {
@@ -118,6 +125,7 @@ impl Default for BenchArgs {
             json: None,
             plot: None,
             no_progress: false,
+            ceiling: false,
         }
     }
 }
@@ -382,6 +390,15 @@ mod tests {
         args.validate().expect("defaults are valid");
         assert_eq!(args.measured(), Duration::from_secs(10));
         assert_eq!(args.warmup_time(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn ceiling_is_a_flag_that_excludes_endpoints() {
+        assert!(parse(&["--ceiling"]).ceiling);
+        assert!(!parse(&[]).ceiling);
+        let err = Cli::try_parse_from(["skiff", "--ceiling", "--endpoints", "127.0.0.1:2379"])
+            .expect_err("--ceiling with --endpoints");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]
