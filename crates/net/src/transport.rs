@@ -60,6 +60,17 @@ pub trait Transport: Send + Sync {
     /// Queues `msg` for `msg.to` without blocking. On error the message was
     /// not queued: report [`SendError::peer`] unreachable to the core.
     fn send(&self, msg: Message) -> Result<(), SendError>;
+
+    /// Sends `msgs` as [`send`](Transport::send) would each, in order, and
+    /// returns the errors of those not queued. A transport may write a
+    /// peer's messages at once from the calling thread, as one frame, when
+    /// that peer's link is idle (the TCP transport does): call it once per
+    /// batch of messages that are ready together.
+    fn send_batch(&self, msgs: Vec<Message>) -> Vec<SendError> {
+        msgs.into_iter()
+            .filter_map(|m| self.send(m).err())
+            .collect()
+    }
 }
 
 /// A message that was not queued. Every variant names the peer, so that the

@@ -50,6 +50,89 @@ async fn pipelined_appends_arrive_in_order_in_fewer_frames_than_messages() {
     assert_eq!(am.task_panics + bm.task_panics, 0);
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_for_an_idle_peer_is_written_at_once_and_queued_sends_stay_ahead() {
+    let (b, mut b_inbox) = start(config(2)).await;
+    let mut cfg = config(1).with_peer(2, b.local_addr());
+    cfg.send_queue_max = 1000;
+    let (a, _a_inbox) = start(cfg).await;
+    assert!(a.wait_connected(2, WAIT).await);
+
+    // Idle link: written by this call, as one frame, before any task runs.
+    let errors = a.send_batch((0..10).map(|seq| append(1, 2, seq, 128)).collect());
+    assert!(errors.is_empty(), "{errors:?}");
+    let am = a.metrics();
+    assert_eq!((am.frames_sent_direct, am.messages_sent), (1, 10));
+
+    // Queued sends, then a batch: the writer has not run, so the batch
+    // queues behind them instead of overtaking them.
+    for seq in 10..110 {
+        a.send(append(1, 2, seq, 128)).unwrap();
+    }
+    let errors = a.send_batch((110..120).map(|seq| append(1, 2, seq, 128)).collect());
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(a.metrics().frames_sent_direct, 1);
+    for seq in 0..120 {
+        assert_eq!(seq_of(&recv(&mut b_inbox).await), seq);
+    }
+    // Once everything is written the link is idle again.
+    eventually("the queued messages to be written", || {
+        a.metrics().messages_sent == 120
+    })
+    .await;
+    assert!(a.send_batch(vec![append(1, 2, 120, 128)]).is_empty());
+    assert_eq!(a.metrics().frames_sent_direct, 2);
+    assert_eq!(seq_of(&recv(&mut b_inbox).await), 120);
+
+    // Errors are per message and name the peer.
+    let errors = a.send_batch(vec![append(1, 3, 0, 8), append(1, 2, 121, 8)]);
+    assert_eq!(errors, vec![SendError::UnknownPeer { peer: 3 }]);
+    assert_eq!(seq_of(&recv(&mut b_inbox).await), 121);
+    assert_eq!(a.metrics().task_panics + b.metrics().task_panics, 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_direct_frame_the_socket_takes_in_part_is_finished_first() {
+    const BATCH: u64 = 16;
+    const ROUNDS_MAX: usize = 50;
+    let (b, mut b_inbox) = start(config(2)).await;
+    let mut cfg = config(1).with_peer(2, b.local_addr());
+    cfg.send_queue_max = 4096;
+    let (a, _a_inbox) = start(cfg).await;
+    assert!(a.wait_connected(2, WAIT).await);
+
+    // Each round sends batches without yielding, so that nobody reads:
+    // the socket buffer fills, one direct write stops mid-frame or finds
+    // no room, and the later batches queue behind it. Then everything is
+    // received in order. Until a round has stopped mid-frame.
+    let mut seq = 0u64;
+    for round in 0.. {
+        assert!(round < ROUNDS_MAX, "no direct write was ever partial");
+        let first = seq;
+        let queued_before = a.metrics().sends_queue_full;
+        while seq - first < 2048 {
+            let batch = (seq..seq + BATCH).map(|s| append(1, 2, s, 4093)).collect();
+            assert!(a.send_batch(batch).is_empty());
+            seq += BATCH;
+        }
+        assert_eq!(a.metrics().sends_queue_full, queued_before);
+        for want in first..seq {
+            assert_eq!(seq_of(&recv(&mut b_inbox).await), want);
+        }
+        if a.metrics().frames_sent_direct_partial > 0 {
+            break;
+        }
+    }
+    let (am, bm) = (a.metrics(), b.metrics());
+    assert_eq!(am.messages_sent, seq);
+    assert!(am.frames_sent > am.frames_sent_direct, "{am:?}");
+    assert_eq!(bm.messages_received, seq);
+    assert_eq!(
+        am.connections_closed_on_error + bm.connections_closed_on_error,
+        0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_directions_at_once_keep_each_peers_order() {
     const N: u64 = 20_000;

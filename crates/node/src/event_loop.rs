@@ -12,8 +12,11 @@
 //! 3. **dispatch** the actions, in order:
 //!    * `Persist` → one WAL write (group commit happens in the WAL); its
 //!      ticket waits in the loop, in order, until the WAL says durable;
-//!    * `Send` → the transport at once (the leader's AppendEntries leave in
-//!      the same pass as its own WAL write: its fsync overlaps the network),
+//!    * `Send` → the pass's outbox, handed to the transport in one
+//!      `send_batch` once the pass's actions are dispatched (the leader's
+//!      AppendEntries leave in the same pass as its own WAL write: its fsync
+//!      overlaps the network; to an idle peer the transport writes them
+//!      from this thread, one frame per peer, without waking its writer),
 //!      or, for votes and acknowledgements, held until their persist is
 //!      durable;
 //!    * `Apply` → the apply stage: the KV store, then the reply to the
@@ -198,6 +201,8 @@ pub struct EventLoop {
     /// Wakes the loop when the WAL advances.
     wal_waker: Arc<WalWaker>,
     held_sends: VecDeque<(PersistId, Message)>,
+    /// Messages of this pass, sent together at the end of its dispatch.
+    outbox: Vec<Message>,
     writes: BTreeMap<Index, PendingWrite>,
     /// Writes forwarded to the leader, by request id.
     forwarded: HashMap<u64, ForwardedWrite>,
@@ -259,6 +264,7 @@ impl EventLoop {
             cluster_id,
             durable: 0,
             held_sends: VecDeque::new(),
+            outbox: Vec::new(),
             writes: BTreeMap::new(),
             forwarded: HashMap::new(),
             next_forward_ctx: 1,
@@ -362,6 +368,7 @@ impl EventLoop {
             if self.last_sweep.elapsed() >= Duration::from_secs(1) {
                 self.sweep();
             }
+            self.flush_sends();
         };
         self.stop(result.as_ref().err().cloned());
         result
@@ -641,6 +648,7 @@ impl EventLoop {
             }
             self.dispatch_actions(actions)?;
         }
+        self.flush_sends();
         self.publish();
         Ok(())
     }
@@ -738,8 +746,19 @@ impl EventLoop {
         self.wait_for(ticket, Durable::Persisted(id))
     }
 
+    /// Into the outbox: sent with the rest of this pass's messages.
     fn send(&mut self, msg: Message) {
-        if let Err(e) = self.transport.send(msg) {
+        self.outbox.push(msg);
+    }
+
+    /// Hands the outbox to the transport; a peer that did not take a
+    /// message is reported unreachable to the core.
+    fn flush_sends(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let msgs = std::mem::take(&mut self.outbox);
+        for e in self.transport.send_batch(msgs) {
             tracing::trace!(error = %e, "send failed");
             self.raft.unreachable(e.peer());
         }

@@ -34,6 +34,12 @@ counters! {
     /// Raft frames written that carried at least one message; with
     /// `messages_sent`, how well writes were coalesced.
     frames_sent,
+    /// Of `frames_sent`, those written at once by the sending thread
+    /// (`send_batch` to an idle link) rather than by the writer task.
+    frames_sent_direct,
+    /// Of `frames_sent_direct`, those the socket took only part of (its
+    /// buffer was full): the writer task sent the rest.
+    frames_sent_direct_partial,
     /// Bytes written on Raft connections (frames, keepalives, handshakes).
     bytes_sent,
     /// Empty frames written to keep an idle link alive.

@@ -8,12 +8,17 @@
 //! writes. While no connection is up `send` refuses messages, and what was
 //! queued when a connection broke is dropped (counted): Raft retransmits,
 //! and a backlog delivered late after an outage would be stale anyway.
+//!
+//! The write side is shared with the direct path of `send_batch` (see
+//! `tcp::Direct`): a batch for an idle link is written by the sending
+//! thread; this task finishes a frame the socket took only in part
+//! (`Queued::Flush`) and counts what it wrote off `Direct::queued`.
 
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::WriteHalf;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, Instant};
@@ -68,11 +73,16 @@ pub(crate) async fn run_peer(
                 // A send that saw the last connection up just before it
                 // broke may have queued since the drain: stale, drop it.
                 let mut lost = drain(&mut queue);
+                let (rd, wr) = stream.into_split();
+                let wr = Arc::new(wr);
+                // Before sends see the link up: nothing queued, nothing owed.
+                slot.direct().reset(Some(Arc::clone(&wr)));
                 slot.set_connected(true);
                 let end =
-                    write_loop(&shared, &slot, stream, &mut queue, &mut stop, &mut lost).await;
+                    write_loop(&shared, &slot, rd, &wr, &mut queue, &mut stop, &mut lost).await;
                 slot.set_connected(false);
                 lost += drain(&mut queue);
+                slot.direct().reset(None);
                 add(&shared.counters.messages_dropped_on_disconnect, lost as u64);
                 match end {
                     Ok(End::Stopped) => break,
@@ -148,6 +158,7 @@ pub(crate) async fn run_peer(
     }
     slot.set_connected(false);
     drain(&mut queue);
+    slot.direct().reset(None);
     tracing::debug!(node = cfg.id, peer_id = slot.id, "peer task stopped");
 }
 
@@ -192,14 +203,14 @@ async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<TcpStream, ConnErro
 async fn write_loop(
     shared: &Shared,
     slot: &PeerSlot,
-    mut stream: TcpStream,
+    mut rd: OwnedReadHalf,
+    wr: &OwnedWriteHalf,
     queue: &mut mpsc::Receiver<Queued>,
     stop: &mut watch::Receiver<bool>,
     lost: &mut usize,
 ) -> Result<End, ConnError> {
     let cfg = &shared.cfg;
     let enc = FrameEncoder::new(cfg.frame_bytes_max);
-    let (mut rd, mut wr) = stream.split();
     let mut buf = BytesMut::with_capacity(cfg.coalesce_bytes_max.min(WRITE_BUF_KEEP_MAX));
     let mut batch = Vec::new();
     // A message taken from the queue that did not fit in the last frame.
@@ -224,28 +235,59 @@ async fn write_loop(
                     Err(e) => Err(e.into()),
                 },
                 () = &mut keepalive => {
+                    keepalive.as_mut().reset(Instant::now() + cfg.keepalive_interval);
+                    {
+                        let mut direct = slot.direct();
+                        // Something is queued or owed: that goes first, and
+                        // keeps the link alive as well.
+                        if direct.queued > 0 || direct.rest.is_some() {
+                            continue;
+                        }
+                        direct.writer_busy = true;
+                    }
                     buf.clear();
-                    let len = encode_raft_frame(&enc, &[], &mut buf)?;
-                    if let Some(end) = write_frame(shared, &mut wr, &buf, stop).await? {
+                    let written = match encode_raft_frame(&enc, &[], &mut buf) {
+                        Ok(len) => write_frame(shared, wr, &buf, stop).await.map(|end| (len, end)),
+                        Err(e) => Err(e.into()),
+                    };
+                    slot.direct().writer_busy = false;
+                    let (len, end) = written?;
+                    if let Some(end) = end {
                         return Ok(end);
                     }
                     inc(&shared.counters.keepalives_sent);
                     add(&shared.counters.bytes_sent, len as u64);
-                    keepalive.as_mut().reset(Instant::now() + cfg.keepalive_interval);
                     continue;
                 }
             },
         };
+        let (msg, len) = match first {
+            Queued::Msg { msg, len } => (msg, len),
+            Queued::Flush => {
+                // The end of a frame a direct write began: nothing was
+                // queued before it, and nothing may go out before it.
+                let rest = slot.direct().rest.take();
+                if let Some(rest) = rest {
+                    if let Some(end) = write_frame(shared, wr, &rest, stop).await? {
+                        return Ok(end);
+                    }
+                }
+                let mut direct = slot.direct();
+                direct.queued = direct.queued.saturating_sub(1);
+                drop(direct);
+                continue;
+            }
+        };
         // Everything queued, up to the byte bound; a message that would
         // cross it starts the next frame (alone, if it is over the bound by
         // itself: `send` checked that it fits a frame).
-        let mut body_len = RAFT_BODY_PREFIX_LEN + first.len;
-        batch.push(first.msg);
+        let mut body_len = RAFT_BODY_PREFIX_LEN + len;
+        batch.push(msg);
         while body_len < cfg.coalesce_bytes_max {
             match queue.try_recv() {
-                Ok(q) if body_len + q.len <= cfg.coalesce_bytes_max => {
-                    body_len += q.len;
-                    batch.push(q.msg);
+                Ok(Queued::Msg { msg, len }) if body_len + len <= cfg.coalesce_bytes_max => {
+                    body_len += len;
+                    batch.push(msg);
                 }
                 Ok(q) => {
                     carry = Some(q);
@@ -266,13 +308,18 @@ async fn write_loop(
             }
         };
         debug_assert_eq!(frame_len, FRAME_HEADER_LEN + body_len);
-        match write_frame(shared, &mut wr, &buf, stop).await {
+        match write_frame(shared, wr, &buf, stop).await {
             Ok(None) => {}
             Ok(Some(end)) => return Ok(end),
             Err(e) => {
                 *lost += count + usize::from(carry.is_some());
                 return Err(e);
             }
+        }
+        // Written: the direct path may go once nothing else is owed.
+        {
+            let mut direct = slot.direct();
+            direct.queued = direct.queued.saturating_sub(count);
         }
         add(&shared.counters.messages_sent, count as u64);
         inc(&shared.counters.frames_sent);
@@ -287,11 +334,13 @@ async fn write_loop(
     }
 }
 
-/// Writes one frame within `write_timeout`; `Some(End::Stopped)` if the
-/// peer was stopped meanwhile.
+/// Writes one frame (or the rest of one) within `write_timeout`;
+/// `Some(End::Stopped)` if the peer was stopped meanwhile. The write side
+/// is shared with the direct path, which writes only while this task has
+/// nothing in hand.
 async fn write_frame(
     shared: &Shared,
-    wr: &mut WriteHalf<'_>,
+    wr: &OwnedWriteHalf,
     frame: &[u8],
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<End>, ConnError> {
@@ -299,12 +348,25 @@ async fn write_frame(
     tokio::select! {
         biased;
         () = stopped(stop) => Ok(Some(End::Stopped)),
-        r = tokio::time::timeout(after, wr.write_all(frame)) => match r {
+        r = tokio::time::timeout(after, write_all(wr, frame)) => match r {
             Ok(Ok(())) => Ok(None),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(ConnError::Timeout { what: "a frame to be written", after }),
         },
     }
+}
+
+async fn write_all(wr: &OwnedWriteHalf, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        wr.writable().await?;
+        match wr.try_write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Empties the queue; returns how many messages were in it.
