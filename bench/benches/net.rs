@@ -11,39 +11,21 @@
 //! `ratio_to_raw`: a side that must also copy every byte through the kernel
 //! cannot go faster than one entry per (kernel copy + this) on its core.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use skiff_bench::log::{append, log_of};
 use skiff_net::{decode_messages, encode_raft_frame, FrameDecoder, FrameEncoder};
-use skiff_raft::{Entry, Message, MessageBody, Payload};
+use skiff_raft::Message;
 
 const MESSAGES: usize = 16;
 const ENTRIES: usize = 64;
 
-/// `MESSAGES` AppendEntries of `ENTRIES` entries of `size` bytes, each
-/// payload its own allocation (as in a leader's log).
+/// `MESSAGES` AppendEntries of `ENTRIES` entries of `size` bytes out of a
+/// leader's log (each payload its own allocation).
 fn appends(size: usize) -> Vec<Message> {
-    (0..MESSAGES as u64)
-        .map(|m| {
-            let prev_index = m * ENTRIES as u64;
-            let entries = (0..ENTRIES as u64)
-                .map(|i| Entry {
-                    index: prev_index + 1 + i,
-                    term: 1,
-                    payload: Payload::Normal(Bytes::from(vec![i as u8; size])),
-                })
-                .collect();
-            Message {
-                from: 1,
-                to: 2,
-                term: 1,
-                body: MessageBody::Append {
-                    prev_index,
-                    prev_term: 1,
-                    entries,
-                    commit: prev_index,
-                },
-            }
-        })
+    let log = log_of(size, MESSAGES * ENTRIES);
+    (0..MESSAGES)
+        .map(|m| append(&log, ENTRIES, (m * ENTRIES) as u64))
         .collect()
 }
 

@@ -1,6 +1,7 @@
 //! skiff-bench: shared pieces of Skiff's load benches (`src/bin`) and
 //! criterion benches (`benches/`).
 
+pub mod log;
 pub mod raw;
 
 use hdrhistogram::Histogram;

@@ -588,36 +588,37 @@ impl TcpTransport {
         let written = encode_raft_frame_sized(&enc, msgs, body_len, &mut buf)
             .ok()
             .and_then(|_| wr.try_write(&buf).ok());
-        let done = match written {
-            None | Some(0) => false,
-            Some(n) => {
-                if n < buf.len() {
-                    // The socket buffer filled mid-frame: the writer sends
-                    // the rest before anything else.
-                    if slot.queue.try_send(Queued::Flush).is_ok() {
-                        direct.rest = Some(Bytes::copy_from_slice(&buf[n..]));
-                        direct.queued += 1;
-                        inc(&shared.counters.frames_sent_direct_partial);
-                    } else {
-                        // Only if the writer task is gone (an idle link's
-                        // queue is empty): the link is dead, the frame lost.
-                        add(
-                            &shared.counters.messages_dropped_on_disconnect,
-                            msgs.len() as u64,
-                        );
-                        direct.buf = buf;
-                        return true;
-                    }
-                }
-                add(&shared.counters.messages_sent, msgs.len() as u64);
-                inc(&shared.counters.frames_sent);
-                inc(&shared.counters.frames_sent_direct);
-                add(&shared.counters.bytes_sent, buf.len() as u64);
-                true
+        // Some(true): the frame is on its way; Some(false): half of it went
+        // to a link whose writer is gone (lost); None: nothing was written.
+        let outcome = match written {
+            None | Some(0) => None,
+            Some(n) if n == buf.len() => Some(true),
+            // The socket buffer filled mid-frame: the writer sends the rest
+            // before anything else.
+            Some(n) if slot.queue.try_send(Queued::Flush).is_ok() => {
+                direct.rest = Some(Bytes::copy_from_slice(&buf[n..]));
+                direct.queued += 1;
+                inc(&shared.counters.frames_sent_direct_partial);
+                Some(true)
+            }
+            // Only if the writer task is gone (an idle link's queue is
+            // empty): the link is dead, the frame lost.
+            Some(_) => {
+                add(
+                    &shared.counters.messages_dropped_on_disconnect,
+                    msgs.len() as u64,
+                );
+                Some(false)
             }
         };
+        if outcome == Some(true) {
+            add(&shared.counters.messages_sent, msgs.len() as u64);
+            inc(&shared.counters.frames_sent);
+            inc(&shared.counters.frames_sent_direct);
+            add(&shared.counters.bytes_sent, buf.len() as u64);
+        }
         direct.buf = buf;
-        done
+        outcome.is_some()
     }
 }
 
