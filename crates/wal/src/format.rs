@@ -220,9 +220,19 @@ pub fn frame_into(out: &mut Vec<u8>, salt: u64, watermark: u64, body: &Body) {
 
 /// Appends the records of one write: every record but the last carries
 /// [`FLAG_MORE`].
-pub fn frame_write(out: &mut Vec<u8>, salt: u64, watermark: u64, bodies: &[Body]) {
-    for (i, body) in bodies.iter().enumerate() {
-        let flags = if i + 1 < bodies.len() { FLAG_MORE } else { 0 };
+pub fn frame_write<'a>(
+    out: &mut Vec<u8>,
+    salt: u64,
+    watermark: u64,
+    bodies: impl IntoIterator<Item = &'a Body>,
+) {
+    let mut bodies = bodies.into_iter().peekable();
+    while let Some(body) = bodies.next() {
+        let flags = if bodies.peek().is_some() {
+            FLAG_MORE
+        } else {
+            0
+        };
         frame_record(out, salt, watermark, flags, body);
     }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 
 use crate::driver::{
-    pack_pos, unpack_pos, Driver, IoBackend, NewSegment, Op, SyncBackend, WriteOp,
+    pack_pos, unpack_pos, Driver, IoBackend, NewSegment, Op, Records, SyncBackend, WriteOp,
 };
 use crate::durable::{Notify, Ticket};
 use crate::error::{Error, Result};
@@ -202,6 +202,7 @@ impl Wal {
                 .map(|l| (l.seq, l.path.clone(), l.file.clone())),
             backend: io,
             group_bytes_max: opts.group_bytes_max,
+            segment_size: opts.segment_size,
             groups_inflight_max: opts.groups_inflight_max,
             held: None,
             pending: VecDeque::new(),
@@ -292,7 +293,7 @@ impl Wal {
         let inner = &*self.inner;
         check_batch_shape(&batch, &inner.opts)?;
         // Encode and checksum outside the lock.
-        let mut bodies = Vec::with_capacity(4);
+        let mut bodies = Records::default();
         if let Some(from) = batch.truncate_from {
             bodies.push(Body::truncate(from));
         }
@@ -351,8 +352,9 @@ impl Wal {
         };
         let entries_offset = offset
             + prefix
-            + bodies[..entries_at]
+            + bodies
                 .iter()
+                .take(entries_at)
                 .map(|b| b.framed_len() as u64)
                 .sum::<u64>();
         let op = WriteOp {
