@@ -12,10 +12,12 @@
 //!    offset of the active segment under one short lock, and queues them on a
 //!    bounded queue (`queue_depth`). It returns a [`Ticket`] at once.
 //! 2. One I/O driver thread takes every queued write (up to
-//!    `group_bytes_max`), frames them into one contiguous buffer, writes it
-//!    with one `pwritev` and then issues one fdatasync — on io_uring, with
-//!    up to `groups_inflight_max` fdatasyncs in flight while later groups
-//!    are written, or on the driver thread where io_uring is not allowed.
+//!    `group_bytes_max`), frames them into one contiguous buffer padded to a
+//!    4 KiB boundary (no write ends inside a block the kernel would first
+//!    have to read), writes it with one `pwritev` and then issues one
+//!    fdatasync — on io_uring, with up to `groups_inflight_max` fdatasyncs
+//!    in flight while later groups are written, or on the driver thread
+//!    where io_uring is not allowed.
 //! 3. When a group's fdatasync lands, and every earlier group's has, all its
 //!    tickets become durable: [`Ticket::wait`] returns, and the ticket as a
 //!    future resolves.

@@ -51,7 +51,14 @@ pub struct Options {
     pub queue_depth: usize,
     /// Upper bound of one group (one write + one fdatasync), in bytes.
     pub group_bytes_max: usize,
-    /// Groups in flight on io_uring (write+fdatasync pairs).
+    /// Groups whose fdatasync may be in flight at once on io_uring: each
+    /// group is written, then its fdatasync queued while earlier ones still
+    /// run. The pwritev backend syncs one group at a time.
+    ///
+    /// Default 4: this project's disk completes more fdatasyncs per second
+    /// when several overlap (wal-bench, 256 appenders: 2 in flight reached
+    /// 0.64-0.81 of the serial raw loop, 4 reached 0.90-1.02, 8 1.0-1.27 with
+    /// ~15% fewer entries/s for the extra fsyncs).
     pub groups_inflight_max: usize,
     /// Pre-written spare segments kept ready by the background thread; 0
     /// creates each new segment on the writer's thread when it is needed.
@@ -72,7 +79,7 @@ impl Default for Options {
             backend: Backend::Auto,
             queue_depth: 4096,
             group_bytes_max: 4 << 20,
-            groups_inflight_max: 2,
+            groups_inflight_max: 4,
             spare_segments: 1,
             submit_timeout: Duration::from_secs(30),
             wait_timeout: Duration::from_secs(30),
