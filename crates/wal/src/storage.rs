@@ -144,10 +144,13 @@ impl Storage for OsStorage {
 
     /// Writes the zeros with O_DIRECT: DMA from one aligned buffer instead of
     /// a CPU copy of every byte into the page cache (the copy would cost as
-    /// much CPU as the WAL's own writes). Then asks the kernel to read the
-    /// file back into the cache asynchronously, so that the WAL's partial-page
-    /// writes later find their pages there instead of reading them first.
-    /// Falls back to buffered writes where O_DIRECT is refused (tmpfs).
+    /// much CPU as the WAL's own writes). The file's blocks are then not in
+    /// the page cache; the driver pads every write to a block boundary so
+    /// that the kernel never reads one back (an earlier
+    /// `POSIX_FADV_WILLNEED` here read all 64 MiB of each spare back from the
+    /// device, competing with the WAL's fdatasyncs, and did not keep the
+    /// reads off the write path). Falls back to buffered writes where
+    /// O_DIRECT is refused (tmpfs).
     fn fill_zeros(&self, path: &Path, file: &dyn StorageFile, len: u64) -> io::Result<()> {
         let direct = OpenOptions::new()
             .write(true)
@@ -172,15 +175,6 @@ impl Storage for OsStorage {
                 Err(e) => return Err(e),
             }
         }
-        // SAFETY: plain syscall on a descriptor we own; advisory only.
-        unsafe {
-            libc::posix_fadvise(
-                direct.as_raw_fd(),
-                0,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
         Ok(())
     }
 }
