@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use clap::Parser;
-use skiff_bench::fmt_rate;
 use skiff_bench::log::{append, log_of};
+use skiff_bench::{fmt_rate, process_cpu};
 use skiff_net::{encode_raft_frame, FrameEncoder, SendError, TcpConfig, TcpTransport, Transport};
 use skiff_raft::{Entry, Message, MessageBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,6 +58,10 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 struct Rate {
     payload_bytes_per_s: f64,
     entries_per_s: f64,
+    /// CPU time of the whole process (sender, receiver, kernel work done in
+    /// their threads) while sending, per entry received: what an entry costs
+    /// end to end, to compare with the cores the machine has.
+    cpu_ns_per_entry: f64,
 }
 
 fn main() {
@@ -101,6 +105,16 @@ async fn run(args: Args, recv: Handle) -> Result<(), Box<dyn std::error::Error>>
             ae.payload_bytes_per_s / 1e6,
             raw.payload_bytes_per_s / 1e6,
             ratio
+        );
+        // With every core busy and no wait anywhere, this CPU cost per entry
+        // allows at most `cores / cost` entries/s: the ratio no scheduling
+        // could beat on this machine.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "  CPU per entry, all threads: {:.0} ns (raw TCP {:.0} ns); {cores} cores at this cost allow at most {:.2} of raw",
+            ae.cpu_ns_per_entry,
+            raw.cpu_ns_per_entry,
+            cores * 1e9 / ae.cpu_ns_per_entry / raw.entries_per_s
         );
         if size == 128 {
             ratio_128 = ratio;
@@ -171,6 +185,7 @@ async fn transport_run(
         measured.unwrap_or((entries, bytes, start.elapsed()))
     });
     let mut prev = 0u64;
+    let (cpu_start, start) = (process_cpu()?, Instant::now());
     while Instant::now() < stop {
         match sender.send(append(log, n, prev)) {
             Ok(()) => prev += n as u64,
@@ -181,6 +196,7 @@ async fn transport_run(
             Err(e) => return Err(format!("send failed: {e}").into()),
         }
     }
+    let (cpu, sending) = (process_cpu()? - cpu_start, start.elapsed());
     sender.shutdown(SHUTDOWN_TIMEOUT).await?;
     recv.spawn(async move { receiver.shutdown(SHUTDOWN_TIMEOUT).await })
         .await??;
@@ -188,9 +204,11 @@ async fn transport_run(
         .await
         .map_err(|_| "the receiver's inbox did not close after shutdown")??;
     let secs = elapsed.as_secs_f64();
+    let entries_per_s = entries as f64 / secs;
     Ok(Rate {
         payload_bytes_per_s: bytes as f64 / secs,
-        entries_per_s: entries as f64 / secs,
+        entries_per_s,
+        cpu_ns_per_entry: cpu.as_secs_f64() * 1e9 / (entries_per_s * sending.as_secs_f64()),
     })
 }
 
@@ -234,12 +252,13 @@ async fn raw_run(
     });
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
-    let start = Instant::now();
+    let (cpu_start, start) = (process_cpu()?, Instant::now());
     let mut frames = 0u64;
     while start.elapsed() < d {
         s.write_all(&frame).await?;
         frames += 1;
     }
+    let cpu = process_cpu()? - cpu_start;
     s.shutdown().await?;
     drop(s);
     let total = reader.await??;
@@ -248,6 +267,7 @@ async fn raw_run(
     Ok(Rate {
         payload_bytes_per_s: (frames * bytes_per_frame) as f64 / secs,
         entries_per_s: (frames * entries_per_frame) as f64 / secs,
+        cpu_ns_per_entry: cpu.as_secs_f64() * 1e9 / (frames * entries_per_frame) as f64,
     })
 }
 
