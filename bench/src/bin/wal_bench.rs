@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, default_value_t = 4 << 20)]
     group_bytes_max: usize,
     /// Groups in flight at once (io_uring).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     groups_inflight_max: usize,
     /// Bound of the writers → driver queue, in writes.
     #[arg(long, default_value_t = 4096)]
