@@ -72,6 +72,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // As a node does (see skiff_net::heap): the sender builds messages the
+    // transport's writer frees.
+    skiff_net::heap::keep_freed_heap_memory();
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -37,6 +37,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod heap;
 pub mod snapshot;
 pub mod transport;
 

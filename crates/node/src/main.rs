@@ -283,6 +283,9 @@ fn status(args: &StatusArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The event loop builds AppendEntries that the transport's writers
+    // free: keep that memory in the process (see skiff_net::heap).
+    skiff_net::heap::keep_freed_heap_memory();
     let result = match &cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(a) => bench(a),
