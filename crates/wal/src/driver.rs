@@ -20,9 +20,9 @@ use crate::metrics::Metrics;
 use crate::segment::Spare;
 use crate::storage::{Storage, StorageFile};
 
-/// A group's write is padded with zeros up to a multiple of this (the page
-/// size, a multiple of the file system's block size), so that it never ends
-/// inside a block.
+/// A group's write is padded with zeros up to a multiple of this (4 KiB: the
+/// block size of common Linux file systems, and the page size on x86-64), so
+/// that it never ends inside a block.
 ///
 /// Why: spare segments are zero-filled with O_DIRECT, so their blocks are not
 /// in the page cache, and a buffered write that covers only part of a block
@@ -61,8 +61,8 @@ pub(crate) struct NewSegment {
 /// Inline because the I/O thread drops every write it takes: a `Vec` here
 /// was one free per write of memory another thread allocated, and with
 /// glibc's per-thread arenas each such free takes the allocating thread's
-/// arena lock — the driver spent most of its time waiting on those locks
-/// (futex waits on the arenas, about 39% of the driver's time in wal-bench).
+/// arena lock: dropping the writes took about 39% of the driver's time in
+/// wal-bench, mostly futex waits on those locks.
 #[derive(Debug, Default)]
 pub(crate) struct Records {
     slots: [Option<Body>; Records::MAX],
