@@ -227,11 +227,13 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    if !args.endpoints.is_empty() {
-        return rt
-            .block_on(skiff_node::bench::run_and_report(args, &args.endpoints))
+    let load = |endpoints: &[String]| {
+        rt.block_on(skiff_node::bench::run_and_report(args, endpoints))
             .map(|_| ())
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())
+    };
+    if !args.endpoints.is_empty() {
+        return load(&args.endpoints);
     }
     if args.ceiling {
         let server = skiff_node::bench::CeilingServer::start()?;
@@ -239,13 +241,7 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
             "ceiling: an in-process server that answers every Put at once and keeps nothing ({})",
             server.endpoint()
         );
-        return rt
-            .block_on(skiff_node::bench::run_and_report(
-                args,
-                &[server.endpoint()],
-            ))
-            .map(|_| ())
-            .map_err(|e| e.to_string());
+        return load(&[server.endpoint()]);
     }
     eprintln!("starting an embedded 3-node cluster on loopback (temporary directory)");
     let cluster = EmbeddedCluster::start(3, &NodeConfig::default()).map_err(|e| e.to_string())?;
@@ -256,13 +252,7 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         "leader: node {leader}; endpoints: {}",
         cluster.endpoints().join(",")
     );
-    let result = rt
-        .block_on(skiff_node::bench::run_and_report(
-            args,
-            &cluster.endpoints(),
-        ))
-        .map(|_| ())
-        .map_err(|e| e.to_string());
+    let result = load(&cluster.endpoints());
     drop(rt);
     cluster.shutdown()?;
     result

@@ -83,7 +83,7 @@ impl Records {
         self.len
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Body> + Clone {
+    pub fn iter(&self) -> impl Iterator<Item = &Body> {
         self.slots[..self.len].iter().flatten()
     }
 }

@@ -10,23 +10,8 @@ use skiff_wal::format::{self, RecordType, SegmentHeader, SEGMENT_HEADER_LEN};
 use skiff_wal::sim::{Op, SimStorage};
 use skiff_wal::{Backend, Entry, Error, HardState, Options, SnapshotMeta, Storage, Wal};
 
-const DIR: &str = "/wal";
-
-fn options(spare_segments: usize) -> Options {
-    Options {
-        segment_size: 16 << 10,
-        spare_segments,
-        snapshot_meta_max: 256,
-        backend: Backend::Pwritev,
-        submit_timeout: Duration::from_secs(10),
-        wait_timeout: Duration::from_secs(10),
-        ..Options::default()
-    }
-}
-
-fn open_with(sim: &SimStorage, opts: Options) -> skiff_wal::Result<Wal> {
-    Wal::open_with_storage(DIR, opts, Arc::new(sim.clone()))
-}
+mod common;
+use common::{open_with, options, DIR};
 
 fn open(sim: &SimStorage) -> skiff_wal::Result<Wal> {
     open_with(sim, options(0))

@@ -5,27 +5,13 @@
 //! what was appended.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use skiff_wal::sim::{Op, SimStorage};
-use skiff_wal::{Backend, Entry, HardState, Options, Wal};
+use skiff_wal::{Entry, HardState};
 
-const DIR: &str = "/wal";
-const SEGMENT: u64 = 16 << 10;
-
-fn options(spare_segments: usize) -> Options {
-    Options {
-        segment_size: SEGMENT,
-        spare_segments,
-        snapshot_meta_max: 256,
-        backend: Backend::Pwritev,
-        submit_timeout: Duration::from_secs(10),
-        wait_timeout: Duration::from_secs(10),
-        ..Options::default()
-    }
-}
+mod common;
+use common::{open_with, options, DIR};
 
 fn entry(index: u64, len: usize) -> Entry {
     Entry {
@@ -41,7 +27,7 @@ fn entry(index: u64, len: usize) -> Entry {
 
 fn writes_end_on_block_boundaries(spare_segments: usize) {
     let sim = SimStorage::new();
-    let wal = Wal::open_with_storage(DIR, options(spare_segments), Arc::new(sim.clone())).unwrap();
+    let wal = open_with(&sim, options(spare_segments)).unwrap();
     let mut expected = Vec::new();
     // Odd sizes, one write at a time (each its own group), past several
     // segment rotations.
@@ -89,7 +75,7 @@ fn writes_end_on_block_boundaries(spare_segments: usize) {
     }
     assert!(writes > 150, "every group was written: {writes} writes");
 
-    let wal = Wal::open_with_storage(DIR, options(spare_segments), Arc::new(sim.clone())).unwrap();
+    let wal = open_with(&sim, options(spare_segments)).unwrap();
     assert_eq!(wal.read(1, index).unwrap(), expected);
     // The padding left the clean end recovery expects: appends continue.
     let more = vec![entry(index, 10)];
