@@ -62,6 +62,40 @@ struct Args {
     /// removed). Defaults to the current directory, to measure its disk.
     #[arg(long, default_value = ".")]
     dir: PathBuf,
+    /// Measure recovery instead of the append load: write this many GiB of
+    /// log (framed records) with `Wal::write` batches of `--recovery-batch`
+    /// entries of `--entry-size` bytes plus a hard state, close the WAL,
+    /// drop the segments from the page cache (fsync + POSIX_FADV_DONTNEED),
+    /// then time `Wal::open`, reading every entry back and the first append;
+    /// then again with the cache warm. With `--quick`, at most 0.25.
+    #[arg(long, value_name = "GIB")]
+    recovery_gib: Option<f64>,
+    /// Entries per write (one `WriteBatch`) in the recovery measurement.
+    #[arg(long, default_value_t = 64)]
+    recovery_batch: usize,
+}
+
+/// Most GiB of log `--quick` writes for the recovery measurement.
+const QUICK_RECOVERY_GIB: f64 = 0.25;
+
+impl Args {
+    /// GiB of log the recovery measurement writes, if it was asked for.
+    fn recovery_gib(&self) -> Result<Option<f64>, String> {
+        let Some(gib) = self.recovery_gib else {
+            return Ok(None);
+        };
+        if !(gib.is_finite() && gib > 0.0) {
+            return Err(format!("--recovery-gib {gib} is not a positive number"));
+        }
+        if self.recovery_batch == 0 {
+            return Err("--recovery-batch must be at least 1".into());
+        }
+        Ok(Some(if self.quick {
+            gib.min(QUICK_RECOVERY_GIB)
+        } else {
+            gib
+        }))
+    }
 }
 
 /// Longest the bench waits without any entry becoming durable before it
@@ -115,6 +149,9 @@ fn main() {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.appenders == 0 || args.window == 0 || args.threads == 0 {
         return Err("--appenders, --window and --threads must be at least 1".into());
+    }
+    if let Some(gib) = args.recovery_gib()? {
+        return recovery::run(&args, gib);
     }
     let (load_s, raw_s, warmup_s) = if args.quick {
         (3.0, 2.0, 0.5)
@@ -301,5 +338,367 @@ async fn appender(shared: Arc<Shared>, window: usize) -> Result<(), skiff_wal::E
         // Let the other appenders run between appends, as independent
         // clients would.
         tokio::task::yield_now().await;
+    }
+}
+
+/// `--recovery-gib`: how fast a restarting node gets its log back.
+mod recovery {
+    use std::collections::VecDeque;
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::path::{Path, PathBuf};
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use skiff_wal::format::{record_size, ENTRIES_PREFIX, ENTRY_OVERHEAD};
+    use skiff_wal::{Entry, HardState, Options, Ticket, Wal, WriteBatch};
+
+    use super::Args;
+
+    type BoxError = Box<dyn std::error::Error>;
+
+    /// Writes in flight while the log is written (below the WAL's queue
+    /// bound, so that writers never block on it).
+    const WRITES_INFLIGHT: usize = 512;
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    /// One restart, timed.
+    struct Pass {
+        open_s: f64,
+        read_s: f64,
+        first_append_ms: f64,
+        entries: u64,
+    }
+
+    pub fn run(args: &Args, gib: f64) -> Result<(), BoxError> {
+        let tmp = tempfile::Builder::new()
+            .prefix("wal-bench-")
+            .tempdir_in(&args.dir)?;
+        let dir = tmp.path().join("wal");
+        let opts = Options {
+            segment_size: args.segment_size,
+            backend: args.backend,
+            queue_depth: args.queue_depth,
+            group_bytes_max: args.group_bytes_max,
+            groups_inflight_max: args.groups_inflight_max,
+            ..Options::default()
+        };
+        let target = (gib * GIB) as u64;
+        let wal = Wal::open(&dir, opts.clone())?;
+        println!(
+            "wal-bench recovery: backend={} gib={gib} entry_size={}B entries/write={} segment_size={} dir={}",
+            wal.backend(),
+            args.entry_size,
+            args.recovery_batch,
+            args.segment_size,
+            tmp.path().display()
+        );
+        let t = Instant::now();
+        let (log_bytes, last) = write_log(&wal, target, args.entry_size, args.recovery_batch)?;
+        wal.close()?;
+        let write_s = t.elapsed().as_secs_f64();
+        let segments = segment_files(&dir)?;
+        let file_bytes: u64 = segments
+            .iter()
+            .map(|p| p.metadata().map(|m| m.len()))
+            .sum::<std::io::Result<u64>>()?;
+        println!(
+            "log: {last} entries, {:.3} GiB framed in {} segments ({:.3} GiB of files), written in {write_s:.2} s ({:.0} MB/s)",
+            log_bytes as f64 / GIB,
+            segments.len(),
+            file_bytes as f64 / GIB,
+            log_bytes as f64 / write_s / 1e6
+        );
+
+        let dropped = drop_cache(&segments);
+        match &dropped {
+            Ok(resident) => println!(
+                "page cache: dropped (fsync + POSIX_FADV_DONTNEED per segment; {:.1}% of the segment bytes still resident)",
+                resident * 100.0
+            ),
+            Err(e) => println!("page cache: NOT dropped ({e}): the cold pass reads from memory"),
+        }
+        let cold = restart(&dir, &opts, last, args.entry_size)?;
+        report("cold", &cold, log_bytes);
+        // The files were just read: now they are in the page cache.
+        let warm = restart(&dir, &opts, last + 1, args.entry_size)?;
+        report("warm", &warm, log_bytes);
+
+        let rate = |p: &Pass| {
+            let s = p.open_s + p.read_s;
+            (log_bytes as f64 / s / 1e9, s / (log_bytes as f64 / GIB))
+        };
+        let line = |p: &Pass| {
+            let (gb_per_s, s_per_gib) = rate(p);
+            format!(
+                "gib={:.3} open_s={:.3} read_s={:.3} first_append_ms={:.3} gb_per_s={gb_per_s:.3} s_per_gib={s_per_gib:.3}",
+                log_bytes as f64 / GIB,
+                p.open_s,
+                p.read_s,
+                p.first_append_ms
+            )
+        };
+        println!("RECOVERY_WARM {}", line(&warm));
+        // The headline is the cold pass when the cache could be dropped.
+        println!(
+            "RECOVERY {}",
+            line(if dropped.is_ok() { &cold } else { &warm })
+        );
+        Ok(())
+    }
+
+    /// Framed bytes of one write of `n` entries of `size` bytes plus a hard
+    /// state.
+    fn write_bytes(n: usize, size: usize) -> u64 {
+        (record_size(ENTRIES_PREFIX + n * (ENTRY_OVERHEAD + size)) + record_size(24)) as u64
+    }
+
+    /// Writes batches as a node persists them (entries and its hard state in
+    /// one `WriteBatch`) until `target` framed bytes; returns the bytes and
+    /// the last index.
+    fn write_log(
+        wal: &Wal,
+        target: u64,
+        entry_size: usize,
+        batch: usize,
+    ) -> Result<(u64, u64), BoxError> {
+        let payload = Bytes::from(
+            (0..entry_size)
+                .map(|i| (i as u8).wrapping_mul(31) ^ 0x5A)
+                .collect::<Vec<u8>>(),
+        );
+        let per_write = write_bytes(batch, entry_size);
+        let mut inflight: VecDeque<Ticket> = VecDeque::with_capacity(WRITES_INFLIGHT);
+        let mut bytes = 0u64;
+        let mut next = 1u64;
+        while bytes < target {
+            let entries: Vec<Entry> = (0..batch as u64)
+                .map(|i| Entry {
+                    index: next + i,
+                    term: 1,
+                    payload: payload.clone(),
+                })
+                .collect();
+            next += batch as u64;
+            if inflight.len() >= WRITES_INFLIGHT {
+                inflight.pop_front().expect("non-empty").wait()?;
+            }
+            inflight.push_back(wal.write(WriteBatch {
+                entries,
+                hard_state: Some(HardState {
+                    term: 1,
+                    vote: 1,
+                    commit: next.saturating_sub(1 + batch as u64),
+                }),
+                ..WriteBatch::default()
+            })?);
+            bytes += per_write;
+        }
+        for t in inflight {
+            t.wait()?;
+        }
+        Ok((bytes, next - 1))
+    }
+
+    /// Segment files (not spares) of the WAL in `dir`.
+    fn segment_files(dir: &Path) -> Result<Vec<PathBuf>, BoxError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let name = e?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".wal") && !name.starts_with("spare-") {
+                out.push(dir.join(name));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// fsync + `POSIX_FADV_DONTNEED` on every file; returns the fraction of
+    /// their pages still in the page cache afterwards (by `mincore`).
+    fn drop_cache(files: &[PathBuf]) -> Result<f64, String> {
+        let (mut resident, mut total) = (0u64, 0u64);
+        for path in files {
+            let f = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+            f.sync_all()
+                .map_err(|e| format!("fsync {}: {e}", path.display()))?;
+            // SAFETY: a valid descriptor; advice only, no memory is touched.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                return Err(format!(
+                    "posix_fadvise {}: {}",
+                    path.display(),
+                    std::io::Error::from_raw_os_error(rc)
+                ));
+            }
+            let (r, t) = resident_pages(&f)?;
+            resident += r;
+            total += t;
+        }
+        if total > 0 && resident * 10 > total {
+            return Err(format!(
+                "{:.0}% of the pages stayed resident after POSIX_FADV_DONTNEED",
+                resident as f64 * 100.0 / total as f64
+            ));
+        }
+        Ok(if total == 0 {
+            0.0
+        } else {
+            resident as f64 / total as f64
+        })
+    }
+
+    /// (resident, total) pages of `f` in the page cache.
+    fn resident_pages(f: &File) -> Result<(u64, u64), String> {
+        let len = f.metadata().map_err(|e| e.to_string())?.len() as usize;
+        if len == 0 {
+            return Ok((0, 0));
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: a read-only shared mapping of a file we keep open; it is
+        // never dereferenced, only passed to mincore, and unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let pages = len.div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `map` is a mapping of `len` bytes and `vec` has one byte
+        // per page of it.
+        let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: unmaps exactly what was mapped above.
+        unsafe { libc::munmap(map, len) };
+        if rc != 0 {
+            return Err(format!("mincore: {err}"));
+        }
+        let resident = vec.iter().filter(|&&b| b & 1 != 0).count();
+        Ok((resident as u64, pages as u64))
+    }
+
+    /// Opens the WAL, reads the whole log back as a restarting node does,
+    /// then appends one entry (with a hard state) and waits until durable.
+    fn restart(dir: &Path, opts: &Options, last: u64, entry_size: usize) -> Result<Pass, BoxError> {
+        let t = Instant::now();
+        let wal = Wal::open(dir, opts.clone())?;
+        let open_s = t.elapsed().as_secs_f64();
+        let (first, last_found) = (wal.first_index(), wal.last_index());
+        if last_found != last {
+            return Err(format!("recovered up to index {last_found}, wrote up to {last}").into());
+        }
+        let t = Instant::now();
+        let entries = wal.read(first, last_found + 1)?;
+        let read_s = t.elapsed().as_secs_f64();
+        if entries.len() as u64 != last_found + 1 - first
+            || entries
+                .last()
+                .is_some_and(|e| e.index != last || e.payload.len() != entry_size)
+        {
+            return Err("read back a different log than was written".into());
+        }
+        let t = Instant::now();
+        wal.write(WriteBatch {
+            entries: vec![Entry {
+                index: last + 1,
+                term: 1,
+                payload: Bytes::from(vec![0x5Au8; entry_size]),
+            }],
+            hard_state: Some(HardState {
+                term: 1,
+                vote: 1,
+                commit: last,
+            }),
+            ..WriteBatch::default()
+        })?
+        .wait()?;
+        let first_append_ms = t.elapsed().as_secs_f64() * 1e3;
+        let n = entries.len() as u64;
+        // Freeing the entries is not part of the restart.
+        drop(entries);
+        wal.close()?;
+        Ok(Pass {
+            open_s,
+            read_s,
+            first_append_ms,
+            entries: n,
+        })
+    }
+
+    fn report(name: &str, p: &Pass, log_bytes: u64) {
+        let gb = log_bytes as f64 / 1e9;
+        let gib = log_bytes as f64 / GIB;
+        let total = p.open_s + p.read_s;
+        println!("recovery, {name} cache ({} entries):", p.entries);
+        println!(
+            "  open (scan + index)  {:.3} s  {:.2} GB/s  {:.3} s/GiB",
+            p.open_s,
+            gb / p.open_s,
+            p.open_s / gib
+        );
+        println!(
+            "  read all entries     {:.3} s  {:.2} GB/s  {:.3} s/GiB",
+            p.read_s,
+            gb / p.read_s,
+            p.read_s / gib
+        );
+        println!(
+            "  open + read          {:.3} s  {:.2} GB/s  {:.3} s/GiB",
+            total,
+            gb / total,
+            total / gib
+        );
+        println!("  first append→durable {:.3} ms", p.first_append_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("wal-bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn recovery_gib_is_off_unless_given() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.recovery_gib, None);
+        assert_eq!(a.recovery_gib().unwrap(), None);
+    }
+
+    #[test]
+    fn recovery_gib_parses_and_quick_caps_it() {
+        let a = parse(&["--recovery-gib", "1.5"]).unwrap();
+        assert_eq!(a.recovery_gib().unwrap(), Some(1.5));
+        assert_eq!(a.recovery_batch, 64);
+        let a = parse(&["--recovery-gib", "1", "--quick"]).unwrap();
+        assert_eq!(a.recovery_gib().unwrap(), Some(0.25));
+        let a = parse(&["--quick", "--recovery-gib=0.1", "--recovery-batch", "8"]).unwrap();
+        assert_eq!(a.recovery_gib().unwrap(), Some(0.1));
+        assert_eq!(a.recovery_batch, 8);
+    }
+
+    #[test]
+    fn recovery_gib_rejects_bad_values() {
+        assert!(parse(&["--recovery-gib"]).is_err());
+        assert!(parse(&["--recovery-gib", "lots"]).is_err());
+        for bad in ["0", "-1", "NaN", "inf"] {
+            let a = parse(&[&format!("--recovery-gib={bad}")]).unwrap();
+            assert!(a.recovery_gib().is_err(), "{bad} accepted");
+        }
+        let a = parse(&["--recovery-gib", "1", "--recovery-batch", "0"]).unwrap();
+        assert!(a.recovery_gib().is_err());
     }
 }

@@ -356,39 +356,75 @@ pub struct BodyError(pub &'static str);
 
 /// Decodes an Entries body into entries whose payloads slice `body`.
 pub fn decode_entries(body: &Bytes) -> Result<Vec<Entry>, BodyError> {
-    if body.len() < ENTRIES_PREFIX {
-        return Err(BodyError("short entries body"));
-    }
-    let first = u64_at(body, 0);
-    let count = u32_at(body, 8) as usize;
-    // Each entry needs at least its overhead: bound `count` by the body size
-    // before allocating for it.
+    let mut out = Vec::new();
+    let mut first = true;
+    for_each_entry(body, |index, term, payload| {
+        if first {
+            // `for_each_entry` bounded the count by the body size.
+            let (_, count) = entries_span(body).expect("checked by for_each_entry");
+            out.reserve_exact(count as usize);
+            first = false;
+        }
+        out.push(Entry {
+            index,
+            term,
+            payload: body.slice(payload),
+        });
+    })?;
+    Ok(out)
+}
+
+/// Walks an Entries body without allocating: checks its framing as a whole
+/// before calling `f` for any entry, then calls `f(index, term, payload
+/// range in body)` for each entry in order. Returns `(first index, count)`.
+pub fn for_each_entry(
+    body: &[u8],
+    mut f: impl FnMut(u64, u64, std::ops::Range<usize>),
+) -> Result<(u64, u64), BodyError> {
+    let (first, count) = entries_span(body)?;
+    let count = count as usize;
+    // Each entry needs at least its overhead: bound `count` by the body size.
     if count > (body.len() - ENTRIES_PREFIX) / ENTRY_OVERHEAD {
         return Err(BodyError("entry count exceeds body"));
     }
-    let mut out = Vec::with_capacity(count);
+    // Check first, so that `f` never sees part of a body that does not
+    // decode.
     let mut at = ENTRIES_PREFIX;
-    for i in 0..count {
+    for _ in 0..count {
         if at + ENTRY_OVERHEAD > body.len() {
             return Err(BodyError("entry header runs past body"));
         }
-        let term = u64_at(body, at);
         let len = u32_at(body, at + 8) as usize;
         at += ENTRY_OVERHEAD;
         if at + len > body.len() {
             return Err(BodyError("entry payload runs past body"));
         }
-        out.push(Entry {
-            index: first + i as u64,
-            term,
-            payload: body.slice(at..at + len),
-        });
         at += len;
     }
     if at != body.len() {
         return Err(BodyError("trailing bytes after entries"));
     }
-    Ok(out)
+    let mut at = ENTRIES_PREFIX;
+    for i in 0..count {
+        let term = u64_at(body, at);
+        let len = u32_at(body, at + 8) as usize;
+        at += ENTRY_OVERHEAD;
+        f(first + i as u64, term, at..at + len);
+        at += len;
+    }
+    Ok((first, count as u64))
+}
+
+/// The terms of an Entries body that [`for_each_entry`] accepted, in order
+/// (it panics on one that was not checked).
+pub fn entry_terms(body: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    let count = u32_at(body, 8) as usize;
+    let mut at = ENTRIES_PREFIX;
+    (0..count).map(move |_| {
+        let term = u64_at(body, at);
+        at += ENTRY_OVERHEAD + u32_at(body, at + 8) as usize;
+        term
+    })
 }
 
 /// Reads only the (first index, count) of an Entries body.

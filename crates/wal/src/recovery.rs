@@ -251,6 +251,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
     let mut snapshot: Option<SnapshotMeta> = None;
     let mut segments = Vec::new();
     let mut continue_last = false;
+    let mut buf: Vec<u8> = Vec::new();
     for (i, found) in loaded.iter().enumerate() {
         let Found {
             seq,
@@ -262,12 +263,21 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
         let seal = loaded
             .get(i + 1)
             .map(|next| next.header.expect("checked above").prev_end);
-        // One segment in memory at a time.
+        // One segment in memory at a time, in one buffer reused for every
+        // segment: a fresh one per segment would be zeroed and faulted in
+        // page by page by the kernel's copy (that cost as much as the copy).
+        // Nothing keeps a slice of it: what recovery keeps of a record
+        // (snapshot data) is copied out.
+        if let Some(next) = loaded.get(i + 1) {
+            // Read ahead: the next segment comes from disk while this one is
+            // checked (one segment ahead bounds the page cache used).
+            next.file.will_need();
+        }
         let len = file.len().map_err(|e| Error::io("stat segment", path, e))?;
-        let mut buf = vec![0u8; len as usize];
+        buf.resize(len as usize, 0);
         file.read_exact_at(&mut buf, 0)
             .map_err(|e| Error::io("read segment", path, e))?;
-        let bytes = &Bytes::from(buf);
+        let bytes = &buf[..];
         let index = index.get_or_insert_with(|| LogIndex::new(header.first_index));
         let mut at = SEGMENT_HEADER_LEN;
         let limit = seal.map_or(bytes.len(), |s| (s as usize).min(bytes.len()));
@@ -291,13 +301,13 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
                     }
                     for (h, offset) in write.drain(..) {
                         let start = offset + RECORD_HEADER_LEN;
-                        let body = bytes.slice(start..start + h.body_len as usize);
+                        let body = &bytes[start..start + h.body_len as usize];
                         apply_record(
                             index,
                             &mut hard_state,
                             &mut snapshot,
                             h.kind,
-                            &body,
+                            body,
                             *seq,
                             offset as u64,
                             h.framed_len(),
@@ -381,40 +391,46 @@ fn apply_record(
     hard_state: &mut HardState,
     snapshot: &mut Option<SnapshotMeta>,
     kind: u8,
-    body: &Bytes,
+    body: &[u8],
     seq: u64,
     offset: u64,
     framed_len: usize,
 ) -> std::result::Result<(), String> {
     match RecordType::from_u8(kind) {
         Some(RecordType::Entries) => {
-            let entries = format::decode_entries(body).map_err(|e| e.0.to_string())?;
-            let Some(first) = entries.first() else {
+            // Checked without allocating (no `Entry` per entry: only the
+            // terms are kept), then walked again for the terms.
+            let (first, count) =
+                format::for_each_entry(body, |_, _, _| {}).map_err(|e| e.0.to_string())?;
+            if count == 0 {
                 return Err("empty entries record".into());
-            };
-            if first.index != index.next() {
+            }
+            if first != index.next() {
                 return Err(format!(
                     "entries record starts at index {} but the log continues at {}",
-                    first.index,
+                    first,
                     index.next()
                 ));
             }
             let loc = RecordLoc {
-                first_index: first.index,
-                count: entries.len() as u64,
+                first_index: first,
+                count,
                 segment_seq: seq,
                 offset,
                 framed_len: framed_len as u32,
                 body: None,
                 write_seq: 0,
             };
-            index.push(loc, entries.iter().map(|e| e.term));
+            index.push(loc, format::entry_terms(body));
         }
         Some(RecordType::HardState) => {
             *hard_state = format::decode_hard_state(body).map_err(|e| e.0.to_string())?;
         }
         Some(RecordType::Snapshot) => {
-            let meta = format::decode_snapshot(body).map_err(|e| e.0.to_string())?;
+            // Kept after the segment's buffer is reused: a copy (bounded by
+            // `snapshot_meta_max`).
+            let meta = format::decode_snapshot(&Bytes::copy_from_slice(body))
+                .map_err(|e| e.0.to_string())?;
             apply_snapshot(index, &meta);
             *snapshot = Some(meta);
         }

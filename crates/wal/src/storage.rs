@@ -69,6 +69,10 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     /// The descriptor for the io_uring backend; `None` for simulated files.
     fn raw_fd(&self) -> Option<RawFd>;
 
+    /// Hints that the whole file will be read soon, so that the reads can
+    /// start in the background. Only a hint: nothing to report.
+    fn will_need(&self) {}
+
     /// Reads exactly `buf.len()` bytes at `offset`, or fails with
     /// `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -198,6 +202,16 @@ impl StorageFile for OsFile {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    /// `POSIX_FADV_WILLNEED`: the kernel starts reading the file into the
+    /// page cache without waiting. Recovery uses it on the next segment
+    /// while it checks one, so that a cold disk reads while the CPU works.
+    fn will_need(&self) {
+        // SAFETY: a valid descriptor; advice only, no memory is touched. An
+        // error only means no read-ahead.
+        let _ =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
     }
 }
 

@@ -615,44 +615,73 @@ impl Wal {
             }
             (locs, files)
         };
-        let mut out = Vec::with_capacity((hi - lo) as usize);
-        for loc in locs {
-            let body = match loc.body.clone() {
-                Some(b) => b,
-                None => {
-                    let (_, file, salt, path) = files
-                        .iter()
-                        .find(|f| f.0 == loc.segment_seq)
-                        .expect("collected");
-                    match read_body(file.as_ref(), path, *salt, &loc) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            // Compaction may have recycled the file meanwhile.
-                            check_range(&self.lock(), lo, hi)?;
-                            return Err(e);
-                        }
-                    }
+        let mut out: Vec<Entry> = Vec::with_capacity((hi - lo) as usize);
+        prefault(
+            out.as_ptr().cast(),
+            out.capacity() * std::mem::size_of::<Entry>(),
+        );
+        let corrupt_body = |loc: &RecordLoc, e: format::BodyError| {
+            let segment = self
+                .lock()
+                .segments
+                .iter()
+                .find(|s| s.seq == loc.segment_seq)
+                .map_or_else(|| self.inner.dir.clone(), |s| s.path.clone());
+            Error::Corruption {
+                segment,
+                offset: loc.offset,
+                reason: e.0.to_string(),
+            }
+        };
+        let mut i = 0;
+        while i < locs.len() {
+            let loc = &locs[i];
+            if let Some(body) = &loc.body {
+                decode_live(body, loc, lo, hi, &mut out).map_err(|e| corrupt_body(loc, e))?;
+                i += 1;
+                continue;
+            }
+            // The records on disk that follow in the same segment are read
+            // with this one, in one read (a restarting node reads the whole
+            // log: one read per record cost more than the copy).
+            let start = loc.offset;
+            let mut end = start + u64::from(loc.framed_len);
+            let mut j = i + 1;
+            while let Some(n) = locs.get(j) {
+                let n_end = n.offset + u64::from(n.framed_len);
+                if n.body.is_some()
+                    || n.segment_seq != loc.segment_seq
+                    || n.offset < end
+                    || n.offset - end > READ_GAP_MAX
+                    || n_end - start > READ_CHUNK_MAX
+                {
+                    break;
+                }
+                end = n_end;
+                j += 1;
+            }
+            let (_, file, salt, path) = files
+                .iter()
+                .find(|f| f.0 == loc.segment_seq)
+                .expect("collected");
+            let bodies = read_chunk(file.as_ref(), path, start, end).and_then(|chunk| {
+                locs[i..j]
+                    .iter()
+                    .map(|loc| verify_body(&chunk, start, path, *salt, loc))
+                    .collect::<Result<Vec<Bytes>>>()
+            });
+            let bodies = match bodies {
+                Ok(b) => b,
+                Err(e) => {
+                    // Compaction may have recycled the file meanwhile.
+                    check_range(&self.lock(), lo, hi)?;
+                    return Err(e);
                 }
             };
-            let entries = format::decode_entries(&body).map_err(|e| {
-                let segment = self
-                    .lock()
-                    .segments
-                    .iter()
-                    .find(|s| s.seq == loc.segment_seq)
-                    .map_or_else(|| self.inner.dir.clone(), |s| s.path.clone());
-                Error::Corruption {
-                    segment,
-                    offset: loc.offset,
-                    reason: e.0.to_string(),
-                }
-            })?;
-            let live_end = loc.end().min(hi);
-            out.extend(
-                entries
-                    .into_iter()
-                    .filter(|e| e.index >= lo && e.index < live_end),
-            );
+            for (loc, body) in locs[i..j].iter().zip(&bodies) {
+                decode_live(body, loc, lo, hi, &mut out).map_err(|e| corrupt_body(loc, e))?;
+            }
+            i = j;
         }
         assert_eq!(out.len() as u64, hi - lo, "read returns exactly the range");
         Ok(out)
@@ -969,18 +998,93 @@ fn release_held(st: &mut State, durable: u64) {
     }
 }
 
-/// Reads a record back and verifies it: pairs the checks done when writing.
-fn read_body(file: &dyn StorageFile, path: &Path, salt: u64, loc: &RecordLoc) -> Result<Bytes> {
-    let mut buf = vec![0u8; loc.framed_len as usize];
-    file.read_exact_at(&mut buf, loc.offset)
+/// Most bytes [`Wal::read`] reads at once (several records of a segment).
+const READ_CHUNK_MAX: u64 = 8 << 20;
+/// Most bytes of other records (hard states, truncated entries) between two
+/// records [`Wal::read`] reads in one go rather than skips.
+const READ_GAP_MAX: u64 = 64 << 10;
+
+/// Reads bytes `start..end` of a segment.
+fn read_chunk(file: &dyn StorageFile, path: &Path, start: u64, end: u64) -> Result<Bytes> {
+    let mut buf = vec![0u8; (end - start) as usize];
+    prefault(buf.as_ptr(), buf.len());
+    file.read_exact_at(&mut buf, start)
         .map_err(|e| Error::io("read", path, e))?;
-    let bytes = Bytes::from(buf);
-    let (_, body) = format::read_record(&bytes, 0, salt).map_err(|e| Error::Corruption {
+    Ok(Bytes::from(buf))
+}
+
+/// Faults in the pages of a fresh buffer of `len` bytes at `ptr` in one
+/// call (`MADV_POPULATE_WRITE`) when it is large. Reading the whole log
+/// back fills about as much fresh memory as the log: faulting it in one
+/// page at a time, inside the kernel's copy, cost more than the copy itself
+/// (wal-bench --recovery-gib: read 1.0-1.6 GB/s before, 1.3-2.1 after on
+/// the 2-core VM). Leaves the contents as they are; only a hint (kernels
+/// before 5.14 refuse it, and the pages then fault in as before).
+fn prefault(ptr: *const u8, len: usize) {
+    const PREFAULT_MIN: usize = 1 << 20;
+    const PAGE: usize = 4096;
+    if len < PREFAULT_MIN {
+        return;
+    }
+    let start = (ptr as usize).next_multiple_of(PAGE);
+    let end = (ptr as usize + len) & !(PAGE - 1);
+    if end > start {
+        // SAFETY: the range lies inside one live allocation of ours;
+        // MADV_POPULATE_WRITE maps its pages without changing what they
+        // hold.
+        let _ = unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+    }
+}
+
+/// Verifies the record at `loc` in `chunk` (read from offset `start` of its
+/// segment) and returns its body: pairs the checks done when writing.
+fn verify_body(
+    chunk: &Bytes,
+    start: u64,
+    path: &Path,
+    salt: u64,
+    loc: &RecordLoc,
+) -> Result<Bytes> {
+    let at = (loc.offset - start) as usize;
+    let corruption = |reason: &str| Error::Corruption {
         segment: path.to_path_buf(),
         offset: loc.offset,
-        reason: e.reason().to_string(),
+        reason: reason.to_string(),
+    };
+    let (header, body) =
+        format::read_record(chunk, at, salt).map_err(|e| corruption(e.reason()))?;
+    if header.framed_len() != loc.framed_len as usize {
+        return Err(corruption("record length differs from the one indexed"));
+    }
+    Ok(chunk.slice_ref(body))
+}
+
+/// Appends the live entries of `loc` in `lo..hi`, whose payloads slice
+/// `body`, to `out`.
+fn decode_live(
+    body: &Bytes,
+    loc: &RecordLoc,
+    lo: u64,
+    hi: u64,
+    out: &mut Vec<Entry>,
+) -> std::result::Result<(), format::BodyError> {
+    let live_end = loc.end().min(hi);
+    format::for_each_entry(body, |index, term, payload| {
+        if index >= lo && index < live_end {
+            out.push(Entry {
+                index,
+                term,
+                payload: body.slice(payload),
+            });
+        }
     })?;
-    Ok(bytes.slice_ref(body))
+    Ok(())
 }
 
 /// Returns a spare taken for a write that could not be queued.
