@@ -22,20 +22,8 @@ pub fn percentiles(h: &Histogram<u64>) -> String {
 }
 
 /// CPU time (user + system) this process has used so far, all threads
-/// together.
-pub fn process_cpu() -> std::io::Result<std::time::Duration> {
-    // SAFETY: rusage is plain integers, for which all zeros is valid.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the struct we own for the call.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let tv = |t: libc::timeval| {
-        std::time::Duration::from_secs(t.tv_sec as u64)
-            + std::time::Duration::from_micros(t.tv_usec as u64)
-    };
-    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
-}
+/// together (one definition for every bench: the runtime's).
+pub use skiff_node::metrics::process_cpu;
 
 /// A rate with thousands separators, no decimals.
 pub fn fmt_rate(per_s: f64) -> String {

@@ -12,16 +12,19 @@
 //! the tail of every node's log and keeps the directory (its path is
 //! printed). Dropping a cluster kills its children.
 //!
+//! Clients are [`client::Client`]s: a small etcd v3 client over skiff-kv's
+//! generated gRPC stubs (no system `protoc` needed to build the tests).
+//!
 //! # Which `skiff` binary
 //!
-//! `CARGO_BIN_EXE_skiff` exists only inside the skiff-node package, so
+//! `CARGO_BIN_EXE_skiff` exists only inside the skiff package (crates/cli), so
 //! [`skiff_bin`] finds the binary itself: `$SKIFF_BIN` when set; otherwise it
 //! runs `cargo build --bin skiff` once per test process, into the target
 //! directory the test binary itself lives in (`<target>/<dir>/deps/<test>`),
 //! with the profile that directory belongs to (`debug` → `test`, the profile
 //! `cargo test` builds with; `release` → `release`; any other directory name
 //! is taken as a profile name). Cargo makes that a no-op when the binary is
-//! fresh, and it never runs a stale one. This crate depends on skiff-node
+//! fresh, and it never runs a stale one. This crate depends on skiff
 //! (and on skiff-raft and skiff-wal with `testing`, as `cargo test
 //! --workspace` unifies them) so that the binary's dependencies are already
 //! built, with the same features, by the time the tests run.
@@ -36,8 +39,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub use etcd_client;
-use etcd_client::{Client, ConnectOptions, StatusResponse};
+pub mod client;
+
+pub use client::{Client, ConnectOptions};
+pub use skiff_kv::pb::etcdserverpb::{HashKvResponse, StatusResponse};
 
 /// A member's id (the `--id` flag).
 pub type NodeId = u64;
@@ -95,7 +100,7 @@ fn build_skiff() -> PathBuf {
     let output = Command::new(&cargo)
         .current_dir(workspace)
         .args(["build", "--quiet", "--bin", "skiff", "--profile", profile])
-        .args(["-p", "skiff-node", "-p", "skiff-tests"])
+        .args(["-p", "skiff", "-p", "skiff-tests"])
         .arg("--target-dir")
         .arg(target_dir)
         .stdin(Stdio::null())
@@ -262,12 +267,22 @@ pub fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
     Ok(body.to_string())
 }
 
-/// Connects an etcd client to `endpoints` with the harness's timeouts.
+/// The labelled sample `name{labels}` in Prometheus text, `labels` as
+/// written there (`quantile="1"`).
+pub fn metric_labelled(text: &str, name: &str, labels: &str) -> Option<f64> {
+    metric(text, &format!("{name}{{{labels}}}"))
+}
+
+/// The harness's client timeouts.
+pub const CLIENT_OPTIONS: ConnectOptions = ConnectOptions {
+    request_timeout: REQUEST_TIMEOUT,
+    connect_timeout: CONNECT_TIMEOUT,
+};
+
+/// Connects an etcd client to `endpoints` with the harness's timeouts;
+/// panics if no endpoint accepts a connection.
 pub async fn connect(endpoints: &[String]) -> Client {
-    let options = ConnectOptions::new()
-        .with_timeout(REQUEST_TIMEOUT)
-        .with_connect_timeout(CONNECT_TIMEOUT);
-    Client::connect(endpoints, Some(options))
+    Client::connect(endpoints, CLIENT_OPTIONS)
         .await
         .unwrap_or_else(|e| panic!("cannot create a client for {endpoints:?}: {e}"))
 }
@@ -606,14 +621,27 @@ impl Cluster {
         connect(&[self.endpoint(id)]).await
     }
 
-    /// `Maintenance.Status` of `id`.
+    /// `Maintenance.Status` of `id` (an error, not a panic, when `id` is
+    /// down: callers poll it).
     pub async fn status(&self, id: NodeId) -> Result<StatusResponse, String> {
-        let mut client = self.client(id).await;
-        match tokio::time::timeout(REQUEST_TIMEOUT, client.status()).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("Status timed out".into()),
-        }
+        let mut client = Client::connect(&[self.endpoint(id)], CLIENT_OPTIONS)
+            .await
+            .map_err(|e| e.to_string())?;
+        client.status().await.map_err(|e| e.to_string())
+    }
+
+    /// `Maintenance.HashKV` of `id` at `revision` (0: its latest).
+    pub async fn hash_kv(&self, id: NodeId, revision: i64) -> Result<HashKvResponse, String> {
+        let mut client = Client::connect(&[self.endpoint(id)], CLIENT_OPTIONS)
+            .await
+            .map_err(|e| e.to_string())?;
+        client.hash_kv(revision).await.map_err(|e| e.to_string())
+    }
+
+    /// Prometheus sample `name` of `id` (unlabelled; see [`metric`]).
+    pub fn metric(&self, id: NodeId, name: &str) -> Result<f64, String> {
+        let text = self.metrics(id)?;
+        metric(&text, name).ok_or_else(|| format!("member {id} exports no {name}"))
     }
 
     /// Waits until exactly one running member leads and every running
@@ -629,12 +657,12 @@ impl Cluster {
                 let mut term = 0;
                 for &id in members {
                     let s = cluster.status(id).await.ok()?;
-                    if s.leader() == 0 || leader.is_some_and(|l| l != s.leader()) {
+                    if s.leader == 0 || leader.is_some_and(|l| l != s.leader) {
                         return None;
                     }
-                    leader = Some(s.leader());
-                    if s.leader() == id {
-                        term = s.raft_term();
+                    leader = Some(s.leader);
+                    if s.leader == id {
+                        term = s.raft_term;
                     }
                 }
                 let leader = leader?;
@@ -653,7 +681,7 @@ impl Cluster {
             timeout,
             move || async move {
                 let s = self.status(id).await.ok()?;
-                (s.raft_applied_index() >= index).then_some(())
+                (s.raft_applied_index >= index).then_some(())
             },
         )
         .await

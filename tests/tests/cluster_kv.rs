@@ -1,13 +1,13 @@
 //! The etcd v3 KV API of a 3-node cluster of `skiff serve` processes,
-//! driven by the `etcd-client` crate: put, get, delete and txn; writes sent
+//! driven by the harness's client (`skiff_tests::client`): put, get, delete and txn; writes sent
 //! to followers (forwarded to the leader); linearizable reads on another
 //! member; response headers; member list; `skiff status`.
 
 use std::time::Duration;
 
-use skiff_tests::etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, ResponseHeader, Txn, TxnOp,
-    TxnOpResponse,
+use skiff_tests::client::{
+    key_str, op_responses, Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions,
+    ResponseHeader, Txn, TxnOp, TxnOpResponse,
 };
 use skiff_tests::{Cluster, ClusterOptions, NodeId};
 
@@ -15,27 +15,23 @@ const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn header(h: Option<&ResponseHeader>) -> (i64, u64) {
     let h = h.expect("every response carries a header");
-    assert!(h.revision() > 0, "header revision {} not > 0", h.revision());
-    assert!(
-        h.raft_term() > 0,
-        "header raft_term {} not > 0",
-        h.raft_term()
-    );
-    (h.revision(), h.raft_term())
+    assert!(h.revision > 0, "header revision {} not > 0", h.revision);
+    assert!(h.raft_term > 0, "header raft_term {} not > 0", h.raft_term);
+    (h.revision, h.raft_term)
 }
 
 async fn value_of(client: &mut Client, key: &str) -> Option<String> {
     let r = client.get(key, None).await.expect("get");
-    header(r.header());
-    assert!(r.kvs().len() <= 1, "a point get returned {:?}", r.kvs());
-    r.kvs()
+    header(r.header.as_ref());
+    assert!(r.kvs.len() <= 1, "a point get returned {:?}", r.kvs);
+    r.kvs
         .first()
-        .map(|kv| String::from_utf8(kv.value().to_vec()).expect("utf-8 value"))
+        .map(|kv| String::from_utf8(kv.value.to_vec()).expect("utf-8 value"))
 }
 
 async fn put(client: &mut Client, key: &str, value: &str) -> i64 {
     let r = client.put(key, value, None).await.expect("put");
-    header(r.header()).0
+    header(r.header.as_ref()).0
 }
 
 /// The leader and the two followers.
@@ -74,10 +70,10 @@ async fn put_get_delete_across_members() {
         .put("greeting", "hi", Some(PutOptions::new().with_prev_key()))
         .await
         .expect("put with prev_kv");
-    let (rev2, _) = header(r.header());
+    let (rev2, _) = header(r.header.as_ref());
     assert!(rev2 > rev1, "revision went from {rev1} to {rev2}");
-    let prev = r.prev_key().expect("prev_kv was asked for");
-    assert_eq!(prev.value(), b"hello");
+    let prev = r.prev_kv.as_ref().expect("prev_kv was asked for");
+    assert_eq!(prev.value, "hello");
     assert_eq!(
         value_of(&mut on_f1, "greeting").await.as_deref(),
         Some("hi")
@@ -85,11 +81,11 @@ async fn put_get_delete_across_members() {
 
     // The stored key's metadata.
     let r = on_f2.get("greeting", None).await.expect("get");
-    let kv = &r.kvs()[0];
-    assert_eq!(kv.create_revision(), rev1);
-    assert_eq!(kv.mod_revision(), rev2);
-    assert_eq!(kv.version(), 2);
-    assert!(header(r.header()).0 >= rev2);
+    let kv = &r.kvs[0];
+    assert_eq!(kv.create_revision, rev1);
+    assert_eq!(kv.mod_revision, rev2);
+    assert_eq!(kv.version, 2);
+    assert!(header(r.header.as_ref()).0 >= rev2);
 
     // Prefix ranges, count_only, keys_only, limit, serializable.
     for (k, v) in [
@@ -104,10 +100,10 @@ async fn put_get_delete_across_members() {
         .get("fruit/", Some(GetOptions::new().with_prefix()))
         .await
         .expect("prefix get");
-    let keys: Vec<&str> = r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    let keys: Vec<&str> = r.kvs.iter().map(key_str).collect();
     assert_eq!(keys, ["fruit/apple", "fruit/banana", "fruit/cherry"]);
-    assert_eq!(r.count(), 3);
-    assert_eq!(r.kvs()[1].value(), b"yellow");
+    assert_eq!(r.count, 3);
+    assert_eq!(r.kvs[1].value, "yellow");
 
     let r = on_leader
         .get(
@@ -116,8 +112,8 @@ async fn put_get_delete_across_members() {
         )
         .await
         .expect("count_only");
-    assert_eq!(r.count(), 3);
-    assert!(r.kvs().is_empty(), "count_only returned {:?}", r.kvs());
+    assert_eq!(r.count, 3);
+    assert!(r.kvs.is_empty(), "count_only returned {:?}", r.kvs);
 
     let r = on_f2
         .get(
@@ -126,12 +122,12 @@ async fn put_get_delete_across_members() {
         )
         .await
         .expect("keys_only");
-    assert_eq!(r.kvs().len(), 3);
+    assert_eq!(r.kvs.len(), 3);
     assert!(
-        r.kvs().iter().all(|kv| kv.value().is_empty()),
+        r.kvs.iter().all(|kv| kv.value.is_empty()),
         "keys_only returned values"
     );
-    assert_eq!(r.kvs()[2].key(), b"fruit/cherry");
+    assert_eq!(r.kvs[2].key, "fruit/cherry");
 
     let r = on_f1
         .get(
@@ -140,9 +136,9 @@ async fn put_get_delete_across_members() {
         )
         .await
         .expect("limit");
-    assert_eq!(r.kvs().len(), 2);
-    assert_eq!(r.count(), 3);
-    assert!(r.more());
+    assert_eq!(r.kvs.len(), 2);
+    assert_eq!(r.count, 3);
+    assert!(r.more);
 
     // A serializable read is served from the member's own state; after a
     // linearizable read there it has everything.
@@ -153,30 +149,30 @@ async fn put_get_delete_across_members() {
         )
         .await
         .expect("serializable get");
-    assert_eq!(r.kvs().len(), 3);
+    assert_eq!(r.kvs.len(), 3);
 
     // Deletes: one key through a follower, then the rest of the prefix.
     let r = on_f1
         .delete("fruit/banana", Some(DeleteOptions::new().with_prev_key()))
         .await
         .expect("delete");
-    assert_eq!(r.deleted(), 1);
-    assert_eq!(r.prev_kvs()[0].value(), b"yellow");
-    header(r.header());
+    assert_eq!(r.deleted, 1);
+    assert_eq!(r.prev_kvs[0].value, "yellow");
+    header(r.header.as_ref());
     assert_eq!(value_of(&mut on_f2, "fruit/banana").await, None);
     let r = on_f2
         .delete("fruit/", Some(DeleteOptions::new().with_prefix()))
         .await
         .expect("prefix delete");
-    assert_eq!(r.deleted(), 2);
+    assert_eq!(r.deleted, 2);
     let r = on_leader
         .get("fruit", Some(GetOptions::new().with_prefix()))
         .await
         .expect("get after delete");
-    let keys: Vec<&str> = r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    let keys: Vec<&str> = r.kvs.iter().map(key_str).collect();
     assert_eq!(keys, ["fruitless"]);
     let r = on_leader.delete("no-such-key", None).await.expect("delete");
-    assert_eq!(r.deleted(), 0);
+    assert_eq!(r.deleted, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,10 +194,10 @@ async fn txn_compares_and_branches() {
         ])
         .or_else([TxnOp::get("account", None)]);
     let r = on_f1.txn(txn).await.expect("txn");
-    let (rev, _) = header(r.header());
-    assert!(r.succeeded());
-    assert_eq!(r.op_responses().len(), 2);
-    assert!(matches!(r.op_responses()[0], TxnOpResponse::Put(_)));
+    let (rev, _) = header(r.header.as_ref());
+    assert!(r.succeeded);
+    assert_eq!(r.responses.len(), 2);
+    assert!(matches!(op_responses(&r)[0], TxnOpResponse::ResponsePut(_)));
     assert_eq!(value_of(&mut on_f2, "account").await.as_deref(), Some("90"));
     assert_eq!(value_of(&mut on_f2, "ledger").await.as_deref(), Some("-10"));
 
@@ -211,9 +207,9 @@ async fn txn_compares_and_branches() {
         .and_then([TxnOp::put("account", "80", None)])
         .or_else([TxnOp::get("account", None)]);
     let r = on_f2.txn(txn).await.expect("txn");
-    assert!(!r.succeeded());
-    match &r.op_responses()[..] {
-        [TxnOpResponse::Get(g)] => assert_eq!(g.kvs()[0].value(), b"90"),
+    assert!(!r.succeeded);
+    match &op_responses(&r)[..] {
+        [TxnOpResponse::ResponseRange(g)] => assert_eq!(g.kvs[0].value, "90"),
         other => panic!("expected one get response, got {other:?}"),
     }
     assert_eq!(
@@ -226,10 +222,10 @@ async fn txn_compares_and_branches() {
         .when([Compare::version("account", CompareOp::Equal, 2)])
         .and_then([TxnOp::put("account", "75", None)]);
     let r = on_leader.txn(txn).await.expect("txn");
-    assert!(r.succeeded());
+    assert!(r.succeeded);
 
     // Mod revision: the old one fails, the current one succeeds.
-    let current = on_f1.get("account", None).await.expect("get").kvs()[0].mod_revision();
+    let current = on_f1.get("account", None).await.expect("get").kvs[0].mod_revision;
     assert!(
         current > rev.max(created),
         "mod revision {current} not past {rev}"
@@ -239,7 +235,7 @@ async fn txn_compares_and_branches() {
         .and_then([TxnOp::delete("account", None)])
         .or_else([TxnOp::put("stale", "yes", None)]);
     let r = on_f1.txn(stale).await.expect("txn");
-    assert!(!r.succeeded());
+    assert!(!r.succeeded);
     assert_eq!(value_of(&mut on_f2, "stale").await.as_deref(), Some("yes"));
     assert_eq!(value_of(&mut on_f2, "account").await.as_deref(), Some("75"));
     let fresh = Txn::new()
@@ -249,9 +245,9 @@ async fn txn_compares_and_branches() {
         ])
         .and_then([TxnOp::delete("account", None)]);
     let r = on_f2.txn(fresh).await.expect("txn");
-    assert!(r.succeeded());
-    match &r.op_responses()[..] {
-        [TxnOpResponse::Delete(d)] => assert_eq!(d.deleted(), 1),
+    assert!(r.succeeded);
+    match &op_responses(&r)[..] {
+        [TxnOpResponse::ResponseDeleteRange(d)] => assert_eq!(d.deleted, 1),
         other => panic!("expected one delete response, got {other:?}"),
     }
     assert_eq!(value_of(&mut on_leader, "account").await, None);
@@ -260,7 +256,7 @@ async fn txn_compares_and_branches() {
     let txn = Txn::new()
         .when([Compare::version("account", CompareOp::Equal, 0)])
         .and_then([TxnOp::put("account", "reopened", None)]);
-    assert!(on_f1.txn(txn).await.expect("txn").succeeded());
+    assert!(on_f1.txn(txn).await.expect("txn").succeeded);
     assert_eq!(
         value_of(&mut on_f2, "account").await.as_deref(),
         Some("reopened")
@@ -274,24 +270,19 @@ async fn member_list_and_skiff_status() {
 
     let mut client = cluster.client(leader).await;
     let members = client.member_list().await.expect("member list");
-    let mut ids: Vec<u64> = members.members().iter().map(|m| m.id()).collect();
+    let mut ids: Vec<u64> = members.members.iter().map(|m| m.id).collect();
     ids.sort_unstable();
     assert_eq!(ids, cluster.ids());
-    for m in members.members() {
-        assert_eq!(
-            m.client_urls(),
-            [cluster.endpoint(m.id())],
-            "member {}",
-            m.id()
-        );
-        assert!(!m.is_learner());
+    for m in &members.members {
+        assert_eq!(m.client_ur_ls, [cluster.endpoint(m.id)], "member {}", m.id);
+        assert!(!m.is_learner);
     }
 
     for id in cluster.ids() {
         let s = cluster.status(id).await.expect("status");
-        assert_eq!(s.leader(), leader, "member {id}'s leader");
-        assert!(s.raft_term() >= term);
-        assert_eq!(s.header().expect("header").member_id(), id);
+        assert_eq!(s.leader, leader, "member {id}'s leader");
+        assert!(s.raft_term >= term);
+        assert_eq!(s.header.expect("header").member_id, id);
     }
 
     // `skiff status` prints one row per endpoint and a summary line.

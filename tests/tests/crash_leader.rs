@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use skiff_tests::etcd_client::{Client, GetOptions};
+use skiff_tests::client::{key_str, value_str, Client, GetOptions};
 use skiff_tests::{connect, poll_until, Cluster, ClusterOptions, NodeId};
 
 const WRITERS: usize = 4;
@@ -81,14 +81,9 @@ async fn contents(cluster: &Cluster, id: NodeId) -> BTreeMap<String, String> {
         .get("w", Some(GetOptions::new().with_prefix()))
         .await
         .unwrap_or_else(|e| panic!("range read on member {id}: {e}"));
-    r.kvs()
+    r.kvs
         .iter()
-        .map(|kv| {
-            (
-                kv.key_str().expect("utf-8 key").to_string(),
-                kv.value_str().expect("utf-8 value").to_string(),
-            )
-        })
+        .map(|kv| (key_str(kv).to_string(), value_str(kv).to_string()))
         .collect()
 }
 
@@ -162,7 +157,7 @@ async fn acknowledged_writes_survive_a_leader_crash() {
         .status(leader)
         .await
         .expect("leader status")
-        .raft_index();
+        .raft_index;
     for id in cluster.ids() {
         cluster.wait_applied(id, commit, CATCH_UP_TIMEOUT).await;
     }
@@ -224,5 +219,5 @@ async fn acknowledged_writes_survive_a_leader_crash() {
     let mut client = cluster.client(old_leader).await;
     let (key, value) = &ledger.acked[0];
     let r = client.get(key.as_str(), None).await.expect("get");
-    assert_eq!(r.kvs()[0].value_str().unwrap(), value);
+    assert_eq!(value_str(&r.kvs[0]), value);
 }

@@ -5,12 +5,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use skiff_tests::etcd_client::{Client, GetOptions};
+use skiff_tests::client::{key_str, value_str, Client, GetOptions};
 use skiff_tests::{metric, poll_until, Cluster, ClusterOptions, NodeId};
 
 /// Applied entries between two snapshots: small, so that a few thousand
 /// writes compact the log many times over.
 const SNAPSHOT_ENTRIES: u64 = 200;
+/// Entries the log keeps behind a snapshot (`--snapshot-catchup-entries`):
+/// far fewer than the writes made while the follower is down, so that the
+/// leader's log no longer reaches back to it (with the default, 5,000, it
+/// would catch up from the log).
+const CATCHUP_ENTRIES: u64 = 100;
 /// Near the smallest segment the WAL accepts with its default
 /// snapshot-metadata bound: the writes below fill more than one, so
 /// compaction deletes segments too, not only the Raft log in memory.
@@ -53,14 +58,9 @@ async fn read_all(cluster: &Cluster, id: NodeId, serializable: bool) -> BTreeMap
         .get("k/", Some(options))
         .await
         .unwrap_or_else(|e| panic!("range on member {id}: {e}"));
-    r.kvs()
+    r.kvs
         .iter()
-        .map(|kv| {
-            (
-                kv.key_str().unwrap().to_string(),
-                kv.value_str().unwrap().to_string(),
-            )
-        })
+        .map(|kv| (key_str(kv).to_string(), value_str(kv).to_string()))
         .collect()
 }
 
@@ -83,18 +83,19 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
             wal_segment_bytes: WAL_SEGMENT_BYTES,
             ..ClusterOptions::default()
         }
-        .arg("--snapshot-entries", SNAPSHOT_ENTRIES),
+        .arg("--snapshot-entries", SNAPSHOT_ENTRIES)
+        .arg("--snapshot-catchup-entries", CATCHUP_ENTRIES),
     );
     let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
     let lagging = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
 
     // Round 1 reaches everyone; then the follower stops cleanly.
     write_keys(cluster.client(leader).await, 0, 10, 1).await;
-    let commit = cluster.status(leader).await.unwrap().raft_index();
+    let commit = cluster.status(leader).await.unwrap().raft_index;
     cluster
         .wait_applied(lagging, commit, CATCH_UP_TIMEOUT)
         .await;
-    let stopped_at = cluster.status(lagging).await.unwrap().raft_applied_index();
+    let stopped_at = cluster.status(lagging).await.unwrap().raft_applied_index;
     let status = cluster.terminate(lagging);
     assert!(
         status.success(),
@@ -125,10 +126,12 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
         t.await.expect("writer");
     }
     let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
-    let target = cluster.status(leader).await.unwrap().raft_index();
+    let target = cluster.status(leader).await.unwrap().raft_index;
     let snapshots = logged_indexes(&cluster.log(leader), "snapshot taken");
     assert!(
-        snapshots.iter().any(|&i| i > stopped_at + SNAPSHOT_ENTRIES),
+        snapshots
+            .iter()
+            .any(|&i| i > stopped_at + SNAPSHOT_ENTRIES + CATCHUP_ENTRIES),
         "leader {leader} took no snapshot well past index {stopped_at}: {snapshots:?}"
     );
 
@@ -172,10 +175,10 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
                     .get("k/after", Some(GetOptions::new().with_serializable()))
                     .await
                     .ok()?;
-                (!r.kvs().is_empty()).then_some(r)
+                (!r.kvs.is_empty()).then_some(r)
             }
         },
     )
     .await;
-    assert_eq!(r.kvs()[0].value(), b"yes");
+    assert_eq!(r.kvs[0].value, "yes");
 }

@@ -8,10 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use skiff_node::bench::{BenchArgs, StatusArgs};
+use skiff::bench::{BenchArgs, StatusArgs};
 use skiff_node::config::{parse_cluster, NodeConfig, WalBackend};
-use skiff_node::embedded::EmbeddedCluster;
-use skiff_node::node::Node;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -98,6 +96,8 @@ struct ServeArgs {
     #[arg(long)]
     snapshot_entries: Option<u64>,
     #[arg(long)]
+    snapshot_catchup_entries: Option<u64>,
+    #[arg(long)]
     snapshot_bytes: Option<u64>,
     #[arg(long)]
     snapshot_streams: Option<usize>,
@@ -149,6 +149,7 @@ impl ServeArgs {
             requests_pending_max,
             request_timeout_ms,
             snapshot_entries,
+            snapshot_catchup_entries,
             snapshot_bytes,
             snapshot_streams,
             snapshot_chunk_bytes,
@@ -190,7 +191,7 @@ fn init_tracing(default: &str) {
 fn serve(args: &ServeArgs) -> Result<(), String> {
     init_tracing("info");
     let cfg = args.config()?;
-    let node = Node::start(cfg).map_err(|e| e.to_string())?;
+    let node = skiff_kv::server::start(cfg).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGTERM, libc::SIGINT] {
         register_signal(sig, stop.clone());
@@ -228,7 +229,7 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let load = |endpoints: &[String]| {
-        rt.block_on(skiff_node::bench::run_and_report(args, endpoints))
+        rt.block_on(skiff::bench::run_and_report(args, endpoints))
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
@@ -236,7 +237,7 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         return load(&args.endpoints);
     }
     if args.ceiling {
-        let server = skiff_node::bench::CeilingServer::start()?;
+        let server = skiff::bench::CeilingServer::start()?;
         eprintln!(
             "ceiling: an in-process server that answers every Put at once and keeps nothing ({})",
             server.endpoint()
@@ -244,7 +245,8 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
         return load(&[server.endpoint()]);
     }
     eprintln!("starting an embedded 3-node cluster on loopback (temporary directory)");
-    let cluster = EmbeddedCluster::start(3, &NodeConfig::default()).map_err(|e| e.to_string())?;
+    let cluster =
+        skiff_kv::server::embedded_cluster(3, &NodeConfig::default()).map_err(|e| e.to_string())?;
     let leader = cluster
         .wait_leader(Duration::from_secs(10))
         .ok_or("the embedded cluster elected no leader within 10 s")?;
@@ -265,9 +267,9 @@ fn status(args: &StatusArgs) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let rows = rt
-        .block_on(skiff_node::bench::status(&args.endpoints))
+        .block_on(skiff::bench::status(&args.endpoints))
         .map_err(|e| e.to_string())?;
-    skiff_node::bench::print_status_table(&rows);
+    skiff::bench::print_status_table(&rows);
     Ok(())
 }
 

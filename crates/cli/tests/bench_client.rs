@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use skiff_node::bench::{run_load, status, BenchArgs, BenchError};
-use skiff_node::pb::etcdserverpb::kv_server::{Kv, KvServer};
-use skiff_node::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
-use skiff_node::pb::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse,
-    TxnRequest, TxnResponse,
+use skiff::bench::{run_load, status, BenchArgs, BenchError};
+use skiff_kv::pb::etcdserverpb::kv_server::{Kv, KvServer};
+use skiff_kv::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
+use skiff_kv::pb::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
+    HashKvResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -109,6 +109,10 @@ impl Maintenance for FakeEtcd {
             raft_applied_index: 11,
             ..StatusResponse::default()
         }))
+    }
+
+    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(Status::unimplemented("fake"))
     }
 }
 
@@ -237,7 +241,7 @@ async fn status_reports_members_and_unreachable_rows() {
     assert_eq!(rows[1].endpoint, format!("http://{bad}"));
     assert!(rows[1].reply.is_err(), "{:?}", rows[1]);
 
-    let table = skiff_node::bench::format_status_table(&rows);
+    let table = skiff::bench::format_status_table(&rows);
     assert!(
         table.ends_with(&format!(
             "members=2 reachable=1 leader={FAKE_MEMBER_ID:x}\n"

@@ -1,5 +1,6 @@
-//! The etcd v3 gRPC API on top of a node: KV (Range, Put, DeleteRange, Txn,
-//! Compact), Cluster.MemberList and Maintenance.Status.
+//! The etcd v3 gRPC API on top of a node running the [`KvMachine`]: KV
+//! (Range, Put, DeleteRange, Txn, Compact), Cluster.MemberList and
+//! Maintenance.Status and HashKV.
 //!
 //! Writes are proposed through Raft: on the leader directly, on a follower
 //! forwarded to the leader over the peer connection (Raft `Propose`), and
@@ -8,32 +9,36 @@
 //! `serializable`, which is served from this member's state at once.
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
+use skiff_node::{NodeHandle, RequestError};
 use tonic::{Request, Response, Status};
 
-use crate::event_loop::RequestError;
-use crate::kv::{validate_request, KvError};
-use crate::node::NodeHandle;
+use crate::machine::{KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse, StoreStatus};
 use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
 use crate::pb::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, Member,
-    MemberListRequest, MemberListResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    RequestOp, ResponseHeader, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
+    HashKvResponse, Member, MemberListRequest, MemberListResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RequestOp, ResponseHeader, StatusRequest, StatusResponse,
+    TxnRequest, TxnResponse,
 };
+use crate::store::{validate_request, KvError};
 
 /// The version `Maintenance.Status` reports (the etcd API level served).
 pub const API_VERSION: &str = "3.5.0";
 /// Largest gRPC message accepted (etcd's default request bound + framing).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 2 << 20;
+/// How often a `physical` Compact looks whether the removal is done.
+pub const COMPACT_POLL: Duration = Duration::from_millis(10);
 
 /// Starts the gRPC server on `addr`; returns the bound address. It stops
 /// when `stop` fires.
 pub async fn serve(
-    node: NodeHandle,
+    node: NodeHandle<KvMachine>,
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<SocketAddr, String> {
@@ -62,7 +67,7 @@ pub async fn serve(
 }
 
 struct Api {
-    node: NodeHandle,
+    node: NodeHandle<KvMachine>,
 }
 
 fn kv_status(e: &KvError) -> Status {
@@ -81,7 +86,6 @@ fn status_of(e: RequestError) -> Status {
         RequestError::Busy(m) => {
             Status::resource_exhausted(format!("etcdserver: too many requests: {m}"))
         }
-        RequestError::Kv(e) => kv_status(&e),
         RequestError::Stopped(m) => Status::unavailable(format!("etcdserver: stopped: {m}")),
     }
 }
@@ -97,16 +101,43 @@ impl Api {
         })
     }
 
-    /// Proposes `op` (through the leader) and waits until it is applied
+    /// Proposes `cmd` (through the leader) and waits until it is applied
     /// on this member.
-    async fn write(&self, op: RequestOp) -> Result<OpResponse, Status> {
-        validate_request(&op).map_err(|e| kv_status(&e))?;
+    async fn propose(&self, cmd: KvCommand) -> Result<KvResponse, Status> {
         self.node
-            .write(op)
+            .propose(cmd)
             .await
             .map_err(status_of)?
+            .map_err(|e| kv_status(&e))
+    }
+
+    /// Proposes `op` and returns its response with a full header.
+    async fn write(&self, op: RequestOp) -> Result<OpResponse, Status> {
+        validate_request(&op).map_err(|e| kv_status(&e))?;
+        let KvResponse::Op(r) = self.propose(KvCommand::Op(op)).await? else {
+            return Err(unexpected());
+        };
+        let mut r = r
             .response
-            .ok_or_else(|| Status::internal("empty response from the state machine"))
+            .ok_or_else(|| Status::internal("empty response from the state machine"))?;
+        let header = match &mut r {
+            OpResponse::ResponsePut(p) => &mut p.header,
+            OpResponse::ResponseDeleteRange(p) => &mut p.header,
+            OpResponse::ResponseTxn(p) => &mut p.header,
+            OpResponse::ResponseRange(p) => &mut p.header,
+        };
+        let revision = header.as_ref().map_or(0, |h| h.revision);
+        *header = self.header(revision);
+        Ok(r)
+    }
+
+    /// The store's revisions and sizes on this member (serializable).
+    async fn store_status(&self) -> Result<StoreStatus, Status> {
+        match self.node.query(KvQuery::Status, false).await {
+            Ok(KvQueryResponse::Status(s)) => Ok(s),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(status_of(e)),
+        }
     }
 }
 
@@ -118,11 +149,17 @@ fn unexpected() -> Status {
 impl Kv for Api {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let req = req.into_inner();
-        self.node
-            .read(req)
-            .await
-            .map(Response::new)
-            .map_err(status_of)
+        let linearizable = !req.serializable;
+        match self.node.query(KvQuery::Range(req), linearizable).await {
+            Ok(KvQueryResponse::Range(Ok(mut r))) => {
+                let revision = r.header.as_ref().map_or(0, |h| h.revision);
+                r.header = self.header(revision);
+                Ok(Response::new(r))
+            }
+            Ok(KvQueryResponse::Range(Err(e))) => Err(kv_status(&e)),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(status_of(e)),
+        }
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
@@ -158,23 +195,37 @@ impl Kv for Api {
         }
     }
 
-    /// Skiff keeps only the latest version of each key: there is no history
-    /// to compact. A revision up to the current one is accepted (history
-    /// below it is already unavailable); a future one is refused as etcd
-    /// does.
+    /// Compaction goes through Raft: every member compacts at the same
+    /// point of the log. Reads below the revision fail once it is applied;
+    /// with `physical`, the answer waits (up to the request timeout) until
+    /// this member has also removed the compacted versions.
     async fn compact(
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let rev = req.into_inner().revision;
-        let current = self.node.status().revision as i64;
-        if rev > current {
-            return Err(Status::out_of_range(
-                "etcdserver: mvcc: required revision is a future revision",
-            ));
+        let req = req.into_inner();
+        let KvResponse::Compacted { revision } = self
+            .propose(KvCommand::Compact {
+                revision: req.revision,
+            })
+            .await?
+        else {
+            return Err(unexpected());
+        };
+        if req.physical {
+            let deadline = Instant::now() + self.node.config().request_timeout();
+            while self.store_status().await?.physically_compacted < req.revision {
+                if Instant::now() >= deadline {
+                    return Err(Status::deadline_exceeded(
+                        "etcdserver: compaction accepted; physical removal not done within \
+                         request_timeout_ms",
+                    ));
+                }
+                tokio::time::sleep(COMPACT_POLL).await;
+            }
         }
         Ok(Response::new(CompactionResponse {
-            header: self.header(current),
+            header: self.header(revision),
         }))
     }
 }
@@ -206,8 +257,9 @@ impl Cluster for Api {
                 is_learner: m.learners.contains(&id),
             })
             .collect();
+        let revision = self.store_status().await?.revision;
         Ok(Response::new(MemberListResponse {
-            header: self.header(self.node.status().revision as i64),
+            header: self.header(revision),
             members,
         }))
     }
@@ -220,18 +272,43 @@ impl Maintenance for Api {
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let s = self.node.status();
+        let store = self.store_status().await?;
         let errors = self.node.stopped().into_iter().collect();
+        // The store lives in memory: both sizes are the bytes it holds,
+        // history and tombstones included (there is no file with free
+        // pages to tell apart, as etcd's bbolt has).
+        let bytes = i64::try_from(store.stats.bytes).unwrap_or(i64::MAX);
         Ok(Response::new(StatusResponse {
-            header: self.header(s.revision as i64),
+            header: self.header(store.revision),
             version: API_VERSION.into(),
-            db_size: 0,
+            db_size: bytes,
             leader: s.leader.unwrap_or(0),
             raft_index: s.commit,
             raft_term: s.term,
             raft_applied_index: s.applied,
             errors,
-            db_size_in_use: 0,
+            db_size_in_use: bytes,
             is_learner: self.node.membership().learners.contains(&s.id),
         }))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let revision = req.into_inner().revision;
+        match self.node.query(KvQuery::HashKv { revision }, true).await {
+            Ok(KvQueryResponse::HashKv(Ok((hash, compact_revision, hash_revision)), current)) => {
+                Ok(Response::new(HashKvResponse {
+                    header: self.header(current),
+                    hash,
+                    compact_revision,
+                    hash_revision,
+                }))
+            }
+            Ok(KvQueryResponse::HashKv(Err(e), _)) => Err(kv_status(&e)),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(status_of(e)),
+        }
     }
 }

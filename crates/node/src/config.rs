@@ -97,6 +97,10 @@ pub struct NodeConfig {
     // ---- Snapshots.
     /// Take a state-machine snapshot after this many applied entries.
     pub snapshot_entries: u64,
+    /// Entries the log keeps behind a snapshot before it is compacted away
+    /// (as etcd's 5,000): a follower at most this far behind catches up
+    /// from the log, not from a whole snapshot.
+    pub snapshot_catchup_entries: u64,
     /// ... or once this many payload bytes were applied since the last one.
     pub snapshot_bytes: u64,
     /// Parallel streams a follower fetches a snapshot with.
@@ -145,6 +149,7 @@ impl Default for NodeConfig {
             requests_pending_max: 65_536,
             request_timeout_ms: 10_000,
             snapshot_entries: 100_000,
+            snapshot_catchup_entries: 5_000,
             snapshot_bytes: 256 << 20,
             snapshot_streams: 4,
             snapshot_chunk_bytes: 1 << 20,

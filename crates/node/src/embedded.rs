@@ -1,6 +1,7 @@
 //! A whole cluster in one process, on loopback, in a temporary directory:
-//! what `skiff bench` loads when it is given no endpoints, and a fixture
-//! for tests.
+//! what `skiff bench` loads when it is given no endpoints, what the engine
+//! bench and the embedding example run, and a fixture for tests. Real WAL
+//! files, real TCP between the members.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -10,11 +11,17 @@ use skiff_raft::{NodeId, Role};
 
 use crate::config::NodeConfig;
 use crate::node::{Node, StartError};
+use crate::state_machine::StateMachine;
+
+/// Starts one member from its configuration: [`Node::start`] with the
+/// service's initial state, plus whatever the service runs beside it.
+pub type Starter<S> = Box<dyn Fn(NodeConfig) -> Result<Node<S>, StartError> + Send + Sync>;
 
 /// Nodes of a running embedded cluster (index `i` is node `i + 1`).
-pub struct EmbeddedCluster {
-    nodes: Vec<Option<Node>>,
+pub struct EmbeddedCluster<S: StateMachine> {
+    nodes: Vec<Option<Node<S>>>,
     configs: Vec<NodeConfig>,
+    starter: Starter<S>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -23,9 +30,31 @@ fn free_addr() -> std::io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-impl EmbeddedCluster {
-    /// Starts `n` nodes with `base`'s tunables in a new temporary directory.
-    pub fn start(n: usize, base: &NodeConfig) -> Result<EmbeddedCluster, StartError> {
+impl<S: StateMachine> EmbeddedCluster<S> {
+    /// Starts `n` nodes with `base`'s tunables in a new temporary
+    /// directory, each with the state `initial` gives for its id.
+    pub fn start(
+        n: usize,
+        base: &NodeConfig,
+        initial: impl Fn(NodeId) -> S + Send + Sync + 'static,
+    ) -> Result<EmbeddedCluster<S>, StartError> {
+        Self::start_with(
+            n,
+            base,
+            Box::new(move |cfg: NodeConfig| {
+                let sm = initial(cfg.id);
+                Node::start(cfg, sm)
+            }),
+        )
+    }
+
+    /// Starts `n` nodes with `base`'s tunables in a new temporary
+    /// directory, each by `starter`.
+    pub fn start_with(
+        n: usize,
+        base: &NodeConfig,
+        starter: Starter<S>,
+    ) -> Result<EmbeddedCluster<S>, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("skiff-embedded-")
             .tempdir()
@@ -33,7 +62,7 @@ impl EmbeddedCluster {
                 path: std::env::temp_dir(),
                 source,
             })?;
-        let mut c = EmbeddedCluster::start_in(n, base, dir.path())?;
+        let mut c = EmbeddedCluster::start_in(n, base, dir.path(), starter)?;
         c._dir = Some(dir);
         Ok(c)
     }
@@ -43,7 +72,8 @@ impl EmbeddedCluster {
         n: usize,
         base: &NodeConfig,
         root: &std::path::Path,
-    ) -> Result<EmbeddedCluster, StartError> {
+        starter: Starter<S>,
+    ) -> Result<EmbeddedCluster<S>, StartError> {
         let io = |source| StartError::DataDir {
             path: root.to_path_buf(),
             source,
@@ -69,25 +99,33 @@ impl EmbeddedCluster {
             .collect();
         let mut nodes = Vec::new();
         for cfg in &configs {
-            nodes.push(Some(Node::start(cfg.clone())?));
+            nodes.push(Some(starter(cfg.clone())?));
         }
         Ok(EmbeddedCluster {
             nodes,
             configs,
+            starter,
             _dir: None,
         })
     }
 
-    /// Client endpoints (`http://host:port`) of the running nodes.
+    /// Client endpoints (`http://host:port`, each member's
+    /// `listen_client`) of the running nodes.
     pub fn endpoints(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .flatten()
-            .map(|n| format!("http://{}", n.client_addr()))
+            .zip(&self.configs)
+            .filter(|(n, _)| n.is_some())
+            .map(|(_, cfg)| format!("http://{}", cfg.listen_client))
             .collect()
     }
 
-    pub fn node(&self, id: NodeId) -> Option<&Node> {
+    /// The configuration node `id` runs with.
+    pub fn config(&self, id: NodeId) -> Option<&NodeConfig> {
+        self.configs.get(id as usize - 1)
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&Node<S>> {
         self.nodes.get(id as usize - 1)?.as_ref()
     }
 
@@ -95,7 +133,7 @@ impl EmbeddedCluster {
     pub fn wait_leader(&self, timeout: Duration) -> Option<NodeId> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            let running: Vec<&Node> = self.nodes.iter().flatten().collect();
+            let running: Vec<&Node<S>> = self.nodes.iter().flatten().collect();
             let leaders: Vec<NodeId> = running
                 .iter()
                 .filter(|n| n.handle().status().role == Role::Leader)
@@ -125,7 +163,7 @@ impl EmbeddedCluster {
     /// Starts node `id` again from its data directory.
     pub fn restart(&mut self, id: NodeId) -> Result<(), StartError> {
         self.stop(id).ok();
-        let node = Node::start(self.configs[id as usize - 1].clone())?;
+        let node = (self.starter)(self.configs[id as usize - 1].clone())?;
         self.nodes[id as usize - 1] = Some(node);
         Ok(())
     }

@@ -1,14 +1,14 @@
 //! The event loop: collect inputs → `raft.step` → dispatch actions.
 //!
-//! One thread owns the Raft core and the KV state machine. Each pass:
+//! One thread owns the Raft core and the state machine. Each pass:
 //!
-//! 1. **collect**: wait for an input or the next tick, then drain what is
-//!    queued (bounded by `batch_entries_max` / `batch_bytes_max`): Raft
-//!    messages from peers, client writes (the proposal batcher), client
-//!    reads; then the WAL tickets that became durable (the WAL driver wakes
-//!    the loop through the tickets' waker, no thread in between);
+//! 1. **collect**: block until an input or the next tick, then drain what
+//!    is queued (bounded by `batch_entries_max` / `batch_bytes_max`): Raft
+//!    messages from peers, client commands (the proposal batcher), client
+//!    queries; then the WAL tickets that became durable (the WAL driver
+//!    wakes the loop through the tickets' waker, no thread in between);
 //! 2. **step**: feed them to the core — one `propose` for the whole batch of
-//!    writes, one `read_index` for the whole batch of linearizable reads;
+//!    commands, one `read_index` for the whole batch of linearizable reads;
 //! 3. **dispatch** the actions, in order:
 //!    * `Persist` → one WAL write (group commit happens in the WAL); its
 //!      ticket waits in the loop, in order, until the WAL says durable;
@@ -19,20 +19,25 @@
 //!      from this thread, one frame per peer, without waking its writer),
 //!      or, for votes and acknowledgements, held until their persist is
 //!      durable;
-//!    * `Apply` → the apply stage: the KV store, then the reply to the
+//!    * `Apply` → the apply stage: the state machine, then the reply to the
 //!      client that proposed each entry; waiting reads are served;
-//!    * snapshots: send (offer the file to the follower, which fetches it
-//!      in parallel chunks), install (restore the store from the fetched
-//!      file), compact (record the snapshot in the WAL, then drop segments).
+//!    * snapshots (`snapshots`): the loop only freezes a view of the state
+//!      machine and hands it to the snapshot thread, which writes, fsyncs
+//!      and renames the file, compacts the WAL and removes old files; a
+//!      follower installs a snapshot that was fetched and restored off the
+//!      loop by swapping it in.
 //!
 //! Stage names: accepted (request reached the loop) → submitted (proposed
 //! and handed to the WAL) → durable → committed → applied.
+//!
+//! The loop never waits on work proportional to the data: snapshots,
+//! restores, WAL compaction and dropping a replaced state all run on other
+//! threads. `loop_pass_us` (a metric) is the length of each pass.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,19 +45,19 @@ use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 use skiff_net::{SnapshotFiles, Transport};
 use skiff_raft::{
     Action, Entry, Index, Membership, Message, MessageBody, NodeId, Payload, PersistId, Raft, Role,
+    Term,
 };
 use skiff_wal::{Ticket, Wal, WriteBatch};
 use tokio::sync::oneshot;
 
-use crate::command::Command;
+use crate::command;
 use crate::config::NodeConfig;
-use crate::kv::{KvError, KvStore};
-use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp};
+use crate::queue::{QueueReceiver, QueueSender};
+use crate::state_machine::{Committed, SnapshotView, StateMachine};
 use crate::storage::{self, encode_membership};
 
 mod metrics;
@@ -60,19 +65,19 @@ mod snapshots;
 mod wal_tickets;
 
 use self::metrics::Stages;
-pub(crate) use self::snapshots::file_crc;
 pub use self::snapshots::SnapshotOffer;
+pub(crate) use self::snapshots::{file_crc, fsync_dir, SnapshotWorker};
 use self::wal_tickets::{Durable, WalWaker};
 
 /// Inputs queued for the loop (bounded: `INPUTS_MAX`).
 pub const INPUTS_MAX: usize = 65_536;
+/// Inputs taken from the queue per lock (the loop drains in slices).
+pub const INPUTS_PER_DRAIN_MAX: usize = 1024;
 /// Messages moved from the transport's inbox per input.
 pub const MESSAGES_PER_INPUT_MAX: usize = 1024;
 /// WAL writes (persists, snapshot records) in flight before the loop
 /// stops proposing (bounded by Raft's windows long before this).
 pub const TICKETS_MAX: usize = 65_536;
-/// Snapshot files kept besides the latest (for transfers under way).
-pub const SNAPSHOTS_KEPT: usize = 1;
 
 /// Why a client request was not served.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,36 +88,47 @@ pub enum RequestError {
     Unavailable(String),
     #[error("too many requests: {0}")]
     Busy(String),
-    #[error(transparent)]
-    Kv(#[from] KvError),
     #[error("the node stopped: {0}")]
     Stopped(String),
 }
 
-pub type WriteReply = oneshot::Sender<Result<ResponseOp, RequestError>>;
-pub type ReadReply = oneshot::Sender<Result<RangeResponse, RequestError>>;
+pub type WriteReply<S> = oneshot::Sender<Result<<S as StateMachine>::Response, RequestError>>;
+pub type QueryReply<S> = oneshot::Sender<Result<<S as StateMachine>::QueryResponse, RequestError>>;
 
 /// What the loop reacts to.
-pub enum Input {
+pub enum Input<S: StateMachine> {
     Messages(Vec<Message>),
-    /// A client write (Put, DeleteRange, Txn), validated by the API.
+    /// A client command, proposed through Raft.
     Write {
-        op: RequestOp,
-        reply: WriteReply,
+        cmd: S::Command,
+        reply: WriteReply<S>,
         accepted: Instant,
     },
-    /// A client read; linearizable unless `req.serializable`.
-    Read {
-        req: RangeRequest,
-        reply: ReadReply,
+    /// A client read; after a read index when `linearizable`, else at once.
+    Query {
+        query: S::Query,
+        linearizable: bool,
+        reply: QueryReply<S>,
     },
     /// A WAL ticket became durable (or the WAL failed): look at the
     /// tickets waiting in the loop.
     WalProgress,
-    /// A follower fetched the leader's snapshot into `path`: step `msg`.
+    /// A follower fetched the leader's snapshot into `path` and restored
+    /// `state` from it (off the loop): step `msg`.
     SnapshotFetched {
         msg: Message,
         path: PathBuf,
+        len: u64,
+        crc: u32,
+        state: Box<S>,
+    },
+    /// The snapshot thread finished a snapshot file (or failed to).
+    SnapshotWritten {
+        index: Index,
+        term: Term,
+        path: PathBuf,
+        result: Result<(u64, u32), String>,
+        took: Duration,
     },
     /// Render the metrics as Prometheus text.
     Metrics(oneshot::Sender<String>),
@@ -127,7 +143,6 @@ pub struct Shared {
     pub leader: AtomicU64,
     pub commit: AtomicU64,
     pub applied: AtomicU64,
-    pub revision: AtomicU64,
     pub membership: Mutex<Membership>,
     /// Set when the loop ended; `fatal` says why when it failed.
     pub stopped: AtomicBool,
@@ -156,112 +171,153 @@ fn us_since(t: Instant) -> u64 {
     t.elapsed().as_micros().clamp(1, u128::from(u64::MAX)) as u64
 }
 
-/// A proposal waiting for its entry to be applied.
-struct PendingWrite {
+/// A client command of this pass, encoded, not yet proposed.
+struct Proposal<S: StateMachine> {
     request_id: u64,
-    reply: WriteReply,
+    entry: Bytes,
+    reply: WriteReply<S>,
+    accepted: Instant,
+}
+
+/// A proposal waiting for its entry to be applied.
+struct PendingWrite<S: StateMachine> {
+    request_id: u64,
+    reply: WriteReply<S>,
     accepted: Instant,
 }
 
 /// A write this follower forwarded to the leader: answered when this node
 /// applies the command with its request id, or when the leader refuses
 /// the batch `ctx`.
-struct ForwardedWrite {
+struct ForwardedWrite<S: StateMachine> {
     ctx: u64,
-    reply: WriteReply,
+    reply: WriteReply<S>,
     accepted: Instant,
 }
 
-struct PendingRead {
-    req: RangeRequest,
-    reply: ReadReply,
+struct PendingRead<S: StateMachine> {
+    query: S::Query,
+    reply: QueryReply<S>,
     accepted: Instant,
+}
+
+/// A snapshot fetched and restored off the loop, waiting for the core to
+/// install it.
+struct Fetched<S> {
+    path: PathBuf,
+    len: u64,
+    crc: u32,
+    state: Box<S>,
 }
 
 /// Everything the loop owns.
-pub struct EventLoop {
+pub struct EventLoop<S: StateMachine> {
     pub(crate) cfg: NodeConfig,
     pub(crate) raft: Raft,
-    pub(crate) kv: KvStore,
+    pub(crate) sm: S,
+    /// The last log index applied to `sm` (or restored into it).
+    applied: Index,
     pub(crate) wal: Arc<Wal>,
     pub(crate) transport: Arc<dyn Transport>,
-    pub(crate) inputs: Receiver<Input>,
+    pub(crate) inputs: QueueReceiver<Input<S>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) snap_dir: PathBuf,
     pub(crate) snapshots: Arc<SnapshotFiles>,
     pub(crate) snapshot_addr: SocketAddr,
-    /// The latest snapshot: (index, term, offer).
-    pub(crate) snapshot: Option<(Index, u64, SnapshotOffer)>,
-    pub(crate) cluster_id: u64,
+    /// The latest snapshot offered to followers: (index, term, offer).
+    pub(crate) snapshot: Option<(Index, Term, SnapshotOffer)>,
+    /// Durable snapshot files not yet told to the core (it is told once
+    /// `snapshot_catchup_entries` more are applied, so the log keeps that
+    /// margin for followers slightly behind): (index, term).
+    untold: VecDeque<(Index, Term)>,
+    /// Snapshot files the core may name in `Compact`: index → term.
+    held: BTreeMap<Index, Term>,
+    worker: SnapshotWorker<S>,
     // ---- Bookkeeping.
     durable: PersistId,
     /// WAL writes not yet durable, in WAL order, with what their
     /// durability means and when they were written.
     tickets: VecDeque<(Ticket, Durable, Instant)>,
     /// Wakes the loop when the WAL advances.
-    wal_waker: Arc<WalWaker>,
+    wal_waker: Arc<WalWaker<S>>,
     held_sends: VecDeque<(PersistId, Message)>,
     /// Messages of this pass, sent together at the end of its dispatch.
     outbox: Vec<Message>,
-    writes: BTreeMap<Index, PendingWrite>,
+    writes: BTreeMap<Index, PendingWrite<S>>,
     /// Writes forwarded to the leader, by request id.
-    forwarded: HashMap<u64, ForwardedWrite>,
+    forwarded: HashMap<u64, ForwardedWrite<S>>,
     next_forward_ctx: u64,
     next_request: u64,
-    reads_waiting_index: HashMap<u64, Vec<PendingRead>>,
-    reads_waiting_apply: BTreeMap<Index, Vec<PendingRead>>,
+    reads_waiting_index: HashMap<u64, Vec<PendingRead<S>>>,
+    reads_waiting_apply: BTreeMap<Index, Vec<PendingRead<S>>>,
     next_read_ctx: u64,
-    fetched: HashMap<Index, PathBuf>,
+    fetched: HashMap<Index, Fetched<S>>,
     /// The last index written to the WAL (to know when a persist truncates).
     wal_last: Index,
     applied_since_snapshot: (u64, u64),
     snapshot_in_progress: bool,
+    /// No snapshot is started before this (after a failed one).
+    snapshot_retry_at: Option<Instant>,
     last_snapshot_index: Index,
+    /// The state machine has deferred work (`background_step`).
+    sm_busy: bool,
     /// Propose batches waiting to become durable locally: (last index, when
     /// the oldest request of the batch was accepted, requests).
     submitted: VecDeque<(Index, Instant, u64)>,
+    /// Reused buffers of the apply stage.
+    apply_batch: Vec<Committed>,
+    apply_responses: Vec<S::Response>,
     stages: Stages,
     last_sweep: Instant,
 }
 
-impl EventLoop {
-    #[allow(clippy::too_many_arguments)]
+/// What `EventLoop::new` takes besides the core and the state machine.
+pub(crate) struct LoopParts<S: StateMachine> {
+    pub wal: Arc<Wal>,
+    pub transport: Arc<dyn Transport>,
+    pub inputs: QueueReceiver<Input<S>>,
+    pub wake: QueueSender<Input<S>>,
+    pub shared: Arc<Shared>,
+    pub snap_dir: PathBuf,
+    pub snapshots: Arc<SnapshotFiles>,
+    pub snapshot_addr: SocketAddr,
+    pub snapshot: Option<(Index, Term, SnapshotOffer)>,
+    pub worker: SnapshotWorker<S>,
+}
+
+impl<S: StateMachine> EventLoop<S> {
     pub(crate) fn new(
         cfg: NodeConfig,
         raft: Raft,
-        kv: KvStore,
-        wal: Arc<Wal>,
-        transport: Arc<dyn Transport>,
-        inputs: Receiver<Input>,
-        wake: Sender<Input>,
-        shared: Arc<Shared>,
-        snap_dir: PathBuf,
-        snapshots: Arc<SnapshotFiles>,
-        snapshot_addr: SocketAddr,
-        snapshot: Option<(Index, u64, SnapshotOffer)>,
-    ) -> EventLoop {
-        let wal_last = wal.last_index();
-        let last_snapshot_index = snapshot.as_ref().map_or(0, |s| s.0);
-        let cluster_id = cfg.cluster_id();
+        sm: S,
+        applied: Index,
+        parts: LoopParts<S>,
+    ) -> Self {
+        let wal_last = parts.wal.last_index();
+        let last_snapshot_index = parts.snapshot.as_ref().map_or(0, |s| s.0);
+        let held = parts.snapshot.iter().map(|s| (s.0, s.1)).collect();
         let next_request = cfg.id << 48 | (now_nanos() & ((1 << 40) - 1)) << 8;
         EventLoop {
             cfg,
             raft,
-            kv,
-            wal,
-            transport,
-            inputs,
+            sm,
+            applied,
+            wal: parts.wal,
+            transport: parts.transport,
+            inputs: parts.inputs,
             tickets: VecDeque::new(),
             wal_waker: Arc::new(WalWaker {
                 pending: AtomicBool::new(false),
-                inputs: wake,
+                inputs: parts.wake,
             }),
-            shared,
-            snap_dir,
-            snapshots,
-            snapshot_addr,
-            snapshot,
-            cluster_id,
+            shared: parts.shared,
+            snap_dir: parts.snap_dir,
+            snapshots: parts.snapshots,
+            snapshot_addr: parts.snapshot_addr,
+            snapshot: parts.snapshot,
+            untold: VecDeque::new(),
+            held,
+            worker: parts.worker,
             durable: 0,
             held_sends: VecDeque::new(),
             outbox: Vec::new(),
@@ -276,8 +332,12 @@ impl EventLoop {
             wal_last,
             applied_since_snapshot: (0, 0),
             snapshot_in_progress: false,
+            snapshot_retry_at: None,
             last_snapshot_index,
+            sm_busy: true,
             submitted: VecDeque::new(),
+            apply_batch: Vec::new(),
+            apply_responses: Vec::new(),
             stages: Stages::new(),
             last_sweep: Instant::now(),
         }
@@ -288,57 +348,70 @@ impl EventLoop {
         let tick = self.cfg.tick_interval();
         let linger = Duration::from_micros(self.cfg.batch_linger_us);
         let mut next_tick = Instant::now() + tick;
-        let mut writes: Vec<(RequestOp, WriteReply, Instant)> = Vec::new();
-        let mut reads: Vec<PendingRead> = Vec::new();
+        let mut writes: Vec<Proposal<S>> = Vec::new();
+        let mut reads: Vec<PendingRead<S>> = Vec::new();
+        let mut queued: VecDeque<Input<S>> = VecDeque::new();
+        let mut drained: Vec<Input<S>> = Vec::with_capacity(INPUTS_PER_DRAIN_MAX);
         self.publish();
         let result = loop {
-            // ---- 1. collect.
-            let now = Instant::now();
-            let first = if now >= next_tick {
-                None
-            } else {
-                match self.inputs.recv_timeout(next_tick - now) {
-                    Ok(input) => Some(input),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break Ok(()),
+            // ---- 1. collect. Block (no spinning) until an input or the
+            // next tick; with deferred state-machine work, do not block.
+            if queued.is_empty() {
+                let deadline = if self.sm_busy {
+                    Instant::now()
+                } else {
+                    next_tick
+                };
+                drained.clear();
+                match self
+                    .inputs
+                    .recv_many(&mut drained, INPUTS_PER_DRAIN_MAX, Some(deadline))
+                {
+                    Ok(_) => queued.extend(drained.drain(..)),
+                    Err(_) => break Ok(()),
                 }
-            };
+            }
+            let pass_started = Instant::now();
             let mut stop = None;
             let mut batch_bytes = 0usize;
-            let mut input = first;
             let mut linger_until: Option<Instant> = None;
             loop {
-                if let Some(i) = input.take() {
-                    match self.collect(i, &mut writes, &mut reads, &mut batch_bytes) {
-                        Ok(()) => {}
-                        Err(e) => {
-                            stop = Some(e);
-                            break;
-                        }
+                if let Some(i) = queued.pop_front() {
+                    if let Err(e) = self.collect(i, &mut writes, &mut reads, &mut batch_bytes) {
+                        stop = Some(e);
+                        break;
                     }
+                    if writes.len() >= self.cfg.batch_entries_max
+                        || batch_bytes >= self.cfg.batch_bytes_max
+                    {
+                        break;
+                    }
+                    continue;
                 }
-                if writes.len() >= self.cfg.batch_entries_max
-                    || batch_bytes >= self.cfg.batch_bytes_max
+                drained.clear();
+                if self
+                    .inputs
+                    .try_recv_many(&mut drained, INPUTS_PER_DRAIN_MAX)
+                    > 0
                 {
+                    queued.extend(drained.drain(..));
+                    continue;
+                }
+                // Nothing queued: linger for more writes if asked to.
+                if writes.is_empty() || linger.is_zero() {
                     break;
                 }
-                match self.inputs.try_recv() {
-                    Ok(i) => input = Some(i),
-                    Err(_) => {
-                        // Nothing queued: linger for more writes if asked to.
-                        if writes.is_empty() || linger.is_zero() {
-                            break;
-                        }
-                        let until = *linger_until.get_or_insert_with(|| Instant::now() + linger);
-                        let now = Instant::now();
-                        if now >= until {
-                            break;
-                        }
-                        match self.inputs.recv_timeout(until - now) {
-                            Ok(i) => input = Some(i),
-                            Err(_) => break,
-                        }
-                    }
+                let until = *linger_until.get_or_insert_with(|| Instant::now() + linger);
+                if Instant::now() >= until {
+                    break;
+                }
+                match self
+                    .inputs
+                    .recv_many(&mut drained, INPUTS_PER_DRAIN_MAX, Some(until))
+                {
+                    Ok(0) => break,
+                    Ok(_) => queued.extend(drained.drain(..)),
+                    Err(_) => break,
                 }
             }
             if let Some(stop) = stop {
@@ -365,32 +438,38 @@ impl EventLoop {
             if let Err(e) = self.dispatch() {
                 break Err(e);
             }
+            if self.sm_busy {
+                self.sm_busy = self.sm.background_step();
+            }
             if self.last_sweep.elapsed() >= Duration::from_secs(1) {
                 self.sweep();
             }
             self.flush_sends();
+            self.stages
+                .loop_pass_us
+                .saturating_record(us_since(pass_started));
         };
         self.stop(result.as_ref().err().cloned());
         result
     }
 
-    /// One input into this pass. `Err(Ok(()))`-like: `Err` ends the loop with
-    /// its result.
+    /// One input into this pass. `Err` ends the loop with its result.
     fn collect(
         &mut self,
-        input: Input,
-        writes: &mut Vec<(RequestOp, WriteReply, Instant)>,
-        reads: &mut Vec<PendingRead>,
+        input: Input<S>,
+        writes: &mut Vec<Proposal<S>>,
+        reads: &mut Vec<PendingRead<S>>,
         batch_bytes: &mut usize,
     ) -> Result<(), Result<(), String>> {
         match input {
             Input::Messages(msgs) => {
                 for msg in msgs {
-                    if forwarded_commands_are_bad(&msg) {
+                    if let Some(reason) = forwarded_commands_are_bad::<S>(&msg) {
                         // Proposed, a command that does not decode would
                         // stop every node at apply: refuse the batch.
                         tracing::warn!(
                             from = msg.from,
+                            %reason,
                             "forwarded commands that do not decode refused"
                         );
                         if let MessageBody::Propose { ctx, .. } = msg.body {
@@ -407,26 +486,66 @@ impl EventLoop {
                 }
             }
             Input::Write {
-                op,
+                cmd,
                 reply,
                 accepted,
             } => {
-                *batch_bytes += prost::Message::encoded_len(&op);
-                writes.push((op, reply, accepted));
+                self.next_request += 1;
+                let request_id = self.next_request;
+                let entry = command::encode(request_id, |b| S::encode_command(&cmd, b));
+                *batch_bytes += entry.len();
+                writes.push(Proposal {
+                    request_id,
+                    entry,
+                    reply,
+                    accepted,
+                });
             }
-            Input::Read { req, reply } => reads.push(PendingRead {
-                req,
+            Input::Query {
+                query,
+                linearizable,
                 reply,
-                accepted: Instant::now(),
-            }),
+            } => {
+                let r = PendingRead {
+                    query,
+                    reply,
+                    accepted: Instant::now(),
+                };
+                if linearizable {
+                    reads.push(r);
+                } else {
+                    self.serve_read(r, false);
+                }
+            }
             // Tickets are looked at on every pass.
             Input::WalProgress => {}
-            Input::SnapshotFetched { msg, path } => {
+            Input::SnapshotFetched {
+                msg,
+                path,
+                len,
+                crc,
+                state,
+            } => {
                 if let MessageBody::InstallSnapshot { index, .. } = &msg.body {
-                    self.fetched.insert(*index, path);
+                    self.fetched.insert(
+                        *index,
+                        Fetched {
+                            path,
+                            len,
+                            crc,
+                            state,
+                        },
+                    );
                 }
                 self.raft.step(msg);
             }
+            Input::SnapshotWritten {
+                index,
+                term,
+                path,
+                result,
+                took,
+            } => self.on_snapshot_written(index, term, path, result, took),
             Input::Metrics(reply) => {
                 let _ = reply.send(self.render_metrics());
             }
@@ -451,14 +570,14 @@ impl EventLoop {
     }
 
     /// The proposal batcher's output: one `propose` for the whole batch.
-    fn propose(&mut self, writes: &mut Vec<(RequestOp, WriteReply, Instant)>) {
+    fn propose(&mut self, writes: &mut Vec<Proposal<S>>) {
         let room = self
             .cfg
             .requests_pending_max
             .saturating_sub(self.pending_requests());
         if writes.len() > room {
-            for (_, reply, _) in writes.drain(room..) {
-                let _ = reply.send(Err(RequestError::Busy(format!(
+            for p in writes.drain(room..) {
+                let _ = p.reply.send(Err(RequestError::Busy(format!(
                     "{} requests pending (requests_pending_max)",
                     self.cfg.requests_pending_max
                 ))));
@@ -467,38 +586,28 @@ impl EventLoop {
         if writes.is_empty() {
             return;
         }
-        let mut ids = Vec::with_capacity(writes.len());
-        let commands: Vec<Bytes> = writes
-            .iter()
-            .map(|(op, _, _)| {
-                self.next_request += 1;
-                ids.push(self.next_request);
-                Command::encode_parts(self.next_request, op)
-            })
-            .collect();
+        let commands: Vec<Bytes> = writes.iter().map(|p| p.entry.clone()).collect();
         if self.raft.role() != Role::Leader {
-            self.forward(writes, ids, commands);
+            self.forward(writes, commands);
             return;
         }
         match self.raft.propose(commands) {
             Ok((first, last)) => {
                 let oldest = writes
                     .iter()
-                    .map(|w| w.2)
+                    .map(|w| w.accepted)
                     .min()
                     .unwrap_or_else(Instant::now);
                 let n = writes.len() as u64;
                 self.stages.batch_entries.saturating_record(n);
                 self.submitted.push_back((last, oldest, n));
-                for ((index, (_, reply, accepted)), request_id) in
-                    (first..=last).zip(writes.drain(..)).zip(ids)
-                {
+                for (index, p) in (first..=last).zip(writes.drain(..)) {
                     self.writes.insert(
                         index,
                         PendingWrite {
-                            request_id,
-                            reply,
-                            accepted,
+                            request_id: p.request_id,
+                            reply: p.reply,
+                            accepted: p.accepted,
                         },
                     );
                 }
@@ -509,12 +618,7 @@ impl EventLoop {
 
     /// A follower's batch goes to the leader as one Raft `Propose`; each
     /// write is answered when this node applies it (found by request id).
-    fn forward(
-        &mut self,
-        writes: &mut Vec<(RequestOp, WriteReply, Instant)>,
-        ids: Vec<u64>,
-        commands: Vec<Bytes>,
-    ) {
+    fn forward(&mut self, writes: &mut Vec<Proposal<S>>, commands: Vec<Bytes>) {
         let ctx = self.next_forward_ctx;
         self.next_forward_ctx += 1;
         match self.raft.forward(ctx, commands) {
@@ -522,13 +626,13 @@ impl EventLoop {
                 self.stages
                     .batch_entries
                     .saturating_record(writes.len() as u64);
-                for ((_, reply, accepted), request_id) in writes.drain(..).zip(ids) {
+                for p in writes.drain(..) {
                     self.forwarded.insert(
-                        request_id,
+                        p.request_id,
                         ForwardedWrite {
                             ctx,
-                            reply,
-                            accepted,
+                            reply: p.reply,
+                            accepted: p.accepted,
                         },
                     );
                 }
@@ -557,22 +661,10 @@ impl EventLoop {
         }
     }
 
-    /// Serializable reads are served at once; linearizable ones share one
-    /// read index.
-    fn read(&mut self, reads: &mut Vec<PendingRead>) {
-        let mut linear = Vec::new();
-        for r in reads.drain(..) {
-            if r.req.serializable {
-                self.serve_read(r);
-            } else {
-                linear.push(r);
-            }
-        }
-        if linear.is_empty() {
-            return;
-        }
-        if self.pending_requests() + linear.len() > self.cfg.requests_pending_max {
-            for r in linear {
+    /// Linearizable reads of one pass share one read index.
+    fn read(&mut self, reads: &mut Vec<PendingRead<S>>) {
+        if self.pending_requests() + reads.len() > self.cfg.requests_pending_max {
+            for r in reads.drain(..) {
                 let _ = r.reply.send(Err(RequestError::Busy(format!(
                     "{} requests pending (requests_pending_max)",
                     self.cfg.requests_pending_max
@@ -584,10 +676,10 @@ impl EventLoop {
         self.next_read_ctx += 1;
         match self.raft.read_index(ctx) {
             Ok(()) => {
-                self.reads_waiting_index.insert(ctx, linear);
+                self.reads_waiting_index.insert(ctx, std::mem::take(reads));
             }
             Err(e) => {
-                for r in linear {
+                for r in reads.drain(..) {
                     let _ = r
                         .reply
                         .send(Err(RequestError::Unavailable(format!("read index: {e}"))));
@@ -596,26 +688,14 @@ impl EventLoop {
         }
     }
 
-    fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader {
-            cluster_id: self.cluster_id,
-            member_id: self.cfg.id,
-            revision,
-            raft_term: self.raft.term(),
-        })
-    }
-
-    fn serve_read(&mut self, r: PendingRead) {
-        let result = self.kv.range(&r.req).map(|mut resp| {
-            resp.header = self.header(self.kv.revision());
-            resp
-        });
-        if !r.req.serializable {
+    fn serve_read(&mut self, r: PendingRead<S>, linearizable: bool) {
+        let result = self.sm.query(&r.query);
+        if linearizable {
             self.stages
                 .read_index_us
                 .saturating_record(us_since(r.accepted));
         }
-        let _ = r.reply.send(result.map_err(RequestError::from));
+        let _ = r.reply.send(Ok(result));
     }
 
     fn on_persisted(&mut self, id: PersistId) {
@@ -647,6 +727,11 @@ impl EventLoop {
                 break;
             }
             self.dispatch_actions(actions)?;
+        }
+        // A fetched snapshot the core did not install in this pass (stale,
+        // or the term moved on) is a whole state: drop it off the loop.
+        for (_, stale) in self.fetched.drain() {
+            self.worker.drop_off_loop(stale.state);
         }
         self.flush_sends();
         self.publish();
@@ -692,9 +777,9 @@ impl EventLoop {
                 Action::Compact { upto, membership } => self.record_snapshot(upto, &membership)?,
                 Action::ReadReady { ctx, index } => {
                     if let Some(reads) = self.reads_waiting_index.remove(&ctx) {
-                        if index <= self.kv.applied_index() {
+                        if index <= self.applied {
                             for r in reads {
-                                self.serve_read(r);
+                                self.serve_read(r, true);
                             }
                         } else {
                             self.reads_waiting_apply
@@ -739,10 +824,16 @@ impl EventLoop {
             entries: entries.iter().map(storage::to_wal).collect(),
             hard_state: hard_state.map(storage::to_wal_hard_state),
         };
+        let started = Instant::now();
         let ticket = self
             .wal
             .write(batch)
             .map_err(|e| format!("WAL write: {e}"))?;
+        // Handing a write to the WAL waits only when its queue is full or
+        // no pre-written segment is ready: that wait is the loop's.
+        self.stages
+            .wal_submit_us
+            .saturating_record(us_since(started));
         self.wait_for(ticket, Durable::Persisted(id))
     }
 
@@ -764,52 +855,84 @@ impl EventLoop {
         }
     }
 
-    /// The apply stage: committed entries into the KV store, replies out.
+    /// The apply stage: committed entries into the state machine, replies
+    /// out.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };
         let started = Instant::now();
+        // Decode the runtime's header of each entry: request ids, in order.
+        let mut batch = std::mem::take(&mut self.apply_batch);
+        let mut ids: Vec<Option<u64>> = Vec::with_capacity(entries.len());
+        batch.clear();
         for e in entries {
-            let pending = self.writes.remove(&e.index);
-            match e.payload {
+            let command = match e.payload {
                 Payload::Normal(data) => {
                     self.applied_since_snapshot.0 += 1;
                     self.applied_since_snapshot.1 += data.len() as u64;
-                    let cmd = Command::decode(data)
+                    let (id, body) = command::decode(data)
                         .map_err(|err| format!("entry {} is not a command: {err}", e.index))?;
-                    let result = self.kv.apply(e.index, &cmd.op);
-                    // Proposed here at this index, or forwarded from here.
-                    let waiter = match pending {
-                        Some(p) if p.request_id == cmd.request_id => Some((p.reply, p.accepted)),
-                        other => {
-                            if let Some(p) = other {
-                                let _ = p.reply.send(Err(lost()));
-                            }
-                            self.forwarded
-                                .remove(&cmd.request_id)
-                                .map(|f| (f.reply, f.accepted))
-                        }
-                    };
-                    if let Some((reply, accepted)) = waiter {
-                        self.stages
-                            .propose_to_commit_us
-                            .saturating_record(us_since(accepted));
-                        let result = result.map(|mut r| {
-                            set_header(&mut r, self.header(self.kv.revision()));
-                            r
-                        });
-                        let _ = reply.send(result.map_err(RequestError::from));
-                    }
+                    ids.push(Some(id));
+                    Some(body)
                 }
                 Payload::Noop | Payload::Membership(_) => {
-                    self.kv.mark_applied(e.index);
-                    if let Some(p) = pending {
+                    ids.push(None);
+                    None
+                }
+            };
+            batch.push(Committed {
+                index: e.index,
+                term: e.term,
+                command,
+            });
+        }
+        let mut responses = std::mem::take(&mut self.apply_responses);
+        responses.clear();
+        self.sm
+            .apply(&batch, &mut responses)
+            .map_err(|e| format!("state machine: {e}"))?;
+        let commands = ids.iter().filter(|i| i.is_some()).count();
+        if responses.len() != commands {
+            return Err(format!(
+                "state machine answered {} of {commands} commands",
+                responses.len()
+            ));
+        }
+        self.applied = last;
+        let mut answers = responses.drain(..);
+        for (c, id) in batch.iter().zip(ids) {
+            let pending = self.writes.remove(&c.index);
+            let Some(request_id) = id else {
+                if let Some(p) = pending {
+                    let _ = p.reply.send(Err(lost()));
+                }
+                continue;
+            };
+            let answer = answers.next().expect("one response per command (checked)");
+            // Proposed here at this index, or forwarded from here.
+            let waiter = match pending {
+                Some(p) if p.request_id == request_id => Some((p.reply, p.accepted)),
+                other => {
+                    if let Some(p) = other {
                         let _ = p.reply.send(Err(lost()));
                     }
+                    self.forwarded
+                        .remove(&request_id)
+                        .map(|f| (f.reply, f.accepted))
                 }
+            };
+            if let Some((reply, accepted)) = waiter {
+                self.stages
+                    .propose_to_commit_us
+                    .saturating_record(us_since(accepted));
+                let _ = reply.send(Ok(answer));
             }
         }
+        drop(answers);
+        self.apply_responses = responses;
+        self.apply_batch = batch;
+        self.sm_busy = true;
         self.stages
             .commit_to_apply_us
             .saturating_record(us_since(started));
@@ -820,14 +943,16 @@ impl EventLoop {
                 break;
             }
             for r in entry.remove() {
-                self.serve_read(r);
+                self.serve_read(r, true);
             }
         }
+        self.tell_snapshots();
         let (n, bytes) = self.applied_since_snapshot;
         if !self.snapshot_in_progress
             && (n >= self.cfg.snapshot_entries || bytes >= self.cfg.snapshot_bytes)
+            && self.snapshot_retry_at.is_none_or(|t| Instant::now() >= t)
         {
-            self.take_snapshot()?;
+            self.start_snapshot()?;
         }
         Ok(())
     }
@@ -856,9 +981,7 @@ impl EventLoop {
         s.leader
             .store(self.raft.leader().unwrap_or(0), Ordering::Release);
         s.commit.store(self.raft.commit(), Ordering::Release);
-        s.applied.store(self.kv.applied_index(), Ordering::Release);
-        s.revision
-            .store(self.kv.revision().max(0) as u64, Ordering::Release);
+        s.applied.store(self.applied, Ordering::Release);
         let m = self.raft.membership();
         let mut shared = s.membership.lock().unwrap_or_else(|e| e.into_inner());
         if *shared != *m {
@@ -874,6 +997,9 @@ impl EventLoop {
         for (_, w) in std::mem::take(&mut self.writes) {
             let _ = w.reply.send(Err(RequestError::Stopped(why.clone())));
         }
+        for (_, w) in std::mem::take(&mut self.forwarded) {
+            let _ = w.reply.send(Err(RequestError::Stopped(why.clone())));
+        }
         for (_, reads) in std::mem::take(&mut self.reads_waiting_apply) {
             for r in reads {
                 let _ = r.reply.send(Err(RequestError::Stopped(why.clone())));
@@ -884,25 +1010,29 @@ impl EventLoop {
                 let _ = r.reply.send(Err(RequestError::Stopped(why.clone())));
             }
         }
+        self.inputs.close();
         *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) = fatal;
         self.shared.stopped.store(true, Ordering::Release);
     }
 }
 
-/// Whether `msg` forwards a command this node could not apply.
-fn forwarded_commands_are_bad(msg: &Message) -> bool {
-    match &msg.body {
-        MessageBody::Propose { commands, .. } => commands
-            .iter()
-            .any(|c| c.is_empty() || Command::decode(c.clone()).is_err()),
-        _ => false,
-    }
+/// Why `msg` forwards a command this node could not apply, if it does.
+fn forwarded_commands_are_bad<S: StateMachine>(msg: &Message) -> Option<String> {
+    let MessageBody::Propose { commands, .. } = &msg.body else {
+        return None;
+    };
+    commands
+        .iter()
+        .find_map(|c| match command::decode(c.clone()) {
+            Err(e) => Some(e.to_string()),
+            Ok((_, body)) => S::check_command(&body).err(),
+        })
 }
 
 /// Answers every write of a batch that was not proposed with `err`.
-fn refuse_all(writes: &mut Vec<(RequestOp, WriteReply, Instant)>, err: RequestError) {
-    for (_, reply, _) in writes.drain(..) {
-        let _ = reply.send(Err(err.clone()));
+fn refuse_all<S: StateMachine>(writes: &mut Vec<Proposal<S>>, err: RequestError) {
+    for p in writes.drain(..) {
+        let _ = p.reply.send(Err(err.clone()));
     }
 }
 
@@ -922,17 +1052,6 @@ fn lost() -> RequestError {
     )
 }
 
-fn set_header(r: &mut ResponseOp, header: Option<ResponseHeader>) {
-    use crate::pb::etcdserverpb::response_op::Response;
-    match &mut r.response {
-        Some(Response::ResponsePut(p)) => p.header = header,
-        Some(Response::ResponseDeleteRange(p)) => p.header = header,
-        Some(Response::ResponseTxn(p)) => p.header = header,
-        Some(Response::ResponseRange(p)) => p.header = header,
-        None => {}
-    }
-}
-
 fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -943,6 +1062,40 @@ fn now_nanos() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state_machine::{ApplyError, RestoreError, SnapshotView};
+
+    /// Accepts commands whose first byte is b'+' only.
+    struct Picky;
+    struct NoView;
+    impl SnapshotView for NoView {
+        fn write_to(&self, _: &mut dyn std::io::Write) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl StateMachine for Picky {
+        type Command = ();
+        type Response = ();
+        type Query = ();
+        type QueryResponse = ();
+        type Snapshot = NoView;
+        fn encode_command(_: &(), _: &mut BytesMut) {}
+        fn check_command(c: &Bytes) -> Result<(), String> {
+            match c.first() {
+                Some(b'+') => Ok(()),
+                _ => Err("not a +".into()),
+            }
+        }
+        fn apply(&mut self, _: &[Committed], _: &mut Vec<()>) -> Result<(), ApplyError> {
+            Ok(())
+        }
+        fn query(&self, _: &()) {}
+        fn snapshot(&self) -> NoView {
+            NoView
+        }
+        fn restore(_: &mut dyn std::io::Read) -> Result<Self, RestoreError> {
+            Ok(Picky)
+        }
+    }
 
     fn propose(commands: Vec<Bytes>) -> Message {
         Message {
@@ -955,19 +1108,21 @@ mod tests {
 
     #[test]
     fn forwarded_commands_that_do_not_decode_are_caught() {
-        let good = Command {
-            request_id: 7,
-            op: RequestOp::default(),
-        }
-        .encode();
-        assert!(!forwarded_commands_are_bad(&propose(vec![good.clone()])));
+        let good = command::encode(7, |b| b.extend_from_slice(b"+1"));
+        let refused = command::encode(8, |b| b.extend_from_slice(b"-1"));
+        assert_eq!(
+            forwarded_commands_are_bad::<Picky>(&propose(vec![good.clone()])),
+            None
+        );
         for bad in [
             Bytes::new(),
             Bytes::from_static(&[0xFE, 1, 2]),
             good.slice(..good.len() / 2),
+            refused,
         ] {
             assert!(
-                forwarded_commands_are_bad(&propose(vec![good.clone(), bad.clone()])),
+                forwarded_commands_are_bad::<Picky>(&propose(vec![good.clone(), bad.clone()]))
+                    .is_some(),
                 "{bad:?}"
             );
         }
@@ -978,6 +1133,6 @@ mod tests {
             },
             ..propose(Vec::new())
         };
-        assert!(!forwarded_commands_are_bad(&heartbeat));
+        assert_eq!(forwarded_commands_are_bad::<Picky>(&heartbeat), None);
     }
 }

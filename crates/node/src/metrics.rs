@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::node::NodeHandle;
+use crate::state_machine::StateMachine;
 
 /// Largest request head read.
 pub const REQUEST_HEAD_MAX: usize = 8 << 10;
@@ -19,7 +20,10 @@ pub const CONNECTIONS_MAX: usize = 16;
 
 /// Starts serving on `addr` (on the current runtime); returns the bound
 /// address.
-pub async fn serve(node: NodeHandle, addr: SocketAddr) -> Result<SocketAddr, String> {
+pub async fn serve<S: StateMachine>(
+    node: NodeHandle<S>,
+    addr: SocketAddr,
+) -> Result<SocketAddr, String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -48,7 +52,10 @@ pub async fn serve(node: NodeHandle, addr: SocketAddr) -> Result<SocketAddr, Str
     Ok(local)
 }
 
-async fn answer(mut conn: tokio::net::TcpStream, node: NodeHandle) -> std::io::Result<()> {
+async fn answer<S: StateMachine>(
+    mut conn: tokio::net::TcpStream,
+    node: NodeHandle<S>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -87,4 +94,19 @@ async fn respond(
     conn.write_all(head.as_bytes()).await?;
     conn.write_all(body.as_bytes()).await?;
     conn.shutdown().await
+}
+
+/// CPU time this process used so far, all threads, user + kernel
+/// (`getrusage(RUSAGE_SELF)`): what benches divide by the work done.
+pub fn process_cpu() -> std::io::Result<Duration> {
+    // SAFETY: rusage is plain integers, for which all zeros is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own for the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
 }

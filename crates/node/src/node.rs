@@ -1,10 +1,13 @@
 //! A running node: its threads, its runtime and the handle clients use.
 //!
-//! Threads: the event loop (owns Raft and the KV store; the WAL's driver
-//! wakes it when writes become durable), and a small tokio runtime for the
-//! transport, the inbox pump (a task moving Raft messages from the
-//! transport to the loop, and starting snapshot fetches), the snapshot
-//! server, the gRPC API and the metrics endpoint.
+//! Threads: the event loop (owns Raft and the state machine; the WAL's
+//! driver wakes it when writes become durable), the snapshot thread
+//! (writes snapshot files, compacts the WAL, drops replaced states), and a
+//! small tokio runtime for the transport, the inbox pump (a task moving
+//! Raft messages from the transport to the loop, and starting snapshot
+//! fetches, which restore the fetched state on a blocking thread), the
+//! snapshot server, the metrics endpoint and whatever the embedding
+//! service runs on it (its client API: [`Node::runtime`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,7 +17,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use skiff_net::{
     fetch_snapshot, Channel, FetchOptions, Hello, Inbox, ServerOptions, SnapshotFiles,
     SnapshotServer, TcpConfig, TcpTransport,
@@ -24,10 +26,11 @@ use skiff_wal::Wal;
 
 use crate::config::{ConfigError, NodeConfig};
 use crate::event_loop::{
-    EventLoop, Input, RequestError, Shared, SnapshotOffer, INPUTS_MAX, MESSAGES_PER_INPUT_MAX,
+    file_crc, EventLoop, Input, LoopParts, RequestError, Shared, SnapshotOffer, SnapshotWorker,
+    INPUTS_MAX, MESSAGES_PER_INPUT_MAX,
 };
-use crate::kv::KvStore;
-use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseOp};
+use crate::queue::{InputQueue, QueueSender, TrySendError};
+use crate::state_machine::StateMachine;
 use crate::storage;
 
 /// Why a node could not start.
@@ -70,19 +73,30 @@ pub struct NodeStatus {
     pub leader: Option<NodeId>,
     pub commit: u64,
     pub applied: u64,
-    pub revision: u64,
 }
 
-/// What the API needs of a node (shared by its gRPC services).
-#[derive(Clone)]
-pub struct NodeHandle {
-    pub(crate) inputs: Sender<Input>,
+/// What a service needs of a running node: propose commands, query the
+/// state, read the node's status. Cheap to clone; usable from any thread
+/// or task.
+pub struct NodeHandle<S: StateMachine> {
+    pub(crate) inputs: QueueSender<Input<S>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) cfg: Arc<NodeConfig>,
     pub(crate) cluster_id: u64,
 }
 
-impl NodeHandle {
+impl<S: StateMachine> Clone for NodeHandle<S> {
+    fn clone(&self) -> Self {
+        NodeHandle {
+            inputs: self.inputs.clone(),
+            shared: self.shared.clone(),
+            cfg: self.cfg.clone(),
+            cluster_id: self.cluster_id,
+        }
+    }
+}
+
+impl<S: StateMachine> NodeHandle<S> {
     pub fn id(&self) -> NodeId {
         self.cfg.id
     }
@@ -104,7 +118,6 @@ impl NodeHandle {
             leader: s.leader(),
             commit: s.commit.load(Ordering::Acquire),
             applied: s.applied.load(Ordering::Acquire),
-            revision: s.revision.load(Ordering::Acquire),
         }
     }
 
@@ -125,13 +138,13 @@ impl NodeHandle {
         Some(fatal.clone().unwrap_or_else(|| "shut down".into()))
     }
 
-    fn submit(&self, input: Input) -> Result<(), RequestError> {
+    fn submit(&self, input: Input<S>) -> Result<(), RequestError> {
         match self.inputs.try_send(input) {
             Ok(()) => Ok(()),
-            Err(crossbeam_channel::TrySendError::Full(_)) => Err(RequestError::Busy(format!(
+            Err(TrySendError::Full(_)) => Err(RequestError::Busy(format!(
                 "the node's input queue is full ({INPUTS_MAX})"
             ))),
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(RequestError::Stopped(
+            Err(TrySendError::Closed(_)) => Err(RequestError::Stopped(
                 self.stopped().unwrap_or_else(|| "stopped".into()),
             )),
         }
@@ -153,21 +166,33 @@ impl NodeHandle {
         }
     }
 
-    /// Proposes a write and waits until it is applied here.
-    pub async fn write(&self, op: RequestOp) -> Result<ResponseOp, RequestError> {
+    /// Proposes `cmd` through Raft (a follower forwards it to the leader)
+    /// and waits, at most `request_timeout_ms`, until this member applied
+    /// it; returns the state machine's response.
+    pub async fn propose(&self, cmd: S::Command) -> Result<S::Response, RequestError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.submit(Input::Write {
-            op,
+            cmd,
             reply,
             accepted: Instant::now(),
         })?;
         self.wait(rx).await
     }
 
-    /// Serves a range: linearizable (ReadIndex) unless `req.serializable`.
-    pub async fn read(&self, req: RangeRequest) -> Result<RangeResponse, RequestError> {
+    /// Serves `query` from this member's state: linearizable (after a
+    /// ReadIndex round, once this member applied through the read index)
+    /// when asked, else at once from what it applied (serializable).
+    pub async fn query(
+        &self,
+        query: S::Query,
+        linearizable: bool,
+    ) -> Result<S::QueryResponse, RequestError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.submit(Input::Read { req, reply })?;
+        self.submit(Input::Query {
+            query,
+            linearizable,
+            reply,
+        })?;
         self.wait(rx).await
     }
 
@@ -191,21 +216,23 @@ impl NodeHandle {
 }
 
 /// A running node. Dropping it shuts it down.
-pub struct Node {
-    handle: NodeHandle,
+pub struct Node<S: StateMachine> {
+    handle: NodeHandle<S>,
     runtime: Option<tokio::runtime::Runtime>,
     transport: Arc<TcpTransport>,
     loop_thread: Option<JoinHandle<Result<(), String>>>,
-    client_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     _snapshot_server: SnapshotServer,
-    api_shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Run by `shutdown` before the loop stops (the service's API first).
+    on_shutdown: Vec<Box<dyn FnOnce() + Send>>,
 }
 
-impl Node {
-    /// Opens the data directory, recovers, joins the cluster and starts
-    /// serving the client API.
-    pub fn start(cfg: NodeConfig) -> Result<Node, StartError> {
+impl<S: StateMachine> Node<S> {
+    /// Opens the data directory, recovers (the state machine from the
+    /// latest snapshot, or `initial` when there is none, then the log from
+    /// the WAL), joins the cluster and starts the loop. `initial` is the
+    /// state of a member that never applied anything.
+    pub fn start(cfg: NodeConfig, initial: S) -> Result<Node<S>, StartError> {
         cfg.validate()?;
         let data_dir = cfg.data_dir.clone();
         let wal_dir = data_dir.join("wal");
@@ -223,25 +250,24 @@ impl Node {
         tracing::info!(backend = ?wal.backend(), dir = %wal_dir.display(), "WAL open");
         let recovered = storage::recover(&wal, &snap_dir)?;
         let wal = Arc::new(wal);
-        let (kv, snapshot) = match &recovered.snapshot {
+        let (sm, applied, snapshot) = match &recovered.snapshot {
             Some((index, term, path)) => {
-                let file = std::fs::File::open(path).map_err(|e| StartError::Snapshot {
+                let started = Instant::now();
+                let snapshot_error = |reason: String| StartError::Snapshot {
                     path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                let mut r = std::io::BufReader::with_capacity(1 << 20, file);
-                let kv = KvStore::read_snapshot(&mut r).map_err(|e| StartError::Snapshot {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                let crc = crate::event_loop::file_crc(path).map_err(|e| StartError::Snapshot {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                (kv, Some((*index, *term, path.clone(), len, crc)))
+                    reason,
+                };
+                let (sm, len) = restore_file::<S>(path).map_err(snapshot_error)?;
+                let crc = file_crc(path).map_err(|e| snapshot_error(e.to_string()))?;
+                tracing::info!(
+                    index,
+                    bytes = len,
+                    ms = started.elapsed().as_millis() as u64,
+                    "state restored from snapshot"
+                );
+                (sm, *index, Some((*index, *term, path.clone(), len, crc)))
             }
-            None => (KvStore::new(), None),
+            None => (initial, 0, None),
         };
         tracing::info!(
             id = cfg.id,
@@ -320,7 +346,7 @@ impl Node {
             )
         });
 
-        let (input_tx, input_rx) = crossbeam_channel::bounded(INPUTS_MAX);
+        let (input_tx, input_rx) = InputQueue::new(INPUTS_MAX);
         let shared = Arc::new(Shared::default());
         let cfg = Arc::new(cfg);
         let handle = NodeHandle {
@@ -330,7 +356,7 @@ impl Node {
             cluster_id,
         };
         {
-            let pump = Pump {
+            let pump = Pump::<S> {
                 inbox,
                 inputs: input_tx.clone(),
                 rt: runtime.handle().clone(),
@@ -346,37 +372,36 @@ impl Node {
             };
             runtime.spawn(pump.run());
         }
+        let worker = SnapshotWorker::start(
+            format!("skiff-{}-snap", cfg.id),
+            wal.clone(),
+            snap_dir.clone(),
+            input_tx.clone(),
+        )
+        .map_err(StartError::Runtime)?;
         let event_loop = EventLoop::new(
             (*cfg).clone(),
             raft,
-            kv,
-            wal,
-            transport.clone(),
-            input_rx,
-            input_tx.clone(),
-            shared,
-            snap_dir,
-            snapshots,
-            snapshot_addr,
-            snapshot,
+            sm,
+            applied,
+            LoopParts {
+                wal,
+                transport: transport.clone(),
+                inputs: input_rx,
+                wake: input_tx,
+                shared,
+                snap_dir,
+                snapshots,
+                snapshot_addr,
+                snapshot,
+                worker,
+            },
         );
         let loop_thread = std::thread::Builder::new()
             .name(format!("skiff-{}-loop", cfg.id))
             .spawn(move || event_loop.run())
             .map_err(StartError::Runtime)?;
 
-        let (api_shutdown, api_stop) = tokio::sync::oneshot::channel();
-        let client_addr = runtime
-            .block_on(crate::api::serve(
-                handle.clone(),
-                cfg.listen_client,
-                api_stop,
-            ))
-            .map_err(|reason| StartError::Listen {
-                what: "client",
-                addr: cfg.listen_client,
-                reason,
-            })?;
         let metrics_addr = match cfg.listen_metrics {
             Some(addr) => Some(
                 runtime
@@ -391,7 +416,6 @@ impl Node {
         };
         tracing::info!(
             id = cfg.id,
-            client = %client_addr,
             peer = %transport.local_addr(),
             snapshot = %snapshot_addr,
             "node started"
@@ -401,19 +425,27 @@ impl Node {
             runtime: Some(runtime),
             transport,
             loop_thread: Some(loop_thread),
-            client_addr,
             metrics_addr,
             _snapshot_server: snapshot_server,
-            api_shutdown: Some(api_shutdown),
+            on_shutdown: Vec::new(),
         })
     }
 
-    pub fn handle(&self) -> &NodeHandle {
+    pub fn handle(&self) -> &NodeHandle<S> {
         &self.handle
     }
 
-    pub fn client_addr(&self) -> SocketAddr {
-        self.client_addr
+    /// The node's tokio runtime: a service runs its client API on it.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives until shutdown")
+            .handle()
+    }
+
+    /// Runs `f` first thing on shutdown (a service stopping its API).
+    pub fn on_shutdown(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_shutdown.push(Box::new(f));
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -439,8 +471,8 @@ impl Node {
     }
 
     fn shutdown_inner(&mut self) -> Result<(), String> {
-        if let Some(tx) = self.api_shutdown.take() {
-            let _ = tx.send(());
+        for f in self.on_shutdown.drain(..) {
+            f();
         }
         let _ = self
             .handle
@@ -461,7 +493,7 @@ impl Node {
     }
 }
 
-impl Drop for Node {
+impl<S: StateMachine> Drop for Node<S> {
     fn drop(&mut self) {
         if self.loop_thread.is_some() {
             let _ = self.shutdown_inner();
@@ -469,11 +501,25 @@ impl Drop for Node {
     }
 }
 
+/// Restores a state machine from the snapshot file at `path`; returns it
+/// and the file's length. Runs on the calling thread (never the loop).
+fn restore_file<S: StateMachine>(path: &std::path::Path) -> Result<(S, u64), String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file
+        .metadata()
+        .map(|m| m.len())
+        .map_err(|e| e.to_string())?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let sm = S::restore(&mut reader).map_err(|e| e.to_string())?;
+    Ok((sm, len))
+}
+
 /// Moves messages from the transport to the loop; a snapshot offer is
-/// fetched first (in parallel chunks) and stepped once the file is durable.
-struct Pump {
+/// fetched first (in parallel chunks), restored into a new state machine
+/// on a blocking thread, and stepped once both are done.
+struct Pump<S: StateMachine> {
     inbox: Inbox,
-    inputs: Sender<Input>,
+    inputs: QueueSender<Input<S>>,
     rt: tokio::runtime::Handle,
     cluster_id: u64,
     id: NodeId,
@@ -483,7 +529,7 @@ struct Pump {
     fetching: Arc<std::sync::Mutex<BTreeMap<(NodeId, u64), ()>>>,
 }
 
-impl Pump {
+impl<S: StateMachine> Pump<S> {
     /// A task on the node's runtime: the transport's reader tasks wake it
     /// on their own worker, so a message reaches the loop with one thread
     /// wakeup (the loop's).
@@ -548,8 +594,9 @@ impl Pump {
             to: msg.from,
             channel: Channel::Snapshot,
         };
-        let (dir, opts, inputs, fetching) = (
+        let (dir, snap_dir, opts, inputs, fetching) = (
             self.snap_dir.join("incoming"),
+            self.snap_dir.clone(),
             self.fetch.clone(),
             self.inputs.clone(),
             self.fetching.clone(),
@@ -565,27 +612,37 @@ impl Pump {
                 tokio::fs::create_dir_all(&dir)
                     .await
                     .map_err(|e| e.to_string())?;
-                fetch_snapshot(offer.addr, hello, meta, &dir, &opts)
+                let fetched = fetch_snapshot(offer.addr, hello, meta, &dir, &opts)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(
+                    index = meta.index,
+                    ms = fetched.stats.transfer.as_millis() as u64,
+                    "snapshot fetched"
+                );
+                // Verify, restore and file it on a blocking thread: work in
+                // proportion to the state, kept off the loop and off the
+                // runtime's workers.
+                let path = fetched.path;
+                tokio::task::spawn_blocking(move || install_prepare::<S>(&path, &snap_dir, meta))
+                    .await
+                    .map_err(|e| format!("restore task: {e}"))?
             }
             .await;
             match result {
-                Ok(fetched) => {
-                    tracing::info!(
-                        index = meta.index,
-                        ms = fetched.stats.transfer.as_millis() as u64,
-                        "snapshot fetched"
-                    );
+                Ok((path, state)) => {
                     let input = Input::SnapshotFetched {
                         msg,
-                        path: fetched.path,
+                        path,
+                        len: meta.len,
+                        crc: meta.crc,
+                        state: Box::new(state),
                     };
                     if let Err(e) = send_input(&inputs, input).await {
                         tracing::warn!(error = %e, "fetched snapshot not handed over");
                     }
                 }
-                Err(e) => tracing::warn!(index = meta.index, error = %e, "snapshot fetch failed"),
+                Err(e) => tracing::warn!(index = meta.index, error = %e, "snapshot not installed"),
             }
             fetching
                 .lock()
@@ -595,21 +652,55 @@ impl Pump {
     }
 }
 
+/// Checks a fetched snapshot file against the leader's checksum, restores
+/// a state machine from it and moves it to its canonical name (durably).
+fn install_prepare<S: StateMachine>(
+    fetched: &std::path::Path,
+    snap_dir: &std::path::Path,
+    meta: skiff_net::SnapshotMeta,
+) -> Result<(PathBuf, S), String> {
+    let crc = file_crc(fetched).map_err(|e| format!("{}: {e}", fetched.display()))?;
+    if crc != meta.crc {
+        return Err(format!(
+            "{}: checksum {crc:#010x}, the leader offered {:#010x}",
+            fetched.display(),
+            meta.crc
+        ));
+    }
+    let started = Instant::now();
+    let (state, _) =
+        restore_file::<S>(fetched).map_err(|e| format!("{}: {e}", fetched.display()))?;
+    let canonical = storage::snapshot_path(snap_dir, meta.index, meta.term);
+    if canonical != fetched {
+        std::fs::rename(fetched, &canonical)
+            .map_err(|e| format!("rename {}: {e}", fetched.display()))?;
+        crate::event_loop::fsync_dir(snap_dir)
+            .map_err(|e| format!("{}: {e}", snap_dir.display()))?;
+    }
+    tracing::info!(
+        index = meta.index,
+        ms = started.elapsed().as_millis() as u64,
+        "snapshot restored off the loop"
+    );
+    Ok((canonical, state))
+}
+
 /// Longest a task waits for room in the loop's input queue.
 const INPUT_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// Queues `input` for the loop from a task: waits (without blocking the
 /// runtime's worker) while the queue is full, up to `INPUT_WAIT_MAX`.
-async fn send_input(inputs: &Sender<Input>, mut input: Input) -> Result<(), String> {
+async fn send_input<S: StateMachine>(
+    inputs: &QueueSender<Input<S>>,
+    mut input: Input<S>,
+) -> Result<(), String> {
     let deadline = Instant::now() + INPUT_WAIT_MAX;
     let mut pause = Duration::from_micros(50);
     loop {
         match inputs.try_send(input) {
             Ok(()) => return Ok(()),
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                return Err("the event loop stopped".into())
-            }
-            Err(crossbeam_channel::TrySendError::Full(back)) => {
+            Err(TrySendError::Closed(_)) => return Err("the event loop stopped".into()),
+            Err(TrySendError::Full(back)) => {
                 if Instant::now() >= deadline {
                     return Err(format!(
                         "the loop's input queue stayed full for {INPUT_WAIT_MAX:?}"

@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::api::GRPC_MESSAGE_BYTES_MAX;
-use crate::config::NodeConfig;
-use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
-use crate::pb::etcdserverpb::{
+use skiff_kv::api::GRPC_MESSAGE_BYTES_MAX;
+use skiff_kv::pb::etcdserverpb::kv_server::{Kv, KvServer};
+use skiff_kv::pb::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
+use skiff_node::config::NodeConfig;
 
 /// How long [`CeilingServer::start`] waits for the server to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,7 +158,7 @@ impl Kv for NullKv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pb::etcdserverpb::kv_client::KvClient;
+    use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
 
     #[tokio::test]
     async fn puts_are_answered_with_rising_revisions_and_nothing_else_is_served() {

@@ -19,8 +19,8 @@ use super::{
     error_chain, normalize_endpoint, BenchArgs, BenchError, CONNECT_TIMEOUT, NO_SUCCESS_LIMIT,
     REQUEST_TIMEOUT,
 };
-use crate::pb::etcdserverpb::kv_client::KvClient;
-use crate::pb::etcdserverpb::PutRequest;
+use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
+use skiff_kv::pb::etcdserverpb::PutRequest;
 
 /// Smallest latency the histograms resolve, in µs.
 const LATENCY_US_MIN: u64 = 1;
@@ -85,6 +85,15 @@ pub async fn run_load(args: &BenchArgs, endpoints: &[String]) -> Result<LoadRepo
     }
     debug_assert_eq!(tasks.len(), args.clients * args.concurrency);
 
+    // The process's CPU time over the measured window: for the embedded
+    // cluster that is the whole cluster and the client together.
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(window.start).await;
+        let before = skiff_node::metrics::process_cpu().ok()?;
+        tokio::time::sleep_until(window.end).await;
+        let after = skiff_node::metrics::process_cpu().ok()?;
+        Some(after.saturating_sub(before))
+    });
     let progress = Progress::new(args.no_progress, warmup + measured);
     let watch = watch(&shared, &progress, began, window, &endpoints).await;
     if let Err(err) = watch {
@@ -119,14 +128,12 @@ pub async fn run_load(args: &BenchArgs, endpoints: &[String]) -> Result<LoadRepo
     if shared.ok_total.load(Ordering::Relaxed) == 0 {
         return Err(no_success(&shared, began.elapsed(), &endpoints));
     }
-    Ok(LoadReport::new(
-        args.clone(),
-        endpoints,
-        writes,
-        errors,
-        measured,
-        histogram,
-    ))
+    let cpu = cpu.await.ok().flatten();
+    let mut report = LoadReport::new(args.clone(), endpoints, writes, errors, measured, histogram);
+    report.cpu_us_per_write = cpu
+        .filter(|_| writes > 0)
+        .map(|c| c.as_secs_f64() * 1e6 / writes as f64);
+    Ok(report)
 }
 
 async fn connect(endpoint: &str) -> Result<Channel, BenchError> {

@@ -108,6 +108,12 @@ pub struct BenchArgs {
     /// reach on this machine, the baseline to read cluster runs against.
     #[arg(long, conflicts_with = "endpoints")]
     pub ceiling: bool,
+    /// Embedded cluster only: take a snapshot after this many applied
+    /// entries (the members' `snapshot_entries`; default: the node's).
+    /// Low values measure the cost of snapshots under load.
+    #[arg(long, conflicts_with = "endpoints")]
+    #[serde(default)]
+    pub snapshot_entries: Option<u64>,
 }
 
 impl Default for BenchArgs {
@@ -126,6 +132,7 @@ impl Default for BenchArgs {
             plot: None,
             no_progress: false,
             ceiling: false,
+            snapshot_entries: None,
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// `writes / elapsed`.
     pub writes_per_s: f64,
+    /// CPU time of this process (all threads) per measured write, µs: with
+    /// the embedded cluster, servers and client together; against
+    /// endpoints, the client alone. `None` when it could not be read.
+    pub cpu_us_per_write: Option<f64>,
     /// Median latency, µs.
     pub p50_us: u64,
     /// 99th percentile latency, µs.
@@ -74,6 +78,9 @@ pub struct JsonReport {
     pub elapsed_s: f64,
     /// Throughput.
     pub writes_per_s: f64,
+    /// CPU time of the process per write, µs (see [`LoadReport`]).
+    #[serde(default)]
+    pub cpu_us_per_write: Option<f64>,
     /// Median latency, µs.
     pub p50_us: u64,
     /// 99th percentile latency, µs.
@@ -118,6 +125,7 @@ impl LoadReport {
             } else {
                 0.0
             },
+            cpu_us_per_write: None,
             p50_us: at(0.5),
             p99_us: at(0.99),
             p999_us: at(0.999),
@@ -137,15 +145,20 @@ impl LoadReport {
     }
 
     /// The one line that scripts grep:
-    /// `RESULT writes_per_s=<n> p50_us=<n> p99_us=<n> p999_us=<n>`.
+    /// `RESULT writes_per_s=<n> p50_us=<n> p99_us=<n> p999_us=<n>`, then
+    /// ` cpu_us_per_write=<f>` when the CPU time was read.
     pub fn result_line(&self) -> String {
-        format!(
+        let mut line = format!(
             "RESULT writes_per_s={} p50_us={} p99_us={} p999_us={}",
             self.writes_per_s.round() as u64,
             self.p50_us,
             self.p99_us,
             self.p999_us
-        )
+        );
+        if let Some(cpu) = self.cpu_us_per_write {
+            line.push_str(&format!(" cpu_us_per_write={cpu:.1}"));
+        }
+        line
     }
 
     /// A short human-readable table.
@@ -177,6 +190,11 @@ impl LoadReport {
             self.max_us,
             self.error_total()
         ));
+        if let Some(cpu) = self.cpu_us_per_write {
+            out.push_str(&format!(
+                "  CPU time of this process per write: {cpu:.1} µs\n"
+            ));
+        }
         if !self.errors.is_empty() {
             let by_code: Vec<String> = self
                 .errors
@@ -214,6 +232,7 @@ impl LoadReport {
             errors: self.errors.clone(),
             elapsed_s: self.elapsed.as_secs_f64(),
             writes_per_s: self.writes_per_s,
+            cpu_us_per_write: self.cpu_us_per_write,
             p50_us: self.p50_us,
             p99_us: self.p99_us,
             p999_us: self.p999_us,
@@ -315,6 +334,13 @@ pub(crate) mod tests {
         assert!((4995..=5006).contains(&report.p50_us), "{}", report.p50_us);
         assert!((9890..=9910).contains(&report.p99_us), "{}", report.p99_us);
         assert!(report.p999_us <= report.max_us);
+        let mut with_cpu = sample_report();
+        with_cpu.cpu_us_per_write = Some(61.26);
+        assert_eq!(
+            with_cpu.result_line(),
+            format!("{line} cpu_us_per_write=61.3")
+        );
+        assert!(with_cpu.human().contains("per write: 61.3 µs"));
     }
 
     #[test]

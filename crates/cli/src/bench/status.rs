@@ -7,8 +7,8 @@ use tokio::task::JoinSet;
 use tonic::transport::Endpoint;
 
 use super::{error_chain, normalize_endpoint, BenchError};
-use crate::pb::etcdserverpb::maintenance_client::MaintenanceClient;
-use crate::pb::etcdserverpb::StatusRequest;
+use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+use skiff_kv::pb::etcdserverpb::StatusRequest;
 
 /// Connect + call, per endpoint.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);

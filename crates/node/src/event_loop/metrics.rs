@@ -10,6 +10,14 @@ pub(super) struct Stages {
     pub(super) batch_entries: Histogram<u64>,
     pub(super) read_index_us: Histogram<u64>,
     pub(super) snapshot_write_us: Histogram<u64>,
+    /// One pass of the loop, from the first input taken to the last send.
+    pub(super) loop_pass_us: Histogram<u64>,
+    /// Handing one write to the WAL, on the loop.
+    pub(super) wal_submit_us: Histogram<u64>,
+    pub(super) snapshots_started: u64,
+    pub(super) snapshots_taken: u64,
+    pub(super) snapshot_failures: u64,
+    pub(super) snapshots_installed: u64,
 }
 
 impl Stages {
@@ -22,11 +30,17 @@ impl Stages {
             batch_entries: h(),
             read_index_us: h(),
             snapshot_write_us: h(),
+            loop_pass_us: h(),
+            wal_submit_us: h(),
+            snapshots_started: 0,
+            snapshots_taken: 0,
+            snapshot_failures: 0,
+            snapshots_installed: 0,
         }
     }
 }
 
-impl EventLoop {
+impl<S: StateMachine> EventLoop<S> {
     pub(super) fn render_metrics(&self) -> String {
         let mut out = String::new();
         let s = &self.shared;
@@ -56,14 +70,41 @@ impl EventLoop {
         gauge(
             &mut out,
             "applied_index",
-            "Last index applied to the KV store.",
+            "Last index applied to the state machine.",
             s.applied.load(Ordering::Acquire),
         );
-        gauge(
+        for (name, help, v) in self.sm.gauges() {
+            gauge(&mut out, name, help, v);
+        }
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP skiff_{name} {help}\n# TYPE skiff_{name} counter\nskiff_{name} {v}\n"
+            ));
+        };
+        let st = &self.stages;
+        counter(
             &mut out,
-            "kv_revision",
-            "KV store revision.",
-            self.kv.revision().max(0) as u64,
+            "snapshots_started_total",
+            "Snapshots handed to the snapshot thread.",
+            st.snapshots_started,
+        );
+        counter(
+            &mut out,
+            "snapshots_taken_total",
+            "Snapshots written durably.",
+            st.snapshots_taken,
+        );
+        counter(
+            &mut out,
+            "snapshot_failures_total",
+            "Snapshot writes that failed (retried later).",
+            st.snapshot_failures,
+        );
+        counter(
+            &mut out,
+            "snapshots_installed_total",
+            "Snapshots from the leader installed on this member.",
+            st.snapshots_installed,
         );
         gauge(
             &mut out,
@@ -71,7 +112,18 @@ impl EventLoop {
             "Client requests waiting in the node.",
             self.pending_requests() as u64,
         );
-        let st = &self.stages;
+        histogram(
+            &mut out,
+            "loop_pass_us",
+            "One pass of the event loop, µs.",
+            &st.loop_pass_us,
+        );
+        histogram(
+            &mut out,
+            "wal_submit_us",
+            "Handing one write to the WAL (the loop's wait for queue room or a segment), µs.",
+            &st.wal_submit_us,
+        );
         histogram(
             &mut out,
             "propose_to_durable_us",
@@ -105,7 +157,7 @@ impl EventLoop {
         histogram(
             &mut out,
             "snapshot_write_us",
-            "Writing a state-machine snapshot, µs.",
+            "Writing a state-machine snapshot (snapshot thread), µs.",
             &st.snapshot_write_us,
         );
         let wal = self.wal.metrics();

@@ -1,9 +1,41 @@
-//! Snapshots of the event loop: take one (write the store to a file,
-//! durably, then tell the core), offer it to a follower (which fetches it
-//! in parallel chunks), install a fetched one, record it in the WAL and
-//! compact.
+//! Snapshots of the event loop, none of which blocks it on the state's
+//! size:
+//!
+//! * take one: the loop freezes a view of the state machine
+//!   ([`StateMachine::snapshot`]) and hands it to the snapshot thread
+//!   ([`SnapshotWorker`]), which writes, checksums, fsyncs and renames the
+//!   file, then reports back (`Input::SnapshotWritten`); a failed write is
+//!   logged and retried after [`SNAPSHOT_RETRY_AFTER`], never fatal;
+//! * tell the core: a durable snapshot is told to Raft (which then drops
+//!   its entries and emits `Compact`) only once `snapshot_catchup_entries`
+//!   more entries are applied, so the log always keeps that margin for
+//!   followers slightly behind (they catch up from the log, not from a
+//!   whole snapshot);
+//! * compact: `Compact` records the snapshot in the WAL; once durable, the
+//!   snapshot thread deletes the WAL segments below it and old files;
+//! * offer one to a follower (which fetches it in parallel chunks);
+//! * install one: the follower's node fetched and restored it off the loop
+//!   (see `crate::node`); the loop swaps it in and hands the old state to
+//!   the snapshot thread to drop.
+
+use std::io::Write;
+use std::path::Path;
+
+use crossbeam_channel::{Receiver, Sender};
 
 use super::*;
+use crate::queue::SendTimeoutError;
+
+/// Jobs queued for the snapshot thread (bounded).
+pub const SNAPSHOT_JOBS_MAX: usize = 16;
+/// After a failed snapshot write, the next try waits this long.
+pub const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Snapshot files kept below the one the WAL records (for transfers under
+/// way).
+pub const SNAPSHOTS_KEPT: usize = 1;
+/// Longest the snapshot thread waits for room in the loop's queue to
+/// report a result.
+pub const SNAPSHOT_REPORT_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// What a follower is told to fetch a snapshot from: carried as the `data`
 /// of the `InstallSnapshot` message (`len` u64 LE, `crc` u32 LE, then the
@@ -36,20 +68,107 @@ impl SnapshotOffer {
     }
 }
 
-impl EventLoop {
-    pub(super) fn on_snapshot_recorded(&mut self, upto: Index) {
-        self.snapshot_in_progress = false;
-        match self.wal.compact(upto) {
-            Ok(n) => tracing::debug!(upto, segments = n, "WAL compacted"),
-            Err(e) => tracing::warn!(upto, error = %e, "WAL compaction failed"),
-        }
-        self.remove_old_snapshots();
+/// Work for the snapshot thread.
+pub(crate) enum SnapshotJob<S: StateMachine> {
+    /// Write `view` durably to `path` and report `Input::SnapshotWritten`.
+    Write {
+        view: S::Snapshot,
+        index: Index,
+        term: Term,
+        path: PathBuf,
+    },
+    /// The WAL records a durable snapshot at `upto`: delete the segments
+    /// below it, then snapshot files below `upto` but the newest
+    /// [`SNAPSHOTS_KEPT`].
+    Compact { upto: Index },
+    /// A replaced state machine: dropping a large state is work in
+    /// proportion to its size, kept off the loop.
+    Drop(Box<S>),
+}
+
+/// The snapshot thread's queue; the thread ends when the loop drops it.
+pub(crate) struct SnapshotWorker<S: StateMachine> {
+    jobs: Sender<SnapshotJob<S>>,
+}
+
+impl<S: StateMachine> SnapshotWorker<S> {
+    /// Starts the thread. It reports to the loop through `inputs`.
+    pub(crate) fn start(
+        name: String,
+        wal: Arc<Wal>,
+        snap_dir: PathBuf,
+        inputs: QueueSender<Input<S>>,
+    ) -> std::io::Result<SnapshotWorker<S>> {
+        let (jobs, rx) = crossbeam_channel::bounded(SNAPSHOT_JOBS_MAX);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run_worker(rx, wal, snap_dir, inputs))?;
+        Ok(SnapshotWorker { jobs })
     }
 
-    /// Writes the store to a snapshot file, durably, then tells the core.
-    pub(super) fn take_snapshot(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        let index = self.kv.applied_index();
+    /// Drops `state` on the snapshot thread (here when its queue is full).
+    pub(crate) fn drop_off_loop(&self, state: Box<S>) {
+        if let Err(SnapshotJob::Drop(state)) = self.submit(SnapshotJob::Drop(state)) {
+            drop(state);
+        }
+    }
+
+    /// Queues `job`; `Err` gives it back when the queue is full.
+    fn submit(&self, job: SnapshotJob<S>) -> Result<(), SnapshotJob<S>> {
+        self.jobs.try_send(job).map_err(|e| e.into_inner())
+    }
+}
+
+fn run_worker<S: StateMachine>(
+    jobs: Receiver<SnapshotJob<S>>,
+    wal: Arc<Wal>,
+    snap_dir: PathBuf,
+    inputs: QueueSender<Input<S>>,
+) {
+    for job in jobs {
+        match job {
+            SnapshotJob::Write {
+                view,
+                index,
+                term,
+                path,
+            } => {
+                let started = Instant::now();
+                let result = write_snapshot_file(&view, &path)
+                    .map_err(|e| format!("snapshot {}: {e}", path.display()));
+                drop(view);
+                let report = Input::SnapshotWritten {
+                    index,
+                    term,
+                    path,
+                    result,
+                    took: started.elapsed(),
+                };
+                match inputs.send_timeout(report, SNAPSHOT_REPORT_WAIT_MAX) {
+                    Ok(()) => {}
+                    Err(SendTimeoutError::Closed(_)) => return,
+                    Err(SendTimeoutError::Timeout(_)) => {
+                        tracing::warn!(index, "snapshot written but the loop did not take the news")
+                    }
+                }
+            }
+            SnapshotJob::Compact { upto } => {
+                match wal.compact(upto) {
+                    Ok(n) => tracing::debug!(upto, segments = n, "WAL compacted"),
+                    Err(e) => tracing::warn!(upto, error = %e, "WAL compaction failed"),
+                }
+                remove_old_snapshots(&snap_dir, upto);
+            }
+            SnapshotJob::Drop(state) => drop(state),
+        }
+    }
+}
+
+impl<S: StateMachine> EventLoop<S> {
+    /// Freezes the state machine and hands the view to the snapshot
+    /// thread. O(1) on the loop (what `snapshot` costs).
+    pub(super) fn start_snapshot(&mut self) -> Result<(), String> {
+        let index = self.applied;
         if index <= self.last_snapshot_index {
             return Ok(());
         }
@@ -58,29 +177,91 @@ impl EventLoop {
             .term(index)
             .map_err(|e| format!("term of applied entry {index}: {e}"))?;
         let path = storage::snapshot_path(&self.snap_dir, index, term);
-        let (len, crc) = write_snapshot_file(&self.kv, &path)
-            .map_err(|e| format!("snapshot {}: {e}", path.display()))?;
+        let job = SnapshotJob::Write {
+            view: self.sm.snapshot(),
+            index,
+            term,
+            path,
+        };
+        if self.worker.submit(job).is_err() {
+            // The thread is behind: try again after more applies.
+            self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY_AFTER);
+            return Ok(());
+        }
+        self.snapshot_in_progress = true;
+        self.applied_since_snapshot = (0, 0);
+        self.stages.snapshots_started += 1;
+        Ok(())
+    }
+
+    pub(super) fn on_snapshot_written(
+        &mut self,
+        index: Index,
+        term: Term,
+        path: PathBuf,
+        result: Result<(u64, u32), String>,
+        took: Duration,
+    ) {
+        self.snapshot_in_progress = false;
+        let (len, crc) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                self.stages.snapshot_failures += 1;
+                self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY_AFTER);
+                tracing::warn!(index, error = %e, retry_in = ?SNAPSHOT_RETRY_AFTER,
+                    "snapshot failed; the log is kept and it will be retried");
+                return;
+            }
+        };
+        self.snapshot_retry_at = None;
+        self.stages.snapshots_taken += 1;
         self.stages
             .snapshot_write_us
-            .saturating_record(us_since(started));
-        tracing::info!(index, term, bytes = len, "snapshot taken");
+            .saturating_record(took.as_micros().max(1) as u64);
+        tracing::info!(
+            index,
+            term,
+            bytes = len,
+            ms = took.as_millis() as u64,
+            "snapshot taken"
+        );
+        if index <= self.last_snapshot_index {
+            // An installed snapshot overtook it.
+            return;
+        }
+        self.last_snapshot_index = index;
+        self.held.insert(index, term);
+        self.untold.push_back((index, term));
         let offer = SnapshotOffer {
             len,
             crc,
             addr: self.snapshot_addr,
         };
         self.offer_snapshot(index, term, path, offer);
-        self.applied_since_snapshot = (0, 0);
-        self.snapshot_in_progress = true;
-        self.last_snapshot_index = index;
-        self.raft.snapshot_taken(index);
-        Ok(())
+        self.tell_snapshots();
+    }
+
+    /// Tells the core of the newest durable snapshot that is at least
+    /// `snapshot_catchup_entries` behind what is applied.
+    pub(super) fn tell_snapshots(&mut self) {
+        let margin = self.cfg.snapshot_catchup_entries;
+        let mut newest = None;
+        while let Some(&(index, _)) = self.untold.front() {
+            if index.saturating_add(margin) > self.applied {
+                break;
+            }
+            newest = Some(index);
+            self.untold.pop_front();
+        }
+        if let Some(index) = newest {
+            self.raft.snapshot_taken(index);
+        }
     }
 
     pub(super) fn offer_snapshot(
         &mut self,
         index: Index,
-        term: u64,
+        term: Term,
         path: PathBuf,
         offer: SnapshotOffer,
     ) {
@@ -106,24 +287,32 @@ impl EventLoop {
         upto: Index,
         membership: &Membership,
     ) -> Result<(), String> {
-        let Some((index, term, _)) = self.snapshot.clone() else {
+        let Some(&term) = self.held.get(&upto) else {
             return Ok(());
         };
-        if index != upto {
-            return Ok(());
-        }
         let mut data = BytesMut::new();
         encode_membership(membership, &mut data);
         let ticket = self
             .wal
             .save_snapshot(skiff_wal::SnapshotMeta {
-                index,
+                index: upto,
                 term,
                 data: data.freeze(),
             })
             .map_err(|e| format!("WAL snapshot record: {e}"))?;
-        self.snapshot_in_progress = true;
         self.wait_for(ticket, Durable::SnapshotRecorded { upto })
+    }
+
+    /// The WAL's snapshot record through `upto` is durable: the rest is
+    /// the snapshot thread's.
+    pub(super) fn on_snapshot_recorded(&mut self, upto: Index) {
+        self.held = self.held.split_off(&upto);
+        if self.worker.submit(SnapshotJob::Compact { upto }).is_err() {
+            tracing::debug!(
+                upto,
+                "snapshot thread busy; WAL compaction left to the next snapshot"
+            );
+        }
     }
 
     /// `SendSnapshot`: offer our latest snapshot; the follower fetches it.
@@ -151,37 +340,32 @@ impl EventLoop {
         self.send(msg);
     }
 
-    /// `InstallSnapshot`: restore the store from the fetched file and make
+    /// `InstallSnapshot`: swap in the state restored off the loop and make
     /// the snapshot the WAL's base.
     pub(super) fn install_snapshot(
         &mut self,
         id: PersistId,
         index: Index,
-        term: u64,
+        term: Term,
         membership: &Membership,
     ) -> Result<(), String> {
-        let path = self
+        let fetched = self
             .fetched
             .remove(&index)
             .ok_or_else(|| format!("snapshot {index} to install was not fetched"))?;
-        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        self.kv = KvStore::read_snapshot(&mut reader)
-            .map_err(|e| format!("snapshot {}: {e}", path.display()))?;
-        let crc = file_crc(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let canonical = storage::snapshot_path(&self.snap_dir, index, term);
-        if canonical != path {
-            std::fs::rename(&path, &canonical)
-                .map_err(|e| format!("rename {}: {e}", path.display()))?;
-            fsync_dir(&self.snap_dir).map_err(|e| format!("{}: {e}", self.snap_dir.display()))?;
-        }
+        let old = std::mem::replace(&mut self.sm, *fetched.state);
+        self.worker.drop_off_loop(Box::new(old));
+        self.applied = index;
+        self.sm_busy = true;
+        self.stages.snapshots_installed += 1;
         let offer = SnapshotOffer {
-            len,
-            crc,
+            len: fetched.len,
+            crc: fetched.crc,
             addr: self.snapshot_addr,
         };
-        self.offer_snapshot(index, term, canonical, offer);
+        self.held.insert(index, term);
+        self.untold.clear();
+        self.offer_snapshot(index, term, fetched.path, offer);
         self.last_snapshot_index = index;
         self.applied_since_snapshot = (0, 0);
         // Requests waiting on entries the snapshot replaced.
@@ -208,25 +392,29 @@ impl EventLoop {
         tracing::info!(index, term, "snapshot installed");
         self.wait_for(ticket, Durable::Persisted(id))
     }
+}
 
-    pub(super) fn remove_old_snapshots(&self) {
-        let Ok(dir) = std::fs::read_dir(&self.snap_dir) else {
-            return;
-        };
-        let mut snaps: Vec<(u64, PathBuf)> = dir
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let index = name.strip_prefix("snapshot-")?.get(..20)?.parse().ok()?;
-                name.ends_with(".snap").then(|| (index, e.path()))
-            })
-            .collect();
-        snaps.sort();
-        let keep = SNAPSHOTS_KEPT + 1;
-        if snaps.len() > keep {
-            for (_, path) in &snaps[..snaps.len() - keep] {
-                let _ = std::fs::remove_file(path);
-            }
+/// Removes snapshot files below `upto` but the newest [`SNAPSHOTS_KEPT`]
+/// of them (files at or above `upto` are the recorded one and newer ones
+/// not yet recorded).
+fn remove_old_snapshots(snap_dir: &Path, upto: Index) {
+    let Ok(dir) = std::fs::read_dir(snap_dir) else {
+        return;
+    };
+    let mut older: Vec<(u64, PathBuf)> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let index = name.strip_prefix("snapshot-")?.get(..20)?.parse().ok()?;
+            name.ends_with(".snap").then(|| (index, e.path()))
+        })
+        .filter(|(index, _)| *index < upto)
+        .collect();
+    older.sort();
+    let drop_n = older.len().saturating_sub(SNAPSHOTS_KEPT);
+    for (_, path) in &older[..drop_n] {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::debug!(path = %path.display(), error = %e, "old snapshot not removed");
         }
     }
 }
@@ -251,26 +439,33 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-/// Writes the store to `path` durably (temporary file, fsync, rename,
-/// directory fsync); returns its length and CRC32C.
-fn write_snapshot_file(kv: &KvStore, path: &Path) -> std::io::Result<(u64, u32)> {
+/// Writes `view` to `path` durably (temporary file, fsync, rename,
+/// directory fsync); returns its length and CRC32C. A failure leaves no
+/// file under `path` (the temporary one is removed).
+fn write_snapshot_file(view: &impl SnapshotView, path: &Path) -> std::io::Result<(u64, u32)> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
-    let file = std::fs::File::create(&tmp)?;
-    let mut w = CrcWriter {
-        inner: std::io::BufWriter::with_capacity(1 << 20, file),
-        len: 0,
-        crc: 0,
-    };
-    kv.write_snapshot(&mut w)?;
-    w.flush()?;
-    let (len, crc) = (w.len, w.crc);
-    let file = w.inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    fsync_dir(dir)?;
-    Ok((len, crc))
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut w = CrcWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            len: 0,
+            crc: 0,
+        };
+        view.write_to(&mut w)?;
+        w.flush()?;
+        let (len, crc) = (w.len, w.crc);
+        let file = w.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        fsync_dir(dir)?;
+        Ok((len, crc))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 pub(crate) fn file_crc(path: &Path) -> std::io::Result<u32> {
@@ -287,6 +482,55 @@ pub(crate) fn file_crc(path: &Path) -> std::io::Result<u32> {
     }
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bytes3;
+    impl SnapshotView for Bytes3 {
+        fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+            w.write_all(b"abc")
+        }
+    }
+    struct Failing;
+    impl SnapshotView for Failing {
+        fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+            w.write_all(b"partial")?;
+            Err(std::io::Error::other("disk said no"))
+        }
+    }
+
+    #[test]
+    fn snapshot_files_are_whole_or_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot-1.snap");
+        let (len, crc) = write_snapshot_file(&Bytes3, &path).unwrap();
+        assert_eq!((len, crc), (3, crc32c::crc32c(b"abc")));
+        assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+        assert_eq!(file_crc(&path).unwrap(), crc);
+        let other = dir.path().join("snapshot-2.snap");
+        let err = write_snapshot_file(&Failing, &other).unwrap_err();
+        assert!(err.to_string().contains("disk said no"));
+        assert!(!other.exists());
+        assert!(!other.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn old_snapshots_go_but_the_recorded_and_newer_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = |i: u64| storage::snapshot_path(dir.path(), i, 1);
+        for i in [10, 20, 30, 40, 50] {
+            std::fs::write(name(i), b"x").unwrap();
+        }
+        remove_old_snapshots(dir.path(), 40);
+        let left: Vec<bool> = [10, 20, 30, 40, 50]
+            .iter()
+            .map(|&i| name(i).exists())
+            .collect();
+        assert_eq!(left, [false, false, true, true, true]);
+    }
 }

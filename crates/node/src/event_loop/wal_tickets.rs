@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl EventLoop {
+impl<S: StateMachine> EventLoop<S> {
     /// Keeps `ticket` until the WAL says durable; its waker wakes the loop.
     pub(super) fn wait_for(&mut self, mut ticket: Ticket, durable: Durable) -> Result<(), String> {
         if self.tickets.len() >= TICKETS_MAX {
@@ -64,12 +64,12 @@ pub(super) enum Durable {
 /// writes become durable (or the WAL fails). It queues one `WalProgress`
 /// until the loop's next pass; the loop looks at its tickets on every pass
 /// anyway, so a full input queue loses nothing.
-pub(super) struct WalWaker {
+pub(super) struct WalWaker<S: StateMachine> {
     pub(super) pending: AtomicBool,
-    pub(super) inputs: Sender<Input>,
+    pub(super) inputs: QueueSender<Input<S>>,
 }
 
-impl Wake for WalWaker {
+impl<S: StateMachine> Wake for WalWaker<S> {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }

@@ -6,10 +6,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
+use skiff_kv::pb::etcdserverpb::{PutRequest, RangeRequest};
 use skiff_node::config::NodeConfig;
-use skiff_node::embedded::EmbeddedCluster;
-use skiff_node::pb::etcdserverpb::kv_client::KvClient;
-use skiff_node::pb::etcdserverpb::{PutRequest, RangeRequest};
 use tonic::transport::Channel;
 
 fn base() -> NodeConfig {
@@ -71,7 +70,7 @@ async fn get(c: &mut KvClient<Channel>, k: &str, serializable: bool) -> Option<S
 
 #[test]
 fn writes_anywhere_reads_everywhere_and_restart() {
-    let mut cluster = EmbeddedCluster::start(3, &base()).unwrap();
+    let mut cluster = skiff_kv::server::embedded_cluster(3, &base()).unwrap();
     let leader = cluster
         .wait_leader(Duration::from_secs(20))
         .expect("a leader");
@@ -110,7 +109,7 @@ fn lagging_follower_catches_up_by_snapshot() {
         snapshot_entries: 50,
         ..base()
     };
-    let mut cluster = EmbeddedCluster::start(3, &cfg).unwrap();
+    let mut cluster = skiff_kv::server::embedded_cluster(3, &cfg).unwrap();
     let leader = cluster
         .wait_leader(Duration::from_secs(20))
         .expect("a leader");
@@ -125,7 +124,9 @@ fn lagging_follower_catches_up_by_snapshot() {
                 &cluster
                     .node(leader)
                     .unwrap()
-                    .client_addr()
+                    .handle()
+                    .config()
+                    .listen_client
                     .port()
                     .to_string(),
             )
@@ -150,7 +151,7 @@ fn lagging_follower_catches_up_by_snapshot() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let ep = format!("http://{}", node.client_addr());
+    let ep = format!("http://{}", node.handle().config().listen_client);
     rt.block_on(async {
         let mut c = client(&ep).await;
         for i in [0, 199, 399] {
@@ -179,11 +180,19 @@ fn acknowledgements_do_not_wait_for_a_heartbeat() {
         heartbeat_ticks: 190,
         ..base()
     };
-    let cluster = EmbeddedCluster::start(3, &cfg).unwrap();
+    let cluster = skiff_kv::server::embedded_cluster(3, &cfg).unwrap();
     let leader = cluster
         .wait_leader(Duration::from_secs(60))
         .expect("a leader");
-    let ep = format!("http://{}", cluster.node(leader).unwrap().client_addr());
+    let ep = format!(
+        "http://{}",
+        cluster
+            .node(leader)
+            .unwrap()
+            .handle()
+            .config()
+            .listen_client
+    );
     let rt = rt();
     let mut took: Vec<Duration> = rt.block_on(async {
         let mut c = client(&ep).await;

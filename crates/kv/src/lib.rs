@@ -1,0 +1,28 @@
+//! skiff-kv: the etcd-compatible MVCC key-value store, run as a
+//! [`skiff_node`] state machine, and its etcd v3 gRPC API.
+//!
+//! * [`store`]: the MVCC store (every key's versions by revision,
+//!   compaction, snapshots of a frozen view); deterministic, no I/O;
+//! * [`machine`]: the store as a [`skiff_node::StateMachine`] (its
+//!   command format, queries, metrics);
+//! * [`api`]: the etcd v3 gRPC services over a node's handle;
+//! * [`server`]: a member = a node + the API; an embedded cluster of them.
+//!
+//! It sees `skiff-node` (and through it the Raft types it needs), never the
+//! WAL or the transport.
+
+pub mod api;
+pub mod machine;
+pub mod server;
+pub mod store;
+
+/// The etcd v3 API subset, generated from `proto/` at build time.
+pub mod pb {
+    #![allow(clippy::all, missing_docs, rust_2018_idioms)]
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}

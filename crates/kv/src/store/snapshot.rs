@@ -1,0 +1,379 @@
+//! The snapshot format of the KV store: what a follower installs instead of
+//! replaying the log, and what a node restores on restart.
+//!
+//! ```text
+//! header (33 bytes)
+//!   magic            [u8; 8] = "SKIFFKV\0"
+//!   version          u8      = 2
+//!   applied_index    u64     last Raft index applied
+//!   revision         i64     store revision (>= 1)
+//!   compact_revision i64     0 ..= revision (0: never compacted)
+//! record × version_count, in (key, mod_revision) order, strictly ascending
+//!   kind             u8      1: live version, 2: tombstone
+//!   key_len          u32     1 ..= KEY_BYTES_MAX: a new key, greater than
+//!                            the previous record's; 0: the previous
+//!                            record's key (no key bytes follow)
+//!   value_len        u32     0 ..= VALUE_BYTES_MAX; 0 for a tombstone
+//!   mod_rev          i64     \  the history invariants hold against
+//!   create_rev       i64      } `revision` and `compact_revision`;
+//!   version          i64     /   a tombstone has create_rev = version = 0
+//!   key              [u8; key_len]
+//!   value            [u8; value_len]
+//! end
+//!   kind             u8      = 0
+//!   version_count    u64     records written
+//!   key_count        u64     live keys (keys whose last record is live)
+//! trailer
+//!   crc32c           u32     over every byte before it
+//! ```
+//!
+//! Only versions readable at or above `compact_revision` are written: of
+//! each key, nothing below its latest version `<= compact_revision`, and
+//! that one only if it is live. So the bytes do not depend on how far
+//! physical compaction got, and the reader refuses any version compaction
+//! would have dropped. A key's versions share one copy of its bytes, in the
+//! stream (`key_len` 0) and in the store read back.
+//!
+//! Integers are little-endian. Both sides stream: the writer holds one
+//! batch of records (about [`WRITE_BATCH_BYTES`]) at a time, the reader one
+//! record (and the store it builds). The reader consumes exactly the snapshot's bytes, so a snapshot
+//! can sit inside a larger stream; give it a buffered reader. Anything that
+//! does not read back as exactly what was written is a [`SnapshotError`],
+//! never a panic and never a different store.
+
+use std::io::{self, Read, Write};
+
+use bytes::Bytes;
+
+use super::{
+    check_chain, compact, History, KvStore, Prev, StoreStats, StoreView, Version, KEY_BYTES_MAX,
+    REVISION_INITIAL, VALUE_BYTES_MAX,
+};
+
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SKIFFKV\0";
+pub const SNAPSHOT_VERSION: u8 = 2;
+const HEADER_BYTES: usize = 8 + 1 + 8 + 8 + 8;
+/// A record after its kind byte.
+const RECORD_HEADER_BYTES: usize = 4 + 4 + 8 + 8 + 8;
+const END_BYTES: usize = 8 + 8;
+const KIND_END: u8 = 0;
+const KIND_LIVE: u8 = 1;
+const KIND_TOMBSTONE: u8 = 2;
+/// The writer hands the stream batches of about this size.
+pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+const _: () = assert!(KEY_BYTES_MAX <= u32::MAX as usize && VALUE_BYTES_MAX <= u32::MAX as usize);
+
+/// What [`StoreView::write_snapshot`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub applied_index: u64,
+    pub revision: i64,
+    pub compact_revision: i64,
+    /// Live keys.
+    pub key_count: u64,
+    /// Versions written (tombstones included).
+    pub version_count: u64,
+    /// Everything written, trailer included.
+    pub bytes: u64,
+    pub crc32c: u32,
+}
+
+/// Why a snapshot could not be read. `offset` counts bytes from the start
+/// of the snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot read failed: {0}")]
+    Io(#[source] io::Error),
+    #[error("snapshot truncated: stream ended at offset {offset} reading {what}")]
+    Truncated { offset: u64, what: &'static str },
+    #[error("not a skiff KV snapshot (bad magic)")]
+    BadMagic,
+    #[error("snapshot format version {0} is not known (expected {SNAPSHOT_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("snapshot corrupt at offset {offset}: {reason}")]
+    Corrupt { offset: u64, reason: &'static str },
+    #[error("snapshot checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum { stored: u32, computed: u32 },
+}
+
+struct CrcWriter<'w, W: Write> {
+    inner: &'w mut W,
+    crc: u32,
+    bytes: u64,
+}
+
+impl<W: Write> CrcWriter<'_, W> {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_all(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, buf);
+        self.bytes += buf.len() as u64;
+        Ok(())
+    }
+}
+
+struct CrcReader<'r, R: Read> {
+    inner: &'r mut R,
+    crc: u32,
+    offset: u64,
+}
+
+impl<R: Read> CrcReader<'_, R> {
+    /// Reads exactly `buf.len()` bytes, outside the checksum (the trailer).
+    fn read_raw(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), SnapshotError> {
+        self.inner.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => SnapshotError::Truncated {
+                offset: self.offset,
+                what,
+            },
+            _ => SnapshotError::Io(e),
+        })?;
+        self.offset += buf.len() as u64;
+        Ok(())
+    }
+
+    fn read(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), SnapshotError> {
+        self.read_raw(buf, what)?;
+        self.crc = crc32c::crc32c_append(self.crc, buf);
+        Ok(())
+    }
+
+    fn corrupt(&self, reason: &'static str) -> SnapshotError {
+        SnapshotError::Corrupt {
+            offset: self.offset,
+            reason,
+        }
+    }
+}
+
+/// Little-endian field reader over a fixed buffer; lengths are known, so
+/// the slicing cannot fail.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let (head, rest) = self.0.split_at(N);
+        self.0 = rest;
+        head.try_into().expect("split_at gave N bytes")
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+    fn i64(&mut self) -> i64 {
+        i64::from_le_bytes(self.take())
+    }
+}
+
+impl StoreView {
+    /// Writes the frozen state to `w` in the snapshot format (module docs
+    /// of `store::snapshot`) and flushes it.
+    pub fn write_snapshot(&self, w: &mut impl Write) -> io::Result<SnapshotInfo> {
+        let mut out = CrcWriter {
+            inner: w,
+            crc: 0,
+            bytes: 0,
+        };
+        let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES + 1 + RECORD_HEADER_BYTES);
+        buf.extend_from_slice(&SNAPSHOT_MAGIC);
+        buf.push(SNAPSHOT_VERSION);
+        buf.extend_from_slice(&self.applied_index.to_le_bytes());
+        buf.extend_from_slice(&self.revision.to_le_bytes());
+        buf.extend_from_slice(&self.compact_revision.to_le_bytes());
+        debug_assert_eq!(buf.len(), HEADER_BYTES);
+        let mut version_count = 0u64;
+        let mut prev_key: Option<&Bytes> = None;
+        for ((key, mod_revision), v) in compact::logical(&self.history, self.compact_revision) {
+            let same_key = prev_key == Some(key);
+            buf.push(if v.is_tombstone() {
+                KIND_TOMBSTONE
+            } else {
+                KIND_LIVE
+            });
+            let key_len = if same_key { 0 } else { key.len() as u32 };
+            buf.extend_from_slice(&key_len.to_le_bytes());
+            buf.extend_from_slice(&(v.value.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&mod_revision.to_le_bytes());
+            buf.extend_from_slice(&v.create_revision.to_le_bytes());
+            buf.extend_from_slice(&v.version.to_le_bytes());
+            if !same_key {
+                buf.extend_from_slice(key);
+            }
+            buf.extend_from_slice(&v.value);
+            if buf.len() >= WRITE_BATCH_BYTES {
+                out.write_all(&buf)?;
+                buf.clear();
+            }
+            version_count += 1;
+            prev_key = Some(key);
+        }
+        buf.push(KIND_END);
+        buf.extend_from_slice(&version_count.to_le_bytes());
+        buf.extend_from_slice(&self.stats.keys.to_le_bytes());
+        out.write_all(&buf)?;
+        let (crc, bytes) = (out.crc, out.bytes);
+        w.write_all(&crc.to_le_bytes())?;
+        w.flush()?;
+        Ok(SnapshotInfo {
+            applied_index: self.applied_index,
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            key_count: self.stats.keys,
+            version_count,
+            bytes: bytes + 4,
+            crc32c: crc,
+        })
+    }
+
+    /// The store revision when frozen.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The last Raft log index applied when frozen.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+}
+
+impl KvStore {
+    /// Writes the whole state to `w` in the snapshot format (module docs of
+    /// `store::snapshot`) and flushes it; `self.freeze().write_snapshot(w)`.
+    pub fn write_snapshot(&self, w: &mut impl Write) -> io::Result<SnapshotInfo> {
+        self.freeze().write_snapshot(w)
+    }
+
+    /// Reads a snapshot written by [`StoreView::write_snapshot`]; the store
+    /// it returns equals the one that wrote it, fully compacted.
+    pub fn read_snapshot(r: &mut impl Read) -> Result<KvStore, SnapshotError> {
+        let mut input = CrcReader {
+            inner: r,
+            crc: 0,
+            offset: 0,
+        };
+        let mut header = [0u8; HEADER_BYTES];
+        input.read(&mut header, "header")?;
+        let mut fields = Fields(&header);
+        if fields.take::<8>() != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::BadMagic);
+        }
+        let [version] = fields.take::<1>();
+        if version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion(version));
+        }
+        let applied_index = fields.u64();
+        let revision = fields.i64();
+        let compact_revision = fields.i64();
+        if revision < REVISION_INITIAL {
+            return Err(input.corrupt("revision below the initial revision"));
+        }
+        if !(0 <= compact_revision && compact_revision <= revision) {
+            return Err(input.corrupt("compact revision out of range"));
+        }
+        let mut history = History::new();
+        let mut stats = StoreStats::default();
+        // The previous record: its key, mod revision and version.
+        let mut prev: Option<(Bytes, i64, Version)> = None;
+        // Bounded by the stream: records end at the end marker.
+        loop {
+            let mut kind = [0u8; 1];
+            input.read(&mut kind, "record kind")?;
+            let tombstone = match kind[0] {
+                KIND_END => break,
+                KIND_LIVE => false,
+                KIND_TOMBSTONE => true,
+                _ => return Err(input.corrupt("unknown record kind")),
+            };
+            let mut record_header = [0u8; RECORD_HEADER_BYTES];
+            input.read(&mut record_header, "record header")?;
+            let mut fields = Fields(&record_header);
+            let key_len = fields.u32() as usize;
+            let value_len = fields.u32() as usize;
+            let (mod_revision, create_revision, version) =
+                (fields.i64(), fields.i64(), fields.i64());
+            if key_len > KEY_BYTES_MAX {
+                return Err(input.corrupt("key length out of bounds"));
+            }
+            if value_len > VALUE_BYTES_MAX {
+                return Err(input.corrupt("value length out of bounds"));
+            }
+            if tombstone != (version == 0) {
+                return Err(input.corrupt("record kind does not match its version"));
+            }
+            let key = match (&prev, key_len) {
+                (None, 0) => return Err(input.corrupt("first record without a key")),
+                (Some((prev_key, ..)), 0) => prev_key.clone(),
+                (_, _) => {
+                    let mut key = vec![0u8; key_len];
+                    input.read(&mut key, "key")?;
+                    let key = Bytes::from(key);
+                    if prev.as_ref().is_some_and(|(prev_key, ..)| *prev_key >= key) {
+                        return Err(input.corrupt("keys not in ascending order"));
+                    }
+                    key
+                }
+            };
+            let mut value = vec![0u8; value_len];
+            input.read(&mut value, "value")?;
+            let v = Version {
+                create_revision,
+                version,
+                value: Bytes::from(value),
+            };
+            let same_key = prev.as_ref().filter(|(prev_key, ..)| *prev_key == key);
+            let chain = same_key.map(|(_, prev_revision, prev_version)| Prev {
+                mod_revision: *prev_revision,
+                version: prev_version,
+            });
+            check_chain(
+                &key,
+                mod_revision,
+                &v,
+                chain,
+                revision,
+                compact_revision,
+                compact_revision,
+            )
+            .map_err(|reason| input.corrupt(reason))?;
+            if same_key.is_none() {
+                if let Some((_, _, prev_version)) = &prev {
+                    stats.keys += u64::from(!prev_version.is_tombstone());
+                }
+                stats.bytes += key.len() as u64;
+            }
+            stats.versions += 1;
+            stats.bytes += v.bytes();
+            history.insert((key.clone(), mod_revision), v.clone());
+            prev = Some((key, mod_revision, v));
+        }
+        if let Some((_, _, prev_version)) = &prev {
+            stats.keys += u64::from(!prev_version.is_tombstone());
+        }
+        let mut end = [0u8; END_BYTES];
+        input.read(&mut end, "record counts")?;
+        let mut fields = Fields(&end);
+        if fields.u64() != stats.versions {
+            return Err(input.corrupt("version count does not match the records"));
+        }
+        if fields.u64() != stats.keys {
+            return Err(input.corrupt("key count does not match the records"));
+        }
+        let computed = input.crc;
+        let mut trailer = [0u8; 4];
+        input.read_raw(&mut trailer, "checksum")?;
+        let stored = u32::from_le_bytes(trailer);
+        if stored != computed {
+            return Err(SnapshotError::Checksum { stored, computed });
+        }
+        let mut store = KvStore::new();
+        store.history = history;
+        store.revision = revision;
+        store.compact_revision = compact_revision;
+        store.physically_compacted = compact_revision;
+        store.applied_index = applied_index;
+        store.stats = stats;
+        Ok(store)
+    }
+}

@@ -1,0 +1,291 @@
+//! Snapshots never stop the event loop, and a snapshot that fails to be
+//! written never stops the member nor loses log: a 3-member cluster in one
+//! process (real WAL files, real TCP) running a state machine whose
+//! snapshot writes can be made slow or made to fail.
+//!
+//! The state machine keeps a list of every number proposed (so that a
+//! member whose state lost or repeated an entry is seen at once) and its
+//! snapshot view writes it out, first sleeping `WRITE_DELAY_MS` and failing
+//! while `FAIL_WRITES` is set. The tests share these switches: they run
+//! one at a time (a mutex).
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use skiff_node::config::NodeConfig;
+use skiff_node::embedded::EmbeddedCluster;
+use skiff_node::{ApplyError, Committed, NodeHandle, RestoreError, SnapshotView, StateMachine};
+
+static FAIL_WRITES: AtomicBool = AtomicBool::new(false);
+static WRITE_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[derive(Default)]
+struct Log {
+    /// Shared with frozen views: a snapshot is an O(1) clone of the Arc.
+    items: Arc<Vec<u64>>,
+}
+
+struct Frozen(Arc<Vec<u64>>);
+
+impl SnapshotView for Frozen {
+    fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_millis(
+            WRITE_DELAY_MS.load(Ordering::Relaxed),
+        ));
+        if FAIL_WRITES.load(Ordering::Relaxed) {
+            w.write_all(b"partial")?;
+            return Err(std::io::Error::other("injected: no space left on device"));
+        }
+        w.write_all(&(self.0.len() as u64).to_le_bytes())?;
+        for v in self.0.iter() {
+            w.write_all(&v.to_le_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+impl StateMachine for Log {
+    type Command = u64;
+    type Response = usize;
+    type Query = ();
+    type QueryResponse = Vec<u64>;
+    type Snapshot = Frozen;
+
+    fn encode_command(v: &u64, out: &mut BytesMut) {
+        out.put_u64_le(*v);
+    }
+
+    fn apply(&mut self, batch: &[Committed], out: &mut Vec<usize>) -> Result<(), ApplyError> {
+        for e in batch {
+            let Some(cmd) = &e.command else { continue };
+            let raw: [u8; 8] = cmd[..].try_into().map_err(|_| ApplyError {
+                index: e.index,
+                reason: format!("{} bytes, expected 8", cmd.len()),
+            })?;
+            Arc::make_mut(&mut self.items).push(u64::from_le_bytes(raw));
+            out.push(self.items.len());
+        }
+        Ok(())
+    }
+
+    fn query(&self, _: &()) -> Vec<u64> {
+        self.items.to_vec()
+    }
+
+    fn snapshot(&self) -> Frozen {
+        Frozen(self.items.clone())
+    }
+
+    fn restore(r: &mut dyn Read) -> Result<Self, RestoreError> {
+        let mut n = [0u8; 8];
+        r.read_exact(&mut n)?;
+        let n = u64::from_le_bytes(n);
+        if n > 1 << 24 {
+            return Err(RestoreError::Corrupt(format!("{n} items")));
+        }
+        let mut items = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let mut v = [0u8; 8];
+            r.read_exact(&mut v)?;
+            items.push(u64::from_le_bytes(v));
+        }
+        if r.read(&mut [0u8; 1])? != 0 {
+            return Err(RestoreError::Corrupt("trailing bytes".into()));
+        }
+        Ok(Log {
+            items: Arc::new(items),
+        })
+    }
+}
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        tick_interval_ms: 10,
+        election_ticks_min: 30,
+        election_ticks_max: 60,
+        heartbeat_ticks: 3,
+        snapshot_entries: 200,
+        snapshot_catchup_entries: 50,
+        wal_segment_size: 1 << 20,
+        request_timeout_ms: 20_000,
+        ..NodeConfig::default()
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A counter or gauge from the node's Prometheus text.
+fn metric(rt: &tokio::runtime::Runtime, node: &NodeHandle<Log>, name: &str) -> u64 {
+    let text = rt.block_on(node.metrics_text()).expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn handles(cluster: &EmbeddedCluster<Log>) -> Vec<NodeHandle<Log>> {
+    (1..=3)
+        .map(|id| cluster.node(id).unwrap().handle().clone())
+        .collect()
+}
+
+/// Proposes `from..to` in order through `node`, `window` at a time;
+/// returns the longest a proposal took.
+fn propose_range(
+    rt: &tokio::runtime::Runtime,
+    node: &NodeHandle<Log>,
+    from: u64,
+    to: u64,
+) -> Duration {
+    rt.block_on(async {
+        let mut longest = Duration::ZERO;
+        for v in from..to {
+            let started = Instant::now();
+            node.propose(v).await.expect("proposal");
+            longest = longest.max(started.elapsed());
+        }
+        longest
+    })
+}
+
+/// Waits until every member applied `n` items and returns their states.
+fn states_after(
+    rt: &tokio::runtime::Runtime,
+    nodes: &[NodeHandle<Log>],
+    n: usize,
+) -> Vec<Vec<u64>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let states: Vec<Vec<u64>> = nodes
+            .iter()
+            .map(|h| rt.block_on(h.query((), false)).expect("query"))
+            .collect();
+        if states.iter().all(|s| s.len() >= n) || Instant::now() > deadline {
+            return states;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A snapshot write that takes far longer than an election timeout does
+/// not stop the loop: proposals keep committing, no election happens. (On
+/// a loop that wrote snapshots itself, every member would stall 1.5 s per
+/// snapshot and the followers would elect a new leader.)
+#[test]
+fn a_slow_snapshot_write_does_not_stop_the_loop() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    FAIL_WRITES.store(false, Ordering::Relaxed);
+    WRITE_DELAY_MS.store(1_500, Ordering::Relaxed);
+    let cluster = EmbeddedCluster::start(3, &config(), |_| Log::default()).unwrap();
+    let leader = cluster
+        .wait_leader(Duration::from_secs(30))
+        .expect("a leader");
+    let nodes = handles(&cluster);
+    let rt = rt();
+    let term = nodes[0].status().term;
+    // 600 proposals: several snapshots per member, each writing for 1.5 s.
+    let longest = propose_range(&rt, &nodes[leader as usize - 1], 0, 600);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes
+        .iter()
+        .any(|h| metric(&rt, h, "skiff_snapshots_taken_total") < 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "members did not take 2 snapshots each"
+        );
+        propose_range(&rt, &nodes[leader as usize - 1], 600, 610);
+    }
+    for h in &nodes {
+        let status = h.status();
+        assert_eq!(status.term, term, "member {} saw an election", status.id);
+        assert_eq!(status.leader, Some(leader));
+    }
+    // Proposals never waited for a snapshot (generous: a busy machine).
+    assert!(
+        longest < Duration::from_millis(1_200),
+        "a proposal took {longest:?} while snapshots were written"
+    );
+    let states = states_after(&rt, &nodes, 600);
+    assert!(states.iter().all(|s| s == &states[0]));
+    WRITE_DELAY_MS.store(0, Ordering::Relaxed);
+    cluster.shutdown().unwrap();
+}
+
+/// Failing snapshot writes (disk full) are counted and retried; the member
+/// keeps serving and keeps its log (a restart replays it all); once writes
+/// succeed again, snapshots are taken and a restart starts from one.
+#[test]
+fn a_failed_snapshot_is_retried_and_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    WRITE_DELAY_MS.store(0, Ordering::Relaxed);
+    FAIL_WRITES.store(true, Ordering::Relaxed);
+    let mut cluster = EmbeddedCluster::start(3, &config(), |_| Log::default()).unwrap();
+    let leader = cluster
+        .wait_leader(Duration::from_secs(30))
+        .expect("a leader");
+    let rt = rt();
+    let nodes = handles(&cluster);
+    propose_range(&rt, &nodes[leader as usize - 1], 0, 500);
+    for h in &nodes {
+        assert!(metric(&rt, h, "skiff_snapshot_failures_total") >= 1);
+        assert_eq!(metric(&rt, h, "skiff_snapshots_taken_total"), 0);
+        assert!(h.stopped().is_none());
+    }
+    // No snapshot file was left behind, not even a partial one.
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let snap_dir = cluster.config(follower).unwrap().data_dir.join("snap");
+    let files: Vec<_> = std::fs::read_dir(&snap_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+    // The log is whole: a restarted follower replays every entry.
+    cluster.restart(follower).unwrap();
+    let nodes = handles(&cluster);
+    let states = states_after(&rt, &nodes, 500);
+    assert_eq!(
+        states[follower as usize - 1],
+        (0..500).collect::<Vec<u64>>()
+    );
+
+    // Writes work again: after the retry delay, snapshots are taken.
+    FAIL_WRITES.store(false, Ordering::Relaxed);
+    let leader = cluster
+        .wait_leader(Duration::from_secs(30))
+        .expect("a leader");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut next = 500;
+    while nodes
+        .iter()
+        .any(|h| metric(&rt, h, "skiff_snapshots_taken_total") == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot after writes recovered"
+        );
+        propose_range(&rt, &nodes[leader as usize - 1], next, next + 50);
+        next += 50;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A restart starts from the snapshot and the log after it.
+    cluster.restart(follower).unwrap();
+    let nodes = handles(&cluster);
+    let states = states_after(&rt, &nodes, next as usize);
+    assert_eq!(
+        states[follower as usize - 1],
+        (0..next).collect::<Vec<u64>>()
+    );
+    assert!(states.iter().all(|s| s == &states[0]));
+    cluster.shutdown().unwrap();
+}

@@ -1,0 +1,675 @@
+//! A small etcd v3 client over skiff-kv's generated tonic clients: what the
+//! tests need, nothing more (no watch, no lease, no auth).
+//!
+//! A [`Client`] holds a list of endpoints and talks to one at a time. Every
+//! request is bounded by the per-request timeout. Failover follows from
+//! what the client can know about the request:
+//!
+//! * the connection to the current endpoint cannot be made: the request was
+//!   never sent, so the client tries the next endpoint (each endpoint at
+//!   most once per request);
+//! * the connection broke while the request was in flight (a transport
+//!   error, generated locally, as opposed to a status the server sent) or
+//!   the request timed out: the request may or may not have been applied.
+//!   Reads and other requests without effects are retried on the next
+//!   endpoint; writes (put, delete, txn, compact) return the error, and the
+//!   next request goes to the next endpoint.
+//!
+//! Statuses sent by the server (`etcdserver: ...`) are returned as they
+//! are, never retried: the tests assert on them.
+//!
+//! It must never retry a write on its own: a test that checks acknowledged
+//! writes relies on each put having been sent at most once.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use skiff_kv::pb::etcdserverpb::cluster_client::ClusterClient;
+use skiff_kv::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
+use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+use skiff_kv::pb::etcdserverpb::request_op::Request as Op;
+use skiff_kv::pb::etcdserverpb::{
+    CompactionRequest, Compare as PbCompare, DeleteRangeRequest, HashKvRequest, MemberListRequest,
+    PutRequest, RangeRequest, RequestOp, ResponseOp, StatusRequest, TxnRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+pub use skiff_kv::pb::etcdserverpb::response_op::Response as TxnOpResponse;
+pub use skiff_kv::pb::etcdserverpb::{
+    CompactionResponse, DeleteRangeResponse, HashKvResponse, Member, MemberListResponse,
+    PutResponse, RangeResponse, ResponseHeader, StatusResponse, TxnResponse,
+};
+pub use skiff_kv::pb::mvccpb::KeyValue;
+
+/// Largest response the client decodes: a range over every key of a test
+/// (thousands of 1 KiB values) is well above tonic's 4 MiB default.
+pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
+
+/// Timeouts of a [`Client`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// Bound on one request on one endpoint (connection excluded).
+    pub request_timeout: Duration,
+    /// Bound on establishing a connection to one endpoint.
+    pub connect_timeout: Duration,
+}
+
+/// Why a request failed.
+#[derive(Debug)]
+pub enum Error {
+    /// No endpoint accepted a connection.
+    Connect { endpoint: String, reason: String },
+    /// The request got no answer within the request timeout.
+    Timeout { endpoint: String, after: Duration },
+    /// A gRPC status: sent by the server, or a transport error.
+    Status {
+        endpoint: String,
+        status: tonic::Status,
+    },
+}
+
+impl Error {
+    /// The gRPC status, if the request got that far.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            Error::Status { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Connect { endpoint, reason } => write!(f, "connect to {endpoint}: {reason}"),
+            Error::Timeout { endpoint, after } => {
+                write!(
+                    f,
+                    "{endpoint}: no answer within {:.1} s",
+                    after.as_secs_f64()
+                )
+            }
+            Error::Status { endpoint, status } => write!(
+                f,
+                "{endpoint}: status {:?}: {}",
+                status.code(),
+                status.message()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Whether a request may be sent again after an error that leaves its fate
+/// unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effects {
+    /// Reads, status, member list, hash: safe to retry elsewhere.
+    None,
+    /// Writes: never sent twice by the client.
+    Writes,
+}
+
+/// An etcd v3 client over a list of endpoints (see the module docs).
+#[derive(Clone)]
+pub struct Client {
+    endpoints: Vec<String>,
+    /// The connection to each endpoint, made when first needed.
+    channels: Vec<Option<Channel>>,
+    /// The endpoint the next request goes to.
+    at: usize,
+    options: ConnectOptions,
+}
+
+impl Client {
+    /// A client for `endpoints` (`http://host:port`); connects to the first
+    /// one that accepts a connection, or fails if none does.
+    pub async fn connect(endpoints: &[String], options: ConnectOptions) -> Result<Client, Error> {
+        assert!(!endpoints.is_empty(), "a client needs an endpoint");
+        let mut client = Client {
+            endpoints: endpoints.to_vec(),
+            channels: vec![None; endpoints.len()],
+            at: 0,
+            options,
+        };
+        let mut last = None;
+        for _ in 0..endpoints.len() {
+            match client.channel().await {
+                Ok(_) => return Ok(client),
+                Err(e) => {
+                    last = Some(e);
+                    client.at = (client.at + 1) % endpoints.len();
+                }
+            }
+        }
+        Err(last.expect("at least one endpoint was tried"))
+    }
+
+    /// The endpoint the next request goes to.
+    pub fn current_endpoint(&self) -> &str {
+        &self.endpoints[self.at]
+    }
+
+    /// The channel to the current endpoint, connecting if needed.
+    async fn channel(&mut self) -> Result<Channel, Error> {
+        if let Some(ch) = &self.channels[self.at] {
+            return Ok(ch.clone());
+        }
+        let endpoint = self.endpoints[self.at].clone();
+        let connect_error = |reason: String| Error::Connect {
+            endpoint: endpoint.clone(),
+            reason,
+        };
+        let builder = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| connect_error(e.to_string()))?
+            .connect_timeout(self.options.connect_timeout)
+            .tcp_nodelay(true);
+        let channel =
+            match tokio::time::timeout(self.options.connect_timeout, builder.connect()).await {
+                Ok(Ok(ch)) => ch,
+                Ok(Err(e)) => return Err(connect_error(error_chain(&e))),
+                Err(_) => return Err(connect_error("connect timed out".into())),
+            };
+        self.channels[self.at] = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets the current endpoint's connection and moves on to the next.
+    fn fail_over(&mut self) {
+        self.channels[self.at] = None;
+        self.at = (self.at + 1) % self.endpoints.len();
+    }
+
+    /// Runs `call` on the current endpoint, failing over as the module docs
+    /// say. At most one attempt per endpoint.
+    async fn call<T, F, Fut>(&mut self, effects: Effects, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let attempts_max = self.endpoints.len();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last_attempt = attempt >= attempts_max;
+            let endpoint = self.endpoints[self.at].clone();
+            let channel = match self.channel().await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    self.fail_over();
+                    if last_attempt {
+                        return Err(e);
+                    }
+                    continue;
+                }
+            };
+            let timeout = self.options.request_timeout;
+            let error = match tokio::time::timeout(timeout, call(channel)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) if !is_transport_error(&status) => {
+                    return Err(Error::Status { endpoint, status });
+                }
+                Ok(Err(status)) => Error::Status { endpoint, status },
+                Err(_) => Error::Timeout {
+                    endpoint,
+                    after: timeout,
+                },
+            };
+            self.fail_over();
+            if last_attempt || effects == Effects::Writes {
+                return Err(error);
+            }
+        }
+    }
+
+    /// `KV.Put`.
+    pub async fn put(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        options: Option<PutOptions>,
+    ) -> Result<PutResponse, Error> {
+        let request = put_request(key, value, options);
+        self.call(Effects::Writes, |ch| {
+            let request = request.clone();
+            async move { kv_client(ch).put(request).await }
+        })
+        .await
+    }
+
+    /// `KV.Range` over `key` (and what `options` add to it).
+    pub async fn get(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        options: Option<GetOptions>,
+    ) -> Result<RangeResponse, Error> {
+        let request = range_request(key, options);
+        self.call(Effects::None, |ch| {
+            let request = request.clone();
+            async move { kv_client(ch).range(request).await }
+        })
+        .await
+    }
+
+    /// `KV.DeleteRange`.
+    pub async fn delete(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        options: Option<DeleteOptions>,
+    ) -> Result<DeleteRangeResponse, Error> {
+        let request = delete_request(key, options);
+        self.call(Effects::Writes, |ch| {
+            let request = request.clone();
+            async move { kv_client(ch).delete_range(request).await }
+        })
+        .await
+    }
+
+    /// `KV.Txn`.
+    pub async fn txn(&mut self, txn: Txn) -> Result<TxnResponse, Error> {
+        let request = txn.request;
+        self.call(Effects::Writes, |ch| {
+            let request = request.clone();
+            async move { kv_client(ch).txn(request).await }
+        })
+        .await
+    }
+
+    /// `KV.Compact` up to `revision`; with `physical`, the answer waits
+    /// until the compacted versions are gone.
+    pub async fn compact(
+        &mut self,
+        revision: i64,
+        physical: bool,
+    ) -> Result<CompactionResponse, Error> {
+        let request = CompactionRequest { revision, physical };
+        self.call(Effects::Writes, |ch| async move {
+            kv_client(ch).compact(request).await
+        })
+        .await
+    }
+
+    /// `Cluster.MemberList`.
+    pub async fn member_list(&mut self) -> Result<MemberListResponse, Error> {
+        self.call(Effects::None, |ch| async move {
+            ClusterClient::new(ch)
+                .member_list(MemberListRequest::default())
+                .await
+        })
+        .await
+    }
+
+    /// `Maintenance.Status` of the current endpoint.
+    pub async fn status(&mut self) -> Result<StatusResponse, Error> {
+        self.call(Effects::None, |ch| async move {
+            MaintenanceClient::new(ch)
+                .status(StatusRequest::default())
+                .await
+        })
+        .await
+    }
+
+    /// `Maintenance.HashKV` at `revision` (0: the latest) of the current
+    /// endpoint.
+    pub async fn hash_kv(&mut self, revision: i64) -> Result<HashKvResponse, Error> {
+        self.call(Effects::None, |ch| async move {
+            MaintenanceClient::new(ch)
+                .hash_kv(HashKvRequest { revision })
+                .await
+        })
+        .await
+    }
+}
+
+fn kv_client(ch: Channel) -> KvClient<Channel> {
+    KvClient::new(ch).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
+
+/// A status tonic made up locally from a transport failure (it carries the
+/// error as its source), as opposed to one the server sent.
+fn is_transport_error(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    status.source().is_some()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The end of the range of every key that starts with `prefix` (etcd's
+/// `GetPrefixRangeEnd`): the prefix with its last byte below 0xff
+/// incremented and what follows dropped; `\0` (to the end of the key
+/// space) when there is no such byte.
+pub fn prefix_range_end(prefix: &[u8]) -> Bytes {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Bytes::from(end);
+        }
+    }
+    Bytes::from_static(&[0])
+}
+
+fn bytes_of(b: impl AsRef<[u8]>) -> Bytes {
+    Bytes::copy_from_slice(b.as_ref())
+}
+
+/// Options of [`Client::put`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PutOptions {
+    prev_kv: bool,
+}
+
+impl PutOptions {
+    pub fn new() -> PutOptions {
+        PutOptions::default()
+    }
+
+    /// Return the key's previous version.
+    pub fn with_prev_key(mut self) -> PutOptions {
+        self.prev_kv = true;
+        self
+    }
+}
+
+fn put_request(
+    key: impl AsRef<[u8]>,
+    value: impl AsRef<[u8]>,
+    o: Option<PutOptions>,
+) -> PutRequest {
+    let o = o.unwrap_or_default();
+    PutRequest {
+        key: bytes_of(key),
+        value: bytes_of(value),
+        prev_kv: o.prev_kv,
+        ..PutRequest::default()
+    }
+}
+
+/// Options of [`Client::get`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GetOptions {
+    prefix: bool,
+    revision: i64,
+    serializable: bool,
+    limit: i64,
+    count_only: bool,
+    keys_only: bool,
+}
+
+impl GetOptions {
+    pub fn new() -> GetOptions {
+        GetOptions::default()
+    }
+
+    /// Every key that starts with the key.
+    pub fn with_prefix(mut self) -> GetOptions {
+        self.prefix = true;
+        self
+    }
+
+    /// The store as of `revision` (0: the latest).
+    pub fn with_revision(mut self, revision: i64) -> GetOptions {
+        self.revision = revision;
+        self
+    }
+
+    /// Served from the member's own state, without a ReadIndex.
+    pub fn with_serializable(mut self) -> GetOptions {
+        self.serializable = true;
+        self
+    }
+
+    /// At most `limit` keys (0: no limit).
+    pub fn with_limit(mut self, limit: i64) -> GetOptions {
+        self.limit = limit;
+        self
+    }
+
+    /// Only the count.
+    pub fn with_count_only(mut self) -> GetOptions {
+        self.count_only = true;
+        self
+    }
+
+    /// Keys without values.
+    pub fn with_keys_only(mut self) -> GetOptions {
+        self.keys_only = true;
+        self
+    }
+}
+
+fn range_request(key: impl AsRef<[u8]>, o: Option<GetOptions>) -> RangeRequest {
+    let o = o.unwrap_or_default();
+    let key = bytes_of(key);
+    RangeRequest {
+        range_end: if o.prefix {
+            prefix_range_end(&key)
+        } else {
+            Bytes::new()
+        },
+        key,
+        limit: o.limit,
+        revision: o.revision,
+        serializable: o.serializable,
+        keys_only: o.keys_only,
+        count_only: o.count_only,
+        ..RangeRequest::default()
+    }
+}
+
+/// Options of [`Client::delete`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeleteOptions {
+    prefix: bool,
+    prev_kv: bool,
+}
+
+impl DeleteOptions {
+    pub fn new() -> DeleteOptions {
+        DeleteOptions::default()
+    }
+
+    /// Every key that starts with the key.
+    pub fn with_prefix(mut self) -> DeleteOptions {
+        self.prefix = true;
+        self
+    }
+
+    /// Return the deleted keys' last versions.
+    pub fn with_prev_key(mut self) -> DeleteOptions {
+        self.prev_kv = true;
+        self
+    }
+}
+
+fn delete_request(key: impl AsRef<[u8]>, o: Option<DeleteOptions>) -> DeleteRangeRequest {
+    let o = o.unwrap_or_default();
+    let key = bytes_of(key);
+    DeleteRangeRequest {
+        range_end: if o.prefix {
+            prefix_range_end(&key)
+        } else {
+            Bytes::new()
+        },
+        key,
+        prev_kv: o.prev_kv,
+    }
+}
+
+/// The comparison of a [`Compare`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOp {
+    Equal,
+    Greater,
+    Less,
+    NotEqual,
+}
+
+impl CompareOp {
+    fn result(self) -> CompareResult {
+        match self {
+            CompareOp::Equal => CompareResult::Equal,
+            CompareOp::Greater => CompareResult::Greater,
+            CompareOp::Less => CompareResult::Less,
+            CompareOp::NotEqual => CompareResult::NotEqual,
+        }
+    }
+}
+
+/// One condition of a [`Txn`].
+#[derive(Debug, Clone)]
+pub struct Compare(PbCompare);
+
+impl Compare {
+    fn new(key: impl AsRef<[u8]>, op: CompareOp, target: CompareTarget, t: TargetUnion) -> Compare {
+        Compare(PbCompare {
+            result: op.result() as i32,
+            target: target as i32,
+            key: bytes_of(key),
+            target_union: Some(t),
+            range_end: Bytes::new(),
+        })
+    }
+
+    /// The key's value `op` `value`.
+    pub fn value(key: impl AsRef<[u8]>, op: CompareOp, value: impl AsRef<[u8]>) -> Compare {
+        let t = TargetUnion::Value(bytes_of(value));
+        Compare::new(key, op, CompareTarget::Value, t)
+    }
+
+    /// The key's version (0 when absent) `op` `version`.
+    pub fn version(key: impl AsRef<[u8]>, op: CompareOp, version: i64) -> Compare {
+        let t = TargetUnion::Version(version);
+        Compare::new(key, op, CompareTarget::Version, t)
+    }
+
+    /// The key's creation revision `op` `revision`.
+    pub fn create_revision(key: impl AsRef<[u8]>, op: CompareOp, revision: i64) -> Compare {
+        let t = TargetUnion::CreateRevision(revision);
+        Compare::new(key, op, CompareTarget::Create, t)
+    }
+
+    /// The key's last modification revision `op` `revision`.
+    pub fn mod_revision(key: impl AsRef<[u8]>, op: CompareOp, revision: i64) -> Compare {
+        let t = TargetUnion::ModRevision(revision);
+        Compare::new(key, op, CompareTarget::Mod, t)
+    }
+}
+
+/// One operation of a [`Txn`] branch.
+#[derive(Debug, Clone)]
+pub struct TxnOp(Op);
+
+impl TxnOp {
+    pub fn put(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, o: Option<PutOptions>) -> TxnOp {
+        TxnOp(Op::RequestPut(put_request(key, value, o)))
+    }
+
+    pub fn get(key: impl AsRef<[u8]>, o: Option<GetOptions>) -> TxnOp {
+        TxnOp(Op::RequestRange(range_request(key, o)))
+    }
+
+    pub fn delete(key: impl AsRef<[u8]>, o: Option<DeleteOptions>) -> TxnOp {
+        TxnOp(Op::RequestDeleteRange(delete_request(key, o)))
+    }
+}
+
+/// A transaction: if every compare holds, the `and_then` branch runs, else
+/// the `or_else` branch.
+#[derive(Debug, Clone, Default)]
+pub struct Txn {
+    request: TxnRequest,
+}
+
+impl Txn {
+    pub fn new() -> Txn {
+        Txn::default()
+    }
+
+    pub fn when(mut self, compares: impl IntoIterator<Item = Compare>) -> Txn {
+        self.request
+            .compare
+            .extend(compares.into_iter().map(|c| c.0));
+        self
+    }
+
+    pub fn and_then(mut self, ops: impl IntoIterator<Item = TxnOp>) -> Txn {
+        self.request.success.extend(ops.into_iter().map(request_op));
+        self
+    }
+
+    pub fn or_else(mut self, ops: impl IntoIterator<Item = TxnOp>) -> Txn {
+        self.request.failure.extend(ops.into_iter().map(request_op));
+        self
+    }
+}
+
+fn request_op(op: TxnOp) -> RequestOp {
+    RequestOp {
+        request: Some(op.0),
+    }
+}
+
+/// The responses of the branch a transaction ran, in order.
+pub fn op_responses(r: &TxnResponse) -> Vec<&TxnOpResponse> {
+    r.responses
+        .iter()
+        .map(|ResponseOp { response }| response.as_ref().expect("a response in every op"))
+        .collect()
+}
+
+/// A key as UTF-8 (panics otherwise: test keys are text).
+pub fn key_str(kv: &KeyValue) -> &str {
+    std::str::from_utf8(&kv.key).expect("a UTF-8 key")
+}
+
+/// A value as UTF-8 (panics otherwise: test values are text).
+pub fn value_str(kv: &KeyValue) -> &str {
+    std::str::from_utf8(&kv.value).expect("a UTF-8 value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_range_end_is_etcds() {
+        assert_eq!(prefix_range_end(b"k/"), &b"k0"[..]);
+        assert_eq!(prefix_range_end(b"a\xff"), &b"b"[..]);
+        assert_eq!(prefix_range_end(b"a\xfe\xff\xff"), &b"a\xff"[..]);
+        assert_eq!(prefix_range_end(b"\xff\xff"), &b"\0"[..]);
+        assert_eq!(prefix_range_end(b""), &b"\0"[..]);
+    }
+
+    #[test]
+    fn options_build_etcds_requests() {
+        let r = range_request("k/", Some(GetOptions::new().with_prefix().with_revision(7)));
+        assert_eq!(
+            (&r.key[..], &r.range_end[..], r.revision),
+            (&b"k/"[..], &b"k0"[..], 7)
+        );
+        assert!(!r.serializable && !r.count_only && r.limit == 0);
+        let d = delete_request("k", Some(DeleteOptions::new().with_prev_key()));
+        assert!(d.range_end.is_empty() && d.prev_kv);
+        let t = Txn::new()
+            .when([Compare::version("k", CompareOp::Greater, 0)])
+            .and_then([TxnOp::put("k", "v", None)])
+            .or_else([TxnOp::get("k", None), TxnOp::delete("k", None)]);
+        assert_eq!(t.request.compare[0].result, CompareResult::Greater as i32);
+        assert_eq!(t.request.compare[0].target, CompareTarget::Version as i32);
+        assert_eq!((t.request.success.len(), t.request.failure.len()), (1, 2));
+    }
+}
