@@ -346,6 +346,7 @@ impl<S: StateMachine> EventLoop<S> {
     /// Runs until `Shutdown` or a fatal error (returned).
     pub fn run(mut self) -> Result<(), String> {
         let tick = self.cfg.tick_interval();
+        let heartbeat = tick * self.cfg.heartbeat_ticks;
         let linger = Duration::from_micros(self.cfg.batch_linger_us);
         let mut next_tick = Instant::now() + tick;
         let mut writes: Vec<Proposal<S>> = Vec::new();
@@ -445,9 +446,13 @@ impl<S: StateMachine> EventLoop<S> {
                 self.sweep();
             }
             self.flush_sends();
+            let pass = pass_started.elapsed();
             self.stages
                 .loop_pass_us
-                .saturating_record(us_since(pass_started));
+                .saturating_record(pass.as_micros().max(1) as u64);
+            if pass >= heartbeat {
+                self.stages.passes_over_heartbeat += 1;
+            }
         };
         self.stop(result.as_ref().err().cloned());
         result
@@ -1010,7 +1015,10 @@ impl<S: StateMachine> EventLoop<S> {
                 let _ = r.reply.send(Err(RequestError::Stopped(why.clone())));
             }
         }
+        // Closed first: a snapshot thread reporting to a full queue must
+        // not wait for the loop that is waiting for it.
         self.inputs.close();
+        self.worker.shutdown();
         *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) = fatal;
         self.shared.stopped.store(true, Ordering::Release);
     }

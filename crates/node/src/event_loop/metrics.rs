@@ -14,6 +14,8 @@ pub(super) struct Stages {
     pub(super) loop_pass_us: Histogram<u64>,
     /// Handing one write to the WAL, on the loop.
     pub(super) wal_submit_us: Histogram<u64>,
+    /// Passes that took a heartbeat interval or longer.
+    pub(super) passes_over_heartbeat: u64,
     pub(super) snapshots_started: u64,
     pub(super) snapshots_taken: u64,
     pub(super) snapshot_failures: u64,
@@ -32,6 +34,7 @@ impl Stages {
             snapshot_write_us: h(),
             loop_pass_us: h(),
             wal_submit_us: h(),
+            passes_over_heartbeat: 0,
             snapshots_started: 0,
             snapshots_taken: 0,
             snapshot_failures: 0,
@@ -82,6 +85,12 @@ impl<S: StateMachine> EventLoop<S> {
             ));
         };
         let st = &self.stages;
+        counter(
+            &mut out,
+            "loop_passes_over_heartbeat_total",
+            "Event-loop passes that took a heartbeat interval or longer.",
+            st.passes_over_heartbeat,
+        );
         counter(
             &mut out,
             "snapshots_started_total",

@@ -86,9 +86,14 @@ pub(crate) enum SnapshotJob<S: StateMachine> {
     Drop(Box<S>),
 }
 
-/// The snapshot thread's queue; the thread ends when the loop drops it.
+/// The snapshot thread's queue and handle. The loop shuts it down when it
+/// stops ([`SnapshotWorker::shutdown`]): a job under way finishes, queued
+/// writes and compactions are skipped, so that nothing touches the data
+/// directory once the member stopped (a restarted member may own it).
 pub(crate) struct SnapshotWorker<S: StateMachine> {
-    jobs: Sender<SnapshotJob<S>>,
+    jobs: Option<Sender<SnapshotJob<S>>>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl<S: StateMachine> SnapshotWorker<S> {
@@ -100,10 +105,28 @@ impl<S: StateMachine> SnapshotWorker<S> {
         inputs: QueueSender<Input<S>>,
     ) -> std::io::Result<SnapshotWorker<S>> {
         let (jobs, rx) = crossbeam_channel::bounded(SNAPSHOT_JOBS_MAX);
-        std::thread::Builder::new()
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run_worker(rx, wal, snap_dir, inputs))?;
-        Ok(SnapshotWorker { jobs })
+            .spawn(move || run_worker(rx, wal, snap_dir, inputs, stop))?;
+        Ok(SnapshotWorker {
+            jobs: Some(jobs),
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    /// Skips what is queued, waits for the job under way (a snapshot write
+    /// is bounded by the state's size), ends the thread.
+    pub(crate) fn shutdown(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the snapshot thread panicked");
+            }
+        }
     }
 
     /// Drops `state` on the snapshot thread (here when its queue is full).
@@ -115,7 +138,10 @@ impl<S: StateMachine> SnapshotWorker<S> {
 
     /// Queues `job`; `Err` gives it back when the queue is full.
     fn submit(&self, job: SnapshotJob<S>) -> Result<(), SnapshotJob<S>> {
-        self.jobs.try_send(job).map_err(|e| e.into_inner())
+        match &self.jobs {
+            Some(jobs) => jobs.try_send(job).map_err(|e| e.into_inner()),
+            None => Err(job),
+        }
     }
 }
 
@@ -124,8 +150,12 @@ fn run_worker<S: StateMachine>(
     wal: Arc<Wal>,
     snap_dir: PathBuf,
     inputs: QueueSender<Input<S>>,
+    stopping: Arc<AtomicBool>,
 ) {
     for job in jobs {
+        if stopping.load(Ordering::Acquire) && !matches!(job, SnapshotJob::Drop(_)) {
+            continue;
+        }
         match job {
             SnapshotJob::Write {
                 view,
