@@ -1,6 +1,7 @@
 //! Measures what one key version really costs in memory, with a counting
-//! global allocator, and checks that `VERSION_OVERHEAD_BYTES` (the fixed
-//! overhead `StoreStats::bytes` counts per version) is close to it.
+//! global allocator, and checks that `VERSION_OVERHEAD_BYTES` and
+//! `KEY_OVERHEAD_BYTES` (the fixed overheads `StoreStats::bytes` counts per
+//! version and per key) predict it.
 //!
 //! `cargo test -p skiff-kv --test store_memory -- --nocapture` prints the
 //! figure; set `SKIFF_MEMORY_VERSIONS=1000000` for the full-size
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use bytes::Bytes;
 use skiff_kv::pb::etcdserverpb::request_op::Request;
 use skiff_kv::pb::etcdserverpb::{PutRequest, RequestOp};
-use skiff_kv::store::{KvStore, VERSION_OVERHEAD_BYTES};
+use skiff_kv::store::{KvStore, KEY_OVERHEAD_BYTES, VERSION_OVERHEAD_BYTES};
 
 struct Counting;
 
@@ -79,11 +80,20 @@ fn version_overhead_matches_the_measurement() {
     // key): the two ends of what a store holds.
     let distinct = overhead_per_version(versions, versions);
     let history = overhead_per_version(versions, versions / 10);
-    let constant = VERSION_OVERHEAD_BYTES as f64;
-    for measured in [distinct, history] {
+    // Overhead per version = version overhead + key overhead × keys/versions.
+    let key_overhead = (distinct - history) / 0.9;
+    let version_overhead = distinct - key_overhead;
+    println!(
+        "solved: {version_overhead:.1} B per version, {key_overhead:.1} B per key \
+         (constants: {VERSION_OVERHEAD_BYTES}, {KEY_OVERHEAD_BYTES})"
+    );
+    for (keys_per_version, measured) in [(1.0, distinct), (0.1, history)] {
+        let predicted =
+            VERSION_OVERHEAD_BYTES as f64 + KEY_OVERHEAD_BYTES as f64 * keys_per_version;
         assert!(
-            measured * 0.6 <= constant && constant <= measured * 1.4,
-            "VERSION_OVERHEAD_BYTES = {constant}, measured {measured:.1}"
+            measured * 0.6 <= predicted && predicted <= measured * 1.4,
+            "{keys_per_version} keys per version: the constants predict {predicted:.1} B, \
+             measured {measured:.1} B"
         );
     }
 }

@@ -115,7 +115,10 @@ pub(super) fn step(store: &mut KvStore, budget: usize) -> bool {
                 .history
                 .get_next(&(at.0.clone(), i64::MIN))
                 .is_none_or(|(n, _)| n.0 != at.0));
-            store.stats.bytes -= at.0.len() as u64;
+            store.stats.bytes -= at.0.len() as u64 + super::KEY_OVERHEAD_BYTES;
+            // Its last version went: the key is gone from the history.
+            let latest = store.latest.remove(&at.0);
+            debug_assert_eq!(latest.map(|l| l.mod_revision), Some(at.1));
         }
     }
     match resume {

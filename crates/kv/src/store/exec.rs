@@ -11,7 +11,9 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 
-use super::{read_revision, version_at, At, History, KvError, KvStore, StoreStats, Version};
+use super::{
+    read_revision, version_at, At, History, KvError, KvStore, LatestVersion, StoreStats, Version,
+};
 use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::request_op::Request;
@@ -330,8 +332,9 @@ struct WriteTxn<'s> {
     begin_revision: i64,
     /// The counters when the request started, restored on rollback.
     stats_before: StoreStats,
-    /// Every version added so far (all at the write revision).
-    written: Vec<At>,
+    /// Every version added so far (all at the write revision), with the
+    /// key's latest version before it (restored on rollback).
+    written: Vec<(At, Option<LatestVersion>)>,
 }
 
 impl WriteTxn<'_> {
@@ -382,12 +385,15 @@ impl WriteTxn<'_> {
         store.stats.versions += 1;
         store.stats.bytes += version.bytes();
         if key_is_new {
-            store.stats.bytes += key.len() as u64;
+            store.stats.bytes += key.len() as u64 + super::KEY_OVERHEAD_BYTES;
         }
+        let before = store
+            .latest
+            .insert(key.clone(), LatestVersion::of(revision, &version));
         let at = (key, revision);
         let replaced = store.history.insert(at.clone(), version);
         assert!(replaced.is_none(), "a key written twice in one request");
-        self.written.push(at);
+        self.written.push((at, before));
     }
 
     /// One seek for the key's latest version and one insert.
@@ -395,25 +401,38 @@ impl WriteTxn<'_> {
         if req.lease != 0 {
             return Err(KvError::LeaseNotFound);
         }
-        let latest = version_at(&self.store.history, &req.key, i64::MAX);
+        // The key's latest version: one hash lookup (see `KvStore::latest`);
+        // its value only when asked for (one exact lookup in the history).
+        let latest = self
+            .store
+            .latest
+            .get_key_value(&req.key[..])
+            .map(|(key, l)| ((key.clone(), l.mod_revision), *l));
         let (key, version, prev_kv, key_is_new) = match latest {
-            Some((at, v)) if !v.is_tombstone() => {
+            Some((at, l)) if l.version != 0 => {
+                let held = || {
+                    self.store
+                        .history
+                        .get(&at)
+                        .expect("the latest index names a held version")
+                };
                 let value = if req.ignore_value {
-                    v.value.clone()
+                    held().value.clone()
                 } else {
                     // Copy: a slice of the request would pin the whole log
                     // entry.
                     Bytes::copy_from_slice(&req.value)
                 };
                 let version = Version {
-                    create_revision: v.create_revision,
-                    version: v.version + 1,
+                    create_revision: l.create_revision,
+                    version: l.version + 1,
                     value,
                 };
-                let prev_kv = req.prev_kv.then(|| v.key_value(&at.0, at.1));
+                let prev_kv = req.prev_kv.then(|| held().key_value(&at.0, at.1));
                 (at.0.clone(), version, prev_kv, false)
             }
             latest => {
+                let latest = latest.as_ref();
                 if req.ignore_value || req.ignore_lease {
                     return Err(KvError::KeyNotFound);
                 }
@@ -500,13 +519,17 @@ impl WriteTxn<'_> {
         debug_assert!(self
             .written
             .iter()
-            .all(|at| at.1 == self.store.revision && self.store.history.contains_key(at)));
+            .all(|(at, _)| at.1 == self.store.revision && self.store.history.contains_key(at)));
     }
 
     fn rollback(self) {
-        for at in self.written.iter().rev() {
-            let removed = self.store.history.remove(at);
+        for (at, before) in self.written.into_iter().rev() {
+            let removed = self.store.history.remove(&at);
             assert!(removed.is_some(), "a version this request added is held");
+            match before {
+                Some(before) => self.store.latest.insert(at.0, before),
+                None => self.store.latest.remove(&at.0),
+            };
         }
         self.store.stats = self.stats_before;
     }

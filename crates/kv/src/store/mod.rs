@@ -98,12 +98,20 @@ pub const VALUE_BYTES_MAX: usize = 1536 * 1024;
 /// What [`StoreStats::bytes`] counts for one version besides its value (and
 /// its key's bytes, counted once per key): the map entry (key handle,
 /// revision, version, value handle: 88 B) with its B-tree node's slack and
-/// inner nodes. Measured with a counting allocator (`tests/store_memory.rs`,
-/// bytes requested, malloc's own slack not included), 1,000,000 versions,
-/// 16-B keys, 128-B values: 217 B per version with one version per key
-/// (ascending inserts leave leaves half full), 157 B with 10 versions per
-/// key; this is between the two.
-pub const VERSION_OVERHEAD_BYTES: u64 = 192;
+/// inner nodes.
+///
+/// With [`KEY_OVERHEAD_BYTES`], measured with a counting allocator
+/// (`tests/store_memory.rs`, bytes requested, malloc's own slack not
+/// included), 16-B keys, 128-B values: 1,000,000 versions cost 336.5 B each
+/// besides key and value bytes with one version per key, 164.3 B with 10
+/// versions per key; solving `version + key × keys / versions` for the two
+/// gives 145 B and 191 B (200,000 versions: 152 B and 140 B).
+pub const VERSION_OVERHEAD_BYTES: u64 = 150;
+/// What [`StoreStats::bytes`] counts for each key held besides its bytes:
+/// its entry in the latest-version index (key handle and 24 B, in a hash
+/// table that is between half and seven eighths full). See
+/// [`VERSION_OVERHEAD_BYTES`] for the measurement.
+pub const KEY_OVERHEAD_BYTES: u64 = 160;
 /// Kept for callers of the single-version store: the overhead per version.
 pub const RECORD_OVERHEAD_BYTES: u64 = VERSION_OVERHEAD_BYTES;
 
@@ -182,8 +190,8 @@ pub struct StoreStats {
     /// included.
     pub versions: u64,
     /// Approximate bytes held: each distinct key's bytes once (its versions
-    /// share them), each version's value, and [`VERSION_OVERHEAD_BYTES`]
-    /// per version.
+    /// share them) and [`KEY_OVERHEAD_BYTES`], each version's value and
+    /// [`VERSION_OVERHEAD_BYTES`].
     pub bytes: u64,
 }
 
@@ -351,6 +359,35 @@ pub struct KvStore {
     applied_index: u64,
     /// Kept incrementally; `check_invariants` recounts it.
     stats: StoreStats,
+    /// Each key's latest version held (tombstones included), by key: a Put
+    /// finds what it replaces with one hash lookup instead of an ordered
+    /// seek. Derived from `history` (never serialized; rebuilt by
+    /// `read_snapshot`) and not part of a frozen view, so `freeze` stays
+    /// O(1). Lookups only, never iterated: no effect on determinism.
+    latest: Latest,
+}
+
+/// Key → its latest version held, without the value (the history has it):
+/// the key's bytes (shared with the history) and 24 bytes.
+type Latest = std::collections::HashMap<Bytes, LatestVersion>;
+
+/// What [`KvStore::latest`] keeps of a key's latest version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LatestVersion {
+    mod_revision: i64,
+    create_revision: i64,
+    /// 0: tombstone.
+    version: i64,
+}
+
+impl LatestVersion {
+    fn of(mod_revision: i64, v: &Version) -> Self {
+        LatestVersion {
+            mod_revision,
+            create_revision: v.create_revision,
+            version: v.version,
+        }
+    }
 }
 
 /// A frozen copy of the store, taken in O(1) by [`KvStore::freeze`]; it
@@ -400,6 +437,7 @@ impl KvStore {
             compaction: None,
             applied_index: 0,
             stats: StoreStats::default(),
+            latest: Latest::new(),
         }
     }
 
@@ -590,7 +628,7 @@ impl KvStore {
                 if let Some((_, pv)) = prev {
                     stats.keys += u64::from(!pv.is_tombstone());
                 }
-                stats.bytes += at.0.len() as u64;
+                stats.bytes += at.0.len() as u64 + KEY_OVERHEAD_BYTES;
             }
             stats.versions += 1;
             stats.bytes += v.bytes();
@@ -600,6 +638,22 @@ impl KvStore {
             stats.keys += u64::from(!pv.is_tombstone());
         }
         assert_eq!(stats, self.stats, "stats drifted");
+        let mut keys = 0;
+        for (at, v) in &self.history {
+            let is_last = self
+                .history
+                .get_next(&(at.0.clone(), at.1 + 1))
+                .is_none_or(|(n, _)| n.0 != at.0);
+            if is_last {
+                keys += 1;
+                assert_eq!(
+                    self.latest.get(&at.0),
+                    Some(&LatestVersion::of(at.1, v)),
+                    "latest index of {at:?}"
+                );
+            }
+        }
+        assert_eq!(keys, self.latest.len(), "latest index holds other keys");
     }
 
     fn advance_applied(&mut self, index: u64) {

@@ -341,7 +341,7 @@ impl KvStore {
                 if let Some((_, _, prev_version)) = &prev {
                     stats.keys += u64::from(!prev_version.is_tombstone());
                 }
-                stats.bytes += key.len() as u64;
+                stats.bytes += key.len() as u64 + super::KEY_OVERHEAD_BYTES;
             }
             stats.versions += 1;
             stats.bytes += v.bytes();
@@ -368,6 +368,13 @@ impl KvStore {
             return Err(SnapshotError::Checksum { stored, computed });
         }
         let mut store = KvStore::new();
+        // Versions come in (key, revision) order: the last one seen of a
+        // key is its latest.
+        for (at, v) in &history {
+            store
+                .latest
+                .insert(at.0.clone(), super::LatestVersion::of(at.1, v));
+        }
         store.history = history;
         store.revision = revision;
         store.compact_revision = compact_revision;
