@@ -138,7 +138,7 @@ fn handles(cluster: &EmbeddedCluster<Log>) -> Vec<NodeHandle<Log>> {
         .collect()
 }
 
-/// Proposes `from..to` in order through `node`, `window` at a time;
+/// Proposes `from..to` in order through `node`, one at a time;
 /// returns the longest a proposal took.
 fn propose_range(
     rt: &tokio::runtime::Runtime,
@@ -195,6 +195,7 @@ fn a_slow_snapshot_write_does_not_stop_the_loop() {
     // 600 proposals: several snapshots per member, each writing for 1.5 s.
     let longest = propose_range(&rt, &nodes[leader as usize - 1], 0, 600);
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next = 600;
     while nodes
         .iter()
         .any(|h| metric(&rt, h, "skiff_snapshots_taken_total") < 2)
@@ -203,7 +204,8 @@ fn a_slow_snapshot_write_does_not_stop_the_loop() {
             Instant::now() < deadline,
             "members did not take 2 snapshots each"
         );
-        propose_range(&rt, &nodes[leader as usize - 1], 600, 610);
+        propose_range(&rt, &nodes[leader as usize - 1], next, next + 10);
+        next += 10;
     }
     for h in &nodes {
         let status = h.status();
@@ -215,8 +217,8 @@ fn a_slow_snapshot_write_does_not_stop_the_loop() {
         longest < Duration::from_millis(1_200),
         "a proposal took {longest:?} while snapshots were written"
     );
-    let states = states_after(&rt, &nodes, 600);
-    assert!(states.iter().all(|s| s == &states[0]));
+    let states = states_after(&rt, &nodes, next as usize);
+    assert!(states.iter().all(|s| s == &(0..next).collect::<Vec<u64>>()));
     WRITE_DELAY_MS.store(0, Ordering::Relaxed);
     cluster.shutdown().unwrap();
 }

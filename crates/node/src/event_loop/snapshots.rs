@@ -87,9 +87,11 @@ pub(crate) enum SnapshotJob<S: StateMachine> {
 }
 
 /// The snapshot thread's queue and handle. The loop shuts it down when it
-/// stops ([`SnapshotWorker::shutdown`]): a job under way finishes, queued
-/// writes and compactions are skipped, so that nothing touches the data
-/// directory once the member stopped (a restarted member may own it).
+/// stops ([`SnapshotWorker::shutdown`]): a snapshot write under way is
+/// abandoned (no file is left), queued writes and compactions are skipped,
+/// so that nothing touches the data directory once the member stopped (a
+/// restarted member may own it) and a large snapshot does not hold up a
+/// shutdown.
 pub(crate) struct SnapshotWorker<S: StateMachine> {
     jobs: Option<Sender<SnapshotJob<S>>>,
     stopping: Arc<AtomicBool>,
@@ -117,8 +119,8 @@ impl<S: StateMachine> SnapshotWorker<S> {
         })
     }
 
-    /// Skips what is queued, waits for the job under way (a snapshot write
-    /// is bounded by the state's size), ends the thread.
+    /// Skips what is queued, abandons a snapshot write under way (its
+    /// writer fails at the next buffer), waits for the thread to end.
     pub(crate) fn shutdown(&mut self) {
         self.stopping.store(true, Ordering::Release);
         self.jobs = None;
@@ -164,7 +166,7 @@ fn run_worker<S: StateMachine>(
                 path,
             } => {
                 let started = Instant::now();
-                let result = write_snapshot_file(&view, &path)
+                let result = write_snapshot_file(&view, &path, &stopping)
                     .map_err(|e| format!("snapshot {}: {e}", path.display()));
                 drop(view);
                 let report = Input::SnapshotWritten {
@@ -449,15 +451,21 @@ fn remove_old_snapshots(snap_dir: &Path, upto: Index) {
     }
 }
 
-/// A writer that counts and checksums what passes through.
-struct CrcWriter<W> {
+/// A writer that counts and checksums what passes through, and fails
+/// once `stop` is set (the member is shutting down: a snapshot of a large
+/// state is abandoned rather than waited for).
+struct CrcWriter<'a, W> {
     inner: W,
     len: u64,
     crc: u32,
+    stop: &'a AtomicBool,
 }
 
-impl<W: Write> Write for CrcWriter<W> {
+impl<W: Write> Write for CrcWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("the member is shutting down"));
+        }
         let n = self.inner.write(buf)?;
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
         self.len += n as u64;
@@ -471,8 +479,12 @@ impl<W: Write> Write for CrcWriter<W> {
 
 /// Writes `view` to `path` durably (temporary file, fsync, rename,
 /// directory fsync); returns its length and CRC32C. A failure leaves no
-/// file under `path` (the temporary one is removed).
-fn write_snapshot_file(view: &impl SnapshotView, path: &Path) -> std::io::Result<(u64, u32)> {
+/// file under `path` (the temporary one is removed); so does `stop`.
+fn write_snapshot_file(
+    view: &impl SnapshotView,
+    path: &Path,
+    stop: &AtomicBool,
+) -> std::io::Result<(u64, u32)> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     let result = (|| {
@@ -481,6 +493,7 @@ fn write_snapshot_file(view: &impl SnapshotView, path: &Path) -> std::io::Result
             inner: std::io::BufWriter::with_capacity(1 << 20, file),
             len: 0,
             crc: 0,
+            stop,
         };
         view.write_to(&mut w)?;
         w.flush()?;
@@ -538,13 +551,20 @@ mod tests {
     fn snapshot_files_are_whole_or_absent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshot-1.snap");
-        let (len, crc) = write_snapshot_file(&Bytes3, &path).unwrap();
+        let go = AtomicBool::new(false);
+        let (len, crc) = write_snapshot_file(&Bytes3, &path, &go).unwrap();
         assert_eq!((len, crc), (3, crc32c::crc32c(b"abc")));
         assert_eq!(std::fs::read(&path).unwrap(), b"abc");
         assert_eq!(file_crc(&path).unwrap(), crc);
         let other = dir.path().join("snapshot-2.snap");
-        let err = write_snapshot_file(&Failing, &other).unwrap_err();
+        let err = write_snapshot_file(&Failing, &other, &go).unwrap_err();
         assert!(err.to_string().contains("disk said no"));
+        assert!(!other.exists());
+        assert!(!other.with_extension("tmp").exists());
+        // A member shutting down abandons the write.
+        let stop = AtomicBool::new(true);
+        let err = write_snapshot_file(&Bytes3, &other, &stop).unwrap_err();
+        assert!(err.to_string().contains("shutting down"));
         assert!(!other.exists());
         assert!(!other.with_extension("tmp").exists());
     }
