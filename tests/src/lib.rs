@@ -718,3 +718,14 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The `etcdctl` binary the tests drive: `$ETCDCTL`, or `etcdctl` on the
+/// `PATH`; `None` when neither exists (those tests then skip, saying why).
+pub fn etcdctl_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ETCDCTL") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("etcdctl"))
+        .find(|p| p.is_file())
+}

@@ -6,20 +6,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use skiff_tests::{run_bounded, Cluster, ClusterOptions, NodeId};
+use skiff_tests::{etcdctl_path, run_bounded, Cluster, ClusterOptions, NodeId};
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const ETCDCTL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// `$ETCDCTL`, or `etcdctl` on the `PATH`.
-fn etcdctl_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ETCDCTL") {
-        return Some(PathBuf::from(p));
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join("etcdctl"))
-        .find(|p| p.is_file())
-}
 
 struct Etcdctl {
     bin: PathBuf,

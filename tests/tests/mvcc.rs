@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use skiff_tests::client::{value_str, Client, DeleteOptions, GetOptions, PutOptions};
-use skiff_tests::{run_bounded, Cluster, ClusterOptions, NodeId};
+use skiff_tests::{etcdctl_path, run_bounded, Cluster, ClusterOptions, NodeId};
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -190,16 +190,6 @@ async fn history_tombstones_and_compaction_through_the_client() {
         Some(("v3".into(), 3, r1, r3))
     );
     assert_eq!(assert_same_hash(&cluster).await, r3);
-}
-
-/// `$ETCDCTL`, or `etcdctl` on the `PATH`.
-fn etcdctl_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ETCDCTL") {
-        return Some(PathBuf::from(p));
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join("etcdctl"))
-        .find(|p| p.is_file())
 }
 
 struct Etcdctl {

@@ -135,33 +135,7 @@ pub struct KvSnapshot(StoreView);
 
 impl SnapshotView for KvSnapshot {
     fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
-        self.0.write_snapshot(&mut WriteAdapter(w)).map(|_| ())
-    }
-}
-
-/// `impl Write` over a `dyn Write` (the store's writer is generic).
-struct WriteAdapter<'a>(&'a mut dyn Write);
-
-impl Write for WriteAdapter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.0.write_all(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
-struct ReadAdapter<'a>(&'a mut dyn Read);
-
-impl Read for ReadAdapter<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-    fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact(buf)
+        self.0.write_snapshot(&mut &mut *w).map(|_| ())
     }
 }
 
@@ -234,7 +208,7 @@ impl StateMachine for KvMachine {
     }
 
     fn restore(r: &mut dyn Read) -> Result<Self, RestoreError> {
-        let store = KvStore::read_snapshot(&mut ReadAdapter(r))
+        let store = KvStore::read_snapshot(&mut &mut *r)
             .map_err(|e| RestoreError::Corrupt(e.to_string()))?;
         Ok(KvMachine { store })
     }
