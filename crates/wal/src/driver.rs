@@ -132,6 +132,8 @@ pub(crate) struct Done {
     pub buf: Vec<u8>,
     pub write: Duration,
     pub fsync: Duration,
+    /// The fdatasync ran on the driver thread (not handed to another).
+    pub inline: bool,
 }
 
 /// Fatal I/O failure of a group.
@@ -157,7 +159,10 @@ pub(crate) trait IoBackend: Send {
     }
 
     /// Starts (or performs) the group's write followed by one fdatasync.
-    fn submit(&mut self, group: Group) -> Result<(), Failure>;
+    /// `alone`: nothing else is in flight or queued, so nothing could
+    /// overlap this group's fdatasync; a backend may then perform it on the
+    /// calling thread rather than hand it to another.
+    fn submit(&mut self, group: Group, alone: bool) -> Result<(), Failure>;
     fn inflight(&self) -> usize;
     /// Collects finished groups. With `wait`, blocks until one finishes or
     /// `has_work` might have turned true (the doorbell rang).
@@ -176,7 +181,7 @@ pub(crate) struct SyncBackend {
 }
 
 impl IoBackend for SyncBackend {
-    fn submit(&mut self, g: Group) -> Result<(), Failure> {
+    fn submit(&mut self, g: Group, _alone: bool) -> Result<(), Failure> {
         let fail = |op, error| Failure {
             op,
             path: g.path.clone(),
@@ -193,6 +198,7 @@ impl IoBackend for SyncBackend {
             buf: g.buf,
             write: t1 - t0,
             fsync: t1.elapsed(),
+            inline: true,
         });
         Ok(())
     }
@@ -232,6 +238,9 @@ pub(crate) struct Pending {
 
 pub(crate) struct Driver {
     pub rx: Receiver<Op>,
+    /// The backend has a doorbell: idle, the driver sleeps in it (woken by
+    /// writers) instead of in the queue's receive.
+    pub sleeps_in_ring: bool,
     pub notify: Arc<Notify>,
     /// Recorded into directly: one uncontended lock per group.
     pub metrics: Arc<Mutex<Metrics>>,
@@ -282,6 +291,13 @@ impl Driver {
             if let Some(op) = self.held.take() {
                 bytes += op.len as usize;
                 ops.push(op);
+            } else if self.backend.inflight() == 0 && self.sleeps_in_ring {
+                // Idle: sleep in the ring until a writer rings the doorbell
+                // (the queue's own blocking receive spins and yields first,
+                // a context switch per yield on a busy small machine).
+                if self.rx.is_empty() {
+                    self.reap(Wait::ForCompletionOrWork, &mut done)?;
+                }
             } else if self.backend.inflight() == 0 {
                 match self.rx.recv_timeout(IDLE_WAIT) {
                     Ok(Op::Write(op)) => {
@@ -357,6 +373,7 @@ impl Driver {
             Metrics::record_us(&mut m.write_us, d.write);
             Metrics::record_us(&mut m.fsync_us, d.fsync);
             m.fsyncs_total += 1;
+            m.fsyncs_inline_total += u64::from(d.inline);
             let p = self
                 .pending
                 .iter_mut()
@@ -445,14 +462,18 @@ impl Driver {
             end: last.offset + last.len,
             done: false,
         });
-        self.backend.submit(Group {
-            id,
-            file,
-            path,
-            offset: group_offset,
-            buf,
-            submitted_at: now,
-        })
+        let alone = self.backend.inflight() == 0 && self.held.is_none() && self.rx.is_empty();
+        self.backend.submit(
+            Group {
+                id,
+                file,
+                path,
+                offset: group_offset,
+                buf,
+                submitted_at: now,
+            },
+            alone,
+        )
     }
 
     /// Renames the spare into place and makes the rename durable.

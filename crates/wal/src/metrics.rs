@@ -25,6 +25,10 @@ pub struct Metrics {
     pub group_bytes: Histogram,
     pub groups_total: u64,
     pub fsyncs_total: u64,
+    /// Fdatasyncs run on the driver thread itself: every one with the
+    /// `pwritev` backend; with io_uring, those of groups that had nothing
+    /// to overlap with (nothing else in flight or queued).
+    pub fsyncs_inline_total: u64,
     pub bytes_total: u64,
     pub entries_total: u64,
 }
@@ -44,6 +48,7 @@ impl Default for Metrics {
             group_bytes: histogram(1 << 40),
             groups_total: 0,
             fsyncs_total: 0,
+            fsyncs_inline_total: 0,
             bytes_total: 0,
             entries_total: 0,
         }

@@ -192,6 +192,7 @@ impl Wal {
         ));
         let driver = Driver {
             rx,
+            sleeps_in_ring: doorbell.is_some(),
             notify: notify.clone(),
             metrics: metrics.clone(),
             durable_pos: durable_pos.clone(),

@@ -59,6 +59,7 @@ per_backend!(
     async_ticket_resolves,
     misuse_is_a_clear_error,
     concurrent_writers_are_ordered,
+    lone_writes_sync_inline_bursts_overlap,
 );
 
 fn append_read_reopen(backend: Backend) {
@@ -298,4 +299,55 @@ fn concurrent_writers_are_ordered(backend: Backend) {
         "group commit shares fsyncs: {}",
         m.fsyncs_total
     );
+}
+
+/// A write with nothing else in flight is synced on the driver thread (no
+/// hop to a kernel worker); with io_uring, a burst that leaves writes
+/// queued behind a group hands that group's fdatasync to the ring so the
+/// next group's write overlaps it.
+fn lone_writes_sync_inline_bursts_overlap(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        group_bytes_max: 4096,
+        ..small(backend)
+    };
+    let Some(wal) = open(dir.path(), opts) else {
+        return;
+    };
+    for i in 1..=50u64 {
+        wal.append(entries(i, i + 1, 1)).unwrap().wait().unwrap();
+    }
+    let m = wal.metrics();
+    assert_eq!(m.fsyncs_total, 50, "one group per lone write");
+    assert_eq!(m.fsyncs_inline_total, 50, "lone groups sync inline");
+
+    let big = |i: u64| {
+        vec![Entry {
+            index: i,
+            term: 1,
+            payload: Bytes::from(vec![i as u8; 1500]),
+        }]
+    };
+    let tickets: Vec<_> = (51..=250u64).map(|i| wal.append(big(i)).unwrap()).collect();
+    for t in &tickets {
+        t.wait().unwrap();
+    }
+    assert_eq!(
+        wal.read(51, 251).unwrap(),
+        (51..=250).flat_map(big).collect::<Vec<_>>()
+    );
+    let m = wal.metrics();
+    let burst = m.fsyncs_total - 50;
+    let inline = m.fsyncs_inline_total - 50;
+    assert!(
+        burst >= 200 * 1500 / 4096,
+        "groups stay within group_bytes_max: {burst}"
+    );
+    match backend {
+        Backend::Pwritev => assert_eq!(inline, burst),
+        _ => assert!(
+            inline < burst,
+            "a burst overlaps syncs on the ring: {inline} of {burst} inline"
+        ),
+    }
 }
