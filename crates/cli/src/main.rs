@@ -107,6 +107,12 @@ struct ServeArgs {
     wal_backend: Option<WalBackend>,
     #[arg(long)]
     wal_segment_size: Option<u64>,
+    /// How often, in ms, a watcher that asked for progress notifications
+    /// hears the current revision while nothing happens to its keys
+    /// (etcd's --experimental-watch-progress-notify-interval; default 10
+    /// minutes).
+    #[arg(long)]
+    watch_progress_notify_interval_ms: Option<u64>,
 }
 
 macro_rules! override_fields {
@@ -191,7 +197,14 @@ fn init_tracing(default: &str) {
 fn serve(args: &ServeArgs) -> Result<(), String> {
     init_tracing("info");
     let cfg = args.config()?;
-    let node = skiff_kv::server::start(cfg).map_err(|e| e.to_string())?;
+    let mut kv = skiff_kv::server::KvOptions::default();
+    if let Some(ms) = args.watch_progress_notify_interval_ms {
+        if ms == 0 {
+            return Err("--watch-progress-notify-interval-ms must be at least 1".into());
+        }
+        kv.watch_progress_interval = std::time::Duration::from_millis(ms);
+    }
+    let node = skiff_kv::server::start_with(cfg, kv).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGTERM, libc::SIGINT] {
         register_signal(sig, stop.clone());

@@ -1,5 +1,5 @@
 //! The etcd v3 gRPC API on top of a node running the [`KvMachine`]: KV
-//! (Range, Put, DeleteRange, Txn, Compact), Cluster.MemberList and
+//! (Range, Put, DeleteRange, Txn, Compact), Watch, Cluster.MemberList and
 //! Maintenance.Status and HashKV.
 //!
 //! Writes are proposed through Raft: on the leader directly, on a follower
@@ -9,6 +9,7 @@
 //! `serializable`, which is served from this member's state at once.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use skiff_node::{NodeHandle, RequestError};
@@ -20,6 +21,7 @@ use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
+use crate::pb::etcdserverpb::watch_server::WatchServer;
 use crate::pb::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
     HashKvResponse, Member, MemberListRequest, MemberListResponse, PutRequest, PutResponse,
@@ -27,6 +29,9 @@ use crate::pb::etcdserverpb::{
     TxnRequest, TxnResponse,
 };
 use crate::store::{validate_request, KvError};
+use crate::watch::Hub;
+
+mod watch;
 
 /// The version `Maintenance.Status` reports (the etcd API level served).
 pub const API_VERSION: &str = "3.5.0";
@@ -39,6 +44,7 @@ pub const COMPACT_POLL: Duration = Duration::from_millis(10);
 /// when `stop` fires.
 pub async fn serve(
     node: NodeHandle<KvMachine>,
+    hub: Hub,
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<SocketAddr, String> {
@@ -46,12 +52,19 @@ pub async fn serve(
         .await
         .map_err(|e| e.to_string())?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let api = Api { node };
+    let api = Api {
+        node,
+        hub,
+        next_stream: AtomicU64::new(0),
+    };
     let api = std::sync::Arc::new(api);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .add_service(
             KvServer::from_arc(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            WatchServer::from_arc(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
         .add_service(ClusterServer::from_arc(api.clone()))
         .add_service(MaintenanceServer::from_arc(api))
@@ -68,6 +81,10 @@ pub async fn serve(
 
 struct Api {
     node: NodeHandle<KvMachine>,
+    /// The member's watch hub (its dispatcher runs beside the node).
+    hub: Hub,
+    /// Ids of watch streams.
+    next_stream: AtomicU64,
 }
 
 fn kv_status(e: &KvError) -> Status {

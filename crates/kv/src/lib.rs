@@ -5,6 +5,8 @@
 //!   compaction, snapshots of a frozen view); deterministic, no I/O;
 //! * [`machine`]: the store as a [`skiff_node::StateMachine`] (its
 //!   command format, queries, metrics);
+//! * [`watch`]: each member's watchers: the feed from apply, the
+//!   dispatcher thread, synced and catching-up watchers;
 //! * [`api`]: the etcd v3 gRPC services over a node's handle;
 //! * [`server`]: a member = a node + the API; an embedded cluster of them.
 //!
@@ -15,6 +17,7 @@ pub mod api;
 pub mod machine;
 pub mod server;
 pub mod store;
+pub mod watch;
 
 /// The etcd v3 API subset, generated from `proto/` at build time.
 pub mod pb {

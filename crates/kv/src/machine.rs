@@ -20,6 +20,7 @@ use skiff_node::{ApplyError, Committed, RestoreError, SnapshotView, StateMachine
 
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseOp};
 use crate::store::{KvError, KvStore, StoreStats, StoreView};
+use crate::watch::Hub;
 
 /// Tag of a [`KvCommand::Op`].
 pub const TAG_OP: u8 = 1;
@@ -61,6 +62,8 @@ pub enum KvQuery {
     HashKv {
         revision: i64,
     },
+    /// A frozen view of the store (O(1)), for watchers catching up.
+    View,
 }
 
 /// The store's revisions and sizes.
@@ -74,18 +77,21 @@ pub struct StoreStatus {
 }
 
 /// The answer to a [`KvQuery`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum KvQueryResponse {
     Range(Result<RangeResponse, KvError>),
     Status(StoreStatus),
     /// (hash, compact revision, hash revision), and the store revision.
     HashKv(Result<(u32, i64, i64), KvError>, i64),
+    View(StoreView),
 }
 
-/// The KV store run by the runtime.
+/// The KV store run by the runtime, and the feed of its watchers.
 #[derive(Debug, Default)]
 pub struct KvMachine {
     store: KvStore,
+    /// Not state: survives [`StateMachine::install`], never snapshotted.
+    hub: Hub,
 }
 
 impl KvMachine {
@@ -95,6 +101,12 @@ impl KvMachine {
 
     pub fn store(&self) -> &KvStore {
         &self.store
+    }
+
+    /// The watch hub this machine feeds (start its dispatcher to serve
+    /// watchers: [`Hub::start`]).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     fn status(&self) -> StoreStatus {
@@ -169,6 +181,91 @@ impl StateMachine for KvMachine {
         batch: &[Committed],
         responses: &mut Vec<Self::Response>,
     ) -> Result<(), ApplyError> {
+        let collect = self.hub.collecting();
+        self.store.collect_events(collect);
+        let from = self.store.revision() + 1;
+        let result = self.apply_entries(batch, responses);
+        let events = collect.then(|| self.store.take_events());
+        self.hub.applied(from, self.store.revision(), events);
+        result
+    }
+
+    fn query(&self, query: &KvQuery) -> KvQueryResponse {
+        match query {
+            KvQuery::Range(req) => KvQueryResponse::Range(self.store.range(req)),
+            KvQuery::Status => KvQueryResponse::Status(self.status()),
+            KvQuery::HashKv { revision } => {
+                KvQueryResponse::HashKv(self.store.hash_kv(*revision), self.store.revision())
+            }
+            KvQuery::View => KvQueryResponse::View(self.store.freeze()),
+        }
+    }
+
+    fn snapshot(&self) -> KvSnapshot {
+        KvSnapshot(self.store.freeze())
+    }
+
+    fn restore(r: &mut dyn Read) -> Result<Self, RestoreError> {
+        let store = KvStore::read_snapshot(&mut &mut *r)
+            .map_err(|e| RestoreError::Corrupt(e.to_string()))?;
+        Ok(KvMachine {
+            store,
+            hub: Hub::new(),
+        })
+    }
+
+    /// Keeps this machine's watch hub; its watchers catch up from the
+    /// restored history (or learn that what they need was compacted).
+    fn install(&mut self, restored: Self) -> Self {
+        let from = self.store.revision() + 1;
+        let old = std::mem::replace(&mut self.store, restored.store);
+        self.hub.jumped(from, self.store.revision());
+        KvMachine {
+            store: old,
+            hub: Hub::new(),
+        }
+    }
+
+    fn background_step(&mut self) -> bool {
+        self.store.compact_step(COMPACT_STEP_VERSIONS)
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let s = self.status();
+        let mut g = vec![
+            (
+                "kv_revision",
+                "KV store revision.",
+                s.revision.max(0) as u64,
+            ),
+            (
+                "kv_compact_revision",
+                "KV compact revision: reads below it are refused.",
+                s.compact_revision.max(0) as u64,
+            ),
+            ("kv_keys", "Live keys.", s.stats.keys),
+            (
+                "kv_versions",
+                "Key versions held (history and tombstones included).",
+                s.stats.versions,
+            ),
+            (
+                "kv_bytes",
+                "Approximate memory held by the store, bytes.",
+                s.stats.bytes,
+            ),
+        ];
+        g.extend(self.hub.gauges());
+        g
+    }
+}
+
+impl KvMachine {
+    fn apply_entries(
+        &mut self,
+        batch: &[Committed],
+        responses: &mut Vec<Result<KvResponse, KvError>>,
+    ) -> Result<(), ApplyError> {
         for entry in batch {
             let Some(bytes) = &entry.command else {
                 self.store.mark_applied(entry.index);
@@ -191,57 +288,6 @@ impl StateMachine for KvMachine {
             responses.push(response);
         }
         Ok(())
-    }
-
-    fn query(&self, query: &KvQuery) -> KvQueryResponse {
-        match query {
-            KvQuery::Range(req) => KvQueryResponse::Range(self.store.range(req)),
-            KvQuery::Status => KvQueryResponse::Status(self.status()),
-            KvQuery::HashKv { revision } => {
-                KvQueryResponse::HashKv(self.store.hash_kv(*revision), self.store.revision())
-            }
-        }
-    }
-
-    fn snapshot(&self) -> KvSnapshot {
-        KvSnapshot(self.store.freeze())
-    }
-
-    fn restore(r: &mut dyn Read) -> Result<Self, RestoreError> {
-        let store = KvStore::read_snapshot(&mut &mut *r)
-            .map_err(|e| RestoreError::Corrupt(e.to_string()))?;
-        Ok(KvMachine { store })
-    }
-
-    fn background_step(&mut self) -> bool {
-        self.store.compact_step(COMPACT_STEP_VERSIONS)
-    }
-
-    fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let s = self.status();
-        vec![
-            (
-                "kv_revision",
-                "KV store revision.",
-                s.revision.max(0) as u64,
-            ),
-            (
-                "kv_compact_revision",
-                "KV compact revision: reads below it are refused.",
-                s.compact_revision.max(0) as u64,
-            ),
-            ("kv_keys", "Live keys.", s.stats.keys),
-            (
-                "kv_versions",
-                "Key versions held (history and tombstones included).",
-                s.stats.versions,
-            ),
-            (
-                "kv_bytes",
-                "Approximate memory held by the store, bytes.",
-                s.stats.bytes,
-            ),
-        ]
     }
 }
 

@@ -5,7 +5,10 @@ use skiff_node::config::NodeConfig;
 use skiff_node::embedded::{EmbeddedCluster, Starter};
 use skiff_node::{Node, StartError};
 
-use crate::machine::KvMachine;
+use std::time::Duration;
+
+use crate::machine::{KvMachine, KvQuery, KvQueryResponse};
+use crate::watch::{ViewSource, PROGRESS_INTERVAL_DEFAULT};
 
 /// A running KV member; dropping it (or `shutdown`) stops the API first.
 pub type KvNode = Node<KvMachine>;
@@ -13,20 +16,76 @@ pub type KvNode = Node<KvMachine>;
 /// Starts a member: recovers its state, joins the cluster and serves the
 /// etcd API on `cfg.listen_client`.
 pub fn start(cfg: NodeConfig) -> Result<KvNode, StartError> {
+    start_with(cfg, KvOptions::default())
+}
+
+/// What a KV member takes besides its node's config.
+#[derive(Debug, Clone)]
+pub struct KvOptions {
+    /// How often a watcher that asked for `progress_notify` hears the
+    /// revision while nothing happens to its keys (etcd's
+    /// `--experimental-watch-progress-notify-interval`).
+    pub watch_progress_interval: Duration,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        KvOptions {
+            watch_progress_interval: PROGRESS_INTERVAL_DEFAULT,
+        }
+    }
+}
+
+/// How long the watch dispatcher waits for a frozen view from the loop.
+const VIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`start`] with options.
+pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError> {
     let addr = cfg.listen_client;
-    let mut node = Node::start(cfg, KvMachine::new())?;
+    let machine = KvMachine::new();
+    let hub = machine.hub().clone();
+    let mut node = Node::start(cfg, machine)?;
+    let id = node.handle().id();
+
+    // The watch dispatcher gets frozen views through serializable queries.
+    let handle = node.handle().clone();
+    let rt = node.runtime().clone();
+    let views: ViewSource = Box::new(move || {
+        let view = rt.block_on(async {
+            tokio::time::timeout(VIEW_TIMEOUT, handle.query(KvQuery::View, false)).await
+        });
+        match view {
+            Ok(Ok(KvQueryResponse::View(v))) => Some(v),
+            _ => None,
+        }
+    });
+    let dispatcher = hub
+        .start(
+            format!("skiff-{id}-watch"),
+            views,
+            opts.watch_progress_interval,
+        )
+        .map_err(StartError::Runtime)?;
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let bound = node
         .runtime()
-        .block_on(crate::api::serve(node.handle().clone(), addr, stop_rx))
+        .block_on(crate::api::serve(
+            node.handle().clone(),
+            hub.clone(),
+            addr,
+            stop_rx,
+        ))
         .map_err(|reason| StartError::Listen {
             what: "client",
             addr,
             reason,
         })?;
-    tracing::info!(id = node.handle().id(), client = %bound, "etcd API serving");
+    tracing::info!(id, client = %bound, "etcd API serving");
     node.on_shutdown(move || {
         let _ = stop_tx.send(());
+        hub.stop();
+        let _ = dispatcher.join();
     });
     Ok(node)
 }

@@ -231,7 +231,8 @@ impl<S: StateMachine> Node<S> {
     /// Opens the data directory, recovers (the state machine from the
     /// latest snapshot, or `initial` when there is none, then the log from
     /// the WAL), joins the cluster and starts the loop. `initial` is the
-    /// state of a member that never applied anything.
+    /// state of a member that never applied anything; a snapshot found is
+    /// installed into it ([`StateMachine::install`]).
     pub fn start(cfg: NodeConfig, initial: S) -> Result<Node<S>, StartError> {
         cfg.validate()?;
         let data_dir = cfg.data_dir.clone();
@@ -265,7 +266,13 @@ impl<S: StateMachine> Node<S> {
                     ms = started.elapsed().as_millis() as u64,
                     "state restored from snapshot"
                 );
-                (sm, *index, Some((*index, *term, path.clone(), len, crc)))
+                let mut initial = initial;
+                drop(initial.install(sm));
+                (
+                    initial,
+                    *index,
+                    Some((*index, *term, path.clone(), len, crc)),
+                )
             }
             None => (initial, 0, None),
         };

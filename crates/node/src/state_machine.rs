@@ -127,6 +127,17 @@ pub trait StateMachine: Send + Sized + 'static {
     /// Reads a state written by [`SnapshotView::write_to`].
     fn restore(r: &mut dyn Read) -> Result<Self, RestoreError>;
 
+    /// Takes the state of `restored` (what [`Self::restore`] read: a
+    /// snapshot installed from the leader, or found at start) in place of
+    /// this one's, and returns what it replaced, which the runtime drops off
+    /// the loop. The default swaps the whole value; a state machine that
+    /// holds more than its state (channels to subscribers, such as the KV
+    /// store's watchers) keeps that part and tells it the state jumped.
+    /// Runs on the loop thread: O(1).
+    fn install(&mut self, restored: Self) -> Self {
+        std::mem::replace(self, restored)
+    }
+
     /// One bounded slice of deferred work (compaction, ...), called on the
     /// loop while it returns `true` and at least once after each applied
     /// batch. Must not change what any query or snapshot observes.

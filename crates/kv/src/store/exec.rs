@@ -516,6 +516,23 @@ impl WriteTxn<'_> {
             return;
         }
         self.store.revision = self.write_revision();
+        let store = &mut *self.store;
+        if let Some(events) = &mut store.events {
+            let first = events.len();
+            for (at, before) in &self.written {
+                let v = store.history.get(at).expect("a version written is held");
+                let prev = before.filter(|b| b.version != 0).and_then(|b| {
+                    let prev_at = (at.0.clone(), b.mod_revision);
+                    store
+                        .history
+                        .get(&prev_at)
+                        .map(|p| p.key_value(&at.0, b.mod_revision))
+                });
+                events.push(super::events::event(&at.0, at.1, v, prev));
+            }
+            events[first..]
+                .sort_by(|a, b| super::events::event_key(a).cmp(&super::events::event_key(b)));
+        }
         debug_assert!(self
             .written
             .iter()

@@ -70,13 +70,15 @@
 use bytes::Bytes;
 
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseOp};
-use crate::pb::mvccpb::KeyValue;
+use crate::pb::mvccpb::{Event, KeyValue};
 
 mod compact;
+mod events;
 mod exec;
 mod snapshot;
 mod validate;
 
+pub use events::key_in_range;
 pub use snapshot::{SnapshotError, SnapshotInfo, SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
 pub use validate::validate_request;
 
@@ -365,6 +367,11 @@ pub struct KvStore {
     /// `read_snapshot`) and not part of a frozen view, so `freeze` stays
     /// O(1). Lookups only, never iterated: no effect on determinism.
     latest: Latest,
+    /// The watch events of the requests applied since the last
+    /// [`KvStore::take_events`], while collecting
+    /// ([`KvStore::collect_events`]); None: not collecting. Not state:
+    /// never serialized, compared or frozen.
+    events: Option<Vec<Event>>,
 }
 
 /// Key → its latest version held, without the value (the history has it):
@@ -438,6 +445,7 @@ impl KvStore {
             applied_index: 0,
             stats: StoreStats::default(),
             latest: Latest::new(),
+            events: None,
         }
     }
 
@@ -584,6 +592,31 @@ impl KvStore {
             applied_index: self.applied_index,
             stats: self.stats,
         }
+    }
+
+    /// Starts (`true`) or stops collecting the watch events of applied
+    /// requests. While collecting, each request that changes something
+    /// records one [`Event`] per key it wrote (a delete's `kv` holds the key
+    /// and mod_revision only), with the key's previous live version as
+    /// `prev_kv`; the events of one revision are in key order. Costs one
+    /// lookup per written key.
+    pub fn collect_events(&mut self, on: bool) {
+        match (on, &self.events) {
+            (true, None) => self.events = Some(Vec::new()),
+            (false, Some(_)) => self.events = None,
+            _ => {}
+        }
+    }
+
+    /// Whether events are being collected.
+    pub fn collecting_events(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// The events collected since the last call (empty when not
+    /// collecting), in revision order.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// A checksum of the whole state (history, revisions, applied index):

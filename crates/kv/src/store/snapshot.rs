@@ -236,6 +236,12 @@ impl StoreView {
     pub fn applied_index(&self) -> u64 {
         self.applied_index
     }
+
+    /// The compact revision when frozen: reads and events below it are
+    /// gone.
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_revision
+    }
 }
 
 impl KvStore {

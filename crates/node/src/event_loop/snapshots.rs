@@ -385,7 +385,7 @@ impl<S: StateMachine> EventLoop<S> {
             .fetched
             .remove(&index)
             .ok_or_else(|| format!("snapshot {index} to install was not fetched"))?;
-        let old = std::mem::replace(&mut self.sm, *fetched.state);
+        let old = self.sm.install(*fetched.state);
         self.worker.drop_off_loop(Box::new(old));
         self.applied = index;
         self.sm_busy = true;
