@@ -1,5 +1,5 @@
 //! A small etcd v3 client over skiff-kv's generated tonic clients: what the
-//! tests need, nothing more (no watch, no lease, no auth).
+//! tests need, nothing more (no lease, no auth).
 //!
 //! A [`Client`] holds a list of endpoints and talks to one at a time. Every
 //! request is bounded by the per-request timeout. Failover follows from
@@ -20,6 +20,14 @@
 //!
 //! It must never retry a write on its own: a test that checks acknowledged
 //! writes relies on each put having been sent at most once.
+//!
+//! Watches ([`Client::watch`]) follow the etcd-client crate's API: a
+//! [`Watcher`] sends requests on the stream (more watchers, cancels,
+//! progress requests), a [`WatchStream`] yields its responses. Opening a
+//! stream fails over like a read (it has no effects); once open, a stream
+//! stays on its member and is never re-established behind the caller's
+//! back: a test that resumes a watch does it itself, from the revision it
+//! wants. Every wait on a stream is bounded.
 
 use std::fmt;
 use std::future::Future;
@@ -31,18 +39,26 @@ use skiff_kv::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUn
 use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
 use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use skiff_kv::pb::etcdserverpb::request_op::Request as Op;
+use skiff_kv::pb::etcdserverpb::watch_client::WatchClient;
+use skiff_kv::pb::etcdserverpb::watch_create_request::FilterType;
+use skiff_kv::pb::etcdserverpb::watch_request::RequestUnion as WatchRequestUnion;
 use skiff_kv::pb::etcdserverpb::{
     CompactionRequest, Compare as PbCompare, DeleteRangeRequest, HashKvRequest, MemberListRequest,
-    PutRequest, RangeRequest, RequestOp, ResponseOp, StatusRequest, TxnRequest,
+    PutRequest, RangeRequest, RequestOp, ResponseOp, StatusRequest, TxnRequest, WatchCancelRequest,
+    WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
+use tokio::sync::mpsc;
+use tonic::codec::Streaming;
+use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 pub use skiff_kv::pb::etcdserverpb::response_op::Response as TxnOpResponse;
 pub use skiff_kv::pb::etcdserverpb::{
     CompactionResponse, DeleteRangeResponse, HashKvResponse, Member, MemberListResponse,
-    PutResponse, RangeResponse, ResponseHeader, StatusResponse, TxnResponse,
+    PutResponse, RangeResponse, ResponseHeader, StatusResponse, TxnResponse, WatchResponse,
 };
-pub use skiff_kv::pb::mvccpb::KeyValue;
+pub use skiff_kv::pb::mvccpb::event::EventType;
+pub use skiff_kv::pb::mvccpb::{Event, KeyValue};
 
 /// Largest response the client decodes: a range over every key of a test
 /// (thousands of 1 KiB values) is well above tonic's 4 MiB default.
@@ -78,6 +94,11 @@ impl Error {
             Error::Status { status, .. } => Some(status),
             _ => None,
         }
+    }
+
+    /// Whether nothing came back within the timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
     }
 }
 
@@ -322,6 +343,62 @@ impl Client {
                 .await
         })
         .await
+    }
+
+    /// `Watch.Watch`: opens a watch stream on the current endpoint (failing
+    /// over as a read does while the stream cannot be opened), creates a
+    /// watcher on `key` and waits (bounded by the request timeout) for the
+    /// server's answer to that creation, which [`Watcher::create_response`]
+    /// keeps; everything after it comes from the [`WatchStream`]. A refused
+    /// creation (`canceled`, or no `created`) is not an error here: the
+    /// caller looks at the create response.
+    pub async fn watch(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        options: Option<WatchOptions>,
+    ) -> Result<(Watcher, WatchStream), Error> {
+        let create = watch_create_request(key, options);
+        let (sender, stream, first) = self
+            .call(Effects::None, |ch| {
+                let create = create.clone();
+                async move {
+                    let (sender, receiver) = mpsc::unbounded_channel();
+                    sender
+                        .send(WatchRequest {
+                            request_union: Some(WatchRequestUnion::CreateRequest(create)),
+                        })
+                        .expect("the receiver is still here");
+                    let response = WatchClient::new(ch)
+                        .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                        .watch(UnboundedReceiverStream::new(receiver))
+                        .await?;
+                    let mut stream = response.into_inner();
+                    let first = stream.message().await?;
+                    Ok(tonic::Response::new((sender, stream, first)))
+                }
+            })
+            .await?;
+        let endpoint = self.current_endpoint().to_string();
+        let Some(first) = first else {
+            return Err(Error::Status {
+                endpoint,
+                status: tonic::Status::unknown(
+                    "the server ended the watch stream without answering the create request",
+                ),
+            });
+        };
+        let watcher = Watcher {
+            watch_id: first.watch_id,
+            created: first,
+            sender,
+            endpoint: endpoint.clone(),
+        };
+        let stream = WatchStream {
+            stream,
+            endpoint,
+            timeout: self.options.request_timeout,
+        };
+        Ok((watcher, stream))
     }
 }
 
@@ -641,6 +718,223 @@ pub fn value_str(kv: &KeyValue) -> &str {
     std::str::from_utf8(&kv.value).expect("a UTF-8 value")
 }
 
+/// Options of [`Client::watch`] and [`Watcher::watch`] (the etcd-client
+/// crate's names).
+#[derive(Debug, Clone, Default)]
+pub struct WatchOptions {
+    range_end: Option<Bytes>,
+    prefix: bool,
+    start_revision: i64,
+    progress_notify: bool,
+    filters: Vec<FilterType>,
+    prev_kv: bool,
+    watch_id: i64,
+    fragment: bool,
+}
+
+impl WatchOptions {
+    pub fn new() -> WatchOptions {
+        WatchOptions::default()
+    }
+
+    /// Every key that starts with the key.
+    pub fn with_prefix(mut self) -> WatchOptions {
+        self.prefix = true;
+        self
+    }
+
+    /// Every key in `[key, end)` (`"\0"`: every key from the key on).
+    pub fn with_range(mut self, end: impl AsRef<[u8]>) -> WatchOptions {
+        self.range_end = Some(bytes_of(end));
+        self
+    }
+
+    /// Every key from the key on.
+    pub fn with_from_key(self) -> WatchOptions {
+        self.with_range([0])
+    }
+
+    /// Events from `revision` on (0: from the next revision).
+    pub fn with_start_revision(mut self, revision: i64) -> WatchOptions {
+        self.start_revision = revision;
+        self
+    }
+
+    /// Each event carries the key's previous version (none on a create).
+    pub fn with_prev_key(mut self) -> WatchOptions {
+        self.prev_kv = true;
+        self
+    }
+
+    /// Periodic empty responses while nothing happens.
+    pub fn with_progress_notify(mut self) -> WatchOptions {
+        self.progress_notify = true;
+        self
+    }
+
+    /// Leave PUT events out (etcd's `NOPUT` filter).
+    pub fn with_filter_put(mut self) -> WatchOptions {
+        self.filters.push(FilterType::Noput);
+        self
+    }
+
+    /// Leave DELETE events out (etcd's `NODELETE` filter).
+    pub fn with_filter_delete(mut self) -> WatchOptions {
+        self.filters.push(FilterType::Nodelete);
+        self
+    }
+
+    /// A watch id chosen by the client (0, the default, lets the server
+    /// choose, as etcd's `AutoWatchID`).
+    pub fn with_watch_id(mut self, watch_id: i64) -> WatchOptions {
+        self.watch_id = watch_id;
+        self
+    }
+
+    /// Large responses may be split into fragments.
+    pub fn with_fragment(mut self) -> WatchOptions {
+        self.fragment = true;
+        self
+    }
+}
+
+fn watch_create_request(key: impl AsRef<[u8]>, o: Option<WatchOptions>) -> WatchCreateRequest {
+    let o = o.unwrap_or_default();
+    let key = bytes_of(key);
+    let range_end = match (&o.range_end, o.prefix) {
+        (Some(end), _) => end.clone(),
+        (None, true) => prefix_range_end(&key),
+        (None, false) => Bytes::new(),
+    };
+    WatchCreateRequest {
+        key,
+        range_end,
+        start_revision: o.start_revision,
+        progress_notify: o.progress_notify,
+        filters: o.filters.iter().map(|&f| f as i32).collect(),
+        prev_kv: o.prev_kv,
+        watch_id: o.watch_id,
+        fragment: o.fragment,
+    }
+}
+
+/// The sending half of a watch stream (see [`Client::watch`]): creates
+/// more watchers on it, cancels them, asks for progress. Their answers
+/// arrive on the [`WatchStream`]. Dropping it half-closes the stream (etcd
+/// keeps the watchers running); dropping the [`WatchStream`] ends it.
+#[derive(Debug, Clone)]
+pub struct Watcher {
+    watch_id: i64,
+    created: WatchResponse,
+    sender: mpsc::UnboundedSender<WatchRequest>,
+    endpoint: String,
+}
+
+impl Watcher {
+    /// The id the server gave the stream's first watcher (-1 when refused).
+    pub fn watch_id(&self) -> i64 {
+        self.watch_id
+    }
+
+    /// The server's answer to the stream's first create request.
+    pub fn create_response(&self) -> &WatchResponse {
+        &self.created
+    }
+
+    /// The endpoint the stream is open on.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn send(&self, request: WatchRequestUnion) -> Result<(), Error> {
+        self.sender
+            .send(WatchRequest {
+                request_union: Some(request),
+            })
+            .map_err(|_| Error::Status {
+                endpoint: self.endpoint.clone(),
+                status: tonic::Status::cancelled("the watch stream has ended"),
+            })
+    }
+
+    /// Creates another watcher on this stream; the server's answer (a
+    /// response with `created`) arrives on the [`WatchStream`].
+    pub async fn watch(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        options: Option<WatchOptions>,
+    ) -> Result<(), Error> {
+        self.send(WatchRequestUnion::CreateRequest(watch_create_request(
+            key, options,
+        )))
+    }
+
+    /// Cancels the stream's first watcher.
+    pub async fn cancel(&mut self) -> Result<(), Error> {
+        let watch_id = self.watch_id;
+        self.cancel_by_id(watch_id).await
+    }
+
+    /// Cancels watcher `watch_id` of this stream.
+    pub async fn cancel_by_id(&mut self, watch_id: i64) -> Result<(), Error> {
+        self.send(WatchRequestUnion::CancelRequest(WatchCancelRequest {
+            watch_id,
+        }))
+    }
+
+    /// Asks for a progress notification (etcd answers once every watcher
+    /// of the stream has caught up, with watch id -1).
+    pub async fn request_progress(&mut self) -> Result<(), Error> {
+        self.send(WatchRequestUnion::ProgressRequest(WatchProgressRequest {}))
+    }
+}
+
+/// The receiving half of a watch stream (see [`Client::watch`]).
+#[derive(Debug)]
+pub struct WatchStream {
+    stream: Streaming<WatchResponse>,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl WatchStream {
+    /// The next response; `None` once the server ended the stream; an
+    /// [`Error::Timeout`] when none came within the stream's timeout (the
+    /// client's request timeout unless [`WatchStream::set_timeout`]
+    /// changed it).
+    pub async fn message(&mut self) -> Result<Option<WatchResponse>, Error> {
+        self.message_within(self.timeout).await
+    }
+
+    /// [`WatchStream::message`], waiting at most `timeout`.
+    pub async fn message_within(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<WatchResponse>, Error> {
+        match tokio::time::timeout(timeout, self.stream.message()).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(status)) => Err(Error::Status {
+                endpoint: self.endpoint.clone(),
+                status,
+            }),
+            Err(_) => Err(Error::Timeout {
+                endpoint: self.endpoint.clone(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// How long [`WatchStream::message`] waits.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The endpoint the stream is open on.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,5 +965,39 @@ mod tests {
         assert_eq!(t.request.compare[0].result, CompareResult::Greater as i32);
         assert_eq!(t.request.compare[0].target, CompareTarget::Version as i32);
         assert_eq!((t.request.success.len(), t.request.failure.len()), (1, 2));
+    }
+
+    #[test]
+    fn watch_options_build_etcds_requests() {
+        let w = watch_create_request("k/", None);
+        assert!(w.range_end.is_empty() && w.start_revision == 0 && w.watch_id == 0);
+        assert!(w.filters.is_empty() && !w.prev_kv && !w.progress_notify && !w.fragment);
+        let w = watch_create_request(
+            "k/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(5)
+                    .with_prev_key()
+                    .with_filter_put()
+                    .with_filter_delete()
+                    .with_watch_id(7)
+                    .with_progress_notify()
+                    .with_fragment(),
+            ),
+        );
+        assert_eq!(
+            (&w.key[..], &w.range_end[..], w.start_revision, w.watch_id),
+            (&b"k/"[..], &b"k0"[..], 5, 7)
+        );
+        assert_eq!(
+            w.filters,
+            [FilterType::Noput as i32, FilterType::Nodelete as i32]
+        );
+        assert!(w.prev_kv && w.progress_notify && w.fragment);
+        let w = watch_create_request("a", Some(WatchOptions::new().with_range("c")));
+        assert_eq!(&w.range_end[..], b"c");
+        let w = watch_create_request("a", Some(WatchOptions::new().with_from_key()));
+        assert_eq!(&w.range_end[..], b"\0");
     }
 }

@@ -113,6 +113,11 @@ struct ServeArgs {
     /// minutes).
     #[arg(long)]
     watch_progress_notify_interval_ms: Option<u64>,
+    /// How often, in ms, the leader records the TTL left of every lease
+    /// through Raft, so that a restart or a new leader counts from there
+    /// (etcd's lease checkpoint interval; default 5 minutes).
+    #[arg(long)]
+    lease_checkpoint_interval_ms: Option<u64>,
 }
 
 macro_rules! override_fields {
@@ -203,6 +208,12 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             return Err("--watch-progress-notify-interval-ms must be at least 1".into());
         }
         kv.watch_progress_interval = std::time::Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.lease_checkpoint_interval_ms {
+        if ms == 0 {
+            return Err("--lease-checkpoint-interval-ms must be at least 1".into());
+        }
+        kv.lease_checkpoint_interval = std::time::Duration::from_millis(ms);
     }
     let node = skiff_kv::server::start_with(cfg, kv).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,5 @@
 //! The etcd v3 gRPC API on top of a node running the [`KvMachine`]: KV
-//! (Range, Put, DeleteRange, Txn, Compact), Watch, Cluster.MemberList and
+//! (Range, Put, DeleteRange, Txn, Compact), Watch, Lease, Cluster.MemberList and
 //! Maintenance.Status and HashKV.
 //!
 //! Writes are proposed through Raft: on the leader directly, on a follower
@@ -10,14 +10,17 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use skiff_node::{NodeHandle, RequestError};
 use tonic::{Request, Response, Status};
 
+use crate::lease::Lessor;
 use crate::machine::{KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse, StoreStatus};
 use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
+use crate::pb::etcdserverpb::lease_server::LeaseServer;
 use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
@@ -31,6 +34,7 @@ use crate::pb::etcdserverpb::{
 use crate::store::{validate_request, KvError};
 use crate::watch::Hub;
 
+mod lease;
 mod watch;
 
 /// The version `Maintenance.Status` reports (the etcd API level served).
@@ -45,6 +49,7 @@ pub const COMPACT_POLL: Duration = Duration::from_millis(10);
 pub async fn serve(
     node: NodeHandle<KvMachine>,
     hub: Hub,
+    lessor: Lessor,
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<SocketAddr, String> {
@@ -55,7 +60,9 @@ pub async fn serve(
     let api = Api {
         node,
         hub,
-        next_stream: AtomicU64::new(0),
+        next_stream: Arc::new(AtomicU64::new(0)),
+        lessor,
+        forwarders: Arc::default(),
     };
     let api = std::sync::Arc::new(api);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -66,6 +73,7 @@ pub async fn serve(
         .add_service(
             WatchServer::from_arc(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
+        .add_service(LeaseServer::from_arc(api.clone()))
         .add_service(ClusterServer::from_arc(api.clone()))
         .add_service(MaintenanceServer::from_arc(api))
         .serve_with_incoming_shutdown(incoming, async {
@@ -79,12 +87,17 @@ pub async fn serve(
     Ok(local)
 }
 
+#[derive(Clone)]
 struct Api {
     node: NodeHandle<KvMachine>,
     /// The member's watch hub (its dispatcher runs beside the node).
     hub: Hub,
     /// Ids of watch streams.
-    next_stream: AtomicU64,
+    next_stream: Arc<AtomicU64>,
+    /// Lease deadlines, on the leader.
+    lessor: Lessor,
+    /// Connections to the leader for forwarded lease requests.
+    forwarders: Arc<lease::Forwarders>,
 }
 
 fn kv_status(e: &KvError) -> Status {
@@ -131,6 +144,9 @@ impl Api {
     /// Proposes `op` and returns its response with a full header.
     async fn write(&self, op: RequestOp) -> Result<OpResponse, Status> {
         validate_request(&op).map_err(|e| kv_status(&e))?;
+        let mut leases = Vec::new();
+        put_leases(&op, &mut leases);
+        self.check_leases(&leases).await?;
         let KvResponse::Op(r) = self.propose(KvCommand::Op(op)).await? else {
             return Err(unexpected());
         };
@@ -155,6 +171,19 @@ impl Api {
             Ok(_) => Err(unexpected()),
             Err(e) => Err(status_of(e)),
         }
+    }
+}
+
+/// The leases the puts of `op` (a txn's, on every branch) attach keys to.
+fn put_leases(op: &RequestOp, out: &mut Vec<i64>) {
+    match &op.request {
+        Some(Op::RequestPut(p)) if p.lease != 0 && !out.contains(&p.lease) => out.push(p.lease),
+        Some(Op::RequestTxn(t)) => {
+            for op in t.success.iter().chain(&t.failure) {
+                put_leases(op, out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -7,6 +7,7 @@
 //!   command format, queries, metrics);
 //! * [`watch`]: each member's watchers: the feed from apply, the
 //!   dispatcher thread, synced and catching-up watchers;
+//! * [`lease`]: the lessor, the leader's clock for lease expiry;
 //! * [`api`]: the etcd v3 gRPC services over a node's handle;
 //! * [`server`]: a member = a node + the API; an embedded cluster of them.
 //!
@@ -14,6 +15,7 @@
 //! WAL or the transport.
 
 pub mod api;
+pub mod lease;
 pub mod machine;
 pub mod server;
 pub mod store;

@@ -6,6 +6,10 @@
 //! ```text
 //! 0x01, RequestOp (prost encoding)   a Put, DeleteRange or Txn
 //! 0x02, revision i64 LE              a Compact to `revision`
+//! 0x03, id i64 LE, ttl i64 LE        a LeaseGrant
+//! 0x04, id i64 LE                    a LeaseRevoke
+//! 0x05, n u32 LE, n × (id i64 LE, remaining i64 LE)
+//!                                    a LeaseCheckpoint (n <= LEASE_CHECKPOINT_MAX)
 //! ```
 //!
 //! The first byte lets a later release add commands (leases, ...); a byte
@@ -26,6 +30,14 @@ use crate::watch::Hub;
 pub const TAG_OP: u8 = 1;
 /// Tag of a [`KvCommand::Compact`].
 pub const TAG_COMPACT: u8 = 2;
+/// Tag of a [`KvCommand::LeaseGrant`].
+pub const TAG_LEASE_GRANT: u8 = 3;
+/// Tag of a [`KvCommand::LeaseRevoke`].
+pub const TAG_LEASE_REVOKE: u8 = 4;
+/// Tag of a [`KvCommand::LeaseCheckpoint`].
+pub const TAG_LEASE_CHECKPOINT: u8 = 5;
+/// Leases in one checkpoint command.
+pub const LEASE_CHECKPOINT_MAX: usize = 10_000;
 /// Versions visited by one slice of physical compaction on the loop.
 pub const COMPACT_STEP_VERSIONS: usize = 10_000;
 
@@ -38,6 +50,13 @@ pub enum KvCommand {
     /// Compact the history below `revision` on every member at the same
     /// point of the log.
     Compact { revision: i64 },
+    /// Grant lease `id` (chosen by the proposer) of `ttl` seconds.
+    LeaseGrant { id: i64, ttl: i64 },
+    /// Revoke lease `id`: delete its keys at one revision (an expiry is a
+    /// revoke proposed by the leader).
+    LeaseRevoke { id: i64 },
+    /// The TTLs left, by the leader's clock: (id, seconds left).
+    LeaseCheckpoint { remaining: Vec<(i64, i64)> },
 }
 
 /// What a [`KvCommand`] was answered with.
@@ -50,6 +69,15 @@ pub enum KvResponse {
     Compacted {
         revision: i64,
     },
+    /// The lease was granted (store revision then).
+    LeaseGranted {
+        revision: i64,
+    },
+    /// The lease was revoked, its keys deleted (store revision after).
+    LeaseRevoked {
+        revision: i64,
+    },
+    LeaseCheckpointed,
 }
 
 /// A read of the store.
@@ -64,6 +92,23 @@ pub enum KvQuery {
     },
     /// A frozen view of the store (O(1)), for watchers catching up.
     View,
+    /// One lease, with its keys when asked.
+    Lease {
+        id: i64,
+        keys: bool,
+    },
+    /// Every lease: (id, ttl, remaining at the last checkpoint).
+    Leases,
+}
+
+/// A lease as [`KvQuery::Lease`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub id: i64,
+    pub ttl: i64,
+    /// TTL left at the last checkpoint (0: none).
+    pub remaining: i64,
+    pub keys: Vec<Bytes>,
 }
 
 /// The store's revisions and sizes.
@@ -84,6 +129,8 @@ pub enum KvQueryResponse {
     /// (hash, compact revision, hash revision), and the store revision.
     HashKv(Result<(u32, i64, i64), KvError>, i64),
     View(StoreView),
+    Lease(Option<LeaseInfo>),
+    Leases(Vec<(i64, i64, i64)>),
 }
 
 /// The KV store run by the runtime, and the feed of its watchers.
@@ -138,6 +185,40 @@ pub fn decode_command(mut bytes: Bytes) -> Result<KvCommand, String> {
                 revision: i64::from_le_bytes(raw),
             })
         }
+        TAG_LEASE_GRANT | TAG_LEASE_REVOKE => {
+            let want = if tag == TAG_LEASE_GRANT { 16 } else { 8 };
+            if bytes.len() != want {
+                return Err(format!(
+                    "lease command of {} bytes, need {want}",
+                    bytes.len()
+                ));
+            }
+            let id = bytes.get_i64_le();
+            Ok(if tag == TAG_LEASE_GRANT {
+                KvCommand::LeaseGrant {
+                    id,
+                    ttl: bytes.get_i64_le(),
+                }
+            } else {
+                KvCommand::LeaseRevoke { id }
+            })
+        }
+        TAG_LEASE_CHECKPOINT => {
+            if bytes.len() < 4 {
+                return Err("lease checkpoint without a count".into());
+            }
+            let n = bytes.get_u32_le() as usize;
+            if n > LEASE_CHECKPOINT_MAX || bytes.len() != n * 16 {
+                return Err(format!(
+                    "lease checkpoint of {n} leases in {} bytes",
+                    bytes.len()
+                ));
+            }
+            let remaining = (0..n)
+                .map(|_| (bytes.get_i64_le(), bytes.get_i64_le()))
+                .collect();
+            Ok(KvCommand::LeaseCheckpoint { remaining })
+        }
         other => Err(format!("KV command tag {other} is not known")),
     }
 }
@@ -169,6 +250,27 @@ impl StateMachine for KvMachine {
                 out.put_u8(TAG_COMPACT);
                 out.put_i64_le(*revision);
             }
+            KvCommand::LeaseGrant { id, ttl } => {
+                out.put_u8(TAG_LEASE_GRANT);
+                out.put_i64_le(*id);
+                out.put_i64_le(*ttl);
+            }
+            KvCommand::LeaseRevoke { id } => {
+                out.put_u8(TAG_LEASE_REVOKE);
+                out.put_i64_le(*id);
+            }
+            KvCommand::LeaseCheckpoint { remaining } => {
+                assert!(
+                    remaining.len() <= LEASE_CHECKPOINT_MAX,
+                    "a checkpoint holds at most LEASE_CHECKPOINT_MAX leases"
+                );
+                out.put_u8(TAG_LEASE_CHECKPOINT);
+                out.put_u32_le(remaining.len() as u32);
+                for (id, left) in remaining {
+                    out.put_i64_le(*id);
+                    out.put_i64_le(*left);
+                }
+            }
         }
     }
 
@@ -198,6 +300,24 @@ impl StateMachine for KvMachine {
                 KvQueryResponse::HashKv(self.store.hash_kv(*revision), self.store.revision())
             }
             KvQuery::View => KvQueryResponse::View(self.store.freeze()),
+            KvQuery::Lease { id, keys } => {
+                KvQueryResponse::Lease(self.store.lease(*id).map(|l| LeaseInfo {
+                    id: *id,
+                    ttl: l.ttl,
+                    remaining: l.remaining,
+                    keys: if *keys {
+                        l.keys().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
+                }))
+            }
+            KvQuery::Leases => KvQueryResponse::Leases(
+                self.store
+                    .leases()
+                    .map(|(id, l)| (id, l.ttl, l.remaining))
+                    .collect(),
+            ),
         }
     }
 
@@ -245,6 +365,11 @@ impl StateMachine for KvMachine {
             ),
             ("kv_keys", "Live keys.", s.stats.keys),
             (
+                "kv_leases",
+                "Leases granted and not revoked.",
+                self.store.lease_count() as u64,
+            ),
+            (
                 "kv_versions",
                 "Key versions held (history and tombstones included).",
                 s.stats.versions,
@@ -283,6 +408,20 @@ impl KvMachine {
                         .map(|()| KvResponse::Compacted {
                             revision: self.store.revision(),
                         })
+                }
+                KvCommand::LeaseGrant { id, ttl } => self
+                    .store
+                    .lease_grant(entry.index, id, ttl)
+                    .map(|()| KvResponse::LeaseGranted {
+                        revision: self.store.revision(),
+                    }),
+                KvCommand::LeaseRevoke { id } => self
+                    .store
+                    .lease_revoke(entry.index, id)
+                    .map(|revision| KvResponse::LeaseRevoked { revision }),
+                KvCommand::LeaseCheckpoint { remaining } => {
+                    self.store.lease_checkpoint(entry.index, &remaining);
+                    Ok(KvResponse::LeaseCheckpointed)
                 }
             };
             responses.push(response);

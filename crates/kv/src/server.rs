@@ -7,6 +7,7 @@ use skiff_node::{Node, StartError};
 
 use std::time::Duration;
 
+use crate::lease::{Lessor, CHECKPOINT_INTERVAL_DEFAULT};
 use crate::machine::{KvMachine, KvQuery, KvQueryResponse};
 use crate::watch::{ViewSource, PROGRESS_INTERVAL_DEFAULT};
 
@@ -26,12 +27,17 @@ pub struct KvOptions {
     /// revision while nothing happens to its keys (etcd's
     /// `--experimental-watch-progress-notify-interval`).
     pub watch_progress_interval: Duration,
+    /// How often the leader records the TTL left of every lease through
+    /// Raft, so that a restart or a new leader counts from there (etcd's
+    /// lease checkpoint interval).
+    pub lease_checkpoint_interval: Duration,
 }
 
 impl Default for KvOptions {
     fn default() -> Self {
         KvOptions {
             watch_progress_interval: PROGRESS_INTERVAL_DEFAULT,
+            lease_checkpoint_interval: CHECKPOINT_INTERVAL_DEFAULT,
         }
     }
 }
@@ -67,12 +73,16 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
         )
         .map_err(StartError::Runtime)?;
 
+    let lessor = Lessor::new(node.handle().clone(), opts.lease_checkpoint_interval);
+    let lessor_task = node.runtime().spawn(lessor.clone().run());
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let bound = node
         .runtime()
         .block_on(crate::api::serve(
             node.handle().clone(),
             hub.clone(),
+            lessor,
             addr,
             stop_rx,
         ))
@@ -84,6 +94,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
     tracing::info!(id, client = %bound, "etcd API serving");
     node.on_shutdown(move || {
         let _ = stop_tx.send(());
+        lessor_task.abort();
         hub.stop();
         let _ = dispatcher.join();
     });

@@ -242,6 +242,11 @@ impl Hub {
         self.shared.wake.notify_one();
     }
 
+    /// The store revision after the last applied batch.
+    pub fn revision(&self) -> i64 {
+        self.shared.lock().revision
+    }
+
     /// Queues a request for the dispatcher.
     pub fn command(&self, cmd: Command) -> Result<(), CommandError> {
         let mut feed = self.shared.lock();

@@ -165,12 +165,18 @@ fn header_layout() {
     assert_eq!(&bytes[42..50], &2i64.to_le_bytes());
     assert_eq!(&bytes[50..58], &2i64.to_le_bytes());
     assert_eq!(&bytes[58..66], &1i64.to_le_bytes());
-    assert_eq!(&bytes[66..72], b"alpha1");
+    assert_eq!(&bytes[66..74], &0i64.to_le_bytes(), "no lease");
+    assert_eq!(&bytes[74..80], b"alpha1");
     // Second: alpha@5, the same key (key_len 0, no key bytes).
-    assert_eq!(bytes[72], 1);
-    assert_eq!(&bytes[73..77], &0u32.to_le_bytes());
+    assert_eq!(bytes[80], 1);
+    assert_eq!(&bytes[81..85], &0u32.to_le_bytes());
+    // Leases: none.
+    assert_eq!(
+        &bytes[bytes.len() - 12..bytes.len() - 4],
+        &0u64.to_le_bytes()
+    );
     // End: kind 0, 7 versions (alpha ×2, beta, gone ×2, \xff\x00), 3 keys.
-    let end = bytes.len() - 4 - 17;
+    let end = bytes.len() - 4 - 8 - 17;
     assert_eq!(bytes[end], 0);
     assert_eq!(&bytes[end + 1..end + 9], &6u64.to_le_bytes());
     assert_eq!(&bytes[end + 9..end + 17], &3u64.to_le_bytes());
@@ -217,7 +223,8 @@ fn every_bit_flip_is_an_error() {
             assert!(result.is_err(), "flip of bit {bit} at {at} read back");
             if at < 8 {
                 assert!(matches!(result, Err(SnapshotError::BadMagic)));
-            } else if at == 8 {
+            } else if at == 8 && bad[8] != 2 {
+                // (2 is the version before leases, read with its layout.)
                 assert!(matches!(result, Err(SnapshotError::UnsupportedVersion(_))));
             }
         }
@@ -275,18 +282,48 @@ fn tomb(key: &[u8], modr: i64) -> Rec<'_> {
 /// records and counts and a valid checksum: the semantic checks alone must
 /// catch what is wrong.
 fn forged_with(compact: i64, records: &[Rec<'_>], versions: u64, keys: u64) -> Vec<u8> {
+    forged_leases(compact, records, versions, keys, &[], SNAPSHOT_VERSION)
+}
+
+/// [`forged_with`] with leases: each record's lease is `leases[i].0` when
+/// given ((lease of record i, ...)), the lease table `table` (id, ttl,
+/// remaining); `format` 2 writes the layout before leases.
+fn forged_leases(
+    compact: i64,
+    records: &[Rec<'_>],
+    versions: u64,
+    keys: u64,
+    record_leases: &[i64],
+    format: u8,
+) -> Vec<u8> {
+    forged_table(compact, records, versions, keys, record_leases, &[], format)
+}
+
+fn forged_table(
+    compact: i64,
+    records: &[Rec<'_>],
+    versions: u64,
+    keys: u64,
+    record_leases: &[i64],
+    table: &[(i64, i64, i64)],
+    format: u8,
+) -> Vec<u8> {
     let mut bytes = Vec::new();
     bytes.extend_from_slice(&SNAPSHOT_MAGIC);
-    bytes.push(SNAPSHOT_VERSION);
+    bytes.push(format);
     bytes.extend_from_slice(&1u64.to_le_bytes());
     bytes.extend_from_slice(&10i64.to_le_bytes());
     bytes.extend_from_slice(&compact.to_le_bytes());
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         bytes.push(r.kind);
         bytes.extend_from_slice(&(r.key.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&r.value_len.to_le_bytes());
         for n in [r.modr, r.create, r.version] {
             bytes.extend_from_slice(&n.to_le_bytes());
+        }
+        if format >= 3 {
+            let lease = record_leases.get(i).copied().unwrap_or(0);
+            bytes.extend_from_slice(&lease.to_le_bytes());
         }
         bytes.extend_from_slice(r.key);
         bytes.extend(std::iter::repeat_n(b'v', r.value_len as usize));
@@ -294,6 +331,14 @@ fn forged_with(compact: i64, records: &[Rec<'_>], versions: u64, keys: u64) -> V
     bytes.push(0);
     bytes.extend_from_slice(&versions.to_le_bytes());
     bytes.extend_from_slice(&keys.to_le_bytes());
+    if format >= 3 {
+        bytes.extend_from_slice(&(table.len() as u64).to_le_bytes());
+        for (id, ttl, remaining) in table {
+            for n in [id, ttl, remaining] {
+                bytes.extend_from_slice(&n.to_le_bytes());
+            }
+        }
+    }
     let crc = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
     bytes
@@ -458,16 +503,16 @@ fn forged_records_are_corrupt() {
     // Lengths beyond the bounds are refused before reading the bytes.
     let mut long = good[..34].to_vec();
     long.extend_from_slice(&(KEY_BYTES_MAX as u32 + 1).to_le_bytes());
-    long.extend_from_slice(&[0u8; 28]);
+    long.extend_from_slice(&[0u8; 36]);
     corrupt(long, "key length beyond KEY_BYTES_MAX");
     let mut huge_value = good[..34].to_vec();
     huge_value.extend_from_slice(&1u32.to_le_bytes());
     huge_value.extend_from_slice(&(VALUE_BYTES_MAX as u32 + 1).to_le_bytes());
-    huge_value.extend_from_slice(&[0u8; 24]);
+    huge_value.extend_from_slice(&[0u8; 32]);
     corrupt(huge_value, "value length beyond VALUE_BYTES_MAX");
 
     // No end marker: the stream runs out, Truncated, not an allocation.
-    let records_only = &good[..good.len() - 4 - 17];
+    let records_only = &good[..good.len() - 4 - 8 - 17];
     assert!(matches!(
         read(records_only),
         Err(SnapshotError::Truncated { .. })
@@ -538,4 +583,47 @@ proptest! {
         with_header.extend_from_slice(&data);
         let _ = read(&with_header);
     }
+}
+
+#[test]
+fn leases_read_back_and_forged_lease_tables_are_corrupt() {
+    let recs = [live(b"a", 5, 5, 1), live(b"b", 6, 6, 1)];
+    // v2 (before leases) still reads, with no leases.
+    let old = read(&forged_leases(0, &recs, 2, 2, &[], 2)).unwrap();
+    assert_eq!(old.leases().count(), 0);
+    old.check_invariants();
+    // v3: b attached to lease 7.
+    let ok = forged_table(0, &recs, 2, 2, &[0, 7], &[(7, 60, 30)], 3);
+    let store = read(&ok).unwrap();
+    store.check_invariants();
+    let lease = store.lease(7).expect("lease 7 read back");
+    assert_eq!((lease.ttl, lease.remaining), (60, 30));
+    assert_eq!(
+        lease.keys().collect::<Vec<_>>(),
+        [&bytes::Bytes::from_static(b"b")]
+    );
+    let corrupt = |bytes: Vec<u8>, what: &str| match read(&bytes) {
+        Err(SnapshotError::Corrupt { .. }) => {}
+        other => panic!("{what}: {other:?}"),
+    };
+    corrupt(
+        forged_table(0, &recs, 2, 2, &[0, 8], &[(7, 60, 0)], 3),
+        "a key names a lease not held",
+    );
+    corrupt(
+        forged_table(0, &recs, 2, 2, &[], &[(7, 60, 0), (7, 60, 0)], 3),
+        "lease ids repeat",
+    );
+    corrupt(
+        forged_table(0, &recs, 2, 2, &[], &[(7, 0, 0)], 3),
+        "a TTL of 0",
+    );
+    corrupt(
+        forged_table(0, &recs, 2, 2, &[], &[(7, 60, 61)], 3),
+        "more remaining than granted",
+    );
+    corrupt(
+        forged_table(0, &recs, 2, 2, &[-1, 0], &[], 3),
+        "a negative lease id",
+    );
 }

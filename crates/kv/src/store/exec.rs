@@ -12,7 +12,8 @@ use std::ops::Bound;
 use bytes::Bytes;
 
 use super::{
-    read_revision, version_at, At, History, KvError, KvStore, LatestVersion, StoreStats, Version,
+    read_revision, version_at, At, History, KvError, KvStore, LatestVersion, Leases, StoreStats,
+    Version,
 };
 use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
@@ -266,7 +267,7 @@ fn compare_version(compare: &Compare, found: Option<(i64, &Version)>) -> bool {
                 (CompareTarget::Version, Some((_, v))) => v.version,
                 (CompareTarget::Create, Some((_, v))) => v.create_revision,
                 (CompareTarget::Mod, Some((mod_revision, _))) => mod_revision,
-                // Leases are not served: every key has lease 0.
+                (CompareTarget::Lease, Some((_, v))) => v.lease,
                 _ => 0,
             };
             have.cmp(&wanted)
@@ -306,12 +307,7 @@ pub(super) fn apply_atomically(store: &mut KvStore, op: &RequestOp) -> Result<Re
     if let Some(Request::RequestTxn(txn)) = &op.request {
         compare_path(&store.history, txn, store.revision, &mut path);
     }
-    let mut txn = WriteTxn {
-        begin_revision: store.revision,
-        stats_before: store.stats,
-        store,
-        written: Vec::new(),
-    };
+    let mut txn = WriteTxn::new(store);
     let mut path = path.into_iter();
     match txn.exec(op, &mut path) {
         Ok(response) => {
@@ -326,6 +322,18 @@ pub(super) fn apply_atomically(store: &mut KvStore, op: &RequestOp) -> Result<Re
     }
 }
 
+/// Deletes `keys` (live keys) at one new revision: a lease's revocation.
+pub(super) fn delete_keys(store: &mut KvStore, keys: &[Bytes]) {
+    let mut txn = WriteTxn::new(store);
+    for key in keys {
+        txn.delete_range(&DeleteRangeRequest {
+            key: key.clone(),
+            ..DeleteRangeRequest::default()
+        });
+    }
+    txn.commit();
+}
+
 struct WriteTxn<'s> {
     store: &'s mut KvStore,
     /// The store revision when the request started.
@@ -335,9 +343,39 @@ struct WriteTxn<'s> {
     /// Every version added so far (all at the write revision), with the
     /// key's latest version before it (restored on rollback).
     written: Vec<(At, Option<LatestVersion>)>,
+    /// The leases when the request started (an O(1) clone), restored on
+    /// rollback.
+    leases_before: Leases,
 }
 
-impl WriteTxn<'_> {
+impl<'s> WriteTxn<'s> {
+    fn new(store: &'s mut KvStore) -> Self {
+        WriteTxn {
+            begin_revision: store.revision,
+            stats_before: store.stats,
+            leases_before: store.leases.clone(),
+            store,
+            written: Vec::new(),
+        }
+    }
+
+    /// Moves `key` from lease `from` to lease `to` (0: none).
+    fn attach(&mut self, key: &Bytes, from: i64, to: i64) {
+        if from == to {
+            return;
+        }
+        if from != 0 {
+            if let Some(l) = self.store.leases.get_mut(&from) {
+                l.keys.remove(key);
+            }
+        }
+        if to != 0 {
+            if let Some(l) = self.store.leases.get_mut(&to) {
+                l.keys.insert(key.clone());
+            }
+        }
+    }
+
     fn write_revision(&self) -> i64 {
         self.begin_revision + 1
     }
@@ -398,7 +436,7 @@ impl WriteTxn<'_> {
 
     /// One seek for the key's latest version and one insert.
     fn put(&mut self, req: &PutRequest) -> Result<PutResponse, KvError> {
-        if req.lease != 0 {
+        if req.lease != 0 && !self.store.leases.contains_key(&req.lease) {
             return Err(KvError::LeaseNotFound);
         }
         // The key's latest version: one hash lookup (see `KvStore::latest`);
@@ -427,8 +465,10 @@ impl WriteTxn<'_> {
                     create_revision: l.create_revision,
                     version: l.version + 1,
                     value,
+                    lease: if req.ignore_lease { l.lease } else { req.lease },
                 };
                 let prev_kv = req.prev_kv.then(|| held().key_value(&at.0, at.1));
+                self.attach(&at.0, l.lease, version.lease);
                 (at.0.clone(), version, prev_kv, false)
             }
             latest => {
@@ -440,13 +480,16 @@ impl WriteTxn<'_> {
                     create_revision: self.write_revision(),
                     version: 1,
                     value: Bytes::copy_from_slice(&req.value),
+                    lease: req.lease,
                 };
                 // A new generation shares the key's bytes with the older
                 // ones when any are still held.
-                match latest {
+                let made = match latest {
                     Some((at, _)) => (at.0.clone(), version, None, false),
                     None => (Bytes::copy_from_slice(&req.key), version, None, true),
-                }
+                };
+                self.attach(&made.0, 0, made.1.lease);
+                made
             }
         };
         if version.version == 1 {
@@ -478,6 +521,7 @@ impl WriteTxn<'_> {
                 prev_kvs.push(v.key_value(&key, mod_revision));
             }
             self.store.stats.keys -= 1;
+            self.attach(&key, v.lease, 0);
             self.add_version(key, Version::TOMBSTONE, false);
         }
         DeleteRangeResponse {
@@ -549,5 +593,6 @@ impl WriteTxn<'_> {
             };
         }
         self.store.stats = self.stats_before;
+        self.store.leases = self.leases_before;
     }
 }

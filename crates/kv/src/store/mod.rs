@@ -131,9 +131,12 @@ pub enum KvError {
     ValueProvided,
     #[error("etcdserver: lease is provided")]
     LeaseProvided,
-    /// Leases are not served: any lease id is unknown.
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
     #[error("etcdserver: too many operations in txn request")]
@@ -155,6 +158,7 @@ pub enum KvError {
 pub enum GrpcCode {
     InvalidArgument = 3,
     NotFound = 5,
+    FailedPrecondition = 9,
     OutOfRange = 11,
 }
 
@@ -176,7 +180,9 @@ impl KvError {
             | KvError::DuplicateKey
             | KvError::TooManyOps
             | KvError::TxnTooDeep
-            | KvError::RequestTooLarge => GrpcCode::InvalidArgument,
+            | KvError::RequestTooLarge
+            | KvError::LeaseTtlTooLarge => GrpcCode::InvalidArgument,
+            KvError::LeaseExists => GrpcCode::FailedPrecondition,
             KvError::LeaseNotFound => GrpcCode::NotFound,
             KvError::Compacted | KvError::FutureRevision => GrpcCode::OutOfRange,
         }
@@ -214,6 +220,8 @@ struct Version {
     /// 0: tombstone.
     version: i64,
     value: Bytes,
+    /// The lease the key is attached to by this version (0: none).
+    lease: i64,
 }
 
 impl Version {
@@ -221,6 +229,7 @@ impl Version {
         create_revision: 0,
         version: 0,
         value: Bytes::new(),
+        lease: 0,
     };
 
     fn is_tombstone(&self) -> bool {
@@ -235,7 +244,7 @@ impl Version {
             mod_revision,
             version: self.version,
             value: self.value.clone(),
-            lease: 0,
+            lease: self.lease,
         }
     }
 
@@ -372,7 +381,40 @@ pub struct KvStore {
     /// ([`KvStore::collect_events`]); None: not collecting. Not state:
     /// never serialized, compared or frozen.
     events: Option<Vec<Event>>,
+    /// The leases granted and not revoked, by id.
+    leases: Leases,
 }
+
+/// Leases by id: a persistent map, so that a frozen view shares it.
+type Leases = imbl::OrdMap<i64, Lease>;
+
+/// A lease as the replicated state holds it. When it expires is decided by
+/// the leader's clock, outside the state (see `crate::lease`); the state
+/// holds what every member must agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The TTL granted, seconds.
+    pub ttl: i64,
+    /// The TTL left at the last checkpoint, seconds (0: none since the
+    /// grant or the last keepalive): what a new leader counts from.
+    pub remaining: i64,
+    /// The live keys attached to it.
+    keys: imbl::OrdSet<Bytes>,
+}
+
+impl Lease {
+    /// The keys attached, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        self.keys.iter()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// The longest TTL a lease may be granted, seconds (etcd's MaxLeaseTTL).
+pub const LEASE_TTL_MAX: i64 = 9_000_000_000;
 
 /// Key → its latest version held, without the value (the history has it):
 /// the key's bytes (shared with the history) and 24 bytes.
@@ -385,6 +427,7 @@ struct LatestVersion {
     create_revision: i64,
     /// 0: tombstone.
     version: i64,
+    lease: i64,
 }
 
 impl LatestVersion {
@@ -393,6 +436,7 @@ impl LatestVersion {
             mod_revision,
             create_revision: v.create_revision,
             version: v.version,
+            lease: v.lease,
         }
     }
 }
@@ -403,6 +447,7 @@ impl LatestVersion {
 #[derive(Debug, Clone)]
 pub struct StoreView {
     history: History,
+    leases: Leases,
     revision: i64,
     compact_revision: i64,
     applied_index: u64,
@@ -427,6 +472,7 @@ impl PartialEq for KvStore {
             && self.compact_revision == other.compact_revision
             && self.applied_index == other.applied_index
             && self.stats.keys == other.stats.keys
+            && self.leases == other.leases
             && compact::logical(&self.history, self.compact_revision)
                 .eq(compact::logical(&other.history, other.compact_revision))
     }
@@ -446,6 +492,7 @@ impl KvStore {
             stats: StoreStats::default(),
             latest: Latest::new(),
             events: None,
+            leases: Leases::new(),
         }
     }
 
@@ -587,11 +634,75 @@ impl KvStore {
     pub fn freeze(&self) -> StoreView {
         StoreView {
             history: self.history.clone(),
+            leases: self.leases.clone(),
             revision: self.revision,
             compact_revision: self.compact_revision,
             applied_index: self.applied_index,
             stats: self.stats,
         }
+    }
+
+    /// Grants lease `id` (non-zero) with `ttl` seconds, from the log entry
+    /// at `index`. The TTL is the one decided by the proposer (raised to
+    /// the cluster's minimum there): applying is deterministic.
+    pub fn lease_grant(&mut self, index: u64, id: i64, ttl: i64) -> Result<(), KvError> {
+        self.advance_applied(index);
+        if id <= 0 {
+            return Err(KvError::LeaseNotFound);
+        }
+        if ttl > LEASE_TTL_MAX {
+            return Err(KvError::LeaseTtlTooLarge);
+        }
+        if self.leases.contains_key(&id) {
+            return Err(KvError::LeaseExists);
+        }
+        self.leases.insert(
+            id,
+            Lease {
+                ttl: ttl.max(1),
+                remaining: 0,
+                keys: imbl::OrdSet::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Revokes lease `id`, from the log entry at `index`: deletes every key
+    /// attached to it, all at one new revision (none when it has no keys),
+    /// and forgets it. Returns the store revision after.
+    pub fn lease_revoke(&mut self, index: u64, id: i64) -> Result<i64, KvError> {
+        self.advance_applied(index);
+        let lease = self.leases.get(&id).ok_or(KvError::LeaseNotFound)?;
+        let keys: Vec<Bytes> = lease.keys.iter().cloned().collect();
+        exec::delete_keys(self, &keys);
+        self.leases.remove(&id);
+        Ok(self.revision)
+    }
+
+    /// Records the TTL left of each lease (a checkpoint by the leader, from
+    /// the log entry at `index`); leases no longer held are skipped.
+    pub fn lease_checkpoint(&mut self, index: u64, remaining: &[(i64, i64)]) {
+        self.advance_applied(index);
+        for &(id, left) in remaining {
+            if let Some(l) = self.leases.get_mut(&id) {
+                l.remaining = left.clamp(0, l.ttl);
+            }
+        }
+    }
+
+    /// Lease `id`, when held.
+    pub fn lease(&self, id: i64) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    /// Leases held (O(1)).
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Every lease held, by id.
+    pub fn leases(&self) -> impl Iterator<Item = (i64, &Lease)> {
+        self.leases.iter().map(|(id, l)| (*id, l))
     }
 
     /// Starts (`true`) or stops collecting the watch events of applied
@@ -687,6 +798,22 @@ impl KvStore {
             }
         }
         assert_eq!(keys, self.latest.len(), "latest index holds other keys");
+        let mut attached: std::collections::BTreeMap<i64, Vec<Bytes>> = Default::default();
+        for (key, l) in &self.latest {
+            if l.version != 0 && l.lease != 0 {
+                attached.entry(l.lease).or_default().push(key.clone());
+            }
+        }
+        for (id, lease) in &self.leases {
+            let mut want = attached.remove(id).unwrap_or_default();
+            want.sort();
+            let have: Vec<Bytes> = lease.keys.iter().cloned().collect();
+            assert_eq!(have, want, "keys of lease {id}");
+        }
+        assert!(
+            attached.is_empty(),
+            "keys attached to leases not held: {attached:?}"
+        );
     }
 
     fn advance_applied(&mut self, index: u64) {

@@ -4,7 +4,8 @@
 //! ```text
 //! header (33 bytes)
 //!   magic            [u8; 8] = "SKIFFKV\0"
-//!   version          u8      = 2
+//!   version          u8      = 3 (2: written before leases; read as a
+//!                            snapshot without leases)
 //!   applied_index    u64     last Raft index applied
 //!   revision         i64     store revision (>= 1)
 //!   compact_revision i64     0 ..= revision (0: never compacted)
@@ -17,12 +18,22 @@
 //!   mod_rev          i64     \  the history invariants hold against
 //!   create_rev       i64      } `revision` and `compact_revision`;
 //!   version          i64     /   a tombstone has create_rev = version = 0
+//!   lease            i64     the lease the version attaches its key to
+//!                            (0: none; 0 for a tombstone); absent in v2
 //!   key              [u8; key_len]
 //!   value            [u8; value_len]
 //! end
 //!   kind             u8      = 0
 //!   version_count    u64     records written
 //!   key_count        u64     live keys (keys whose last record is live)
+//! leases (absent in v2)
+//!   lease_count      u64
+//!   lease × lease_count, ids strictly ascending
+//!     id             i64     > 0
+//!     ttl            i64     1 ..= LEASE_TTL_MAX
+//!     remaining      i64     0 ..= ttl (0: no checkpoint)
+//!   (a lease's keys are the live keys whose latest version names it;
+//!   every lease a live key names is in the table)
 //! trailer
 //!   crc32c           u32     over every byte before it
 //! ```
@@ -51,10 +62,15 @@ use super::{
 };
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SKIFFKV\0";
-pub const SNAPSHOT_VERSION: u8 = 2;
+pub const SNAPSHOT_VERSION: u8 = 3;
+/// The version before leases, still read.
+const SNAPSHOT_VERSION_NO_LEASES: u8 = 2;
 const HEADER_BYTES: usize = 8 + 1 + 8 + 8 + 8;
 /// A record after its kind byte.
-const RECORD_HEADER_BYTES: usize = 4 + 4 + 8 + 8 + 8;
+const RECORD_HEADER_BYTES: usize = 4 + 4 + 8 + 8 + 8 + 8;
+/// A v2 record after its kind byte (no lease).
+const RECORD_HEADER_BYTES_V2: usize = RECORD_HEADER_BYTES - 8;
+const LEASE_BYTES: usize = 8 + 8 + 8;
 const END_BYTES: usize = 8 + 8;
 const KIND_END: u8 = 0;
 const KIND_LIVE: u8 = 1;
@@ -198,6 +214,7 @@ impl StoreView {
             buf.extend_from_slice(&mod_revision.to_le_bytes());
             buf.extend_from_slice(&v.create_revision.to_le_bytes());
             buf.extend_from_slice(&v.version.to_le_bytes());
+            buf.extend_from_slice(&v.lease.to_le_bytes());
             if !same_key {
                 buf.extend_from_slice(key);
             }
@@ -212,6 +229,16 @@ impl StoreView {
         buf.push(KIND_END);
         buf.extend_from_slice(&version_count.to_le_bytes());
         buf.extend_from_slice(&self.stats.keys.to_le_bytes());
+        buf.extend_from_slice(&(self.leases.len() as u64).to_le_bytes());
+        for (id, lease) in &self.leases {
+            buf.extend_from_slice(&id.to_le_bytes());
+            buf.extend_from_slice(&lease.ttl.to_le_bytes());
+            buf.extend_from_slice(&lease.remaining.to_le_bytes());
+            if buf.len() >= WRITE_BATCH_BYTES {
+                out.write_all(&buf)?;
+                buf.clear();
+            }
+        }
         out.write_all(&buf)?;
         let (crc, bytes) = (out.crc, out.bytes);
         w.write_all(&crc.to_le_bytes())?;
@@ -266,9 +293,15 @@ impl KvStore {
             return Err(SnapshotError::BadMagic);
         }
         let [version] = fields.take::<1>();
-        if version != SNAPSHOT_VERSION {
+        if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_NO_LEASES {
             return Err(SnapshotError::UnsupportedVersion(version));
         }
+        let with_leases = version == SNAPSHOT_VERSION;
+        let record_header_bytes = if with_leases {
+            RECORD_HEADER_BYTES
+        } else {
+            RECORD_HEADER_BYTES_V2
+        };
         let applied_index = fields.u64();
         let revision = fields.i64();
         let compact_revision = fields.i64();
@@ -293,12 +326,17 @@ impl KvStore {
                 _ => return Err(input.corrupt("unknown record kind")),
             };
             let mut record_header = [0u8; RECORD_HEADER_BYTES];
-            input.read(&mut record_header, "record header")?;
-            let mut fields = Fields(&record_header);
+            let record_header = &mut record_header[..record_header_bytes];
+            input.read(record_header, "record header")?;
+            let mut fields = Fields(record_header);
             let key_len = fields.u32() as usize;
             let value_len = fields.u32() as usize;
             let (mod_revision, create_revision, version) =
                 (fields.i64(), fields.i64(), fields.i64());
+            let lease = if with_leases { fields.i64() } else { 0 };
+            if lease < 0 || (version == 0 && lease != 0) {
+                return Err(input.corrupt("lease id out of range"));
+            }
             if key_len > KEY_BYTES_MAX {
                 return Err(input.corrupt("key length out of bounds"));
             }
@@ -327,6 +365,7 @@ impl KvStore {
                 create_revision,
                 version,
                 value: Bytes::from(value),
+                lease,
             };
             let same_key = prev.as_ref().filter(|(prev_key, ..)| *prev_key == key);
             let chain = same_key.map(|(_, prev_revision, prev_version)| Prev {
@@ -366,6 +405,36 @@ impl KvStore {
         if fields.u64() != stats.keys {
             return Err(input.corrupt("key count does not match the records"));
         }
+        let mut leases = super::Leases::new();
+        if with_leases {
+            let mut count = [0u8; 8];
+            input.read(&mut count, "lease count")?;
+            let count = u64::from_le_bytes(count);
+            let mut last = 0i64;
+            // Bounded by the stream: a count larger than what follows ends
+            // in Truncated.
+            for _ in 0..count {
+                let mut raw = [0u8; LEASE_BYTES];
+                input.read(&mut raw, "lease")?;
+                let mut f = Fields(&raw);
+                let (id, ttl, remaining) = (f.i64(), f.i64(), f.i64());
+                if id <= last {
+                    return Err(input.corrupt("lease ids not positive and ascending"));
+                }
+                if !(1..=super::LEASE_TTL_MAX).contains(&ttl) || !(0..=ttl).contains(&remaining) {
+                    return Err(input.corrupt("lease TTL out of range"));
+                }
+                last = id;
+                leases.insert(
+                    id,
+                    super::Lease {
+                        ttl,
+                        remaining,
+                        keys: imbl::OrdSet::new(),
+                    },
+                );
+            }
+        }
         let computed = input.crc;
         let mut trailer = [0u8; 4];
         input.read_raw(&mut trailer, "checksum")?;
@@ -381,6 +450,17 @@ impl KvStore {
                 .latest
                 .insert(at.0.clone(), super::LatestVersion::of(at.1, v));
         }
+        for (key, l) in &store.latest {
+            if l.version != 0 && l.lease != 0 {
+                match leases.get_mut(&l.lease) {
+                    Some(lease) => {
+                        lease.keys.insert(key.clone());
+                    }
+                    None => return Err(input.corrupt("a key names a lease not held")),
+                }
+            }
+        }
+        store.leases = leases;
         store.history = history;
         store.revision = revision;
         store.compact_revision = compact_revision;
