@@ -4,7 +4,15 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let files = protox::compile(["proto/rpc.proto", "proto/kv.proto"], ["proto"])?;
+    let files = protox::compile(
+        [
+            "proto/rpc.proto",
+            "proto/kv.proto",
+            "proto/v3lock.proto",
+            "proto/v3election.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .bytes(".")
         .compile_fds(files)?;

@@ -1,5 +1,6 @@
 //! The etcd v3 gRPC API on top of a node running the [`KvMachine`]: KV
-//! (Range, Put, DeleteRange, Txn, Compact), Watch, Lease, Cluster.MemberList and
+//! (Range, Put, DeleteRange, Txn, Compact), Watch, Lease, Lock, Election,
+//! Cluster.MemberList and
 //! Maintenance.Status and HashKV.
 //!
 //! Writes are proposed through Raft: on the leader directly, on a follower
@@ -21,6 +22,8 @@ use crate::machine::{KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse,
 use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::lease_server::LeaseServer;
+use crate::pb::v3electionpb::election_server::ElectionServer;
+use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
@@ -35,6 +38,7 @@ use crate::store::{validate_request, KvError};
 use crate::watch::Hub;
 
 mod lease;
+mod lock;
 mod watch;
 
 /// The version `Maintenance.Status` reports (the etcd API level served).
@@ -74,6 +78,8 @@ pub async fn serve(
             WatchServer::from_arc(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
         .add_service(LeaseServer::from_arc(api.clone()))
+        .add_service(LockServer::from_arc(api.clone()))
+        .add_service(ElectionServer::from_arc(api.clone()))
         .add_service(ClusterServer::from_arc(api.clone()))
         .add_service(MaintenanceServer::from_arc(api))
         .serve_with_incoming_shutdown(incoming, async {
