@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use skiff_node::NodeHandle;
 use skiff_raft::Role;
 
-use crate::machine::{KvCommand, KvMachine, KvQuery, KvQueryResponse, LEASE_CHECKPOINT_MAX};
+use crate::machine::{
+    KvCommand, KvMachine, KvQuery, KvQueryResponse, ServiceCounters, LEASE_CHECKPOINT_MAX,
+};
 
 /// How often the leader looks for expired leases.
 pub const LESSOR_TICK: Duration = Duration::from_millis(250);
@@ -66,6 +68,7 @@ pub struct Lessor {
     /// What a new leader adds to every deadline: an election timeout.
     extend: Duration,
     checkpoint_interval: Duration,
+    counters: Arc<ServiceCounters>,
 }
 
 impl std::fmt::Debug for Lessor {
@@ -86,7 +89,11 @@ pub enum NotReady {
 }
 
 impl Lessor {
-    pub fn new(node: NodeHandle<KvMachine>, checkpoint_interval: Duration) -> Lessor {
+    pub fn new(
+        node: NodeHandle<KvMachine>,
+        checkpoint_interval: Duration,
+        counters: Arc<ServiceCounters>,
+    ) -> Lessor {
         let cfg = node.config();
         let extend = cfg.tick_interval() * cfg.election_ticks_max;
         Lessor {
@@ -94,6 +101,7 @@ impl Lessor {
             node,
             extend,
             checkpoint_interval,
+            counters,
         }
     }
 
@@ -155,6 +163,9 @@ impl Lessor {
             return Ok((0, false));
         }
         d.at = Instant::now() + secs(d.ttl);
+        self.counters
+            .lease_keepalives
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let reset = std::mem::take(&mut d.checkpointed);
         Ok((d.ttl, reset))
     }
@@ -255,7 +266,13 @@ impl Lessor {
             let lessor = self.clone();
             tokio::spawn(async move {
                 match node.propose(KvCommand::LeaseRevoke { id }).await {
-                    Ok(_) => lessor.revoked(id),
+                    Ok(_) => {
+                        lessor
+                            .counters
+                            .lease_expired
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        lessor.revoked(id);
+                    }
                     Err(e) => {
                         tracing::debug!(id, error = %e, "lease expiry not proposed");
                         lessor.lock().revoking.remove(&id);

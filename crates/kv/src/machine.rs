@@ -17,6 +17,8 @@
 //! and fatal at apply (a log that every member cannot apply is corruption).
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
@@ -133,12 +135,35 @@ pub enum KvQueryResponse {
     Leases(Vec<(i64, i64, i64)>),
 }
 
-/// The KV store run by the runtime, and the feed of its watchers.
+/// Counters of the member's services kept beside the state machine, so
+/// that the node's metrics endpoint exports them with its gauges.
 #[derive(Debug, Default)]
+pub struct ServiceCounters {
+    /// Lease keepalives answered by this member's lessor (as leader).
+    pub lease_keepalives: AtomicU64,
+    /// Leases this member revoked as leader because they expired.
+    pub lease_expired: AtomicU64,
+}
+
+/// The KV store run by the runtime, and the feed of its watchers.
+#[derive(Debug)]
 pub struct KvMachine {
     store: KvStore,
     /// Not state: survives [`StateMachine::install`], never snapshotted.
     hub: Hub,
+    /// Not state, as `hub`.
+    counters: Arc<ServiceCounters>,
+}
+
+impl Default for KvMachine {
+    fn default() -> Self {
+        let store = KvStore::new();
+        KvMachine {
+            hub: Hub::at_revision(store.revision()),
+            store,
+            counters: Arc::default(),
+        }
+    }
 }
 
 impl KvMachine {
@@ -148,6 +173,11 @@ impl KvMachine {
 
     pub fn store(&self) -> &KvStore {
         &self.store
+    }
+
+    /// The counters its services update.
+    pub fn counters(&self) -> &Arc<ServiceCounters> {
+        &self.counters
     }
 
     /// The watch hub this machine feeds (start its dispatcher to serve
@@ -330,7 +360,7 @@ impl StateMachine for KvMachine {
             .map_err(|e| RestoreError::Corrupt(e.to_string()))?;
         Ok(KvMachine {
             store,
-            hub: Hub::new(),
+            ..KvMachine::default()
         })
     }
 
@@ -342,7 +372,7 @@ impl StateMachine for KvMachine {
         self.hub.jumped(from, self.store.revision());
         KvMachine {
             store: old,
-            hub: Hub::new(),
+            ..KvMachine::default()
         }
     }
 
@@ -381,6 +411,17 @@ impl StateMachine for KvMachine {
             ),
         ];
         g.extend(self.hub.gauges());
+        let c = &self.counters;
+        g.push((
+            "lease_keepalives_total",
+            "Lease keepalives answered by this member as leader.",
+            c.lease_keepalives.load(Ordering::Relaxed),
+        ));
+        g.push((
+            "lease_expired_total",
+            "Leases this member revoked as leader because they expired.",
+            c.lease_expired.load(Ordering::Relaxed),
+        ));
         g
     }
 }

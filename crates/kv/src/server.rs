@@ -50,6 +50,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
     let addr = cfg.listen_client;
     let machine = KvMachine::new();
     let hub = machine.hub().clone();
+    let counters = machine.counters().clone();
     let mut node = Node::start(cfg, machine)?;
     let id = node.handle().id();
 
@@ -73,7 +74,11 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
         )
         .map_err(StartError::Runtime)?;
 
-    let lessor = Lessor::new(node.handle().clone(), opts.lease_checkpoint_interval);
+    let lessor = Lessor::new(
+        node.handle().clone(),
+        opts.lease_checkpoint_interval,
+        counters,
+    );
     let lessor_task = node.runtime().spawn(lessor.clone().run());
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

@@ -187,6 +187,14 @@ impl Hub {
         Hub::default()
     }
 
+    /// A hub for a store at `revision` (what watchers created before the
+    /// first apply start after).
+    pub fn at_revision(revision: i64) -> Hub {
+        let hub = Hub::default();
+        hub.shared.lock().revision = revision;
+        hub
+    }
+
     /// Whether the machine should collect events for the batch it starts.
     pub(crate) fn collecting(&self) -> bool {
         self.shared.collect.load(Ordering::SeqCst)
@@ -287,6 +295,7 @@ impl Hub {
             known_rev: 0,
             catch_up_now: false,
             next_retry: Instant::now(),
+            progress_pending: false,
         };
         std::thread::Builder::new()
             .name(name)
@@ -412,6 +421,8 @@ struct Dispatcher {
     /// Unsynced watchers arrived: catch up without waiting for the retry.
     catch_up_now: bool,
     next_retry: Instant,
+    /// A progress answer waits for room in its stream's queue.
+    progress_pending: bool,
 }
 
 impl Drop for Dispatcher {
@@ -479,6 +490,9 @@ impl Dispatcher {
                 self.next_progress = now + self.progress_interval;
             }
             self.answer_progress_requests();
+            if self.progress_pending && Instant::now() >= self.next_retry {
+                self.next_retry = Instant::now() + RETRY_INTERVAL;
+            }
             self.maybe_stop_collecting();
             self.publish_gauges();
         }
@@ -486,6 +500,10 @@ impl Dispatcher {
 
     fn next_due(&self) -> Instant {
         let mut due = self.next_progress;
+        if self.progress_pending {
+            // A progress answer found its stream full: try again.
+            due = due.min(self.next_retry);
+        }
         if !self.unsynced.is_empty() {
             due = due.min(if self.catch_up_now {
                 Instant::now()
@@ -936,6 +954,7 @@ impl Dispatcher {
     }
 
     fn answer_progress_requests(&mut self) {
+        self.progress_pending = false;
         let wanted: Vec<u64> = self
             .streams
             .iter()
@@ -952,6 +971,7 @@ impl Dispatcher {
                 rev = rev.max(self.progress_rev(w));
             }
             if !all_synced {
+                // Answered once they are; catching up wakes the loop.
                 continue;
             }
             let resp = WatchResponse {
@@ -965,7 +985,7 @@ impl Dispatcher {
                         s.progress_wanted = false;
                     }
                 }
-                Sent::Full => {}
+                Sent::Full => self.progress_pending = true,
                 Sent::Closed => self.close_stream(stream),
             }
         }
