@@ -24,6 +24,7 @@ mod load;
 mod report;
 mod status;
 mod svg;
+mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ceiling::CeilingServer;
 pub use load::run_load;
+pub use watch::{run_fanout, FanoutReport, WATCHERS_PER_STREAM};
 pub use report::{JsonReport, LoadReport, PercentilePoint};
 pub use status::{
     format_status_table, print_status_table, status, MemberState, MemberStatus, StatusArgs,
@@ -114,6 +116,12 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "endpoints")]
     #[serde(default)]
     pub snapshot_entries: Option<u64>,
+    /// Run the load twice: without watchers, then with this many open
+    /// (watcher i on key i mod --key-space, 1,000 per stream); prints both
+    /// and the p99 ratio and events/s delivered. 0: one run, no watchers.
+    #[arg(long, default_value_t = 0, conflicts_with = "ceiling")]
+    #[serde(default)]
+    pub watchers: usize,
 }
 
 impl Default for BenchArgs {
@@ -133,6 +141,7 @@ impl Default for BenchArgs {
             no_progress: false,
             ceiling: false,
             snapshot_entries: None,
+            watchers: 0,
         }
     }
 }
@@ -332,6 +341,16 @@ pub async fn run_and_report(
     args: &BenchArgs,
     endpoints: &[String],
 ) -> Result<LoadReport, BenchError> {
+    if args.watchers > 0 {
+        let fanout = run_fanout(args, endpoints).await?;
+        println!("without watchers:");
+        fanout.without.print_human();
+        println!("with {} watchers:", args.watchers);
+        fanout.with.print_human();
+        println!("  events delivered to watchers: {:.0}/s", fanout.events_per_s);
+        println!("{}", fanout.result_line(args.watchers));
+        return Ok(fanout.with);
+    }
     let report = run_load(args, endpoints).await?;
     report.print_human();
     println!("{}", report.result_line());

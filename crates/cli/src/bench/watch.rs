@@ -1,0 +1,141 @@
+//! `skiff bench --watchers N`: the write load twice in one run, first
+//! without watchers and then with `N` watchers open on the members, to
+//! read the cost of watch fan-out on writes as a ratio against a baseline
+//! measured the same way, and the events per second delivered.
+//!
+//! Watcher `i` watches the single key `key-<i mod key_space>` (the keys the
+//! load writes), so every write reaches `N / key_space` watchers on average
+//! (at least one when `N >= key_space`); streams of
+//! [`WATCHERS_PER_STREAM`] watchers each, round-robin over the endpoints.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use skiff_kv::pb::etcdserverpb::watch_client::WatchClient;
+use skiff_kv::pb::etcdserverpb::watch_request::RequestUnion;
+use skiff_kv::pb::etcdserverpb::{WatchCreateRequest, WatchRequest};
+use tokio::sync::mpsc;
+
+use super::{error_chain, run_load, BenchArgs, BenchError, LoadReport};
+
+/// Watchers on one gRPC watch stream.
+pub const WATCHERS_PER_STREAM: usize = 1000;
+/// How long opening every watcher may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the two runs measured.
+#[derive(Debug)]
+pub struct FanoutReport {
+    pub without: LoadReport,
+    pub with: LoadReport,
+    /// Events received by the watchers per second during the second run
+    /// (its warmup included).
+    pub events_per_s: f64,
+}
+
+impl FanoutReport {
+    pub fn result_line(&self, watchers: usize) -> String {
+        format!(
+            "RESULT watchers={watchers} writes_per_s_without={:.0} p99_us_without={} \
+             writes_per_s_with={:.0} p99_us_with={} p99_ratio={:.2} events_per_s={:.0}",
+            self.without.writes_per_s,
+            self.without.p99_us,
+            self.with.writes_per_s,
+            self.with.p99_us,
+            self.with.p99_us as f64 / self.without.p99_us.max(1) as f64,
+            self.events_per_s
+        )
+    }
+}
+
+/// Opens `watchers` watchers; returns the event counter and a guard that
+/// closes them when dropped.
+async fn open_watchers(
+    args: &BenchArgs,
+    endpoints: &[String],
+) -> Result<(Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>), BenchError> {
+    let events = Arc::new(AtomicU64::new(0));
+    let created = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let streams = args.watchers.div_ceil(WATCHERS_PER_STREAM);
+    for s in 0..streams {
+        let endpoint = &endpoints[s % endpoints.len()];
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| BenchError::Connect {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?
+            .connect()
+            .await
+            .map_err(|e| BenchError::Connect {
+                endpoint: endpoint.clone(),
+                reason: error_chain(&e),
+            })?;
+        let (tx, rx) = mpsc::channel(WATCHERS_PER_STREAM);
+        let first = s * WATCHERS_PER_STREAM;
+        let last = (first + WATCHERS_PER_STREAM).min(args.watchers);
+        for i in first..last {
+            let key = format!("key-{:016}", i as u64 % args.key_space);
+            let req = WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: Bytes::from(key),
+                    ..WatchCreateRequest::default()
+                })),
+            };
+            tx.send(req).await.map_err(|_| BenchError::Task("watch queue closed".into()))?;
+        }
+        let mut stream = WatchClient::new(channel)
+            .watch(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| BenchError::Connect {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?
+            .into_inner();
+        let (events, created) = (events.clone(), created.clone());
+        tasks.push(tokio::spawn(async move {
+            // Keeps the request side open while the stream lives.
+            let _tx = tx;
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.created {
+                    created.fetch_add(1, Ordering::Relaxed);
+                }
+                events.fetch_add(resp.events.len() as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    let deadline = Instant::now() + OPEN_TIMEOUT;
+    while created.load(Ordering::Relaxed) < args.watchers as u64 {
+        if Instant::now() > deadline {
+            return Err(BenchError::Task(format!(
+                "{} of {} watchers created within {OPEN_TIMEOUT:?}",
+                created.load(Ordering::Relaxed),
+                args.watchers
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((events, tasks))
+}
+
+/// The load without watchers, then with `args.watchers` of them.
+pub async fn run_fanout(args: &BenchArgs, endpoints: &[String]) -> Result<FanoutReport, BenchError> {
+    let without = run_load(args, endpoints).await?;
+    let (events, tasks) = open_watchers(args, endpoints).await?;
+    let before = events.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let with = run_load(args, endpoints).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let delivered = events.load(Ordering::Relaxed) - before;
+    for t in tasks {
+        t.abort();
+    }
+    let with = with?;
+    Ok(FanoutReport {
+        without,
+        with,
+        events_per_s: delivered as f64 / elapsed.max(1e-9),
+    })
+}
