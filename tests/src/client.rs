@@ -1,5 +1,5 @@
 //! A small etcd v3 client over skiff-kv's generated tonic clients: what the
-//! tests need, nothing more (no lease, no auth).
+//! tests need, nothing more (no auth).
 //!
 //! A [`Client`] holds a list of endpoints and talks to one at a time. Every
 //! request is bounded by the per-request timeout. Failover follows from
@@ -28,6 +28,15 @@
 //! stays on its member and is never re-established behind the caller's
 //! back: a test that resumes a watch does it itself, from the revision it
 //! wants. Every wait on a stream is bounded.
+//!
+//! Leases ([`Client::lease_grant`] and the rest) follow the etcd-client
+//! crate's API too. Grant and revoke are writes (never sent twice);
+//! time-to-live and the lease list are reads. A keepalive stream
+//! ([`Client::lease_keep_alive`]) opens like a watch stream (a keepalive
+//! only renews a lease: sending it to another member is harmless), and is
+//! split the same way: a [`LeaseKeeper`] sends keepalives, a
+//! [`LeaseKeepAliveStream`] yields the answers. Unlike etcd-client, an
+//! answer with TTL 0 (no such lease) is not an error: the tests look at it.
 
 use std::fmt;
 use std::future::Future;
@@ -37,15 +46,17 @@ use bytes::Bytes;
 use skiff_kv::pb::etcdserverpb::cluster_client::ClusterClient;
 use skiff_kv::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
+use skiff_kv::pb::etcdserverpb::lease_client::LeaseClient;
 use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use skiff_kv::pb::etcdserverpb::request_op::Request as Op;
 use skiff_kv::pb::etcdserverpb::watch_client::WatchClient;
 use skiff_kv::pb::etcdserverpb::watch_create_request::FilterType;
 use skiff_kv::pb::etcdserverpb::watch_request::RequestUnion as WatchRequestUnion;
 use skiff_kv::pb::etcdserverpb::{
-    CompactionRequest, Compare as PbCompare, DeleteRangeRequest, HashKvRequest, MemberListRequest,
-    PutRequest, RangeRequest, RequestOp, ResponseOp, StatusRequest, TxnRequest, WatchCancelRequest,
-    WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    CompactionRequest, Compare as PbCompare, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest,
+    LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
+    MemberListRequest, PutRequest, RangeRequest, RequestOp, ResponseOp, StatusRequest, TxnRequest,
+    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
 use tokio::sync::mpsc;
 use tonic::codec::Streaming;
@@ -54,8 +65,10 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use skiff_kv::pb::etcdserverpb::response_op::Response as TxnOpResponse;
 pub use skiff_kv::pb::etcdserverpb::{
-    CompactionResponse, DeleteRangeResponse, HashKvResponse, Member, MemberListResponse,
-    PutResponse, RangeResponse, ResponseHeader, StatusResponse, TxnResponse, WatchResponse,
+    CompactionResponse, DeleteRangeResponse, HashKvResponse, LeaseGrantResponse,
+    LeaseKeepAliveResponse, LeaseLeasesResponse, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveResponse, Member, MemberListResponse, PutResponse, RangeResponse,
+    ResponseHeader, StatusResponse, TxnResponse, WatchResponse,
 };
 pub use skiff_kv::pb::mvccpb::event::EventType;
 pub use skiff_kv::pb::mvccpb::{Event, KeyValue};
@@ -400,6 +413,92 @@ impl Client {
         };
         Ok((watcher, stream))
     }
+
+    /// `Lease.LeaseGrant`: a lease of `ttl` seconds; `id` `None` (or
+    /// `Some(0)`) lets the server choose the id. A write: never sent twice.
+    pub async fn lease_grant(
+        &mut self,
+        ttl: i64,
+        id: Option<i64>,
+    ) -> Result<LeaseGrantResponse, Error> {
+        let request = LeaseGrantRequest {
+            ttl,
+            id: id.unwrap_or(0),
+        };
+        self.call(Effects::Writes, |ch| async move {
+            LeaseClient::new(ch).lease_grant(request).await
+        })
+        .await
+    }
+
+    /// `Lease.LeaseRevoke`: ends lease `id` and deletes its keys. A write.
+    pub async fn lease_revoke(&mut self, id: i64) -> Result<LeaseRevokeResponse, Error> {
+        let request = LeaseRevokeRequest { id };
+        self.call(Effects::Writes, |ch| async move {
+            LeaseClient::new(ch).lease_revoke(request).await
+        })
+        .await
+    }
+
+    /// `Lease.LeaseTimeToLive` of `id` (TTL -1: no such lease); with
+    /// `keys`, the keys attached to it.
+    pub async fn lease_time_to_live(
+        &mut self,
+        id: i64,
+        keys: bool,
+    ) -> Result<LeaseTimeToLiveResponse, Error> {
+        let request = LeaseTimeToLiveRequest { id, keys };
+        self.call(Effects::None, |ch| async move {
+            LeaseClient::new(ch).lease_time_to_live(request).await
+        })
+        .await
+    }
+
+    /// `Lease.LeaseLeases`: every lease held.
+    pub async fn lease_leases(&mut self) -> Result<LeaseLeasesResponse, Error> {
+        self.call(Effects::None, |ch| async move {
+            LeaseClient::new(ch)
+                .lease_leases(LeaseLeasesRequest {})
+                .await
+        })
+        .await
+    }
+
+    /// `Lease.LeaseKeepAlive` for `id`: opens a keepalive stream on the
+    /// current endpoint (failing over as a read does while it cannot be
+    /// opened) and sends one keepalive on it, as etcd-client does; that
+    /// keepalive's answer is the [`LeaseKeepAliveStream`]'s first message
+    /// (TTL 0 when the lease is not found). [`LeaseKeeper::keep_alive`]
+    /// sends more.
+    pub async fn lease_keep_alive(
+        &mut self,
+        id: i64,
+    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), Error> {
+        let (sender, stream) = self
+            .call(Effects::None, |ch| async move {
+                let (sender, receiver) = mpsc::unbounded_channel();
+                sender
+                    .send(LeaseKeepAliveRequest { id })
+                    .expect("the receiver is still here");
+                let response = LeaseClient::new(ch)
+                    .lease_keep_alive(UnboundedReceiverStream::new(receiver))
+                    .await?;
+                Ok(tonic::Response::new((sender, response.into_inner())))
+            })
+            .await?;
+        let endpoint = self.current_endpoint().to_string();
+        let keeper = LeaseKeeper {
+            id,
+            sender,
+            endpoint: endpoint.clone(),
+        };
+        let stream = LeaseKeepAliveStream {
+            stream,
+            endpoint,
+            timeout: self.options.request_timeout,
+        };
+        Ok((keeper, stream))
+    }
 }
 
 fn kv_client(ch: Channel) -> KvClient<Channel> {
@@ -447,6 +546,7 @@ fn bytes_of(b: impl AsRef<[u8]>) -> Bytes {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PutOptions {
     prev_kv: bool,
+    lease: i64,
 }
 
 impl PutOptions {
@@ -457,6 +557,13 @@ impl PutOptions {
     /// Return the key's previous version.
     pub fn with_prev_key(mut self) -> PutOptions {
         self.prev_kv = true;
+        self
+    }
+
+    /// Attach the key to lease `id` (0: no lease): the key is deleted when
+    /// the lease is revoked or expires.
+    pub fn with_lease(mut self, id: i64) -> PutOptions {
+        self.lease = id;
         self
     }
 }
@@ -471,6 +578,7 @@ fn put_request(
         key: bytes_of(key),
         value: bytes_of(value),
         prev_kv: o.prev_kv,
+        lease: o.lease,
         ..PutRequest::default()
     }
 }
@@ -935,6 +1043,85 @@ impl WatchStream {
     }
 }
 
+/// The sending half of a keepalive stream (see [`Client::lease_keep_alive`]).
+/// Dropping it half-closes the stream.
+#[derive(Debug, Clone)]
+pub struct LeaseKeeper {
+    id: i64,
+    sender: mpsc::UnboundedSender<LeaseKeepAliveRequest>,
+    endpoint: String,
+}
+
+impl LeaseKeeper {
+    /// The lease this keeper renews.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// The endpoint the stream is open on.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Sends one keepalive; its answer arrives on the
+    /// [`LeaseKeepAliveStream`].
+    pub async fn keep_alive(&mut self) -> Result<(), Error> {
+        self.sender
+            .send(LeaseKeepAliveRequest { id: self.id })
+            .map_err(|_| Error::Status {
+                endpoint: self.endpoint.clone(),
+                status: tonic::Status::cancelled("the keepalive stream has ended"),
+            })
+    }
+}
+
+/// The receiving half of a keepalive stream (see
+/// [`Client::lease_keep_alive`]).
+#[derive(Debug)]
+pub struct LeaseKeepAliveStream {
+    stream: Streaming<LeaseKeepAliveResponse>,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl LeaseKeepAliveStream {
+    /// The next answer; `None` once the server ended the stream; an
+    /// [`Error::Timeout`] when none came within the stream's timeout (the
+    /// client's request timeout unless
+    /// [`LeaseKeepAliveStream::set_timeout`] changed it).
+    pub async fn message(&mut self) -> Result<Option<LeaseKeepAliveResponse>, Error> {
+        self.message_within(self.timeout).await
+    }
+
+    /// [`LeaseKeepAliveStream::message`], waiting at most `timeout`.
+    pub async fn message_within(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<LeaseKeepAliveResponse>, Error> {
+        match tokio::time::timeout(timeout, self.stream.message()).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(status)) => Err(Error::Status {
+                endpoint: self.endpoint.clone(),
+                status,
+            }),
+            Err(_) => Err(Error::Timeout {
+                endpoint: self.endpoint.clone(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// How long [`LeaseKeepAliveStream::message`] waits.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The endpoint the stream is open on.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -956,6 +1143,9 @@ mod tests {
             (&b"k/"[..], &b"k0"[..], 7)
         );
         assert!(!r.serializable && !r.count_only && r.limit == 0);
+        let p = put_request("k", "v", Some(PutOptions::new().with_lease(7)));
+        assert!(p.lease == 7 && !p.prev_kv);
+        assert_eq!(put_request("k", "v", None).lease, 0);
         let d = delete_request("k", Some(DeleteOptions::new().with_prev_key()));
         assert!(d.range_end.is_empty() && d.prev_kv);
         let t = Txn::new()
