@@ -22,8 +22,6 @@ use crate::machine::{KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse,
 use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::lease_server::LeaseServer;
-use crate::pb::v3electionpb::election_server::ElectionServer;
-use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
@@ -34,6 +32,8 @@ use crate::pb::etcdserverpb::{
     RangeRequest, RangeResponse, RequestOp, ResponseHeader, StatusRequest, StatusResponse,
     TxnRequest, TxnResponse,
 };
+use crate::pb::v3electionpb::election_server::ElectionServer;
+use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::store::{validate_request, KvError};
 use crate::watch::Hub;
 

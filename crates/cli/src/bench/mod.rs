@@ -20,6 +20,7 @@
 //! prints one row per member; an unreachable member is a row, not an error.
 
 mod ceiling;
+mod leases;
 mod load;
 mod report;
 mod status;
@@ -32,12 +33,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use ceiling::CeilingServer;
+pub use leases::{run_leases, LeaseReport, KEEPALIVE_STREAMS};
 pub use load::run_load;
-pub use watch::{run_fanout, FanoutReport, WATCHERS_PER_STREAM};
 pub use report::{JsonReport, LoadReport, PercentilePoint};
 pub use status::{
     format_status_table, print_status_table, status, MemberState, MemberStatus, StatusArgs,
 };
+pub use watch::{run_fanout, FanoutReport, WATCHERS_PER_STREAM};
 
 /// Every Put (and every Status call) gives up after this long.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,6 +124,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0, conflicts_with = "ceiling")]
     #[serde(default)]
     pub watchers: usize,
+    /// Instead of writes: grant this many leases, then keep them all alive
+    /// for the measured time (16 keepalive streams); prints keepalives/s
+    /// and the CPU time per keepalive. 0: the write load.
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["ceiling", "watchers"])]
+    #[serde(default)]
+    pub leases: usize,
 }
 
 impl Default for BenchArgs {
@@ -142,6 +150,7 @@ impl Default for BenchArgs {
             ceiling: false,
             snapshot_entries: None,
             watchers: 0,
+            leases: 0,
         }
     }
 }
@@ -341,13 +350,47 @@ pub async fn run_and_report(
     args: &BenchArgs,
     endpoints: &[String],
 ) -> Result<LoadReport, BenchError> {
+    if args.leases > 0 {
+        let r = run_leases(args, endpoints).await?;
+        println!(
+            "skiff bench: {} leases granted in {:.1} s; kept alive for {:.1} s over {KEEPALIVE_STREAMS} streams",
+            r.leases,
+            r.grant_s,
+            args.measured().as_secs_f64()
+        );
+        println!(
+            "  {:.0} keepalives/s, {} µs of process CPU per keepalive, {} answered not found",
+            r.keepalives_per_s,
+            r.cpu_us_per_keepalive
+                .map_or("n/a".to_string(), |c| format!("{c:.1}")),
+            r.lost
+        );
+        let per: Vec<String> = endpoints
+            .iter()
+            .zip(&r.by_endpoint)
+            .map(|(e, k)| format!("{e}: {k:.0}/s"))
+            .collect();
+        println!("  by endpoint: {}", per.join(", "));
+        println!("{}", r.result_line());
+        return Ok(LoadReport::new(
+            args.clone(),
+            endpoints.to_vec(),
+            0,
+            Default::default(),
+            args.measured(),
+            hdrhistogram::Histogram::new(3).expect("histogram"),
+        ));
+    }
     if args.watchers > 0 {
         let fanout = run_fanout(args, endpoints).await?;
         println!("without watchers:");
         fanout.without.print_human();
         println!("with {} watchers:", args.watchers);
         fanout.with.print_human();
-        println!("  events delivered to watchers: {:.0}/s", fanout.events_per_s);
+        println!(
+            "  events delivered to watchers: {:.0}/s",
+            fanout.events_per_s
+        );
         println!("{}", fanout.result_line(args.watchers));
         return Ok(fanout.with);
     }

@@ -84,10 +84,14 @@ async fn open_watchers(
                     ..WatchCreateRequest::default()
                 })),
             };
-            tx.send(req).await.map_err(|_| BenchError::Task("watch queue closed".into()))?;
+            tx.send(req)
+                .await
+                .map_err(|_| BenchError::Task("watch queue closed".into()))?;
         }
         let mut stream = WatchClient::new(channel)
-            .watch(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx))
+            .watch(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+                rx,
+            ))
             .await
             .map_err(|e| BenchError::Connect {
                 endpoint: endpoint.clone(),
@@ -121,7 +125,10 @@ async fn open_watchers(
 }
 
 /// The load without watchers, then with `args.watchers` of them.
-pub async fn run_fanout(args: &BenchArgs, endpoints: &[String]) -> Result<FanoutReport, BenchError> {
+pub async fn run_fanout(
+    args: &BenchArgs,
+    endpoints: &[String],
+) -> Result<FanoutReport, BenchError> {
     let without = run_load(args, endpoints).await?;
     let (events, tasks) = open_watchers(args, endpoints).await?;
     let before = events.load(Ordering::Relaxed);

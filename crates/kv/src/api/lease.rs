@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::tokio_stream::{self, Stream};
+use tonic::codegen::tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -121,39 +121,48 @@ impl Api {
         }
     }
 
-    /// Renews `id` on the leader, directly or forwarded: the new TTL (0:
-    /// not found).
-    async fn renew(&self, id: i64) -> Result<i64, Status> {
+    /// Renews `id` here when this member is the leader: the new TTL (0:
+    /// not found); None when it is not the leader.
+    async fn renew_here(&self, id: i64) -> Result<Option<i64>, Status> {
         let lessor = self.lessor.clone();
-        if let Some((ttl, reset)) = self.lessor_ready(|| lessor.renew(id)).await? {
-            if reset {
-                // The checkpointed TTL left no longer holds.
-                let node = self.node.clone();
-                tokio::spawn(async move {
-                    let cmd = KvCommand::LeaseCheckpoint {
-                        remaining: vec![(id, 0)],
-                    };
-                    let _ = node.propose(cmd).await;
-                });
-            }
-            return Ok(ttl);
+        let Some((ttl, reset)) = self.lessor_ready(|| lessor.renew(id)).await? else {
+            return Ok(None);
+        };
+        if reset {
+            // The checkpointed TTL left no longer holds.
+            let node = self.node.clone();
+            tokio::spawn(async move {
+                let cmd = KvCommand::LeaseCheckpoint {
+                    remaining: vec![(id, 0)],
+                };
+                let _ = node.propose(cmd).await;
+            });
         }
+        Ok(Some(ttl))
+    }
+
+    /// Opens a keepalive stream to the leader whose responses go to `tx`;
+    /// returns where to send the requests.
+    async fn forward_keepalives(
+        &self,
+        tx: mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
+    ) -> Result<mpsc::Sender<LeaseKeepAliveRequest>, Status> {
         let mut client = self.leader_lease_client().await?;
+        let (up_tx, up_rx) = mpsc::channel(KEEPALIVE_QUEUE);
         let mut responses = client
-            .lease_keep_alive(tokio_stream::once(LeaseKeepAliveRequest { id }))
+            .lease_keep_alive(ReceiverStream::new(up_rx))
             .await?
             .into_inner();
-        let timeout = self.node.config().request_timeout();
-        match tokio::time::timeout(timeout, responses.message()).await {
-            Ok(Ok(Some(r))) => Ok(r.ttl),
-            Ok(Ok(None)) => Err(Status::unavailable(
-                "etcdserver: the leader ended the keepalive",
-            )),
-            Ok(Err(s)) => Err(s),
-            Err(_) => Err(Status::deadline_exceeded(
-                "etcdserver: keepalive forward timed out",
-            )),
-        }
+        tokio::spawn(async move {
+            // Ends when the leader ends it (it stepped down, or stopped):
+            // the next request opens another.
+            while let Ok(Some(r)) = responses.message().await {
+                if tx.send(Ok(r)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(up_tx)
     }
 
     /// Refuses a request naming a lease this member does not hold, before
@@ -242,6 +251,9 @@ impl Lease for Api {
         let (tx, rx) = mpsc::channel(KEEPALIVE_QUEUE);
         let api = self.clone();
         tokio::spawn(async move {
+            // On a follower: one stream to the leader for this client's
+            // stream, pipelined; reopened when it ends.
+            let mut upstream: Option<mpsc::Sender<LeaseKeepAliveRequest>> = None;
             loop {
                 let req = match inbound.message().await {
                     Ok(Some(req)) => req,
@@ -251,12 +263,31 @@ impl Lease for Api {
                         break;
                     }
                 };
-                let reply = match api.renew(req.id).await {
-                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
-                        header: api.lease_header(),
-                        id: req.id,
-                        ttl,
-                    }),
+                let reply = match api.renew_here(req.id).await {
+                    Ok(Some(ttl)) => {
+                        upstream = None;
+                        Ok(LeaseKeepAliveResponse {
+                            header: api.lease_header(),
+                            id: req.id,
+                            ttl,
+                        })
+                    }
+                    Ok(None) => {
+                        let up = match upstream.take().filter(|u| !u.is_closed()) {
+                            Some(up) => Ok(up),
+                            None => api.forward_keepalives(tx.clone()).await,
+                        };
+                        match up {
+                            Ok(up) if up.send(req).await.is_ok() => {
+                                upstream = Some(up);
+                                continue;
+                            }
+                            Ok(_) => Err(Status::unavailable(
+                                "etcdserver: the keepalive stream to the leader ended",
+                            )),
+                            Err(status) => Err(status),
+                        }
+                    }
                     Err(status) => Err(status),
                 };
                 let failed = reply.is_err();

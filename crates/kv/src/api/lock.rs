@@ -24,15 +24,15 @@ use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
 use crate::pb::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
-    TxnRequest, TxnResponse, WatchCreateRequest, WatchResponse,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
+    TxnResponse, WatchCreateRequest, WatchResponse,
 };
 use crate::pb::mvccpb::event::EventType;
 use crate::pb::mvccpb::KeyValue;
 use crate::pb::v3electionpb::election_server::Election;
 use crate::pb::v3electionpb::{
-    CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse,
-    ProclaimRequest, ProclaimResponse, ResignRequest, ResignResponse,
+    CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ProclaimRequest,
+    ProclaimResponse, ResignRequest, ResignResponse,
 };
 use crate::pb::v3lockpb::lock_server::Lock;
 use crate::pb::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
@@ -323,12 +323,11 @@ impl Election for Api {
         let req = request.into_inner();
         let prefix = prefix_of(&req.name);
         let key = holder_key(&req.name, req.lease);
-        let (my_rev, existing) = self
-            .enqueue(&key, req.lease, req.value.clone())
-            .await?;
+        let (my_rev, existing) = self.enqueue(&key, req.lease, req.value.clone()).await?;
         if existing.is_some_and(|v| v != req.value) {
             // Campaigning again with the same lease: its value is the new one.
-            self.proclaim_value(&key, my_rev, req.lease, req.value).await?;
+            self.proclaim_value(&key, my_rev, req.lease, req.value)
+                .await?;
         }
         let rev = self.wait_turn(&prefix, my_rev).await?;
         Ok(Response::new(CampaignResponse {
