@@ -57,6 +57,10 @@ pub(super) fn hash(history: &History, compact_revision: i64, at: i64) -> u32 {
         crc = crc32c::crc32c_append(crc, &v.value);
         crc = crc32c::crc32c_append(crc, &v.create_revision.to_le_bytes());
         crc = crc32c::crc32c_append(crc, &v.version.to_le_bytes());
+        if v.lease != 0 {
+            // Only when set: stores without leases hash as before leases.
+            crc = crc32c::crc32c_append(crc, &v.lease.to_le_bytes());
+        }
     }
     crc
 }

@@ -616,7 +616,8 @@ impl KvStore {
     }
 
     /// etcd's HashKV: a CRC32C over every version (key, mod revision,
-    /// tombstone flag, value, create revision, version) with
+    /// tombstone flag, value, create revision, version, and the lease when
+    /// the version has one) with
     /// `compact_revision < mod_revision <= revision` (0: the current
     /// revision). Returns the hash, the compact revision and the revision
     /// hashed. Errors as [`Self::range`]. Equal on replicas that applied
