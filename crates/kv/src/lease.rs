@@ -30,7 +30,8 @@ use skiff_node::NodeHandle;
 use skiff_raft::Role;
 
 use crate::machine::{
-    KvCommand, KvMachine, KvQuery, KvQueryResponse, ServiceCounters, LEASE_CHECKPOINT_MAX,
+    KvCommand, KvMachine, KvQuery, KvQueryResponse, LeaseNote, LeaseNotes, ServiceCounters,
+    LEASE_CHECKPOINT_MAX,
 };
 
 /// How often the leader looks for expired leases.
@@ -48,6 +49,9 @@ struct Deadline {
     ttl: i64,
     /// The replicated state holds a checkpoint (a TTL left) for it.
     checkpointed: bool,
+    /// When the lessor learned of it (a resync keeps what it learned
+    /// after its query).
+    noted: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -58,7 +62,20 @@ struct State {
     deadlines: HashMap<i64, Deadline>,
     /// Revokes proposed and not yet known applied.
     revoking: HashSet<i64>,
+    /// Leading but not loaded yet: grants applied meanwhile (their TTL
+    /// counts from when they were applied, with no election extension)
+    /// and revokes applied meanwhile.
+    early_grants: HashMap<i64, (i64, Instant)>,
+    early_revokes: HashSet<i64>,
+    /// Notes were dropped (or the table replaced): reload.
+    stale: bool,
+    /// Revokes applied lately: a resync whose query predates one must not
+    /// bring the lease back. Pruned after [`RECENT_REVOKES_KEPT`].
+    recent_revokes: HashMap<i64, Instant>,
 }
+
+/// How long a revoke is remembered against resyncs that started before it.
+const RECENT_REVOKES_KEPT: Duration = Duration::from_secs(60);
 
 /// A member's lessor; cheap to clone.
 #[derive(Clone)]
@@ -69,6 +86,7 @@ pub struct Lessor {
     extend: Duration,
     checkpoint_interval: Duration,
     counters: Arc<ServiceCounters>,
+    notes: Arc<LeaseNotes>,
 }
 
 impl std::fmt::Debug for Lessor {
@@ -93,6 +111,7 @@ impl Lessor {
         node: NodeHandle<KvMachine>,
         checkpoint_interval: Duration,
         counters: Arc<ServiceCounters>,
+        notes: Arc<LeaseNotes>,
     ) -> Lessor {
         let cfg = node.config();
         let extend = cfg.tick_interval() * cfg.election_ticks_max;
@@ -102,11 +121,53 @@ impl Lessor {
             extend,
             checkpoint_interval,
             counters,
+            notes,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The state, with what apply noted since the last look taken in.
+    fn current(&self) -> MutexGuard<'_, State> {
+        let mut st = self.lock();
+        let (notes, overflowed) = self.notes.take();
+        if overflowed {
+            st.stale = true;
+        }
+        let loading = st.leading.is_none() && self.node.status().role == Role::Leader;
+        for note in notes {
+            match note {
+                LeaseNote::Granted { id, ttl, at } => {
+                    st.recent_revokes.remove(&id);
+                    if st.leading.is_some() {
+                        st.deadlines.insert(
+                            id,
+                            Deadline {
+                                at: at + secs(ttl),
+                                ttl,
+                                checkpointed: false,
+                                noted: Instant::now(),
+                            },
+                        );
+                    } else if loading {
+                        st.early_grants.insert(id, (ttl, at));
+                        st.early_revokes.remove(&id);
+                    }
+                }
+                LeaseNote::Revoked { id } => {
+                    st.recent_revokes.insert(id, Instant::now());
+                    st.deadlines.remove(&id);
+                    st.revoking.remove(&id);
+                    if loading {
+                        st.early_grants.remove(&id);
+                        st.early_revokes.insert(id);
+                    }
+                }
+            }
+        }
+        st
     }
 
     /// The smallest TTL granted, seconds: a lease must outlive an election
@@ -125,21 +186,6 @@ impl Lessor {
         }
     }
 
-    /// A lease this leader granted (applied): its deadline is now + TTL.
-    pub fn granted(&self, id: i64, ttl: i64) {
-        let mut st = self.lock();
-        if st.leading.is_some() {
-            st.deadlines.insert(
-                id,
-                Deadline {
-                    at: Instant::now() + secs(ttl),
-                    ttl,
-                    checkpointed: false,
-                },
-            );
-        }
-    }
-
     /// A lease revoked (applied).
     pub fn revoked(&self, id: i64) {
         let mut st = self.lock();
@@ -150,7 +196,7 @@ impl Lessor {
     /// A keepalive on the leader: the new TTL (0: no such lease), and
     /// whether a checkpoint must be reset (the caller proposes it).
     pub fn renew(&self, id: i64) -> Result<(i64, bool), NotReady> {
-        let mut st = self.lock();
+        let mut st = self.current();
         self.ready(&st)?;
         if st.revoking.contains(&id) {
             return Ok((0, false));
@@ -172,12 +218,11 @@ impl Lessor {
 
     /// Seconds left of a lease on the leader (None: not found).
     pub fn remaining(&self, id: i64) -> Result<Option<i64>, NotReady> {
-        let st = self.lock();
+        let st = self.current();
         self.ready(&st)?;
         Ok(st.deadlines.get(&id).map(|d| {
-            let left = d.at.saturating_duration_since(Instant::now());
-            // Rounded up, as etcd reports it.
-            left.as_millis().div_ceil(1000) as i64
+            // Whole seconds, truncated, as etcd reports it.
+            d.at.saturating_duration_since(Instant::now()).as_secs() as i64
         }))
     }
 
@@ -194,14 +239,20 @@ impl Lessor {
             }
             let s = self.node.status();
             if s.role != Role::Leader {
-                let mut st = self.lock();
+                let mut st = self.current();
                 st.leading = None;
                 st.deadlines.clear();
                 st.revoking.clear();
+                st.early_grants.clear();
+                st.early_revokes.clear();
+                st.stale = false;
                 continue;
             }
-            let loaded = self.lock().leading == Some(s.term);
-            if !loaded || last_resync.elapsed() >= RESYNC_INTERVAL {
+            let (loaded, stale) = {
+                let st = self.current();
+                (st.leading == Some(s.term), st.stale)
+            };
+            if !loaded || stale || last_resync.elapsed() >= RESYNC_INTERVAL {
                 // Load once everything committed is applied here.
                 if s.applied < s.commit {
                     continue;
@@ -223,25 +274,54 @@ impl Lessor {
     /// Loads the leases from the applied state. `fresh`: this member just
     /// became leader, every deadline starts over (extended).
     async fn resync(&self, term: u64, fresh: bool) -> bool {
+        let asked = Instant::now();
         let Ok(KvQueryResponse::Leases(all)) = self.node.query(KvQuery::Leases, false).await else {
             return false;
         };
         let now = Instant::now();
-        let mut st = self.lock();
+        let mut st = self.current();
+        st.stale = false;
         if fresh {
             st.deadlines.clear();
             st.revoking.clear();
         }
         let held: HashSet<i64> = all.iter().map(|(id, ..)| *id).collect();
-        st.deadlines.retain(|id, _| held.contains(id));
+        // Granted after the query: not in its answer, but held.
+        st.deadlines
+            .retain(|id, d| held.contains(id) || d.noted >= asked);
         st.revoking.retain(|id| held.contains(id));
+        st.recent_revokes
+            .retain(|_, at| at.elapsed() < RECENT_REVOKES_KEPT);
         for (id, ttl, remaining) in all {
+            if st.recent_revokes.contains_key(&id) {
+                continue;
+            }
             let left = if remaining > 0 { remaining } else { ttl };
             st.deadlines.entry(id).or_insert(Deadline {
                 at: now + secs(left) + self.extend,
                 ttl,
                 checkpointed: remaining > 0,
+                noted: now,
             });
+        }
+        // What was applied while loading: grants count from when they were
+        // applied (no extension: they are not older than this term), and
+        // the query may have missed the latest of them and of the revokes.
+        let early: Vec<(i64, (i64, Instant))> = st.early_grants.drain().collect();
+        for (id, (ttl, at)) in early {
+            st.deadlines.insert(
+                id,
+                Deadline {
+                    at: at + secs(ttl),
+                    ttl,
+                    checkpointed: false,
+                    noted: now,
+                },
+            );
+        }
+        let revoked: Vec<i64> = st.early_revokes.drain().collect();
+        for id in revoked {
+            st.deadlines.remove(&id);
         }
         st.leading = Some(term);
         true

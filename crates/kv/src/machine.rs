@@ -145,6 +145,69 @@ pub struct ServiceCounters {
     pub lease_expired: AtomicU64,
 }
 
+/// What apply tells the member's lessor about leases, as it happens: a
+/// lease granted or revoked on any member (through any API, or by the
+/// leader's expiry) reaches the leader's deadlines at once, not at its next
+/// resync. Drained by the lessor; bounded ([`LEASE_NOTES_MAX`]: past it the
+/// oldest are dropped and the lessor reloads from the state).
+#[derive(Debug, Default)]
+pub struct LeaseNotes {
+    pending: std::sync::Mutex<LeaseNoteQueue>,
+}
+
+#[derive(Debug, Default)]
+struct LeaseNoteQueue {
+    notes: std::collections::VecDeque<LeaseNote>,
+    overflowed: bool,
+}
+
+/// Notes queued for the lessor at most.
+pub const LEASE_NOTES_MAX: usize = 100_000;
+
+/// One change of the lease table, as applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseNote {
+    Granted {
+        id: i64,
+        ttl: i64,
+        at: std::time::Instant,
+    },
+    Revoked {
+        id: i64,
+    },
+}
+
+impl LeaseNotes {
+    fn push(&self, note: LeaseNote) {
+        let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if q.notes.len() >= LEASE_NOTES_MAX {
+            q.notes.pop_front();
+            q.overflowed = true;
+        }
+        q.notes.push_back(note);
+    }
+
+    /// The whole table changed (a snapshot was installed): the lessor
+    /// reloads it.
+    fn jumped(&self) {
+        let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        q.notes.clear();
+        q.overflowed = true;
+    }
+
+    /// Takes the notes queued, and whether some were dropped.
+    pub fn take(&self) -> (Vec<LeaseNote>, bool) {
+        let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if q.notes.is_empty() && !q.overflowed {
+            return (Vec::new(), false);
+        }
+        (
+            q.notes.drain(..).collect(),
+            std::mem::take(&mut q.overflowed),
+        )
+    }
+}
+
 /// The KV store run by the runtime, and the feed of its watchers.
 #[derive(Debug)]
 pub struct KvMachine {
@@ -153,6 +216,8 @@ pub struct KvMachine {
     hub: Hub,
     /// Not state, as `hub`.
     counters: Arc<ServiceCounters>,
+    /// Not state, as `hub`.
+    lease_notes: Arc<LeaseNotes>,
 }
 
 impl Default for KvMachine {
@@ -162,6 +227,7 @@ impl Default for KvMachine {
             hub: Hub::at_revision(store.revision()),
             store,
             counters: Arc::default(),
+            lease_notes: Arc::default(),
         }
     }
 }
@@ -173,6 +239,11 @@ impl KvMachine {
 
     pub fn store(&self) -> &KvStore {
         &self.store
+    }
+
+    /// What apply tells the lessor.
+    pub fn lease_notes(&self) -> &Arc<LeaseNotes> {
+        &self.lease_notes
     }
 
     /// The counters its services update.
@@ -370,6 +441,7 @@ impl StateMachine for KvMachine {
         let from = self.store.revision() + 1;
         let old = std::mem::replace(&mut self.store, restored.store);
         self.hub.jumped(from, self.store.revision());
+        self.lease_notes.jumped();
         KvMachine {
             store: old,
             ..KvMachine::default()
@@ -450,16 +522,23 @@ impl KvMachine {
                             revision: self.store.revision(),
                         })
                 }
-                KvCommand::LeaseGrant { id, ttl } => self
-                    .store
-                    .lease_grant(entry.index, id, ttl)
-                    .map(|()| KvResponse::LeaseGranted {
+                KvCommand::LeaseGrant { id, ttl } => {
+                    let r = self.store.lease_grant(entry.index, id, ttl);
+                    if r.is_ok() {
+                        let at = std::time::Instant::now();
+                        self.lease_notes.push(LeaseNote::Granted { id, ttl, at });
+                    }
+                    r.map(|()| KvResponse::LeaseGranted {
                         revision: self.store.revision(),
-                    }),
-                KvCommand::LeaseRevoke { id } => self
-                    .store
-                    .lease_revoke(entry.index, id)
-                    .map(|revision| KvResponse::LeaseRevoked { revision }),
+                    })
+                }
+                KvCommand::LeaseRevoke { id } => {
+                    let r = self.store.lease_revoke(entry.index, id);
+                    if r.is_ok() {
+                        self.lease_notes.push(LeaseNote::Revoked { id });
+                    }
+                    r.map(|revision| KvResponse::LeaseRevoked { revision })
+                }
                 KvCommand::LeaseCheckpoint { remaining } => {
                     self.store.lease_checkpoint(entry.index, &remaining);
                     Ok(KvResponse::LeaseCheckpointed)

@@ -51,6 +51,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
     let machine = KvMachine::new();
     let hub = machine.hub().clone();
     let counters = machine.counters().clone();
+    let lease_notes = machine.lease_notes().clone();
     let mut node = Node::start(cfg, machine)?;
     let id = node.handle().id();
 
@@ -78,6 +79,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
         node.handle().clone(),
         opts.lease_checkpoint_interval,
         counters,
+        lease_notes,
     );
     let lessor_task = node.runtime().spawn(lessor.clone().run());
 

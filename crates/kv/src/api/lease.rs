@@ -209,7 +209,6 @@ impl Lease for Api {
         let ttl = req.ttl.max(self.lessor.min_ttl());
         match self.node.propose(KvCommand::LeaseGrant { id, ttl }).await {
             Ok(Ok(KvResponse::LeaseGranted { revision })) => {
-                self.lessor.granted(id, ttl);
                 Ok(Response::new(LeaseGrantResponse {
                     header: self.header(revision),
                     id,

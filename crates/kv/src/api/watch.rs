@@ -51,7 +51,7 @@ impl Watch for Api {
             })
             .map_err(refused)?;
 
-        // Requests → dispatcher. Ends with the client's half of the stream.
+        // Requests → dispatcher, while the client sends.
         let hub = self.hub.clone();
         let errors = out_tx.clone();
         tokio::spawn(async move {
@@ -83,10 +83,13 @@ impl Watch for Api {
                 Ok(())
             }
             .await;
+            // A client that only half-closes keeps its watchers (as etcd):
+            // the stream ends when the client goes, which the forwarder
+            // below sees.
             if let Err(status) = result {
                 let _ = errors.send(Err(status)).await;
+                let _ = hub.command(Command::Close { stream });
             }
-            let _ = hub.command(Command::Close { stream });
         });
 
         // Dispatcher → gRPC, control first; fills the header's member
@@ -99,6 +102,8 @@ impl Watch for Api {
                     biased;
                     Some(r) = control_rx.recv() => r,
                     Some(r) = events_rx.recv() => r,
+                    // The client went away: no response to wait for.
+                    _ = out_tx.closed() => break,
                     else => break,
                 };
                 let mut resp = resp;
