@@ -124,6 +124,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0, conflicts_with = "ceiling")]
     #[serde(default)]
     pub watchers: usize,
+    /// With --watchers: open every watch stream on the first endpoint
+    /// (one member serves them all) instead of round-robin.
+    #[arg(long, requires = "watchers")]
+    #[serde(default)]
+    pub watchers_on_one_member: bool,
     /// Instead of writes: grant this many leases, then keep them all alive
     /// for the measured time (16 keepalive streams); prints keepalives/s
     /// and the CPU time per keepalive. 0: the write load.
@@ -150,6 +155,7 @@ impl Default for BenchArgs {
             ceiling: false,
             snapshot_entries: None,
             watchers: 0,
+            watchers_on_one_member: false,
             leases: 0,
         }
     }

@@ -6,7 +6,8 @@
 //! Watcher `i` watches the single key `key-<i mod key_space>` (the keys the
 //! load writes), so every write reaches `N / key_space` watchers on average
 //! (at least one when `N >= key_space`); streams of
-//! [`WATCHERS_PER_STREAM`] watchers each, round-robin over the endpoints.
+//! [`WATCHERS_PER_STREAM`] watchers each, round-robin over the endpoints
+//! (or all on the first with `--watchers-on-one-member`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,7 +62,11 @@ async fn open_watchers(
     let mut tasks = Vec::new();
     let streams = args.watchers.div_ceil(WATCHERS_PER_STREAM);
     for s in 0..streams {
-        let endpoint = &endpoints[s % endpoints.len()];
+        let endpoint = if args.watchers_on_one_member {
+            &endpoints[0]
+        } else {
+            &endpoints[s % endpoints.len()]
+        };
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
             .map_err(|e| BenchError::Connect {
                 endpoint: endpoint.clone(),
