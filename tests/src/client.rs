@@ -406,7 +406,7 @@ impl Client {
             sender,
             endpoint: endpoint.clone(),
         };
-        let stream = WatchStream {
+        let stream = ResponseStream {
             stream,
             endpoint,
             timeout: self.options.request_timeout,
@@ -492,7 +492,7 @@ impl Client {
             sender,
             endpoint: endpoint.clone(),
         };
-        let stream = LeaseKeepAliveStream {
+        let stream = ResponseStream {
             stream,
             endpoint,
             timeout: self.options.request_timeout,
@@ -998,27 +998,27 @@ impl Watcher {
 }
 
 /// The receiving half of a watch stream (see [`Client::watch`]).
+pub type WatchStream = ResponseStream<WatchResponse>;
+
+/// The receiving half of a server stream, read with a timeout.
 #[derive(Debug)]
-pub struct WatchStream {
-    stream: Streaming<WatchResponse>,
+pub struct ResponseStream<T> {
+    stream: Streaming<T>,
     endpoint: String,
     timeout: Duration,
 }
 
-impl WatchStream {
+impl<T> ResponseStream<T> {
     /// The next response; `None` once the server ended the stream; an
     /// [`Error::Timeout`] when none came within the stream's timeout (the
-    /// client's request timeout unless [`WatchStream::set_timeout`]
+    /// client's request timeout unless [`ResponseStream::set_timeout`]
     /// changed it).
-    pub async fn message(&mut self) -> Result<Option<WatchResponse>, Error> {
+    pub async fn message(&mut self) -> Result<Option<T>, Error> {
         self.message_within(self.timeout).await
     }
 
-    /// [`WatchStream::message`], waiting at most `timeout`.
-    pub async fn message_within(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Option<WatchResponse>, Error> {
+    /// [`ResponseStream::message`], waiting at most `timeout`.
+    pub async fn message_within(&mut self, timeout: Duration) -> Result<Option<T>, Error> {
         match tokio::time::timeout(timeout, self.stream.message()).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(status)) => Err(Error::Status {
@@ -1032,7 +1032,7 @@ impl WatchStream {
         }
     }
 
-    /// How long [`WatchStream::message`] waits.
+    /// How long [`ResponseStream::message`] waits.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
@@ -1077,50 +1077,7 @@ impl LeaseKeeper {
 
 /// The receiving half of a keepalive stream (see
 /// [`Client::lease_keep_alive`]).
-#[derive(Debug)]
-pub struct LeaseKeepAliveStream {
-    stream: Streaming<LeaseKeepAliveResponse>,
-    endpoint: String,
-    timeout: Duration,
-}
-
-impl LeaseKeepAliveStream {
-    /// The next answer; `None` once the server ended the stream; an
-    /// [`Error::Timeout`] when none came within the stream's timeout (the
-    /// client's request timeout unless
-    /// [`LeaseKeepAliveStream::set_timeout`] changed it).
-    pub async fn message(&mut self) -> Result<Option<LeaseKeepAliveResponse>, Error> {
-        self.message_within(self.timeout).await
-    }
-
-    /// [`LeaseKeepAliveStream::message`], waiting at most `timeout`.
-    pub async fn message_within(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Option<LeaseKeepAliveResponse>, Error> {
-        match tokio::time::timeout(timeout, self.stream.message()).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(status)) => Err(Error::Status {
-                endpoint: self.endpoint.clone(),
-                status,
-            }),
-            Err(_) => Err(Error::Timeout {
-                endpoint: self.endpoint.clone(),
-                after: timeout,
-            }),
-        }
-    }
-
-    /// How long [`LeaseKeepAliveStream::message`] waits.
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
-    }
-
-    /// The endpoint the stream is open on.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-}
+pub type LeaseKeepAliveStream = ResponseStream<LeaseKeepAliveResponse>;
 
 #[cfg(test)]
 mod tests {

@@ -170,6 +170,24 @@ impl Api {
         Ok(r)
     }
 
+    /// Serves a Range on this member, with a full header.
+    async fn query_range(
+        &self,
+        req: RangeRequest,
+        linearizable: bool,
+    ) -> Result<RangeResponse, Status> {
+        match self.node.query(KvQuery::Range(req), linearizable).await {
+            Ok(KvQueryResponse::Range(Ok(mut r))) => {
+                let revision = r.header.as_ref().map_or(0, |h| h.revision);
+                r.header = self.header(revision);
+                Ok(r)
+            }
+            Ok(KvQueryResponse::Range(Err(e))) => Err(kv_status(&e)),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(status_of(e)),
+        }
+    }
+
     /// The store's revisions and sizes on this member (serializable).
     async fn store_status(&self) -> Result<StoreStatus, Status> {
         match self.node.query(KvQuery::Status, false).await {
@@ -202,16 +220,7 @@ impl Kv for Api {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let req = req.into_inner();
         let linearizable = !req.serializable;
-        match self.node.query(KvQuery::Range(req), linearizable).await {
-            Ok(KvQueryResponse::Range(Ok(mut r))) => {
-                let revision = r.header.as_ref().map_or(0, |h| h.revision);
-                r.header = self.header(revision);
-                Ok(Response::new(r))
-            }
-            Ok(KvQueryResponse::Range(Err(e))) => Err(kv_status(&e)),
-            Ok(_) => Err(unexpected()),
-            Err(e) => Err(status_of(e)),
-        }
+        self.query_range(req, linearizable).await.map(Response::new)
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {

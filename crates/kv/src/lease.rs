@@ -186,8 +186,8 @@ impl Lessor {
         }
     }
 
-    /// A lease revoked (applied).
-    pub fn revoked(&self, id: i64) {
+    /// A lease found gone when its expiry was proposed.
+    fn revoked(&self, id: i64) {
         let mut st = self.lock();
         st.deadlines.remove(&id);
         st.revoking.remove(&id);
@@ -346,13 +346,15 @@ impl Lessor {
             let lessor = self.clone();
             tokio::spawn(async move {
                 match node.propose(KvCommand::LeaseRevoke { id }).await {
-                    Ok(_) => {
+                    // Revoked: apply's note removes the deadline.
+                    Ok(Ok(_)) => {
                         lessor
                             .counters
                             .lease_expired
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        lessor.revoked(id);
                     }
+                    // Revoked already, by someone else: forget it here.
+                    Ok(Err(_)) => lessor.revoked(id),
                     Err(e) => {
                         tracing::debug!(id, error = %e, "lease expiry not proposed");
                         lessor.lock().revoking.remove(&id);

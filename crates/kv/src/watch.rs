@@ -924,12 +924,8 @@ impl Dispatcher {
         }
     }
 
-    /// The revision a synced watcher is known to have everything through.
-    fn progress_rev(&self, w: &Watcher) -> i64 {
-        self.known_rev.max(w.next_rev - 1)
-    }
-
     fn progress_tick(&mut self) {
+        let known_rev = self.known_rev;
         let due: Vec<(WatcherKey, i64)> = self
             .watchers
             .iter_mut()
@@ -937,11 +933,10 @@ impl Dispatcher {
             .filter_map(|(k, w)| {
                 let quiet = !w.sent_since_progress;
                 w.sent_since_progress = false;
-                quiet.then_some((*k, w.next_rev))
+                quiet.then_some((*k, progress_rev(known_rev, w)))
             })
             .collect();
-        for (wk, next_rev) in due {
-            let rev = self.known_rev.max(next_rev - 1);
+        for (wk, rev) in due {
             let resp = WatchResponse {
                 header: Self::header(rev),
                 watch_id: wk.1,
@@ -968,7 +963,7 @@ impl Dispatcher {
             for id in &s.watchers {
                 let w = &self.watchers[&(stream, *id)];
                 all_synced &= w.synced;
-                rev = rev.max(self.progress_rev(w));
+                rev = rev.max(progress_rev(self.known_rev, w));
             }
             if !all_synced {
                 // Answered once they are; catching up wakes the loop.
@@ -1014,6 +1009,11 @@ impl Dispatcher {
         c.streams
             .store(self.streams.len() as u64, Ordering::Relaxed);
     }
+}
+
+/// The revision a synced watcher is known to have everything through.
+fn progress_rev(known_rev: i64, w: &Watcher) -> i64 {
+    known_rev.max(w.next_rev - 1)
 }
 
 /// Splits a response into parts of at most [`RESPONSE_BYTES_MAX`] (each

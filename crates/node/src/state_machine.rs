@@ -18,6 +18,7 @@
 //! | `gauges`              | the event loop (metrics)       | nothing; O(1)                    |
 //! | `Snapshot::write_to`  | the runtime's snapshot thread  | the writer (disk I/O); O(state)  |
 //! | `restore`             | a blocking thread (start-up, install) | the reader; O(state)      |
+//! | `install`             | the event loop (start-up: the starting thread) | nothing; O(1)    |
 //!
 //! Everything that runs on the event loop delays heartbeats, elections and
 //! every other client: it must be short and must never do I/O. Work in

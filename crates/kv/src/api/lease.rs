@@ -228,8 +228,8 @@ impl Lease for Api {
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let id = request.into_inner().id;
         match self.node.propose(KvCommand::LeaseRevoke { id }).await {
+            // The leader's lessor hears of it from apply.
             Ok(Ok(KvResponse::LeaseRevoked { revision })) => {
-                self.lessor.revoked(id);
                 Ok(Response::new(LeaseRevokeResponse {
                     header: self.header(revision),
                 }))

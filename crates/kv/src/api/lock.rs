@@ -17,15 +17,14 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{kv_status, status_of, unexpected, Api};
-use crate::machine::{KvQuery, KvQueryResponse};
+use super::{unexpected, Api};
 use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
 use crate::pb::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
-    TxnResponse, WatchCreateRequest, WatchResponse,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
+    WatchCreateRequest, WatchResponse,
 };
 use crate::pb::mvccpb::event::EventType;
 use crate::pb::mvccpb::KeyValue;
@@ -177,26 +176,20 @@ impl Api {
         }
     }
 
-    async fn linearizable_range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
-        match self.node.query(KvQuery::Range(req), true).await {
-            Ok(KvQueryResponse::Range(Ok(r))) => Ok(r),
-            Ok(KvQueryResponse::Range(Err(e))) => Err(kv_status(&e)),
-            Ok(_) => Err(unexpected()),
-            Err(e) => Err(status_of(e)),
-        }
-    }
-
     /// The oldest key under `prefix` (the holder), if any.
     async fn oldest(&self, prefix: &Bytes) -> Result<(Option<KeyValue>, i64), Status> {
         let r = self
-            .linearizable_range(RangeRequest {
-                key: prefix.clone(),
-                range_end: prefix_end(prefix),
-                limit: 1,
-                sort_order: SortOrder::Ascend as i32,
-                sort_target: SortTarget::Create as i32,
-                ..RangeRequest::default()
-            })
+            .query_range(
+                RangeRequest {
+                    key: prefix.clone(),
+                    range_end: prefix_end(prefix),
+                    limit: 1,
+                    sort_order: SortOrder::Ascend as i32,
+                    sort_target: SortTarget::Create as i32,
+                    ..RangeRequest::default()
+                },
+                true,
+            )
             .await?;
         let rev = r.header.as_ref().map_or(0, |h| h.revision);
         Ok((r.kvs.into_iter().next(), rev))
@@ -245,15 +238,18 @@ impl Api {
     async fn wait_turn(&self, prefix: &Bytes, my_rev: i64) -> Result<i64, Status> {
         loop {
             let r = self
-                .linearizable_range(RangeRequest {
-                    key: prefix.clone(),
-                    range_end: prefix_end(prefix),
-                    limit: 1,
-                    sort_order: SortOrder::Descend as i32,
-                    sort_target: SortTarget::Create as i32,
-                    max_create_revision: my_rev - 1,
-                    ..RangeRequest::default()
-                })
+                .query_range(
+                    RangeRequest {
+                        key: prefix.clone(),
+                        range_end: prefix_end(prefix),
+                        limit: 1,
+                        sort_order: SortOrder::Descend as i32,
+                        sort_target: SortTarget::Create as i32,
+                        max_create_revision: my_rev - 1,
+                        ..RangeRequest::default()
+                    },
+                    true,
+                )
                 .await?;
             let rev = r.header.as_ref().map_or(0, |h| h.revision);
             let Some(ahead) = r.kvs.into_iter().next() else {
