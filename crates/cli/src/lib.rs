@@ -2,3 +2,4 @@
 //! behind `skiff bench` (and its reports), and `skiff status`.
 
 pub mod bench;
+pub mod snapshot;

@@ -19,26 +19,28 @@ use tonic::{Request, Response, Status};
 
 use crate::lease::Lessor;
 use crate::machine::{KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse, StoreStatus};
-use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
+use crate::pb::etcdserverpb::cluster_server::ClusterServer;
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::lease_server::LeaseServer;
-use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
+use crate::pb::etcdserverpb::maintenance_server::MaintenanceServer;
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
 use crate::pb::etcdserverpb::watch_server::WatchServer;
 use crate::pb::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
-    HashKvResponse, Member, MemberListRequest, MemberListResponse, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, RequestOp, ResponseHeader, StatusRequest, StatusResponse,
-    TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::store::{validate_request, KvError};
 use crate::watch::Hub;
 
+mod alarm;
+mod backup;
+mod cluster;
 mod lease;
 mod lock;
+mod maintenance;
 mod watch;
 
 /// The version `Maintenance.Status` reports (the etcd API level served).
@@ -291,85 +293,3 @@ impl Kv for Api {
     }
 }
 
-#[tonic::async_trait]
-impl Cluster for Api {
-    async fn member_list(
-        &self,
-        _req: Request<MemberListRequest>,
-    ) -> Result<Response<MemberListResponse>, Status> {
-        let m = self.node.membership();
-        let cfg = self.node.config();
-        let members = m
-            .members()
-            .into_iter()
-            .map(|id| Member {
-                id,
-                name: format!("skiff-{id}"),
-                peer_ur_ls: cfg
-                    .initial_cluster
-                    .get(&id)
-                    .map(|a| vec![format!("http://{a}")])
-                    .unwrap_or_default(),
-                client_ur_ls: self
-                    .node
-                    .client_addr(id)
-                    .map(|a| vec![format!("http://{a}")])
-                    .unwrap_or_default(),
-                is_learner: m.learners.contains(&id),
-            })
-            .collect();
-        let revision = self.store_status().await?.revision;
-        Ok(Response::new(MemberListResponse {
-            header: self.header(revision),
-            members,
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl Maintenance for Api {
-    async fn status(
-        &self,
-        _req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        let s = self.node.status();
-        let store = self.store_status().await?;
-        let errors = self.node.stopped().into_iter().collect();
-        // The store lives in memory: both sizes are the bytes it holds,
-        // history and tombstones included (there is no file with free
-        // pages to tell apart, as etcd's bbolt has).
-        let bytes = i64::try_from(store.stats.bytes).unwrap_or(i64::MAX);
-        Ok(Response::new(StatusResponse {
-            header: self.header(store.revision),
-            version: API_VERSION.into(),
-            db_size: bytes,
-            leader: s.leader.unwrap_or(0),
-            raft_index: s.commit,
-            raft_term: s.term,
-            raft_applied_index: s.applied,
-            errors,
-            db_size_in_use: bytes,
-            is_learner: self.node.membership().learners.contains(&s.id),
-        }))
-    }
-
-    async fn hash_kv(
-        &self,
-        req: Request<HashKvRequest>,
-    ) -> Result<Response<HashKvResponse>, Status> {
-        let revision = req.into_inner().revision;
-        match self.node.query(KvQuery::HashKv { revision }, true).await {
-            Ok(KvQueryResponse::HashKv(Ok((hash, compact_revision, hash_revision)), current)) => {
-                Ok(Response::new(HashKvResponse {
-                    header: self.header(current),
-                    hash,
-                    compact_revision,
-                    hash_revision,
-                }))
-            }
-            Ok(KvQueryResponse::HashKv(Err(e), _)) => Err(kv_status(&e)),
-            Ok(_) => Err(unexpected()),
-            Err(e) => Err(status_of(e)),
-        }
-    }
-}
