@@ -1148,3 +1148,241 @@ mod tests {
         assert_eq!(&w.range_end[..], b"\0");
     }
 }
+
+/// What [`Client::snapshot_to`] downloaded.
+#[derive(Debug, Clone)]
+pub struct SnapshotDownload {
+    /// Blob bytes written.
+    pub bytes: u64,
+    /// `SnapshotResponse`s received.
+    pub messages: u64,
+    /// The first message's header.
+    pub header: Option<ResponseHeader>,
+    /// The first message's `version`.
+    pub version: String,
+    /// Whether each message's `remaining_bytes` was exactly the blob bytes
+    /// that came after it.
+    pub remaining_exact: bool,
+}
+
+impl Client {
+    /// `Maintenance.Snapshot` of the current endpoint (failing over while
+    /// the stream cannot be opened, as a read does), its blobs written to
+    /// `out` (created or truncated). Each message must come within the
+    /// request timeout; a stream that ends with an error status is an
+    /// error (what was written to `out` then is partial).
+    pub async fn snapshot_to(&mut self, out: &std::path::Path) -> Result<SnapshotDownload, Error> {
+        use skiff_kv::pb::etcdserverpb::SnapshotRequest;
+        use std::io::Write as _;
+        let mut stream = self
+            .call(Effects::None, |ch| async move {
+                MaintenanceClient::new(ch)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .snapshot(SnapshotRequest::default())
+                    .await
+            })
+            .await?;
+        let endpoint = self.current_endpoint().to_string();
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(out)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", out.display())),
+        );
+        let mut download = SnapshotDownload {
+            bytes: 0,
+            messages: 0,
+            header: None,
+            version: String::new(),
+            remaining_exact: true,
+        };
+        let mut announced = Vec::new();
+        loop {
+            let timeout = self.options.request_timeout;
+            let message = match tokio::time::timeout(timeout, stream.message()).await {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break,
+                Ok(Err(status)) => return Err(Error::Status { endpoint, status }),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        endpoint,
+                        after: timeout,
+                    })
+                }
+            };
+            if download.messages == 0 {
+                download.header = message.header;
+                download.version = message.version.clone();
+            }
+            download.messages += 1;
+            download.bytes += message.blob.len() as u64;
+            announced.push((download.bytes, message.remaining_bytes));
+            file.write_all(&message.blob)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+        }
+        file.flush()
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+        download.remaining_exact = announced
+            .iter()
+            .all(|&(so_far, remaining)| so_far + remaining == download.bytes);
+        Ok(download)
+    }
+
+    /// `KV.Range` over `[key, range_end)` at `revision` (0: the latest);
+    /// `range_end` `\0` with key `\0` is every key.
+    pub async fn get_range(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        range_end: impl AsRef<[u8]>,
+        revision: i64,
+    ) -> Result<RangeResponse, Error> {
+        let request = RangeRequest {
+            key: bytes_of(key),
+            range_end: bytes_of(range_end),
+            revision,
+            ..RangeRequest::default()
+        };
+        self.call(Effects::None, |ch| {
+            let request = request.clone();
+            async move { kv_client(ch).range(request).await }
+        })
+        .await
+    }
+
+    /// `Maintenance.Hash` of the current endpoint.
+    pub async fn hash(&mut self) -> Result<skiff_kv::pb::etcdserverpb::HashResponse, Error> {
+        self.call(Effects::None, |ch| async move {
+            MaintenanceClient::new(ch)
+                .hash(skiff_kv::pb::etcdserverpb::HashRequest::default())
+                .await
+        })
+        .await
+    }
+
+    /// `Maintenance.Defragment` of the current endpoint.
+    pub async fn defragment(
+        &mut self,
+    ) -> Result<skiff_kv::pb::etcdserverpb::DefragmentResponse, Error> {
+        self.call(Effects::None, |ch| async move {
+            MaintenanceClient::new(ch)
+                .defragment(skiff_kv::pb::etcdserverpb::DefragmentRequest::default())
+                .await
+        })
+        .await
+    }
+}
+
+/// The Cluster service and Maintenance.MoveLeader. Every change is a
+/// write: never sent twice (a failed one returns its error).
+impl Client {
+    /// `Cluster.MemberAdd` of a member at `peer_urls` (a learner with
+    /// `is_learner`); the answer's `member.id` is the id the server chose.
+    pub async fn member_add(
+        &mut self,
+        peer_urls: &[String],
+        is_learner: bool,
+    ) -> Result<skiff_kv::pb::etcdserverpb::MemberAddResponse, Error> {
+        let request = skiff_kv::pb::etcdserverpb::MemberAddRequest {
+            peer_ur_ls: peer_urls.to_vec(),
+            is_learner,
+        };
+        self.call(Effects::Writes, |ch| {
+            let request = request.clone();
+            async move { ClusterClient::new(ch).member_add(request).await }
+        })
+        .await
+    }
+
+    /// `Cluster.MemberRemove` of member `id`.
+    pub async fn member_remove(
+        &mut self,
+        id: u64,
+    ) -> Result<skiff_kv::pb::etcdserverpb::MemberRemoveResponse, Error> {
+        let request = skiff_kv::pb::etcdserverpb::MemberRemoveRequest { id };
+        self.call(Effects::Writes, |ch| async move {
+            ClusterClient::new(ch).member_remove(request).await
+        })
+        .await
+    }
+
+    /// `Cluster.MemberUpdate`: member `id`'s peer URLs become `peer_urls`.
+    pub async fn member_update(
+        &mut self,
+        id: u64,
+        peer_urls: &[String],
+    ) -> Result<skiff_kv::pb::etcdserverpb::MemberUpdateResponse, Error> {
+        let request = skiff_kv::pb::etcdserverpb::MemberUpdateRequest {
+            id,
+            peer_ur_ls: peer_urls.to_vec(),
+            client_ur_ls: Vec::new(),
+        };
+        self.call(Effects::Writes, |ch| {
+            let request = request.clone();
+            async move { ClusterClient::new(ch).member_update(request).await }
+        })
+        .await
+    }
+
+    /// `Cluster.MemberPromote` of learner `id`.
+    pub async fn member_promote(
+        &mut self,
+        id: u64,
+    ) -> Result<skiff_kv::pb::etcdserverpb::MemberPromoteResponse, Error> {
+        let request = skiff_kv::pb::etcdserverpb::MemberPromoteRequest { id };
+        self.call(Effects::Writes, |ch| async move {
+            ClusterClient::new(ch).member_promote(request).await
+        })
+        .await
+    }
+
+    /// `Maintenance.MoveLeader`: leadership to voter `target`.
+    pub async fn move_leader(
+        &mut self,
+        target: u64,
+    ) -> Result<skiff_kv::pb::etcdserverpb::MoveLeaderResponse, Error> {
+        let request = skiff_kv::pb::etcdserverpb::MoveLeaderRequest { target_id: target };
+        self.call(Effects::Writes, |ch| async move {
+            MaintenanceClient::new(ch).move_leader(request).await
+        })
+        .await
+    }
+}
+
+/// `Maintenance.Alarm`.
+impl Client {
+    /// `Maintenance.Alarm`: `action` GET lists the active alarms (of type
+    /// `alarm`, 0 = every type), ACTIVATE raises `alarm` for `member_id`,
+    /// DEACTIVATE disarms it. GET is a read (retried elsewhere); the others
+    /// are writes (never sent twice).
+    pub async fn alarm(
+        &mut self,
+        action: skiff_kv::pb::etcdserverpb::alarm_request::AlarmAction,
+        member_id: u64,
+        alarm: skiff_kv::pb::etcdserverpb::AlarmType,
+    ) -> Result<skiff_kv::pb::etcdserverpb::AlarmResponse, Error> {
+        use skiff_kv::pb::etcdserverpb::alarm_request::AlarmAction;
+        let request = skiff_kv::pb::etcdserverpb::AlarmRequest {
+            action: action as i32,
+            member_id,
+            alarm: alarm as i32,
+        };
+        let effects = if action == AlarmAction::Get {
+            Effects::None
+        } else {
+            Effects::Writes
+        };
+        self.call(effects, |ch| async move {
+            MaintenanceClient::new(ch).alarm(request).await
+        })
+        .await
+    }
+
+    /// The active alarms of the current endpoint, as (member id, etcd
+    /// AlarmType number), sorted.
+    pub async fn alarm_list(&mut self) -> Result<Vec<(u64, i32)>, Error> {
+        use skiff_kv::pb::etcdserverpb::alarm_request::AlarmAction;
+        use skiff_kv::pb::etcdserverpb::AlarmType;
+        let r = self.alarm(AlarmAction::Get, 0, AlarmType::None).await?;
+        let mut alarms: Vec<(u64, i32)> = r.alarms.iter().map(|a| (a.member_id, a.alarm)).collect();
+        alarms.sort_unstable();
+        Ok(alarms)
+    }
+}

@@ -328,6 +328,34 @@ struct Member {
     child: Option<Child>,
     /// Processes started for this member so far.
     starts: u32,
+    /// Flags of this member alone, after the cluster's (a member added
+    /// with MemberAdd: how it joins).
+    extra_args: Vec<String>,
+    /// Left out of every member's `--initial-cluster` lists (a member
+    /// removed from the cluster) but its own; see [`Cluster::retire`].
+    retired: bool,
+}
+
+/// Addresses for a member that is not registered yet: allocate them with
+/// [`Cluster::new_member_addrs`], give [`MemberAddrs::peer_url`] to
+/// MemberAdd, then start the member with [`Cluster::add_member_process`].
+#[derive(Debug, Clone, Copy)]
+pub struct MemberAddrs {
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl MemberAddrs {
+    /// `http://host:port` of the peer address (MemberAdd's peer URL).
+    pub fn peer_url(&self) -> String {
+        format!("http://{}", self.peer)
+    }
+
+    /// `http://host:port` of the client address.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.client)
+    }
 }
 
 /// A cluster of `skiff serve` processes (see the crate docs).
@@ -375,6 +403,8 @@ impl Cluster {
                     log: dir.path().join(format!("node-{id}.log")),
                     child: None,
                     starts: 0,
+                    extra_args: Vec::new(),
+                    retired: false,
                 },
             );
         }
@@ -446,6 +476,7 @@ impl Cluster {
         let list = |f: fn(&Member) -> SocketAddr| {
             self.members
                 .iter()
+                .filter(|(&mid, m)| !m.retired || mid == id)
                 .map(|(id, m)| format!("{id}={}", f(m)))
                 .collect::<Vec<_>>()
                 .join(",")
@@ -471,6 +502,7 @@ impl Cluster {
             self.options.wal_segment_bytes.to_string(),
         ];
         args.extend(self.options.args.iter().cloned());
+        args.extend(m.extra_args.iter().cloned());
         args
     }
 
@@ -698,6 +730,103 @@ impl Cluster {
             Command::new(skiff_bin()).args(args),
             Duration::from_secs(60),
         )
+    }
+}
+
+/// Growing and shrinking a cluster (Cluster.MemberAdd / MemberRemove).
+impl Cluster {
+    /// Fresh loopback addresses for a member to be added.
+    pub fn new_member_addrs(&self) -> MemberAddrs {
+        MemberAddrs {
+            client: free_addr(),
+            peer: free_addr(),
+            metrics: free_addr(),
+        }
+    }
+
+    /// Registers member `id` (the id MemberAdd assigned) with `addrs`, and
+    /// starts it on an empty data directory to join the running cluster
+    /// `cluster_id` (`--initial-cluster-state existing`, `--cluster-id`;
+    /// its `--initial-cluster` lists every registered, unretired member,
+    /// itself included); waits until it accepts client connections.
+    pub fn add_member_process(&mut self, id: NodeId, cluster_id: u64, addrs: MemberAddrs) {
+        if let Err(why) = self.try_add_member_process(id, cluster_id, addrs) {
+            panic!("member {id} did not start: {why}");
+        }
+    }
+
+    /// [`Cluster::add_member_process`], reporting a failed start.
+    pub fn try_add_member_process(
+        &mut self,
+        id: NodeId,
+        cluster_id: u64,
+        addrs: MemberAddrs,
+    ) -> Result<(), String> {
+        assert!(
+            !self.members.contains_key(&id),
+            "member {id} exists already"
+        );
+        let dir = self.dir.as_ref().expect("the cluster directory").path();
+        let member = Member {
+            client: addrs.client,
+            peer: addrs.peer,
+            metrics: addrs.metrics,
+            data_dir: dir.join(format!("node-{id}")),
+            log: dir.join(format!("node-{id}.log")),
+            child: None,
+            starts: 0,
+            extra_args: vec![
+                "--initial-cluster-state".into(),
+                "existing".into(),
+                // Hex, as etcdctl prints it.
+                "--cluster-id".into(),
+                format!("{cluster_id:#x}"),
+            ],
+            retired: false,
+        };
+        self.members.insert(id, member);
+        self.spawn(id);
+        self.wait_serving(id)
+    }
+
+    /// `http://host:port` of `id`'s peer address.
+    pub fn peer_url(&self, id: NodeId) -> String {
+        format!("http://{}", self.member(id).peer)
+    }
+
+    /// Leaves `id` (removed from the cluster) out of the other members' `--initial-cluster`
+    /// lists in later starts; it stays registered (its log, its data).
+    pub fn retire(&mut self, id: NodeId) {
+        self.member_mut(id).retired = true;
+    }
+
+    /// Waits (up to `timeout`) for `id`'s process to exit on its own and
+    /// reaps it; `None` if it still runs then (it keeps running).
+    pub fn wait_exit(&mut self, id: NodeId, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let m = self.member_mut(id);
+        let child = m
+            .child
+            .as_mut()
+            .unwrap_or_else(|| panic!("member {id} is not running"));
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                m.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Starts `id` again from its data directory, like
+    /// [`Cluster::restart`], but reports a failed start (it exited, or did
+    /// not accept client connections in time) instead of panicking.
+    pub fn try_restart(&mut self, id: NodeId) -> Result<(), String> {
+        self.spawn(id);
+        self.wait_serving(id)
     }
 }
 

@@ -305,5 +305,16 @@ async fn member_list_and_skiff_status() {
         .lines()
         .find(|l| l.starts_with(&cluster.endpoint(leader)))
         .unwrap_or_else(|| panic!("no row for the leader's endpoint in\n{stdout}"));
-    assert!(leader_row.trim_end().ends_with("true"), "{leader_row}");
+    // ENDPOINT, MEMBER ID, LEADER ID, ROLE, TERM, INDEX, APPLIED, LAG,
+    // IS LEADER, IS LEARNER, ALARMS.
+    let cols: Vec<&str> = leader_row.split_whitespace().collect();
+    assert_eq!(cols[3], "leader", "{leader_row}");
+    assert_eq!(&cols[8..], ["true", "false", "-"], "{leader_row}");
+    for id in cluster.ids().into_iter().filter(|&id| id != leader) {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&cluster.endpoint(id)))
+            .unwrap_or_else(|| panic!("no row for member {id} in\n{stdout}"));
+        assert!(row.contains(" follower "), "{row}");
+    }
 }

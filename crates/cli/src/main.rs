@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use skiff::bench::{BenchArgs, StatusArgs};
-use skiff_node::config::{parse_cluster, NodeConfig, WalBackend};
+use skiff_node::config::{parse_cluster, parse_id, ClusterState, NodeConfig, WalBackend};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,93 +31,235 @@ enum Cmd {
     Bench(BenchArgs),
     /// Leader, term, commit and applied index of each member.
     Status(StatusArgs),
+    /// Backups: `skiff snapshot restore` writes a new cluster's member from
+    /// one (`etcdctl snapshot save` takes them).
+    #[command(subcommand)]
+    Snapshot(skiff::snapshot::SnapshotCmd),
 }
 
 /// Flags override the `--config` TOML file, which overrides the defaults.
 #[derive(clap::Args, Debug)]
+#[command(mut_args = with_default_in_help)]
 struct ServeArgs {
-    /// TOML file with any of the fields below (names with `_`).
+    /// TOML file with the node's settings: the flags below, `-` written `_`, except the KV
+    /// ones (watch, lease, quota).
     #[arg(long)]
     config: Option<PathBuf>,
-    #[arg(long)]
+    /// This member's id: decimal, or hexadecimal with 0x (as etcdctl prints it).
+    #[arg(long, value_parser = parse_id)]
     id: Option<u64>,
+    /// Directory of this member's WAL and snapshots.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Address of the etcd v3 gRPC API.
     #[arg(long)]
     listen_client: Option<SocketAddr>,
+    /// Address Raft messages from the other members come to.
     #[arg(long)]
     listen_peer: Option<SocketAddr>,
+    /// Address snapshots are served from (port 0: any free port, announced in each offer).
     #[arg(long)]
     listen_snapshot: Option<SocketAddr>,
+    /// Address of the Prometheus metrics endpoint (GET /metrics).
     #[arg(long)]
     listen_metrics: Option<SocketAddr>,
-    /// `1=host:port,2=host:port,...`: peer addresses of the voters.
+    /// `1=host:port,2=host:port,...`: peer addresses of the voters, this member included.
     #[arg(long)]
     initial_cluster: Option<String>,
     /// `1=host:port,...`: client addresses of the members (forwarding, member list).
     #[arg(long)]
     initial_cluster_clients: Option<String>,
-    #[arg(long)]
+    /// `new`: the members of --initial-cluster form a new cluster; `existing`: join a
+    /// running one (after `etcdctl member add`; needs --cluster-id).
+    #[arg(long, value_enum)]
+    initial_cluster_state: Option<ClusterState>,
+    /// Cluster id: decimal, or hexadecimal with 0x (0: derived from --initial-cluster).
+    #[arg(long, value_parser = parse_id)]
     cluster_id: Option<u64>,
+    /// Length of a Raft tick, ms.
     #[arg(long)]
     tick_interval_ms: Option<u64>,
+    /// Fewest ticks without a leader before an election.
     #[arg(long)]
     election_ticks_min: Option<u32>,
+    /// Most ticks without a leader before an election (each member draws between min and max).
     #[arg(long)]
     election_ticks_max: Option<u32>,
+    /// Ticks between the leader's heartbeats.
     #[arg(long)]
     heartbeat_ticks: Option<u32>,
+    /// Ask for votes in a pre-vote round first, so that a partitioned member does not
+    /// disrupt the cluster.
     #[arg(long)]
     pre_vote: Option<bool>,
+    /// A leader that has not heard from a quorum for an election timeout steps down.
     #[arg(long)]
     check_quorum: Option<bool>,
+    /// Serve linearizable reads from the leader's lease instead of a ReadIndex round
+    /// (relies on bounded clock drift).
     #[arg(long)]
     lease_reads: Option<bool>,
+    /// Proposals per Raft proposal batch.
     #[arg(long)]
     batch_entries_max: Option<usize>,
+    /// Bytes per Raft proposal batch.
     #[arg(long)]
     batch_bytes_max: Option<usize>,
+    /// How long the first proposal of a batch may wait for more, µs (0: take what is queued
+    /// and go).
     #[arg(long)]
     batch_linger_us: Option<u64>,
+    /// Worker threads of the network runtime (client gRPC, peer transport, snapshot streams).
     #[arg(long)]
     io_threads: Option<usize>,
+    /// AppendEntries in flight per follower.
     #[arg(long)]
     inflight_max: Option<usize>,
+    /// Entry bytes in flight per follower.
     #[arg(long)]
     inflight_bytes_max: Option<usize>,
+    /// Entry bytes per AppendEntries message.
     #[arg(long)]
     append_bytes_max: Option<usize>,
+    /// Proposed but uncommitted bytes before proposals are refused.
     #[arg(long)]
     uncommitted_bytes_max: Option<usize>,
+    /// Client requests waiting in the node before new ones are refused with RESOURCE_EXHAUSTED.
     #[arg(long)]
     requests_pending_max: Option<usize>,
+    /// Longest a client request waits for its answer, ms.
     #[arg(long)]
     request_timeout_ms: Option<u64>,
+    /// Take a state-machine snapshot after this many applied entries.
     #[arg(long)]
     snapshot_entries: Option<u64>,
+    /// Entries the log keeps behind a snapshot, so that a follower that far behind catches
+    /// up from the log (etcd's 5,000).
     #[arg(long)]
     snapshot_catchup_entries: Option<u64>,
+    /// ... or take one after this many payload bytes were applied.
     #[arg(long)]
     snapshot_bytes: Option<u64>,
+    /// Parallel streams a follower fetches a snapshot with.
     #[arg(long)]
     snapshot_streams: Option<usize>,
+    /// Bytes per snapshot chunk.
     #[arg(long)]
     snapshot_chunk_bytes: Option<u32>,
+    /// Free bytes the data directory's filesystem keeps in reserve: below it writes are
+    /// refused with a NOSPACE alarm while reads go on (0: no check).
+    #[arg(long)]
+    space_reserve_bytes: Option<u64>,
+    /// WAL I/O: io-uring, pwritev, or auto (io_uring where the kernel allows it).
     #[arg(long, value_enum)]
     wal_backend: Option<WalBackend>,
+    /// Bytes of a WAL segment file.
     #[arg(long)]
     wal_segment_size: Option<u64>,
-    /// How often, in ms, a watcher that asked for progress notifications
-    /// hears the current revision while nothing happens to its keys
-    /// (etcd's --experimental-watch-progress-notify-interval; default 10
-    /// minutes).
+    /// How often, ms, a watcher that asked for progress notifications hears the revision
+    /// while its keys are quiet (etcd's --experimental-watch-progress-notify-interval).
     #[arg(long)]
     watch_progress_notify_interval_ms: Option<u64>,
-    /// How often, in ms, the leader records the TTL left of every lease
-    /// through Raft, so that a restart or a new leader counts from there
-    /// (etcd's lease checkpoint interval; default 5 minutes).
+    /// How often, ms, the leader records every lease's TTL left through Raft, so that a
+    /// restart or a new leader counts from there.
     #[arg(long)]
     lease_checkpoint_interval_ms: Option<u64>,
+    /// Space quota of the store, bytes (what Status reports as the db size: every version
+    /// held, history and tombstones included): a write past it is refused and raises a
+    /// NOSPACE alarm (etcd's --quota-backend-bytes; 0: the default).
+    #[arg(long)]
+    quota_backend_bytes: Option<u64>,
+}
+
+/// The name `--help` shows for `v`.
+fn value_name(v: &impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
+}
+
+/// The default of a `skiff serve` flag (by its id, the field name), as
+/// `--help` shows it: read from `NodeConfig::default()` and
+/// `KvOptions::default()`, so that the text cannot drift from the values.
+fn serve_default(id: &str) -> Option<String> {
+    let n = NodeConfig::default();
+    let kv = skiff_kv::server::KvOptions::default();
+    let required = |empty: bool, text: String| {
+        if empty {
+            "none, required".to_string()
+        } else {
+            text
+        }
+    };
+    let cluster = |c: &std::collections::BTreeMap<u64, SocketAddr>| {
+        c.iter()
+            .map(|(id, addr)| format!("{id}={addr}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    Some(match id {
+        "config" => "none".into(),
+        "id" => required(n.id == 0, n.id.to_string()),
+        "data_dir" => required(
+            n.data_dir.as_os_str().is_empty(),
+            n.data_dir.display().to_string(),
+        ),
+        "listen_client" => n.listen_client.to_string(),
+        "listen_peer" => n.listen_peer.to_string(),
+        "listen_snapshot" => n.listen_snapshot.to_string(),
+        "listen_metrics" => n
+            .listen_metrics
+            .map_or_else(|| "none".into(), |a| a.to_string()),
+        "initial_cluster" => required(n.initial_cluster.is_empty(), cluster(&n.initial_cluster)),
+        "initial_cluster_clients" if n.initial_cluster_clients.is_empty() => "none".into(),
+        "initial_cluster_clients" => cluster(&n.initial_cluster_clients),
+        "initial_cluster_state" => value_name(&n.initial_cluster_state),
+        "cluster_id" => n.cluster_id.to_string(),
+        "tick_interval_ms" => n.tick_interval_ms.to_string(),
+        "election_ticks_min" => n.election_ticks_min.to_string(),
+        "election_ticks_max" => n.election_ticks_max.to_string(),
+        "heartbeat_ticks" => n.heartbeat_ticks.to_string(),
+        "pre_vote" => n.pre_vote.to_string(),
+        "check_quorum" => n.check_quorum.to_string(),
+        "lease_reads" => n.lease_reads.to_string(),
+        "batch_entries_max" => n.batch_entries_max.to_string(),
+        "batch_bytes_max" => n.batch_bytes_max.to_string(),
+        "batch_linger_us" => n.batch_linger_us.to_string(),
+        "io_threads" => n.io_threads.to_string(),
+        "inflight_max" => n.inflight_max.to_string(),
+        "inflight_bytes_max" => n.inflight_bytes_max.to_string(),
+        "append_bytes_max" => n.append_bytes_max.to_string(),
+        "uncommitted_bytes_max" => n.uncommitted_bytes_max.to_string(),
+        "requests_pending_max" => n.requests_pending_max.to_string(),
+        "request_timeout_ms" => n.request_timeout_ms.to_string(),
+        "snapshot_entries" => n.snapshot_entries.to_string(),
+        "snapshot_catchup_entries" => n.snapshot_catchup_entries.to_string(),
+        "snapshot_bytes" => n.snapshot_bytes.to_string(),
+        "snapshot_streams" => n.snapshot_streams.to_string(),
+        "snapshot_chunk_bytes" => n.snapshot_chunk_bytes.to_string(),
+        "space_reserve_bytes" => n.space_reserve_bytes.to_string(),
+        "wal_backend" => value_name(&n.wal_backend),
+        "wal_segment_size" => n.wal_segment_size.to_string(),
+        "watch_progress_notify_interval_ms" => kv.watch_progress_interval.as_millis().to_string(),
+        "lease_checkpoint_interval_ms" => kv.lease_checkpoint_interval.as_millis().to_string(),
+        "quota_backend_bytes" => kv.quota_backend_bytes.to_string(),
+        _ => return None,
+    })
+}
+
+/// Appends `[default: …]` ([`serve_default`]) to a `skiff serve` flag's
+/// help. The flags have no clap default: an unset flag must leave the
+/// `--config` file's value alone.
+fn with_default_in_help(arg: clap::Arg) -> clap::Arg {
+    let Some(default) = serve_default(arg.get_id().as_str()) else {
+        return arg;
+    };
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    let long = arg.get_long_help().map(ToString::to_string);
+    let arg = arg.help(format!("{help} [default: {default}]"));
+    match long {
+        Some(long) => arg.long_help(format!("{long}\n\n[default: {default}]")),
+        None => arg,
+    }
 }
 
 macro_rules! override_fields {
@@ -141,6 +283,7 @@ impl ServeArgs {
             listen_client,
             listen_peer,
             listen_snapshot,
+            initial_cluster_state,
             cluster_id,
             tick_interval_ms,
             election_ticks_min,
@@ -164,6 +307,7 @@ impl ServeArgs {
             snapshot_bytes,
             snapshot_streams,
             snapshot_chunk_bytes,
+            space_reserve_bytes,
             wal_backend,
             wal_segment_size,
         );
@@ -214,6 +358,10 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             return Err("--lease-checkpoint-interval-ms must be at least 1".into());
         }
         kv.lease_checkpoint_interval = std::time::Duration::from_millis(ms);
+    }
+    if let Some(bytes) = args.quota_backend_bytes {
+        // 0: the default, as etcd's flag.
+        kv.quota_backend_bytes = bytes;
     }
     let node = skiff_kv::server::start_with(cfg, kv).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -306,6 +454,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Status(a) => status(a),
+        Cmd::Snapshot(c) => skiff::snapshot::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

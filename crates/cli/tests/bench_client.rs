@@ -1,5 +1,5 @@
 //! `skiff bench` and `skiff status` against a tiny in-process fake etcd
-//! (KV.Put and Maintenance.Status only), so that the client side is tested
+//! (KV.Put, Maintenance.Status and Alarm only), so that the client side is tested
 //! without a cluster.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,8 +10,10 @@ use skiff::bench::{run_load, status, BenchArgs, BenchError};
 use skiff_kv::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use skiff_kv::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
 use skiff_kv::pb::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
-    HashKvResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest, CompactionResponse,
+    DefragmentRequest, DefragmentResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, ResponseHeader, SnapshotRequest, SnapshotResponse,
     StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 use tonic::transport::server::TcpIncoming;
@@ -95,6 +97,55 @@ impl Kv for FakeEtcd {
 
 #[tonic::async_trait]
 impl Maintenance for FakeEtcd {
+    type SnapshotStream = std::pin::Pin<
+        Box<
+            dyn tonic::codegen::tokio_stream::Stream<Item = Result<SnapshotResponse, Status>>
+                + Send,
+        >,
+    >;
+
+    /// A NOSPACE alarm on this member and one on another member.
+    async fn alarm(&self, _: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        Ok(Response::new(AlarmResponse {
+            header: None,
+            alarms: vec![
+                AlarmMember {
+                    member_id: FAKE_MEMBER_ID,
+                    alarm: AlarmType::Nospace as i32,
+                },
+                AlarmMember {
+                    member_id: FAKE_MEMBER_ID + 1,
+                    alarm: AlarmType::Corrupt as i32,
+                },
+            ],
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn move_leader(
+        &self,
+        _: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(StatusResponse {
             header: Some(ResponseHeader {
@@ -238,6 +289,8 @@ async fn status_reports_members_and_unreachable_rows() {
         (4, 12, 11)
     );
     assert!(member.is_leader());
+    assert!(!member.is_learner);
+    assert_eq!(member.alarms, ["NOSPACE"], "only this member's alarms");
     assert_eq!(rows[1].endpoint, format!("http://{bad}"));
     assert!(rows[1].reply.is_err(), "{:?}", rows[1]);
 

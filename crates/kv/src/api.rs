@@ -18,7 +18,9 @@ use skiff_node::{NodeHandle, RequestError};
 use tonic::{Request, Response, Status};
 
 use crate::lease::Lessor;
-use crate::machine::{KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse, StoreStatus};
+use crate::machine::{
+    KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse, Quota, StoreStatus,
+};
 use crate::pb::etcdserverpb::cluster_server::ClusterServer;
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::lease_server::LeaseServer;
@@ -32,11 +34,11 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
-use crate::store::{validate_request, KvError};
+use crate::store::{validate_request, write_cost, KvError};
 use crate::watch::Hub;
 
 mod alarm;
-mod backup;
+pub mod backup;
 mod cluster;
 mod lease;
 mod lock;
@@ -56,6 +58,7 @@ pub async fn serve(
     node: NodeHandle<KvMachine>,
     hub: Hub,
     lessor: Lessor,
+    quota: Arc<Quota>,
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<SocketAddr, String> {
@@ -69,7 +72,10 @@ pub async fn serve(
         next_stream: Arc::new(AtomicU64::new(0)),
         lessor,
         forwarders: Arc::default(),
+        quota,
     };
+    tokio::spawn(cluster::publish_client_urls(api.clone()));
+    tokio::spawn(alarm::watch_disk_space(api.clone()));
     let api = std::sync::Arc::new(api);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
@@ -106,6 +112,8 @@ struct Api {
     lessor: Lessor,
     /// Connections to the leader for forwarded lease requests.
     forwarders: Arc<lease::Forwarders>,
+    /// This member's space quota (see `alarm::check_space`).
+    quota: Arc<Quota>,
 }
 
 fn kv_status(e: &KvError) -> Status {
@@ -125,6 +133,7 @@ fn status_of(e: RequestError) -> Status {
             Status::resource_exhausted(format!("etcdserver: too many requests: {m}"))
         }
         RequestError::Stopped(m) => Status::unavailable(format!("etcdserver: stopped: {m}")),
+        RequestError::Invalid(m) => Status::failed_precondition(format!("etcdserver: {m}")),
     }
 }
 
@@ -152,6 +161,7 @@ impl Api {
     /// Proposes `op` and returns its response with a full header.
     async fn write(&self, op: RequestOp) -> Result<OpResponse, Status> {
         validate_request(&op).map_err(|e| kv_status(&e))?;
+        self.check_space(write_cost(&op)).await?;
         let mut leases = Vec::new();
         put_leases(&op, &mut leases);
         self.check_leases(&leases).await?;
@@ -292,4 +302,3 @@ impl Kv for Api {
         }))
     }
 }
-

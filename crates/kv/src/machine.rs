@@ -10,6 +10,9 @@
 //! 0x04, id i64 LE                    a LeaseRevoke
 //! 0x05, n u32 LE, n × (id i64 LE, remaining i64 LE)
 //!                                    a LeaseCheckpoint (n <= LEASE_CHECKPOINT_MAX)
+//! 0x06, action u8, member u64 LE, kind u8
+//!                                    raise (action 1) or disarm (2) alarm
+//!                                    `kind` (1 NOSPACE, 2 CORRUPT) of `member`
 //! ```
 //!
 //! The first byte lets a later release add commands (leases, ...); a byte
@@ -17,7 +20,7 @@
 //! and fatal at apply (a log that every member cannot apply is corruption).
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -25,7 +28,7 @@ use prost::Message;
 use skiff_node::{ApplyError, Committed, RestoreError, SnapshotView, StateMachine};
 
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseOp};
-use crate::store::{KvError, KvStore, StoreStats, StoreView};
+use crate::store::{Alarm, AlarmKind, KvError, KvStore, StoreStats, StoreView};
 use crate::watch::Hub;
 
 /// Tag of a [`KvCommand::Op`].
@@ -38,6 +41,8 @@ pub const TAG_LEASE_GRANT: u8 = 3;
 pub const TAG_LEASE_REVOKE: u8 = 4;
 /// Tag of a [`KvCommand::LeaseCheckpoint`].
 pub const TAG_LEASE_CHECKPOINT: u8 = 5;
+/// Tag of a [`KvCommand::Alarm`].
+pub const TAG_ALARM: u8 = 6;
 /// Leases in one checkpoint command.
 pub const LEASE_CHECKPOINT_MAX: usize = 10_000;
 /// Versions visited by one slice of physical compaction on the loop.
@@ -59,6 +64,12 @@ pub enum KvCommand {
     LeaseRevoke { id: i64 },
     /// The TTLs left, by the leader's clock: (id, seconds left).
     LeaseCheckpoint { remaining: Vec<(i64, i64)> },
+    /// Raise (`activate`) or disarm alarm `kind` of `member`.
+    Alarm {
+        activate: bool,
+        member: u64,
+        kind: AlarmKind,
+    },
 }
 
 /// What a [`KvCommand`] was answered with.
@@ -80,6 +91,9 @@ pub enum KvResponse {
         revision: i64,
     },
     LeaseCheckpointed,
+    /// The alarm raised (whether it was already active or not), or the
+    /// alarm disarmed (None: it was not active).
+    Alarm(Option<Alarm>),
 }
 
 /// A read of the store.
@@ -101,6 +115,8 @@ pub enum KvQuery {
     },
     /// Every lease: (id, ttl, remaining at the last checkpoint).
     Leases,
+    /// The active alarms.
+    Alarms,
 }
 
 /// A lease as [`KvQuery::Lease`] reads it.
@@ -133,6 +149,8 @@ pub enum KvQueryResponse {
     View(StoreView),
     Lease(Option<LeaseInfo>),
     Leases(Vec<(i64, i64, i64)>),
+    /// By member, then kind.
+    Alarms(Vec<Alarm>),
 }
 
 /// Counters of the member's services kept beside the state machine, so
@@ -208,6 +226,105 @@ impl LeaseNotes {
     }
 }
 
+/// The space quota when none is given (0): etcd's default, 2 GiB of
+/// [`StoreStats::bytes`].
+pub const QUOTA_BYTES_DEFAULT: u64 = 2 << 30;
+
+/// A member's space quota (etcd's `--quota-backend-bytes`) and what apply
+/// last told it: the store's size ([`StoreStats::bytes`]) and whether a
+/// NOSPACE alarm is active. Not state: each member's own, kept across
+/// snapshot installs; the API reads it before proposing a write
+/// ([`Quota::check`]) without a trip through the event loop.
+#[derive(Debug)]
+pub struct Quota {
+    limit: u64,
+    bytes: AtomicU64,
+    nospace: AtomicBool,
+    /// A NOSPACE alarm of this member is being proposed.
+    raising: AtomicBool,
+}
+
+/// What [`Quota::check`] says of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaCheck {
+    /// Propose it.
+    Fits,
+    /// A NOSPACE alarm is active: refuse it.
+    Alarmed,
+    /// It would take the store over the quota: refuse it and raise NOSPACE.
+    Exceeds,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota::new(0)
+    }
+}
+
+impl Quota {
+    /// A quota of `limit` bytes (0: [`QUOTA_BYTES_DEFAULT`]; `u64::MAX`:
+    /// none).
+    pub fn new(limit: u64) -> Self {
+        Quota {
+            limit: if limit == 0 {
+                QUOTA_BYTES_DEFAULT
+            } else {
+                limit
+            },
+            bytes: AtomicU64::new(0),
+            nospace: AtomicBool::new(false),
+            raising: AtomicBool::new(false),
+        }
+    }
+
+    /// The quota, bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The store's size as this member last applied it.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a NOSPACE alarm is active, as this member last applied.
+    pub fn nospace(&self) -> bool {
+        self.nospace.load(Ordering::Acquire)
+    }
+
+    /// Whether a request that adds at most `cost` bytes
+    /// ([`crate::store::write_cost`], [`crate::store::LEASE_COST_BYTES`])
+    /// may be proposed. A request of cost 0 always may.
+    pub fn check(&self, cost: u64) -> QuotaCheck {
+        if cost == 0 {
+            QuotaCheck::Fits
+        } else if self.nospace() {
+            QuotaCheck::Alarmed
+        } else if self.bytes().saturating_add(cost) > self.limit {
+            QuotaCheck::Exceeds
+        } else {
+            QuotaCheck::Fits
+        }
+    }
+
+    /// Claims the proposal of this member's NOSPACE alarm: true when no
+    /// other request is proposing it ([`Self::raised`] when done).
+    pub fn begin_raise(&self) -> bool {
+        !self.raising.swap(true, Ordering::AcqRel)
+    }
+
+    /// The proposal claimed by [`Self::begin_raise`] is done.
+    pub fn raised(&self) {
+        self.raising.store(false, Ordering::Release);
+    }
+
+    fn observe(&self, store: &KvStore) {
+        self.bytes.store(store.approx_bytes(), Ordering::Relaxed);
+        self.nospace
+            .store(store.alarm_active(AlarmKind::NoSpace), Ordering::Release);
+    }
+}
+
 /// The KV store run by the runtime, and the feed of its watchers.
 #[derive(Debug)]
 pub struct KvMachine {
@@ -218,6 +335,8 @@ pub struct KvMachine {
     counters: Arc<ServiceCounters>,
     /// Not state, as `hub`.
     lease_notes: Arc<LeaseNotes>,
+    /// Not state, as `hub`.
+    quota: Arc<Quota>,
 }
 
 impl Default for KvMachine {
@@ -228,6 +347,7 @@ impl Default for KvMachine {
             store,
             counters: Arc::default(),
             lease_notes: Arc::default(),
+            quota: Arc::default(),
         }
     }
 }
@@ -235,6 +355,20 @@ impl Default for KvMachine {
 impl KvMachine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A machine whose member has a space quota of `limit` bytes (0:
+    /// [`QUOTA_BYTES_DEFAULT`]).
+    pub fn with_quota(limit: u64) -> Self {
+        KvMachine {
+            quota: Arc::new(Quota::new(limit)),
+            ..Self::default()
+        }
+    }
+
+    /// The member's space quota, kept up to date by apply.
+    pub fn quota(&self) -> &Arc<Quota> {
+        &self.quota
     }
 
     pub fn store(&self) -> &KvStore {
@@ -320,6 +454,25 @@ pub fn decode_command(mut bytes: Bytes) -> Result<KvCommand, String> {
                 .collect();
             Ok(KvCommand::LeaseCheckpoint { remaining })
         }
+        TAG_ALARM => {
+            if bytes.len() != 10 {
+                return Err(format!("alarm command of {} bytes, need 10", bytes.len()));
+            }
+            let activate = match bytes.get_u8() {
+                1 => true,
+                2 => false,
+                other => return Err(format!("alarm action {other} is not known")),
+            };
+            let member = bytes.get_u64_le();
+            let kind = bytes.get_u8();
+            let kind = AlarmKind::from_u8(kind)
+                .ok_or_else(|| format!("alarm kind {kind} is not known"))?;
+            Ok(KvCommand::Alarm {
+                activate,
+                member,
+                kind,
+            })
+        }
         other => Err(format!("KV command tag {other} is not known")),
     }
 }
@@ -372,6 +525,16 @@ impl StateMachine for KvMachine {
                     out.put_i64_le(*left);
                 }
             }
+            KvCommand::Alarm {
+                activate,
+                member,
+                kind,
+            } => {
+                out.put_u8(TAG_ALARM);
+                out.put_u8(if *activate { 1 } else { 2 });
+                out.put_u64_le(*member);
+                out.put_u8(kind.as_u8());
+            }
         }
     }
 
@@ -390,6 +553,7 @@ impl StateMachine for KvMachine {
         let result = self.apply_entries(batch, responses);
         let events = collect.then(|| self.store.take_events());
         self.hub.applied(from, self.store.revision(), events);
+        self.quota.observe(&self.store);
         result
     }
 
@@ -419,6 +583,7 @@ impl StateMachine for KvMachine {
                     .map(|(id, l)| (id, l.ttl, l.remaining))
                     .collect(),
             ),
+            KvQuery::Alarms => KvQueryResponse::Alarms(self.store.alarms().collect()),
         }
     }
 
@@ -442,6 +607,7 @@ impl StateMachine for KvMachine {
         let old = std::mem::replace(&mut self.store, restored.store);
         self.hub.jumped(from, self.store.revision());
         self.lease_notes.jumped();
+        self.quota.observe(&self.store);
         KvMachine {
             store: old,
             ..KvMachine::default()
@@ -449,7 +615,10 @@ impl StateMachine for KvMachine {
     }
 
     fn background_step(&mut self) -> bool {
-        self.store.compact_step(COMPACT_STEP_VERSIONS)
+        let more = self.store.compact_step(COMPACT_STEP_VERSIONS);
+        // Physical compaction is what frees space.
+        self.quota.observe(&self.store);
+        more
     }
 
     fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
@@ -480,6 +649,16 @@ impl StateMachine for KvMachine {
                 "kv_bytes",
                 "Approximate memory held by the store, bytes.",
                 s.stats.bytes,
+            ),
+            (
+                "kv_quota_bytes",
+                "Space quota of the store (--quota-backend-bytes): past it, NOSPACE is raised.",
+                self.quota.limit(),
+            ),
+            (
+                "kv_alarms",
+                "Active alarms (any member, any kind).",
+                self.store.alarms().count() as u64,
             ),
         ];
         g.extend(self.hub.gauges());
@@ -542,6 +721,23 @@ impl KvMachine {
                 KvCommand::LeaseCheckpoint { remaining } => {
                     self.store.lease_checkpoint(entry.index, &remaining);
                     Ok(KvResponse::LeaseCheckpointed)
+                }
+                KvCommand::Alarm {
+                    activate,
+                    member,
+                    kind,
+                } => {
+                    let was = self.store.alarms().any(|a| a == Alarm { member, kind });
+                    let alarm = if activate {
+                        Some(self.store.alarm_activate(entry.index, member, kind))
+                    } else {
+                        self.store.alarm_deactivate(entry.index, member, kind)
+                    };
+                    if was != activate {
+                        let what = if activate { "raised" } else { "disarmed" };
+                        tracing::warn!(member, alarm = kind.name(), "alarm {what}");
+                    }
+                    Ok(KvResponse::Alarm(alarm))
                 }
             };
             responses.push(response);

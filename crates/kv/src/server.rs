@@ -8,7 +8,7 @@ use skiff_node::{Node, StartError};
 use std::time::Duration;
 
 use crate::lease::{Lessor, CHECKPOINT_INTERVAL_DEFAULT};
-use crate::machine::{KvMachine, KvQuery, KvQueryResponse};
+use crate::machine::{KvMachine, KvQuery, KvQueryResponse, QUOTA_BYTES_DEFAULT};
 use crate::watch::{ViewSource, PROGRESS_INTERVAL_DEFAULT};
 
 /// A running KV member; dropping it (or `shutdown`) stops the API first.
@@ -31,6 +31,16 @@ pub struct KvOptions {
     /// Raft, so that a restart or a new leader counts from there (etcd's
     /// lease checkpoint interval).
     pub lease_checkpoint_interval: Duration,
+    /// The space quota of the store, bytes of
+    /// [`crate::store::StoreStats::bytes`] (what Status reports as the db
+    /// size: every version held, tombstones and history included, with
+    /// per-key and per-version overheads): a write that would take the
+    /// store past it is refused with "etcdserver: mvcc: database space
+    /// exceeded" and raises a NOSPACE alarm, which refuses every write that
+    /// grows the store until it is disarmed (etcd's
+    /// `--quota-backend-bytes`). 0: the default, etcd's 2 GiB
+    /// ([`QUOTA_BYTES_DEFAULT`]); `u64::MAX`: no quota.
+    pub quota_backend_bytes: u64,
 }
 
 impl Default for KvOptions {
@@ -38,6 +48,7 @@ impl Default for KvOptions {
         KvOptions {
             watch_progress_interval: PROGRESS_INTERVAL_DEFAULT,
             lease_checkpoint_interval: CHECKPOINT_INTERVAL_DEFAULT,
+            quota_backend_bytes: QUOTA_BYTES_DEFAULT,
         }
     }
 }
@@ -48,12 +59,18 @@ const VIEW_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`start`] with options.
 pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError> {
     let addr = cfg.listen_client;
-    let machine = KvMachine::new();
+    let machine = KvMachine::with_quota(opts.quota_backend_bytes);
+    let quota = machine.quota().clone();
     let hub = machine.hub().clone();
     let counters = machine.counters().clone();
     let lease_notes = machine.lease_notes().clone();
     let mut node = Node::start(cfg, machine)?;
     let id = node.handle().id();
+    tracing::info!(
+        id,
+        quota_bytes = quota.limit(),
+        "space quota (--quota-backend-bytes)"
+    );
 
     // The watch dispatcher gets frozen views through serializable queries.
     let handle = node.handle().clone();
@@ -90,6 +107,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
             node.handle().clone(),
             hub.clone(),
             lessor,
+            quota,
             addr,
             stop_rx,
         ))

@@ -170,13 +170,17 @@ fn header_layout() {
     // Second: alpha@5, the same key (key_len 0, no key bytes).
     assert_eq!(bytes[80], 1);
     assert_eq!(&bytes[81..85], &0u32.to_le_bytes());
-    // Leases: none.
+    // Leases: none; alarms: none.
+    assert_eq!(
+        &bytes[bytes.len() - 20..bytes.len() - 12],
+        &0u64.to_le_bytes()
+    );
     assert_eq!(
         &bytes[bytes.len() - 12..bytes.len() - 4],
         &0u64.to_le_bytes()
     );
     // End: kind 0, 7 versions (alpha ×2, beta, gone ×2, \xff\x00), 3 keys.
-    let end = bytes.len() - 4 - 8 - 17;
+    let end = bytes.len() - 4 - 8 - 8 - 17;
     assert_eq!(bytes[end], 0);
     assert_eq!(&bytes[end + 1..end + 9], &6u64.to_le_bytes());
     assert_eq!(&bytes[end + 9..end + 17], &3u64.to_le_bytes());
@@ -338,6 +342,10 @@ fn forged_table(
                 bytes.extend_from_slice(&n.to_le_bytes());
             }
         }
+    }
+    if format >= 4 {
+        // No alarms.
+        bytes.extend_from_slice(&0u64.to_le_bytes());
     }
     let crc = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());

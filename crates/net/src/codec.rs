@@ -25,13 +25,16 @@
 //!  12   InstallSnapshot     | index u64 | snapshot_term u64 | membership | len u32 | data[len] |
 //!  13   Propose             | ctx u64 | count u32 | count × (len u32 | data[len]) |
 //!  14   ProposeRefused      | ctx u64 |
+//!  15   Removed             (no fields)
 //!
 //! entry:      | index u64 | term u64 | kind u8 | payload by kind |
 //!               kind 1 Noop:        (nothing)
 //!               kind 2 Normal:      | len u32 | data[len] |
 //!               kind 3 Membership:  | membership |
 //! membership: | n u32 | n × voter u64 | n u32 | n × outgoing u64 | n u32 | n × learner u64 |
-//!               (each list strictly increasing, as a BTreeSet iterates)
+//!             | n u32 | n × (id u64 | len u32 | meta[len]) |
+//!               (each list strictly increasing, as a BTreeSet iterates;
+//!               meta only of members, each at most MEMBER_META_BYTES_MAX)
 //! hint:       | rejected u64 | conflict_term opt<u64> | conflict_index u64 |
 //!
 //! Hello body: | cluster_id u64 | from u64 | to u64 | channel u8 |
@@ -68,7 +71,10 @@ const MESSAGE_LEN_MIN: usize = 1 + 8 + 8 + 8;
 /// Index, term, kind: the smallest entry (`Noop`).
 const ENTRY_LEN_MIN: usize = 8 + 8 + 1;
 /// Three empty id lists.
-const MEMBERSHIP_LEN_MIN: usize = 3 * 4;
+const MEMBERSHIP_LEN_MIN: usize = 4 * 4;
+/// Bytes of one member's meta accepted when decoding (the host's
+/// addresses and name; a larger length means corrupt bytes).
+pub const MEMBER_META_BYTES_MAX: usize = 4096;
 const NODE_ID_LEN: usize = 8;
 
 /// Message tags on the wire.
@@ -89,6 +95,7 @@ enum Tag {
     InstallSnapshot = 12,
     Propose = 13,
     ProposeRefused = 14,
+    Removed = 15,
 }
 
 impl Tag {
@@ -108,6 +115,7 @@ impl Tag {
             MessageBody::InstallSnapshot { .. } => Tag::InstallSnapshot,
             MessageBody::Propose { .. } => Tag::Propose,
             MessageBody::ProposeRefused { .. } => Tag::ProposeRefused,
+            MessageBody::Removed => Tag::Removed,
         }
     }
 
@@ -127,6 +135,7 @@ impl Tag {
             12 => Tag::InstallSnapshot,
             13 => Tag::Propose,
             14 => Tag::ProposeRefused,
+            15 => Tag::Removed,
             _ => return None,
         })
     }
@@ -182,7 +191,7 @@ pub fn message_encoded_len(msg: &Message) -> usize {
             MessageBody::HeartbeatResponse { .. } => 8,
             MessageBody::ReadIndex { .. } => 8,
             MessageBody::ReadIndexResponse { index, .. } => 8 + opt_len(index.as_ref(), |_| 8),
-            MessageBody::TimeoutNow => 0,
+            MessageBody::TimeoutNow | MessageBody::Removed => 0,
             MessageBody::InstallSnapshot {
                 membership, data, ..
             } => 16 + membership_len(membership) + 4 + data.len(),
@@ -208,7 +217,12 @@ fn entry_len(e: &Entry) -> usize {
 }
 
 fn membership_len(m: &Membership) -> usize {
-    MEMBERSHIP_LEN_MIN + NODE_ID_LEN * (m.voters.len() + m.outgoing.len() + m.learners.len())
+    MEMBERSHIP_LEN_MIN
+        + NODE_ID_LEN * (m.voters.len() + m.outgoing.len() + m.learners.len())
+        + m.meta
+            .values()
+            .map(|b| NODE_ID_LEN + 4 + b.len())
+            .sum::<usize>()
 }
 
 fn hint_len(h: &RejectHint) -> usize {
@@ -341,7 +355,7 @@ fn put_message(dst: &mut BytesMut, m: &Message) {
             dst.put_u64_le(*ctx);
             put_opt_u64(dst, *index);
         }
-        MessageBody::TimeoutNow => {}
+        MessageBody::TimeoutNow | MessageBody::Removed => {}
         MessageBody::InstallSnapshot {
             index,
             snapshot_term,
@@ -386,6 +400,12 @@ fn put_membership(dst: &mut BytesMut, m: &Membership) {
         for id in ids {
             dst.put_u64_le(*id);
         }
+    }
+    put_len(dst, m.meta.len());
+    for (id, meta) in &m.meta {
+        dst.put_u64_le(*id);
+        put_len(dst, meta.len());
+        dst.put_slice(meta);
     }
 }
 
@@ -582,6 +602,7 @@ fn read_message(r: &mut Reader<'_>) -> Result<Message, WireError> {
             index: r.opt_u64("ReadIndexResponse")?,
         },
         Tag::TimeoutNow => MessageBody::TimeoutNow,
+        Tag::Removed => MessageBody::Removed,
         Tag::InstallSnapshot => MessageBody::InstallSnapshot {
             index: r.u64("InstallSnapshot")?,
             snapshot_term: r.u64("InstallSnapshot")?,
@@ -632,10 +653,33 @@ fn read_entry(r: &mut Reader<'_>) -> Result<Entry, WireError> {
 }
 
 fn read_membership(r: &mut Reader<'_>) -> Result<Membership, WireError> {
+    let voters = read_ids(r)?;
+    let outgoing = read_ids(r)?;
+    let learners = read_ids(r)?;
+    let n = r.count(NODE_ID_LEN + 4, "a membership's meta")?;
+    let mut meta = std::collections::BTreeMap::new();
+    let mut last = 0;
+    for _ in 0..n {
+        let id = r.u64("a membership's meta")?;
+        if id <= last {
+            return Err(WireError::Malformed {
+                what: "membership meta ids not strictly increasing",
+            });
+        }
+        last = id;
+        let b = r.bytes("a membership's meta")?;
+        if b.len() > MEMBER_META_BYTES_MAX {
+            return Err(WireError::Malformed {
+                what: "a member's meta over MEMBER_META_BYTES_MAX",
+            });
+        }
+        meta.insert(id, b);
+    }
     Ok(Membership {
-        voters: read_ids(r)?,
-        outgoing: read_ids(r)?,
-        learners: read_ids(r)?,
+        voters,
+        outgoing,
+        learners,
+        meta,
     })
 }
 

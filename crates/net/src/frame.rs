@@ -17,7 +17,7 @@ use crate::WireError;
 /// First bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"SKIF";
 /// The frame layout this build speaks; a frame with another is refused.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 /// Bytes before the body.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Flag bits defined by this version; a frame carrying others is refused

@@ -66,6 +66,12 @@ pub trait Transport: Send + Sync {
     /// peer's messages at once from the calling thread, as one frame, when
     /// that peer's link is idle (the TCP transport does): call it once per
     /// batch of messages that are ready together.
+    /// From now on, sends to exactly these peers at these addresses (the
+    /// membership changed): new ones are connected to, readdressed ones
+    /// reconnected, missing ones dropped. A transport that routes by id
+    /// alone (the simulated one) has nothing to do.
+    fn set_peers(&self, peers: &std::collections::BTreeMap<NodeId, std::net::SocketAddr>);
+
     fn send_batch(&self, msgs: Vec<Message>) -> Vec<SendError> {
         msgs.into_iter()
             .filter_map(|m| self.send(m).err())

@@ -242,7 +242,7 @@ fn forged_counts_are_refused_before_allocating() {
 
 #[test]
 fn unknown_tags_are_refused() {
-    for tag in [0u8, 15, 200, 255] {
+    for tag in [0u8, 16, 200, 255] {
         assert_eq!(
             decode_messages(&one_message(tag, &[])),
             Err(WireError::UnknownTag {

@@ -36,6 +36,34 @@ pub enum WalBackend {
     Pwritev,
 }
 
+/// The default free-space reserve: two default WAL segments.
+pub const SPACE_RESERVE_BYTES_DEFAULT: u64 = 128 << 20;
+
+/// Whether a node bootstraps a new cluster or joins one (etcd's
+/// `--initial-cluster-state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    /// The members of `initial_cluster` form a new cluster.
+    #[default]
+    New,
+    /// This node was added to a running cluster (Cluster.MemberAdd): it
+    /// does not vote until the leader's log tells it that it may, and it
+    /// needs `cluster_id`.
+    Existing,
+}
+
+/// Parses a node or cluster id: decimal, or hexadecimal with `0x` (as
+/// etcdctl prints ids).
+pub fn parse_id(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not an id (decimal, or hexadecimal with 0x)"))
+}
+
 /// Everything a node needs. `NodeConfig::default()` holds the defaults; the
 /// identity and addresses have no useful default and are checked by
 /// [`NodeConfig::validate`].
@@ -60,8 +88,13 @@ pub struct NodeConfig {
     /// forwarded and what `member list` shows. Optional.
     #[serde(deserialize_with = "de_cluster")]
     pub initial_cluster_clients: BTreeMap<NodeId, SocketAddr>,
-    /// Derived from `initial_cluster` when 0.
+    /// Derived from `initial_cluster` when 0 (a node that joins an
+    /// existing cluster must be given it). Recorded in the data directory
+    /// on first start; later starts use the recorded one.
     pub cluster_id: u64,
+    /// `new` bootstraps a cluster of `initial_cluster`; `existing` joins a
+    /// cluster this node was added to with MemberAdd.
+    pub initial_cluster_state: ClusterState,
 
     // ---- Raft timing.
     pub tick_interval_ms: u64,
@@ -108,6 +141,14 @@ pub struct NodeConfig {
     /// Bytes per snapshot chunk.
     pub snapshot_chunk_bytes: u32,
 
+    // ---- Disk space.
+    /// Free bytes the data directory's filesystem keeps in reserve: below
+    /// it the node reports its space low (`NodeHandle::space_low`) and a
+    /// service refuses writes that grow its state (the KV raises a NOSPACE
+    /// alarm) while reads go on; the reserve is what Raft's own entries,
+    /// snapshots and a new WAL segment still need. 0 disables the check.
+    pub space_reserve_bytes: u64,
+
     // ---- Threads.
     /// Worker threads of the node's network runtime (client gRPC, peer
     /// transport, snapshot streams).
@@ -131,6 +172,7 @@ impl Default for NodeConfig {
             initial_cluster: BTreeMap::new(),
             initial_cluster_clients: BTreeMap::new(),
             cluster_id: 0,
+            initial_cluster_state: ClusterState::New,
             tick_interval_ms: 10,
             election_ticks_min: 30,
             election_ticks_max: 60,
@@ -153,6 +195,7 @@ impl Default for NodeConfig {
             snapshot_bytes: 256 << 20,
             snapshot_streams: 4,
             snapshot_chunk_bytes: 1 << 20,
+            space_reserve_bytes: SPACE_RESERVE_BYTES_DEFAULT,
             wal_backend: WalBackend::Auto,
             wal_segment_size: 64 << 20,
         }
@@ -174,9 +217,7 @@ pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
         let Some((id, addr)) = part.split_once('=') else {
             return Err(format!("`{part}` is not id=host:port"));
         };
-        let id: NodeId = id
-            .trim()
-            .parse()
+        let id: NodeId = parse_id(id)
             .map_err(|_| format!("`{id}` in `{part}` is not a node id (a positive integer)"))?;
         if id == 0 {
             return Err(format!("node ids start at 1 (`{part}`)"));
@@ -284,6 +325,13 @@ impl NodeConfig {
                 );
             }
         }
+        if self.initial_cluster_state == ClusterState::Existing && self.cluster_id == 0 {
+            return bad(
+                "cluster_id",
+                "a node joining an existing cluster needs the cluster's id (`etcdctl member add` \
+                 prints it)",
+            );
+        }
         if self.tick_interval_ms == 0 {
             return bad("tick_interval_ms", "must be at least 1");
         }
@@ -323,8 +371,12 @@ impl NodeConfig {
 
     /// The Raft core's configuration.
     pub fn raft_config(&self) -> skiff_raft::Config {
-        let mut c =
-            skiff_raft::Config::new(self.id, self.initial_cluster.keys().copied().collect());
+        // A joining node learns its membership from the leader's log.
+        let voters = match self.initial_cluster_state {
+            ClusterState::New => self.initial_cluster.keys().copied().collect(),
+            ClusterState::Existing => Vec::new(),
+        };
+        let mut c = skiff_raft::Config::new(self.id, voters);
         c.election_ticks_min = self.election_ticks_min;
         c.election_ticks_max = self.election_ticks_max;
         c.heartbeat_ticks = self.heartbeat_ticks;

@@ -60,6 +60,7 @@ use crate::queue::{QueueReceiver, QueueSender};
 use crate::state_machine::{Committed, SnapshotView, StateMachine};
 use crate::storage::{self, encode_membership};
 
+mod membership;
 mod metrics;
 mod snapshots;
 mod wal_tickets;
@@ -68,6 +69,11 @@ use self::metrics::Stages;
 pub use self::snapshots::SnapshotOffer;
 pub(crate) use self::snapshots::{file_crc, fsync_dir, SnapshotWorker};
 use self::wal_tickets::{Durable, WalWaker};
+
+/// How often the loop looks at the data directory's free space: writes
+/// go on at full speed until the next look, so this and the write rate
+/// size `space_reserve_bytes`.
+pub const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Inputs queued for the loop (bounded: `INPUTS_MAX`).
 pub const INPUTS_MAX: usize = 65_536;
@@ -90,6 +96,10 @@ pub enum RequestError {
     Busy(String),
     #[error("the node stopped: {0}")]
     Stopped(String),
+    /// The request cannot be done as asked (an invalid membership change,
+    /// a transfer to a node that is not a voter).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type WriteReply<S> = oneshot::Sender<Result<<S as StateMachine>::Response, RequestError>>;
@@ -109,6 +119,19 @@ pub enum Input<S: StateMachine> {
         query: S::Query,
         linearizable: bool,
         reply: QueryReply<S>,
+    },
+    /// A membership change, proposed on the leader; answered with the
+    /// membership once this member applied it.
+    ChangeMembership {
+        change: skiff_raft::MembershipChange,
+        meta: Option<Bytes>,
+        reply: membership::ChangeReply,
+    },
+    /// Hand leadership to the target (or the most caught-up voter);
+    /// answered with the new leader once it leads.
+    TransferLeadership {
+        target: Option<NodeId>,
+        reply: membership::TransferReply,
     },
     /// A WAL ticket became durable (or the WAL failed): look at the
     /// tickets waiting in the loop.
@@ -144,6 +167,11 @@ pub struct Shared {
     pub commit: AtomicU64,
     pub applied: AtomicU64,
     pub membership: Mutex<Membership>,
+    /// Free bytes on the data directory's filesystem at the last look
+    /// (0 before the first look or when the check is off).
+    pub disk_available: AtomicU64,
+    /// `disk_available` is below `space_reserve_bytes`.
+    pub space_low: AtomicBool,
     /// Set when the loop ended; `fatal` says why when it failed.
     pub stopped: AtomicBool,
     pub fatal: Mutex<Option<String>>,
@@ -269,6 +297,8 @@ pub struct EventLoop<S: StateMachine> {
     apply_responses: Vec<S::Response>,
     stages: Stages,
     last_sweep: Instant,
+    members: membership::Members,
+    last_space_check: Instant,
 }
 
 /// What `EventLoop::new` takes besides the core and the state machine.
@@ -340,6 +370,8 @@ impl<S: StateMachine> EventLoop<S> {
             apply_responses: Vec::new(),
             stages: Stages::new(),
             last_sweep: Instant::now(),
+            members: membership::Members::default(),
+            last_space_check: Instant::now(),
         }
     }
 
@@ -354,6 +386,7 @@ impl<S: StateMachine> EventLoop<S> {
         let mut queued: VecDeque<Input<S>> = VecDeque::new();
         let mut drained: Vec<Input<S>> = Vec::with_capacity(INPUTS_PER_DRAIN_MAX);
         self.publish();
+        self.check_space();
         let result = loop {
             // ---- 1. collect. Block (no spinning) until an input or the
             // next tick; with deferred state-machine work, do not block.
@@ -445,6 +478,13 @@ impl<S: StateMachine> EventLoop<S> {
             if self.last_sweep.elapsed() >= Duration::from_secs(1) {
                 self.sweep();
             }
+            if self.last_space_check.elapsed() >= SPACE_CHECK_INTERVAL {
+                self.check_space();
+            }
+            if let Err(e) = self.membership_pass() {
+                self.flush_sends();
+                break Err(e);
+            }
             self.flush_sends();
             let pass = pass_started.elapsed();
             self.stages
@@ -469,6 +509,13 @@ impl<S: StateMachine> EventLoop<S> {
         match input {
             Input::Messages(msgs) => {
                 for msg in msgs {
+                    if matches!(msg.body, MessageBody::Removed) {
+                        let how = format!("member {} says so", msg.from);
+                        return Err(Err(self.removed(&how)));
+                    }
+                    if self.answer_removed(&msg) {
+                        continue;
+                    }
                     if let Some(reason) = forwarded_commands_are_bad::<S>(&msg) {
                         // Proposed, a command that does not decode would
                         // stop every node at apply: refuse the batch.
@@ -522,6 +569,12 @@ impl<S: StateMachine> EventLoop<S> {
                     self.serve_read(r, false);
                 }
             }
+            Input::ChangeMembership {
+                change,
+                meta,
+                reply,
+            } => self.change_membership(change, meta, reply),
+            Input::TransferLeadership { target, reply } => self.transfer_leadership(target, reply),
             // Tickets are looked at on every pass.
             Input::WalProgress => {}
             Input::SnapshotFetched {
@@ -872,6 +925,7 @@ impl<S: StateMachine> EventLoop<S> {
         let mut ids: Vec<Option<u64>> = Vec::with_capacity(entries.len());
         batch.clear();
         for e in entries {
+            self.membership_entry_applied(&e);
             let command = match e.payload {
                 Payload::Normal(data) => {
                     self.applied_since_snapshot.0 += 1;
@@ -973,6 +1027,34 @@ impl<S: StateMachine> EventLoop<S> {
         self.reads_waiting_apply.retain(|_, r| !r.is_empty());
     }
 
+    /// Free space of the data directory's filesystem against the reserve
+    /// (one statvfs, every `SPACE_CHECK_INTERVAL`).
+    fn check_space(&mut self) {
+        self.last_space_check = Instant::now();
+        let reserve = self.cfg.space_reserve_bytes;
+        if reserve == 0 {
+            return;
+        }
+        let available = match disk_available(&self.cfg.data_dir) {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the data directory's free space");
+                return;
+            }
+        };
+        self.shared
+            .disk_available
+            .store(available, Ordering::Release);
+        let low = available < reserve;
+        if self.shared.space_low.swap(low, Ordering::AcqRel) != low {
+            if low {
+                tracing::warn!(available, reserve, "disk space low: writes are refused");
+            } else {
+                tracing::info!(available, reserve, "disk space back above the reserve");
+            }
+        }
+    }
+
     fn publish(&self) {
         let s = &self.shared;
         let role = match self.raft.role() {
@@ -999,6 +1081,7 @@ impl<S: StateMachine> EventLoop<S> {
             tracing::error!(error = %f, "node stopping on a fatal error");
         }
         let why = fatal.clone().unwrap_or_else(|| "shut down".into());
+        self.membership_stop(&why);
         for (_, w) in std::mem::take(&mut self.writes) {
             let _ = w.reply.send(Err(RequestError::Stopped(why.clone())));
         }
@@ -1044,7 +1127,24 @@ fn refuse_all<S: StateMachine>(writes: &mut Vec<Proposal<S>>, err: RequestError)
     }
 }
 
-fn propose_error(e: skiff_raft::ProposeError) -> RequestError {
+/// Bytes an unprivileged writer may still use on `dir`'s filesystem.
+pub fn disk_available(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer statvfs fills on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+pub(crate) fn propose_error(e: skiff_raft::ProposeError) -> RequestError {
     match e {
         skiff_raft::ProposeError::NotLeader { leader_hint } => RequestError::NotLeader {
             leader: leader_hint,
@@ -1054,7 +1154,7 @@ fn propose_error(e: skiff_raft::ProposeError) -> RequestError {
     }
 }
 
-fn lost() -> RequestError {
+pub(crate) fn lost() -> RequestError {
     RequestError::Unavailable(
         "the proposal was dropped by a leadership change and not applied; retry".into(),
     )

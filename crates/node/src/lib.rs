@@ -95,10 +95,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bootstrap;
 pub mod command;
 pub mod config;
 pub mod embedded;
 pub mod event_loop;
+pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod queue;

@@ -62,6 +62,55 @@ pub enum StartError {
     },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Removed(String),
+    #[error("cluster id: {0}")]
+    ClusterId(String),
+}
+
+/// The file in the data directory that records the cluster id.
+pub const CLUSTER_ID_FILE: &str = "cluster_id";
+
+/// The cluster id recorded in `data_dir`, recording `configured` (the
+/// configured or derived id) on first start. A configured id
+/// (`explicit`) that differs from the recorded one is an error.
+fn cluster_id_of(
+    data_dir: &std::path::Path,
+    configured: u64,
+    explicit: bool,
+) -> Result<u64, StartError> {
+    let path = data_dir.join(CLUSTER_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let recorded = crate::config::parse_id(text.trim()).map_err(|e| {
+                StartError::ClusterId(format!("{} is corrupt: {e}", path.display()))
+            })?;
+            if explicit && recorded != configured {
+                return Err(StartError::ClusterId(format!(
+                    "configured {configured:#x}, but this data directory belongs to cluster \
+                     {recorded:#x}"
+                )));
+            }
+            Ok(recorded)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let io = |source| StartError::DataDir {
+                path: path.clone(),
+                source,
+            };
+            let tmp = data_dir.join(format!("{CLUSTER_ID_FILE}.tmp"));
+            let f = std::fs::File::create(&tmp).map_err(io)?;
+            std::io::Write::write_all(&mut &f, format!("{configured:#x}\n").as_bytes())
+                .map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            std::fs::File::open(data_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+            Ok(configured)
+        }
+        Err(source) => Err(StartError::DataDir { path, source }),
+    }
 }
 
 /// Status of this member, as `Maintenance.Status` reports it.
@@ -127,6 +176,13 @@ impl<S: StateMachine> NodeHandle<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The data directory's filesystem has less free space than
+    /// `space_reserve_bytes` (looked at every `SPACE_CHECK_INTERVAL`): a service should
+    /// refuse writes that grow its state until it has more.
+    pub fn space_low(&self) -> bool {
+        self.shared.space_low.load(Ordering::Acquire)
     }
 
     /// Why the node stopped, if it did.
@@ -211,7 +267,45 @@ impl<S: StateMachine> NodeHandle<S> {
         if id == self.cfg.id {
             return Some(self.cfg.listen_client);
         }
-        self.cfg.initial_cluster_clients.get(&id).copied()
+        crate::members::client_addr(&self.membership(), &self.cfg, id)
+    }
+
+    /// What is known of member `id` (its meta, else the configuration).
+    pub fn member_info(&self, id: NodeId) -> crate::members::MemberInfo {
+        crate::members::member_info(&self.membership(), &self.cfg, id)
+    }
+
+    /// Proposes a membership change on this member, which must lead (a
+    /// follower answers `NotLeader`), setting the meta of the member the
+    /// change names when given (see `Raft::propose_membership_with`).
+    /// Answers with the new membership once this member applied it.
+    pub async fn change_membership(
+        &self,
+        change: skiff_raft::MembershipChange,
+        info: Option<&crate::members::MemberInfo>,
+    ) -> Result<skiff_raft::Membership, RequestError> {
+        if let Some(info) = info {
+            info.validate().map_err(RequestError::Invalid)?;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.submit(Input::ChangeMembership {
+            change,
+            meta: info.map(crate::members::MemberInfo::encode),
+            reply,
+        })?;
+        self.wait(rx).await
+    }
+
+    /// Hands leadership from this member (which must lead) to `target`,
+    /// or to the most caught-up voter; answers with the new leader once it
+    /// leads.
+    pub async fn transfer_leadership(
+        &self,
+        target: Option<NodeId>,
+    ) -> Result<NodeId, RequestError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.submit(Input::TransferLeadership { target, reply })?;
+        self.wait(rx).await
     }
 }
 
@@ -244,6 +338,10 @@ impl<S: StateMachine> Node<S> {
                 source,
             })?;
         }
+        if let Some(why) = crate::members::removed(&data_dir) {
+            return Err(StartError::Removed(why));
+        }
+        let cluster_id = cluster_id_of(&data_dir, cfg.cluster_id(), cfg.cluster_id != 0)?;
         let wal = Wal::open(&wal_dir, cfg.wal_options()).map_err(|source| StartError::Wal {
             path: wal_dir.clone(),
             source,
@@ -297,7 +395,6 @@ impl<S: StateMachine> Node<S> {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
-        let cluster_id = cfg.cluster_id();
         let mut tcp = TcpConfig::new(cluster_id, cfg.id, cfg.listen_peer);
         for (&id, &addr) in &cfg.initial_cluster {
             if id != cfg.id {
@@ -469,7 +566,37 @@ impl<S: StateMachine> Node<S> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        self.hand_over_leadership();
         self.shutdown_inner()
+    }
+
+    /// A leader asked to stop first hands leadership to the most caught-up
+    /// voter, so that a rolling restart loses no write to an election
+    /// timeout. Bounded by two election timeouts; a failed hand-over is
+    /// logged and the node stops anyway.
+    pub fn hand_over_leadership(&self) {
+        let h = &self.handle;
+        if h.status().role != Role::Leader || h.membership().all_voters().len() < 2 {
+            return;
+        }
+        let cfg = h.config();
+        let limit = cfg.tick_interval() * cfg.election_ticks_max * 2;
+        let started = Instant::now();
+        let result = self
+            .runtime()
+            .block_on(async { tokio::time::timeout(limit, h.transfer_leadership(None)).await });
+        match result {
+            Ok(Ok(to)) => tracing::info!(
+                to,
+                ms = started.elapsed().as_millis() as u64,
+                "leadership handed over before stopping"
+            ),
+            Ok(Err(error)) => tracing::warn!(%error, "leadership not handed over; stopping anyway"),
+            Err(_) => tracing::warn!(
+                ?limit,
+                "leadership not handed over in time; stopping anyway"
+            ),
+        }
     }
 
     /// Stops serving, lets the loop finish its pass, stops every thread.

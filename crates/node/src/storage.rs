@@ -9,14 +9,17 @@
 //! anything else              Payload::Normal (a client command; its first
 //!                            byte is the command format version, never 0xFE)
 //! membership: voters, outgoing, learners, each a u32 LE count then that
-//!             many u64 LE node ids
+//!             many u64 LE node ids; then (absent in data written before
+//!             member meta existed) a u32 LE count of meta entries, each
+//!             u64 LE id, u32 LE length, that many bytes (see
+//!             [`crate::members::MemberInfo`])
 //! ```
 //!
 //! A snapshot is a file `snap/snapshot-{index:020}-{term:020}.snap` (the
 //! KV store's snapshot format) made durable before the WAL records it; the
 //! WAL's snapshot record carries the membership in force at its index.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -28,6 +31,8 @@ pub const MEMBERSHIP_TAG: u8 = 0xFE;
 /// Members per set accepted when decoding (a corrupt count is an error,
 /// not an allocation).
 pub const MEMBERS_MAX: usize = 1024;
+/// Bytes of one member's meta accepted when decoding.
+pub const MEMBER_META_BYTES_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -50,6 +55,12 @@ pub fn encode_membership(m: &Membership, out: &mut BytesMut) {
         for id in set {
             out.put_u64_le(*id);
         }
+    }
+    out.put_u32_le(m.meta.len() as u32);
+    for (id, meta) in &m.meta {
+        out.put_u64_le(*id);
+        out.put_u32_le(meta.len() as u32);
+        out.put_slice(meta);
     }
 }
 
@@ -74,14 +85,43 @@ pub fn decode_membership(mut b: &[u8]) -> Result<Membership, StorageError> {
         }
         b = &rest[n * 8..];
     }
+    let mut meta = BTreeMap::new();
     if !b.is_empty() {
-        return Err(corrupt(format!("{} trailing bytes", b.len())));
+        let Some((n, rest)) = b.split_first_chunk::<4>() else {
+            return Err(corrupt("truncated meta count".into()));
+        };
+        let n = u32::from_le_bytes(*n) as usize;
+        if n > MEMBERS_MAX {
+            return Err(corrupt(format!("{n} meta entries")));
+        }
+        b = rest;
+        for _ in 0..n {
+            let Some((id, rest)) = b.split_first_chunk::<8>() else {
+                return Err(corrupt("truncated meta id".into()));
+            };
+            let Some((len, rest)) = rest.split_first_chunk::<4>() else {
+                return Err(corrupt("truncated meta length".into()));
+            };
+            let len = u32::from_le_bytes(*len) as usize;
+            if len > MEMBER_META_BYTES_MAX || rest.len() < len {
+                return Err(corrupt(format!("meta of {len} bytes in {}", rest.len())));
+            }
+            meta.insert(
+                u64::from_le_bytes(*id),
+                Bytes::copy_from_slice(&rest[..len]),
+            );
+            b = &rest[len..];
+        }
+        if !b.is_empty() {
+            return Err(corrupt(format!("{} trailing bytes", b.len())));
+        }
     }
     let [voters, outgoing, learners] = sets;
     Ok(Membership {
         voters,
         outgoing,
         learners,
+        meta,
     })
 }
 
@@ -93,7 +133,11 @@ pub fn encode_payload(p: &Payload) -> Bytes {
             b.clone()
         }
         Payload::Membership(m) => {
-            let mut out = BytesMut::with_capacity(1 + 12 + 8 * m.members().len());
+            let mut out = BytesMut::with_capacity(
+                1 + 16
+                    + m.members().len() * 8
+                    + m.meta.values().map(|b| 12 + b.len()).sum::<usize>(),
+            );
             out.put_u8(MEMBERSHIP_TAG);
             encode_membership(m, &mut out);
             out.freeze()
@@ -203,6 +247,7 @@ mod tests {
             voters: [1, 2, 3].into(),
             outgoing: [1, 2].into(),
             learners: [9].into(),
+            meta: [(1, Bytes::from_static(b"meta of 1")), (9, Bytes::new())].into(),
         };
         for p in [
             Payload::Noop,
@@ -217,10 +262,21 @@ mod tests {
     #[test]
     fn corrupt_memberships_are_errors() {
         let mut b = BytesMut::new();
-        encode_membership(&Membership::with_voters([1, 2]), &mut b);
+        let mut m = Membership::with_voters([1, 2]);
+        m.meta.insert(2, Bytes::from_static(b"two"));
+        encode_membership(&m, &mut b);
+        // Without its meta section: as written before meta existed.
+        let legacy = 4 + 16 + 4 + 4;
         for cut in 0..b.len() {
-            assert!(decode_membership(&b[..cut]).is_err(), "cut at {cut}");
+            if cut != legacy {
+                assert!(decode_membership(&b[..cut]).is_err(), "cut at {cut}");
+            }
         }
+        assert_eq!(
+            decode_membership(&b[..legacy]).unwrap(),
+            Membership::with_voters([1, 2])
+        );
+        assert_eq!(decode_membership(&b).unwrap(), m);
         let mut huge = BytesMut::new();
         huge.put_u32_le(u32::MAX);
         assert!(decode_membership(&huge).is_err());

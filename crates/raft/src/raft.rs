@@ -670,6 +670,8 @@ impl Raft {
                 self.follow(msg.from);
                 self.on_install_snapshot(msg.from, index, snapshot_term, membership, data);
             }
+            // For the host (see its documentation): nothing for the core.
+            MessageBody::Removed => {}
             MessageBody::TimeoutNow => {
                 // A transfer to a node the membership no longer lets
                 // campaign (demoted since it was asked) is void.
@@ -1456,6 +1458,18 @@ impl Raft {
     /// single-server change bug — this leader must have committed an entry
     /// of its own term first. Returns the index of the change's entry.
     pub fn propose_membership(&mut self, change: MembershipChange) -> Result<Index, ProposeError> {
+        self.propose_membership_with(change, None)
+    }
+
+    /// [`Raft::propose_membership`], also setting the meta of the member the
+    /// change names (`AddLearner`, `AddVoter`, `Update`; `Update` needs
+    /// it). Meta of members that are not named is kept; meta of nodes the
+    /// change removes is dropped.
+    pub fn propose_membership_with(
+        &mut self,
+        change: MembershipChange,
+        meta: Option<Bytes>,
+    ) -> Result<Index, ProposeError> {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader {
                 leader_hint: self.leader,
@@ -1474,7 +1488,16 @@ impl Raft {
         }
         let cur = &self.membership;
         let invalid = |r: String| Err(ProposeError::InvalidChange(r));
-        let next = match change {
+        let named = match &change {
+            MembershipChange::AddLearner(id)
+            | MembershipChange::AddVoter(id)
+            | MembershipChange::Update(id) => Some(*id),
+            MembershipChange::Remove(_) | MembershipChange::Joint { .. } => None,
+        };
+        if meta.is_some() && named.is_none() {
+            return invalid("only an added or updated member's meta can be set".into());
+        }
+        let mut next = match change {
             MembershipChange::AddLearner(id) => {
                 if id == 0 || cur.is_voter(id) || cur.learners.contains(&id) {
                     return invalid(format!("{id} is already a member"));
@@ -1517,9 +1540,23 @@ impl Raft {
                     },
                     voters,
                     learners,
+                    meta: cur.meta.clone(),
                 }
             }
+            MembershipChange::Update(id) => {
+                if !cur.members().contains(&id) {
+                    return invalid(format!("{id} is not a member"));
+                }
+                if meta.is_none() {
+                    return invalid("an update needs the member's meta".into());
+                }
+                cur.clone()
+            }
         };
+        if let (Some(id), Some(meta)) = (named, meta) {
+            next.meta.insert(id, meta);
+        }
+        next.prune_meta();
         let index = self.append_membership(next);
         self.broadcast_append();
         self.finish_step();
@@ -1529,6 +1566,13 @@ impl Raft {
     /// The membership in force (the latest in the log).
     pub fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    /// The index of the entry that set [`Raft::membership`] (0 or the
+    /// snapshot's index when it came from there): committed once
+    /// `commit()` reaches it.
+    pub fn membership_index(&self) -> Index {
+        self.membership_index
     }
 
     fn append_membership(&mut self, m: Membership) -> Index {
@@ -1573,10 +1617,22 @@ impl Raft {
             // Leave the joint configuration on our own (thesis §4.3).
             let mut m = self.membership.clone();
             m.outgoing.clear();
+            m.prune_meta();
             self.append_membership(m);
             self.broadcast_append();
         } else if !self.membership.is_voter(self.cfg.id) {
-            // Removed: the configuration without us is committed, step down.
+            // Removed: the configuration without us is committed, step
+            // down, and ask the most caught-up voter to campaign at once
+            // rather than let the rest wait out an election timeout.
+            let successor = self
+                .progress
+                .iter()
+                .filter(|(id, _)| self.membership.is_voter(**id))
+                .max_by_key(|(id, pr)| (pr.match_index, std::cmp::Reverse(**id)))
+                .map(|(id, _)| *id);
+            if let Some(to) = successor {
+                self.send(to, MessageBody::TimeoutNow, false);
+            }
             self.become_follower(self.term, None);
         }
     }

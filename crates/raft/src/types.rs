@@ -1,6 +1,6 @@
 //! The core's vocabulary: entries, messages, actions and configuration.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
@@ -35,6 +35,10 @@ pub struct Membership {
     pub outgoing: BTreeSet<NodeId>,
     /// Receive the log, never vote or count toward a quorum.
     pub learners: BTreeSet<NodeId>,
+    /// The host's bytes about each member (its addresses, its name): opaque
+    /// to the core, replicated with the membership, kept in snapshots.
+    /// Only members have an entry; a change that removes a member drops it.
+    pub meta: BTreeMap<NodeId, Bytes>,
 }
 
 impl Membership {
@@ -62,6 +66,12 @@ impl Membership {
         all
     }
 
+    /// Drops the meta of nodes that are no longer members.
+    pub fn prune_meta(&mut self) {
+        let members = self.members();
+        self.meta.retain(|id, _| members.contains(id));
+    }
+
     /// Everyone who votes, in either configuration.
     pub fn all_voters(&self) -> BTreeSet<NodeId> {
         let mut all = self.voters.clone();
@@ -87,6 +97,9 @@ pub enum MembershipChange {
         voters: BTreeSet<NodeId>,
         learners: BTreeSet<NodeId>,
     },
+    /// No change to who votes: only the member's meta is replaced (with
+    /// [`crate::Raft::propose_membership_with`]).
+    Update(NodeId),
 }
 
 impl Payload {
@@ -95,7 +108,9 @@ impl Payload {
         match self {
             Payload::Noop => 0,
             Payload::Normal(b) => b.len(),
-            Payload::Membership(m) => 8 * m.members().len(),
+            Payload::Membership(m) => {
+                8 * m.members().len() + m.meta.values().map(|b| 12 + b.len()).sum::<usize>()
+            }
         }
     }
 }
@@ -208,6 +223,11 @@ pub enum MessageBody {
     },
     /// Leadership transfer: campaign now, the leader steps aside.
     TimeoutNow,
+    /// The sender's committed membership does not include the receiver:
+    /// it was removed. Sent by the host (a leader answering a message
+    /// from a node it removed); the core ignores it, the receiving host
+    /// stops its node for good.
+    Removed,
     /// The leader's state-machine snapshot through `(index, term)` (sent by
     /// the host after [`Action::SendSnapshot`]; the data may travel out of
     /// band, the message is delivered once it arrived whole). Answered with

@@ -15,6 +15,22 @@ fn change(c: &mut Cluster, id: u64, ch: MembershipChange) -> Result<u64, Propose
     r
 }
 
+fn change_with(
+    c: &mut Cluster,
+    id: u64,
+    ch: MembershipChange,
+    meta: Option<bytes::Bytes>,
+) -> Result<u64, ProposeError> {
+    let r = c
+        .nodes
+        .get_mut(&id)
+        .unwrap()
+        .raft
+        .propose_membership_with(ch, meta);
+    c.drain(id);
+    r
+}
+
 fn set(ids: &[u64]) -> BTreeSet<u64> {
     ids.iter().copied().collect()
 }
@@ -168,6 +184,58 @@ fn removed_leader_steps_down() {
     c.deliver_all();
     c.tick_all(2);
     assert_eq!(c.applied_cmds(2).last(), Some(&cmd("after")));
+}
+
+/// The removed leader hands over at once: the most caught-up remaining
+/// voter campaigns as soon as the removal commits, without waiting out an
+/// election timeout.
+#[test]
+fn removed_leader_hands_over_at_once() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    change(&mut c, 1, MembershipChange::Remove(1)).unwrap();
+    for _ in 0..4 {
+        c.deliver_all();
+        c.tick_all(1);
+    }
+    c.deliver_all();
+    let leaders = c.leaders();
+    assert_eq!(leaders.len(), 1, "a new leader within 4 ticks");
+    assert_ne!(leaders[0], 1);
+}
+
+/// Meta rides with the membership: set by the change that adds or updates
+/// a member, kept by changes that do not name it, dropped with the member.
+#[test]
+fn member_meta_is_replicated_and_dropped_with_the_member() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    c.tick_all(2);
+    let meta = bytes::Bytes::from_static(b"addr-of-1");
+    change_with(&mut c, 1, MembershipChange::Update(1), Some(meta.clone())).unwrap();
+    c.deliver_all();
+    c.tick_all(2);
+    c.deliver_all();
+    for id in 1..=3 {
+        assert_eq!(c.raft(id).membership().meta.get(&1), Some(&meta), "on {id}");
+    }
+    // Update needs meta; Remove cannot carry it.
+    assert!(change_with(&mut c, 1, MembershipChange::Update(2), None).is_err());
+    assert!(change_with(&mut c, 1, MembershipChange::Remove(2), Some(meta.clone())).is_err());
+    change(&mut c, 1, MembershipChange::AddLearner(4)).unwrap();
+    c.deliver_all();
+    c.tick_all(2);
+    c.deliver_all();
+    assert_eq!(c.raft(2).membership().meta.get(&1), Some(&meta), "kept");
+    change(&mut c, 1, MembershipChange::Remove(1)).unwrap();
+    c.deliver_all();
+    c.tick_all(2);
+    c.deliver_all();
+    for id in 2..=3 {
+        assert!(c.raft(id).membership().meta.is_empty(), "dropped on {id}");
+    }
 }
 
 /// A change is in force as soon as it is in the log, and reverted when a

@@ -239,6 +239,7 @@ fn election_check_fails_on_a_double_vote_or_a_leader_without_a_quorum() {
         voters: v.iter().copied().collect(),
         outgoing: o.iter().copied().collect(),
         learners: Default::default(),
+        meta: Default::default(),
     };
     s.elected(1, 5, &m(&[1, 2, 3], &[])).unwrap();
     s.elected(1, 5, &m(&[1, 2, 3, 4, 5], &[])).unwrap();
@@ -257,6 +258,7 @@ fn membership_check_fails_on_two_voters_changed_at_once() {
         voters: v.iter().copied().collect(),
         outgoing: o.iter().copied().collect(),
         learners: l.iter().copied().collect(),
+        meta: Default::default(),
     };
     let change = |index, m: Membership| Entry {
         index,

@@ -1,4 +1,6 @@
-//! `skiff status`: Maintenance.Status on every endpoint, one row each.
+//! `skiff status`: Maintenance.Status and Alarm on every endpoint, one row
+//! each: role, term, commit and applied index, lag behind the leader,
+//! learner flag, alarms.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -7,8 +9,9 @@ use tokio::task::JoinSet;
 use tonic::transport::Endpoint;
 
 use super::{error_chain, normalize_endpoint, BenchError};
+use skiff_kv::pb::etcdserverpb::alarm_request::AlarmAction;
 use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
-use skiff_kv::pb::etcdserverpb::StatusRequest;
+use skiff_kv::pb::etcdserverpb::{AlarmRequest, AlarmType, StatusRequest};
 
 /// Connect + call, per endpoint.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,12 +41,26 @@ pub struct MemberState {
     pub version: String,
     /// Errors the member reports about itself.
     pub errors: Vec<String>,
+    /// A learner (receives the log, does not vote).
+    pub is_learner: bool,
+    /// The alarms raised for this member (NOSPACE, CORRUPT).
+    pub alarms: Vec<String>,
 }
 
 impl MemberState {
     /// This member believes it is the leader.
     pub fn is_leader(&self) -> bool {
         self.leader_id != 0 && self.leader_id == self.member_id
+    }
+
+    fn role(&self) -> &'static str {
+        if self.is_leader() {
+            "leader"
+        } else if self.is_learner {
+            "learner"
+        } else {
+            "follower"
+        }
     }
 }
 
@@ -102,13 +119,37 @@ async fn ask(endpoint: &str) -> Result<MemberState, String> {
         .map_err(|e| format!("unreachable: {}", error_chain(&e)))?;
     let mut request = tonic::Request::new(StatusRequest {});
     request.set_timeout(STATUS_TIMEOUT);
-    let reply = MaintenanceClient::new(channel)
+    let mut client = MaintenanceClient::new(channel);
+    let reply = client
         .status(request)
         .await
         .map_err(|s| format!("Status failed: {:?}: {}", s.code(), s.message()))?
         .into_inner();
+    let member_id = reply.header.map(|h| h.member_id).unwrap_or(0);
+    let mut request = tonic::Request::new(AlarmRequest {
+        action: AlarmAction::Get as i32,
+        member_id,
+        alarm: AlarmType::None as i32,
+    });
+    request.set_timeout(STATUS_TIMEOUT);
+    let alarms = match client.alarm(request).await {
+        Ok(r) => r
+            .into_inner()
+            .alarms
+            .into_iter()
+            .filter(|a| a.member_id == member_id)
+            .map(|a| {
+                AlarmType::try_from(a.alarm)
+                    .map(|t| t.as_str_name().to_string())
+                    .unwrap_or_else(|_| format!("alarm {}", a.alarm))
+            })
+            .collect(),
+        Err(s) => vec![format!("alarms unknown: {}", s.message())],
+    };
     Ok(MemberState {
-        member_id: reply.header.map(|h| h.member_id).unwrap_or(0),
+        member_id,
+        is_learner: reply.is_learner,
+        alarms,
         leader_id: reply.leader,
         raft_term: reply.raft_term,
         raft_index: reply.raft_index,
@@ -131,28 +172,47 @@ pub fn format_status_table(rows: &[MemberStatus]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<width$}  {:>16}  {:>16}  {:>9}  {:>10}  {:>13}  {:>9}",
+        "{:<width$}  {:>16}  {:>16}  {:>8}  {:>9}  {:>10}  {:>13}  {:>6}  {:>9}  {:>10}  ALARMS",
         "ENDPOINT",
         "MEMBER ID",
         "LEADER ID",
+        "ROLE",
         "RAFT TERM",
         "RAFT INDEX",
         "APPLIED INDEX",
-        "IS LEADER"
+        "LAG",
+        "IS LEADER",
+        "IS LEARNER"
     );
+    // Lag: entries the leader committed that the member has not applied.
+    let leader_commit = rows
+        .iter()
+        .filter_map(|r| r.reply.as_ref().ok())
+        .find(|m| m.is_leader())
+        .map(|m| m.raft_index);
     for row in rows {
         match &row.reply {
             Ok(m) => {
                 let _ = writeln!(
                     out,
-                    "{:<width$}  {:>16x}  {:>16x}  {:>9}  {:>10}  {:>13}  {:>9}",
+                    "{:<width$}  {:>16x}  {:>16x}  {:>8}  {:>9}  {:>10}  {:>13}  {:>6}  {:>9}  {:>10}  {}",
                     row.endpoint,
                     m.member_id,
                     m.leader_id,
+                    m.role(),
                     m.raft_term,
                     m.raft_index,
                     m.applied_index,
-                    m.is_leader()
+                    leader_commit
+                        .map(|c| c.saturating_sub(m.applied_index).to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    m.is_leader(),
+                    m.is_learner,
+                    if m.alarms.is_empty() {
+                        "-".to_string()
+                    } else {
+                        m.alarms.join(",")
+                    }
                 );
                 for err in &m.errors {
                     let _ = writeln!(out, "{:<width$}  member reports: {err}", "");
@@ -196,6 +256,8 @@ mod tests {
             applied_index: 41,
             version: "skiff".to_string(),
             errors: vec![],
+            is_learner: false,
+            alarms: vec![],
         }
     }
 
@@ -219,10 +281,38 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 5, "{table}");
         assert!(lines[0].starts_with("ENDPOINT"));
-        assert!(lines[1].contains(" 1a ") && lines[1].trim_end().ends_with("true"));
-        assert!(lines[2].trim_end().ends_with("false"));
+        let cols = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let leader = cols(lines[1]);
+        assert_eq!(leader[1], "1a");
+        assert_eq!(leader[3], "leader");
+        assert_eq!(&leader[7..], ["1", "true", "false", "-"], "{table}");
+        let follower = cols(lines[2]);
+        assert_eq!(follower[3], "follower");
+        assert_eq!(&follower[8..], ["false", "false", "-"], "{table}");
         assert!(lines[3].contains("unreachable"));
         assert_eq!(lines[4], "members=3 reachable=2 leader=1a");
+    }
+
+    #[test]
+    fn learners_lag_and_alarms_are_shown() {
+        let mut learner = member(5, 0x1a);
+        learner.is_learner = true;
+        learner.applied_index = 30;
+        learner.alarms = vec!["NOSPACE".into()];
+        let rows = vec![
+            MemberStatus {
+                endpoint: "http://127.0.0.1:1".to_string(),
+                reply: Ok(member(0x1a, 0x1a)),
+            },
+            MemberStatus {
+                endpoint: "http://127.0.0.1:5".to_string(),
+                reply: Ok(learner),
+            },
+        ];
+        let table = format_status_table(&rows);
+        let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(row[3], "learner", "{table}");
+        assert_eq!(&row[7..], ["12", "false", "true", "NOSPACE"], "{table}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::pb::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
-use crate::store::{KvError, LEASE_TTL_MAX};
+use crate::store::{KvError, LEASE_COST_BYTES, LEASE_TTL_MAX};
 
 /// Keepalive responses queued for one stream.
 const KEEPALIVE_QUEUE: usize = 64;
@@ -191,9 +191,20 @@ impl Lease for Api {
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let req = request.into_inner();
+        // Space first, on the member asked (as etcd's quotaLeaseServer).
+        self.check_space(LEASE_COST_BYTES).await?;
         if !self.leading() {
             let mut client = self.leader_lease_client().await?;
-            return client.lease_grant(req).await;
+            let granted = client.lease_grant(req).await?;
+            // The leader applied the grant; a Put or Lock with the lease
+            // sent here next is checked against this member's state, so
+            // answer once this member applied it too (a read index is at
+            // least the grant's entry).
+            self.node
+                .query(KvQuery::Status, true)
+                .await
+                .map_err(status_of)?;
+            return Ok(granted);
         }
         if req.ttl > LEASE_TTL_MAX {
             return Err(kv_status(&KvError::LeaseTtlTooLarge));

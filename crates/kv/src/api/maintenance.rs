@@ -1,4 +1,5 @@
-//! The Maintenance service: status, hashes, alarms, backup, leadership.
+//! The Maintenance service: status, hashes, alarms, backup, defragment,
+//! leadership.
 
 use tonic::{Request, Response, Status};
 
@@ -19,15 +20,53 @@ impl Maintenance for Api {
         super::alarm::alarm(self, req.into_inner()).await
     }
 
+    /// Succeeds at once, doing nothing: etcd's Defragment rewrites its
+    /// bbolt file to give back the free pages that deletes and compactions
+    /// left in it. Skiff has no such file: the store lives in memory (a
+    /// compaction frees what it removes as its slices run), and its
+    /// snapshot files are written whole, never updated in place (old ones
+    /// are deleted once the WAL records a newer one). There is nothing to
+    /// defragment, so the answer is a truthful success.
     async fn defragment(
         &self,
         _req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        Err(Status::unimplemented("Defragment: not yet"))
+        let store = self.store_status().await?;
+        Ok(Response::new(DefragmentResponse {
+            header: self.header(store.revision),
+        }))
     }
 
+    /// etcd's Hash (a hash of the whole backend), for this member: the
+    /// CRC32C of the store's snapshot encoding of what this member applied
+    /// (serializable: no ReadIndex round, as etcd serves it locally). It
+    /// covers the whole state: the revision, the compact revision, the
+    /// Raft index applied, every version readable at or above the compact
+    /// revision (key, value, create and mod revision, version, lease;
+    /// tombstones too), the lease table and the alarms, whatever physical
+    /// compaction got to. Members that applied the same log prefix answer
+    /// the same hash; unlike etcd's (which skips its consistent index), it
+    /// also differs between members that applied different numbers of
+    /// entries, no-ops included. The store is frozen on the loop (O(1)) and
+    /// hashed on a blocking thread (O(state)).
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(Status::unimplemented("Hash: not yet"))
+        let view = match self.node.query(KvQuery::View, false).await {
+            Ok(KvQueryResponse::View(view)) => view,
+            Ok(_) => return Err(unexpected()),
+            Err(e) => return Err(status_of(e)),
+        };
+        let revision = view.revision();
+        let hash = tokio::task::spawn_blocking(move || {
+            view.write_snapshot(&mut std::io::sink())
+                .map(|info| info.crc32c)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("hash task: {e}")))?
+        .map_err(|e| Status::internal(format!("hash: {e}")))?;
+        Ok(Response::new(HashResponse {
+            header: self.header(revision),
+            hash,
+        }))
     }
 
     async fn snapshot(
@@ -50,7 +89,10 @@ impl Maintenance for Api {
     ) -> Result<Response<StatusResponse>, Status> {
         let s = self.node.status();
         let store = self.store_status().await?;
-        let errors = self.node.stopped().into_iter().collect();
+        let mut errors: Vec<String> = self.node.stopped().into_iter().collect();
+        // The active alarms, as etcd lists them ("memberID:<id> alarm:NOSPACE").
+        let alarms = super::alarm::list(self, false).await?;
+        errors.extend(alarms.iter().map(ToString::to_string));
         // The store lives in memory: both sizes are the bytes it holds,
         // history and tombstones included (there is no file with free
         // pages to tell apart, as etcd's bbolt has).

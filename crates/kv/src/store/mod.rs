@@ -65,19 +65,22 @@
 //! Submodules: `exec` (executing one request, atomically), `compact`
 //! (physical compaction, the logical view and HashKV), `validate` (the
 //! request checks shared by the proposer and `apply`), `snapshot` (the
-//! snapshot format).
+//! snapshot format), `alarm` (the replicated alarms and what NOSPACE
+//! refuses).
 
 use bytes::Bytes;
 
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseOp};
 use crate::pb::mvccpb::{Event, KeyValue};
 
+mod alarm;
 mod compact;
 mod events;
 mod exec;
 mod snapshot;
 mod validate;
 
+pub use alarm::{write_cost, Alarm, AlarmKind, LEASE_COST_BYTES};
 pub use events::key_in_range;
 pub use snapshot::{SnapshotError, SnapshotInfo, SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
 pub use validate::validate_request;
@@ -149,6 +152,10 @@ pub enum KvError {
     Compacted,
     #[error("etcdserver: mvcc: required revision is a future revision")]
     FutureRevision,
+    /// A request that would grow the store while a NOSPACE alarm is active
+    /// (or, refused before proposing, that would take it over its quota).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
 }
 
 /// The gRPC status code of a [`KvError`], without depending on tonic; the
@@ -158,6 +165,7 @@ pub enum KvError {
 pub enum GrpcCode {
     InvalidArgument = 3,
     NotFound = 5,
+    ResourceExhausted = 8,
     FailedPrecondition = 9,
     OutOfRange = 11,
 }
@@ -185,6 +193,7 @@ impl KvError {
             KvError::LeaseExists => GrpcCode::FailedPrecondition,
             KvError::LeaseNotFound => GrpcCode::NotFound,
             KvError::Compacted | KvError::FutureRevision => GrpcCode::OutOfRange,
+            KvError::NoSpace => GrpcCode::ResourceExhausted,
         }
     }
 }
@@ -383,6 +392,8 @@ pub struct KvStore {
     events: Option<Vec<Event>>,
     /// The leases granted and not revoked, by id.
     leases: Leases,
+    /// The active alarms.
+    alarms: alarm::Alarms,
 }
 
 /// Leases by id: a persistent map, so that a frozen view shares it.
@@ -448,6 +459,7 @@ impl LatestVersion {
 pub struct StoreView {
     history: History,
     leases: Leases,
+    alarms: alarm::Alarms,
     revision: i64,
     compact_revision: i64,
     applied_index: u64,
@@ -473,6 +485,7 @@ impl PartialEq for KvStore {
             && self.applied_index == other.applied_index
             && self.stats.keys == other.stats.keys
             && self.leases == other.leases
+            && self.alarms == other.alarms
             && compact::logical(&self.history, self.compact_revision)
                 .eq(compact::logical(&other.history, other.compact_revision))
     }
@@ -493,6 +506,7 @@ impl KvStore {
             latest: Latest::new(),
             events: None,
             leases: Leases::new(),
+            alarms: alarm::Alarms::new(),
         }
     }
 
@@ -553,13 +567,16 @@ impl KvStore {
     /// neither), but `applied_index` still becomes `index`: the entry was
     /// applied, its answer is the error. The request is validated again
     /// ([`validate_request`]) so that a replica never depends on the
-    /// proposer's checks. Response headers carry only `revision`; the caller
-    /// fills cluster_id, member_id and raft_term.
+    /// proposer's checks. While a NOSPACE alarm is active a request that
+    /// would grow the store ([`write_cost`] > 0) is [`KvError::NoSpace`].
+    /// Response headers carry only `revision`; the caller fills cluster_id,
+    /// member_id and raft_term.
     ///
     /// Panics if `index` does not move forward (see [`Self::mark_applied`]).
     pub fn apply(&mut self, index: u64, op: &RequestOp) -> Result<ResponseOp, KvError> {
         self.advance_applied(index);
         validate_request(op)?;
+        self.check_space(write_cost(op))?;
         let revision_before = self.revision;
         let result = exec::apply_atomically(self, op);
         assert!(
@@ -636,6 +653,7 @@ impl KvStore {
         StoreView {
             history: self.history.clone(),
             leases: self.leases.clone(),
+            alarms: self.alarms.clone(),
             revision: self.revision,
             compact_revision: self.compact_revision,
             applied_index: self.applied_index,
@@ -645,9 +663,11 @@ impl KvStore {
 
     /// Grants lease `id` (non-zero) with `ttl` seconds, from the log entry
     /// at `index`. The TTL is the one decided by the proposer (raised to
-    /// the cluster's minimum there): applying is deterministic.
+    /// the cluster's minimum there): applying is deterministic. Refused
+    /// with [`KvError::NoSpace`] while a NOSPACE alarm is active.
     pub fn lease_grant(&mut self, index: u64, id: i64, ttl: i64) -> Result<(), KvError> {
         self.advance_applied(index);
+        self.check_space(LEASE_COST_BYTES)?;
         if id <= 0 {
             return Err(KvError::LeaseNotFound);
         }

@@ -4,8 +4,9 @@
 //! ```text
 //! header (33 bytes)
 //!   magic            [u8; 8] = "SKIFFKV\0"
-//!   version          u8      = 3 (2: written before leases; read as a
-//!                            snapshot without leases)
+//!   version          u8      = 4 (3: written before alarms, read as a
+//!                            snapshot without alarms; 2: written before
+//!                            leases, read without leases and alarms)
 //!   applied_index    u64     last Raft index applied
 //!   revision         i64     store revision (>= 1)
 //!   compact_revision i64     0 ..= revision (0: never compacted)
@@ -34,6 +35,11 @@
 //!     remaining      i64     0 ..= ttl (0: no checkpoint)
 //!   (a lease's keys are the live keys whose latest version names it;
 //!   every lease a live key names is in the table)
+//! alarms (absent in v2 and v3)
+//!   alarm_count      u64
+//!   alarm × alarm_count, (member, kind) strictly ascending
+//!     member         u64     the member that raised it
+//!     kind           u8      1: NOSPACE, 2: CORRUPT (etcd's AlarmType)
 //! trailer
 //!   crc32c           u32     over every byte before it
 //! ```
@@ -57,12 +63,14 @@ use std::io::{self, Read, Write};
 use bytes::Bytes;
 
 use super::{
-    check_chain, compact, History, KvStore, Prev, StoreStats, StoreView, Version, KEY_BYTES_MAX,
-    REVISION_INITIAL, VALUE_BYTES_MAX,
+    check_chain, compact, Alarm, AlarmKind, History, KvStore, Prev, StoreStats, StoreView, Version,
+    KEY_BYTES_MAX, REVISION_INITIAL, VALUE_BYTES_MAX,
 };
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SKIFFKV\0";
-pub const SNAPSHOT_VERSION: u8 = 3;
+pub const SNAPSHOT_VERSION: u8 = 4;
+/// The version before alarms, still read.
+const SNAPSHOT_VERSION_NO_ALARMS: u8 = 3;
 /// The version before leases, still read.
 const SNAPSHOT_VERSION_NO_LEASES: u8 = 2;
 const HEADER_BYTES: usize = 8 + 1 + 8 + 8 + 8;
@@ -71,6 +79,7 @@ const RECORD_HEADER_BYTES: usize = 4 + 4 + 8 + 8 + 8 + 8;
 /// A v2 record after its kind byte (no lease).
 const RECORD_HEADER_BYTES_V2: usize = RECORD_HEADER_BYTES - 8;
 const LEASE_BYTES: usize = 8 + 8 + 8;
+const ALARM_BYTES: usize = 8 + 1;
 const END_BYTES: usize = 8 + 8;
 const KIND_END: u8 = 0;
 const KIND_LIVE: u8 = 1;
@@ -105,7 +114,10 @@ pub enum SnapshotError {
     Truncated { offset: u64, what: &'static str },
     #[error("not a skiff KV snapshot (bad magic)")]
     BadMagic,
-    #[error("snapshot format version {0} is not known (expected {SNAPSHOT_VERSION})")]
+    #[error(
+        "snapshot format version {0} is not known (expected {SNAPSHOT_VERSION}, \
+         {SNAPSHOT_VERSION_NO_ALARMS} or {SNAPSHOT_VERSION_NO_LEASES})"
+    )]
     UnsupportedVersion(u8),
     #[error("snapshot corrupt at offset {offset}: {reason}")]
     Corrupt { offset: u64, reason: &'static str },
@@ -239,6 +251,11 @@ impl StoreView {
                 buf.clear();
             }
         }
+        buf.extend_from_slice(&(self.alarms.len() as u64).to_le_bytes());
+        for alarm in &self.alarms {
+            buf.extend_from_slice(&alarm.member.to_le_bytes());
+            buf.push(alarm.kind.as_u8());
+        }
         out.write_all(&buf)?;
         let (crc, bytes) = (out.crc, out.bytes);
         w.write_all(&crc.to_le_bytes())?;
@@ -293,10 +310,17 @@ impl KvStore {
             return Err(SnapshotError::BadMagic);
         }
         let [version] = fields.take::<1>();
-        if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_NO_LEASES {
+        if ![
+            SNAPSHOT_VERSION,
+            SNAPSHOT_VERSION_NO_ALARMS,
+            SNAPSHOT_VERSION_NO_LEASES,
+        ]
+        .contains(&version)
+        {
             return Err(SnapshotError::UnsupportedVersion(version));
         }
-        let with_leases = version == SNAPSHOT_VERSION;
+        let with_leases = version >= SNAPSHOT_VERSION_NO_ALARMS;
+        let with_alarms = version >= SNAPSHOT_VERSION;
         let record_header_bytes = if with_leases {
             RECORD_HEADER_BYTES
         } else {
@@ -435,6 +459,29 @@ impl KvStore {
                 );
             }
         }
+        let mut alarms = super::alarm::Alarms::new();
+        if with_alarms {
+            let mut count = [0u8; 8];
+            input.read(&mut count, "alarm count")?;
+            let count = u64::from_le_bytes(count);
+            let mut last: Option<Alarm> = None;
+            // Bounded by the stream, as the leases.
+            for _ in 0..count {
+                let mut raw = [0u8; ALARM_BYTES];
+                input.read(&mut raw, "alarm")?;
+                let mut f = Fields(&raw);
+                let member = f.u64();
+                let [kind] = f.take::<1>();
+                let kind =
+                    AlarmKind::from_u8(kind).ok_or_else(|| input.corrupt("unknown alarm kind"))?;
+                let alarm = Alarm { member, kind };
+                if last.is_some_and(|last| last >= alarm) {
+                    return Err(input.corrupt("alarms not in ascending order"));
+                }
+                last = Some(alarm);
+                alarms.insert(alarm);
+            }
+        }
         let computed = input.crc;
         let mut trailer = [0u8; 4];
         input.read_raw(&mut trailer, "checksum")?;
@@ -461,6 +508,7 @@ impl KvStore {
             }
         }
         store.leases = leases;
+        store.alarms = alarms;
         store.history = history;
         store.revision = revision;
         store.compact_revision = compact_revision;

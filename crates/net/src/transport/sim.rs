@@ -427,6 +427,9 @@ impl Transport for SimTransport {
     fn send(&self, msg: Message) -> Result<(), SendError> {
         lock(&self.state).send(self.id, msg)
     }
+
+    /// The simulated network routes by node id: addresses mean nothing.
+    fn set_peers(&self, _: &std::collections::BTreeMap<NodeId, std::net::SocketAddr>) {}
 }
 
 impl SimState {

@@ -445,6 +445,23 @@ impl Transport for TcpTransport {
         self.shared.cfg.id
     }
 
+    fn set_peers(&self, peers: &std::collections::BTreeMap<NodeId, SocketAddr>) {
+        let current: std::collections::BTreeMap<NodeId, SocketAddr> =
+            self.peers().into_iter().collect();
+        for id in current.keys() {
+            if !peers.contains_key(id) {
+                self.remove_peer(*id);
+            }
+        }
+        for (&id, &addr) in peers {
+            if id != self.shared.cfg.id && current.get(&id) != Some(&addr) {
+                if let Err(error) = self.add_peer(id, addr) {
+                    tracing::warn!(node = self.shared.cfg.id, peer = id, %error, "peer not added");
+                }
+            }
+        }
+    }
+
     fn send(&self, msg: Message) -> Result<(), SendError> {
         let peer = msg.to;
         let slot = self.slot_for(peer)?;

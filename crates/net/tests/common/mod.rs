@@ -5,7 +5,7 @@
 // Each test binary uses a part of this.
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -36,9 +36,10 @@ pub fn variant(body: &MessageBody) -> usize {
         MessageBody::InstallSnapshot { .. } => 11,
         MessageBody::Propose { .. } => 12,
         MessageBody::ProposeRefused { .. } => 13,
+        MessageBody::Removed => 14,
     }
 }
-pub const VARIANTS: usize = 14;
+pub const VARIANTS: usize = 15;
 
 /// Which `Payload` variant, by number (exhaustive, as above).
 pub fn payload_kind(p: &Payload) -> usize {
@@ -55,6 +56,10 @@ pub fn membership_example() -> Membership {
         voters: BTreeSet::from([1, 2, 3]),
         outgoing: BTreeSet::from([4]),
         learners: BTreeSet::from([9, u64::MAX]),
+        meta: BTreeMap::from([
+            (1, Bytes::from_static(b"name=a;peer=http://127.0.0.1:1")),
+            (u64::MAX, Bytes::new()),
+        ]),
     }
 }
 
@@ -155,6 +160,7 @@ pub fn every_variant() -> Vec<Message> {
             index: None,
         }),
         m(MessageBody::TimeoutNow),
+        m(MessageBody::Removed),
         m(MessageBody::Propose {
             ctx: 77,
             commands: vec![Bytes::from_static(b"put k v"), Bytes::new()],
@@ -269,11 +275,26 @@ pub fn ids() -> impl Strategy<Value = BTreeSet<u64>> {
 }
 
 pub fn membership() -> impl Strategy<Value = Membership> {
-    (ids(), ids(), ids()).prop_map(|(voters, outgoing, learners)| Membership {
-        voters,
-        outgoing,
-        learners,
-    })
+    (
+        ids(),
+        ids(),
+        ids(),
+        proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..4),
+    )
+        .prop_map(|(voters, outgoing, learners, metas)| {
+            let meta = voters
+                .iter()
+                .filter(|id| **id != 0)
+                .zip(metas)
+                .map(|(id, m)| (*id, Bytes::from(m)))
+                .collect();
+            Membership {
+                voters,
+                outgoing,
+                learners,
+                meta,
+            }
+        })
 }
 
 /// Payload bytes: often empty, mostly small, sometimes large. Large ones
@@ -354,6 +375,7 @@ pub fn body() -> impl Strategy<Value = MessageBody> {
         (u(), proptest::option::of(u()))
             .prop_map(|(ctx, index)| MessageBody::ReadIndexResponse { ctx, index }),
         Just(MessageBody::TimeoutNow),
+        Just(MessageBody::Removed),
         (u(), proptest::collection::vec(data(), 0..6))
             .prop_map(|(ctx, commands)| MessageBody::Propose { ctx, commands }),
         u().prop_map(|ctx| MessageBody::ProposeRefused { ctx }),

@@ -54,6 +54,18 @@ impl<S: StateMachine> EventLoop<S> {
         };
         gauge(
             &mut out,
+            "disk_available_bytes",
+            "Free bytes on the data directory's filesystem (0: not looked at).",
+            s.disk_available.load(Ordering::Acquire),
+        );
+        gauge(
+            &mut out,
+            "disk_space_low",
+            "1 while the free space is below space_reserve_bytes (writes refused).",
+            u64::from(s.space_low.load(Ordering::Acquire)),
+        );
+        gauge(
+            &mut out,
             "raft_term",
             "Current Raft term.",
             self.raft.term(),

@@ -962,6 +962,7 @@ fn body_tag(body: &MessageBody) -> u64 {
         MessageBody::InstallSnapshot { .. } => 12,
         MessageBody::Propose { .. } => 13,
         MessageBody::ProposeRefused { .. } => 14,
+        MessageBody::Removed => 15,
     }
 }
 

@@ -345,8 +345,11 @@ fn apply_change(cur: &Membership, change: &MembershipChange) -> Result<Membershi
                     cur.voters.clone()
                 },
                 learners: learners.clone(),
+                meta: cur.meta.clone(),
             };
         }
+        MembershipChange::Update(_) => return Err("an update needs the member's meta".into()),
     }
+    m.prune_meta();
     Ok(m)
 }

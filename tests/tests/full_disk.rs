@@ -1,0 +1,226 @@
+//! A full disk, for real: member 3's data directory is a small tmpfs the
+//! test mounts (root only; skipped with the reason printed otherwise). A
+//! ballast file takes most of it; writes fill the rest until member 3's
+//! free space falls below `--space-reserve-bytes`. Then:
+//!
+//! * member 3 raises NOSPACE under its own id although no client writes
+//!   through it, every member lists the alarm, and writes anywhere are
+//!   refused with etcd's "database space exceeded";
+//! * reads keep working on every member, nothing acknowledged is lost, and
+//!   member 3 is still running (its WAL never ran out of space);
+//! * once the ballast is deleted and the alarm disarmed, writes continue.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use skiff_kv::pb::etcdserverpb::alarm_request::AlarmAction;
+use skiff_kv::pb::etcdserverpb::AlarmType;
+use skiff_tests::client::GetOptions;
+use skiff_tests::{poll_until, Cluster, ClusterOptions};
+use tonic::Code;
+
+const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const ALARM_TIMEOUT: Duration = Duration::from_secs(30);
+/// The tmpfs under member 3.
+const FS_BYTES: u64 = 48 << 20;
+/// What member 3 keeps free: writes stop below it.
+const RESERVE_BYTES: u64 = 16 << 20;
+/// WAL segments of 1 MiB, so that the WAL grows in small steps.
+const SEGMENT_BYTES: u64 = 1 << 20;
+const VALUE_BYTES: usize = 16 << 10;
+/// More writes than fit: the test fails if none is refused.
+const WRITES_MAX: usize = 4_000;
+const NOSPACE_TEXT: &str = "etcdserver: mvcc: database space exceeded";
+
+/// Unmounts the tmpfs when the test ends, however it ends.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<Mount, String> {
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mount -t tmpfs failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(Mount(dir.to_path_buf()))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(ok.success(), "copy {} to {}", from.display(), to.display());
+}
+
+fn write_ballast(path: &Path, bytes: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create the ballast");
+    let block = vec![0xA5u8; 1 << 20];
+    for _ in 0..bytes >> 20 {
+        f.write_all(&block).expect("write the ballast");
+    }
+    f.sync_all().expect("sync the ballast");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_raises_nospace_keeps_reads_and_recovers() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let mut cluster = Cluster::start(
+        ClusterOptions {
+            wal_segment_bytes: SEGMENT_BYTES,
+            ..ClusterOptions::default()
+        }
+        .arg("--space-reserve-bytes", RESERVE_BYTES),
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+
+    // Member 3 moves onto a small filesystem of its own.
+    let status = cluster.terminate(3);
+    assert!(status.success(), "member 3 stopped cleanly: {status}");
+    let dir = cluster.data_dir(3);
+    let old = dir.with_extension("old");
+    std::fs::rename(&dir, &old).expect("move member 3's data aside");
+    std::fs::create_dir(&dir).expect("a mount point");
+    let _mount = match mount_tmpfs(&dir, FS_BYTES) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    copy_dir(&old, &dir);
+    // The ballast leaves about 24 MiB: 8 MiB above the reserve.
+    let ballast = dir.join("ballast");
+    write_ballast(&ballast, 24 << 20);
+    cluster.restart(3);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+
+    // Write through the leader until refused.
+    let mut client = cluster.client(leader).await;
+    let value = vec![b'v'; VALUE_BYTES];
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..WRITES_MAX {
+        let key = format!("fill/{i:05}");
+        match client.put(&key, &value, None).await {
+            Ok(_) => acked.push(key),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.unwrap_or_else(|| {
+        cluster.print_logs();
+        panic!("{WRITES_MAX} writes of {VALUE_BYTES} bytes all fit in the reserve")
+    });
+    let status = refused
+        .status()
+        .unwrap_or_else(|| panic!("a gRPC status, not {refused}"));
+    assert_eq!(status.code(), Code::ResourceExhausted, "{refused}");
+    assert_eq!(status.message(), NOSPACE_TEXT);
+    eprintln!(
+        "{} writes acknowledged before the refusal ({} KiB each)",
+        acked.len(),
+        VALUE_BYTES >> 10
+    );
+
+    // Member 3 raised it, every member lists it.
+    for id in cluster.ids() {
+        let cluster = &cluster;
+        let alarms = poll_until("NOSPACE of member 3 listed", ALARM_TIMEOUT, || async move {
+            let mut c = cluster.client(id).await;
+            let a = c.alarm_list().await.ok()?;
+            a.contains(&(3, AlarmType::Nospace as i32)).then_some(a)
+        })
+        .await;
+        assert!(
+            alarms
+                .iter()
+                .all(|(_, kind)| *kind == AlarmType::Nospace as i32),
+            "{alarms:?}"
+        );
+    }
+    assert!(
+        cluster.running().contains(&3),
+        "member 3 still runs: its WAL never ran out of space"
+    );
+
+    // Writes are refused everywhere; reads go on and nothing is lost.
+    for id in cluster.ids() {
+        let mut c = cluster.client(id).await;
+        let e = c
+            .put("after", "x", None)
+            .await
+            .expect_err("refused while NOSPACE is active");
+        assert_eq!(e.status().map(|s| s.message()), Some(NOSPACE_TEXT), "{e}");
+        let got = c
+            .get(
+                "fill/",
+                Some(GetOptions::default().with_prefix().with_serializable()),
+            )
+            .await
+            .expect("a read while NOSPACE is active");
+        let keys: Vec<String> = got
+            .kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect();
+        for k in &acked {
+            assert!(keys.contains(k), "member {id} lost acknowledged {k}");
+        }
+    }
+
+    // Space freed, alarm disarmed: writes continue.
+    std::fs::remove_file(&ballast).expect("delete the ballast");
+    let metrics = cluster.metrics_addr(3);
+    poll_until(
+        "member 3 sees the space back",
+        ALARM_TIMEOUT,
+        || async move {
+            let text = skiff_tests::fetch_metrics(metrics).ok()?;
+            (skiff_tests::metric(&text, "skiff_disk_space_low") == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    let mut c = cluster.client(leader).await;
+    c.alarm(AlarmAction::Deactivate, 3, AlarmType::Nospace)
+        .await
+        .expect("disarm");
+    let cluster_ref = &cluster;
+    poll_until("a write after the disarm", ALARM_TIMEOUT, || async move {
+        let mut c = cluster_ref.client(leader).await;
+        c.put("after", "x", None).await.ok()
+    })
+    .await;
+    poll_until("member 3 applied it", ALARM_TIMEOUT, || async move {
+        let mut c3 = cluster_ref.client(3).await;
+        let r = c3
+            .get("after", Some(GetOptions::default().with_serializable()))
+            .await
+            .ok()?;
+        (!r.kvs.is_empty()).then_some(())
+    })
+    .await;
+    cluster.kill(3);
+}
