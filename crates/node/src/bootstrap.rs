@@ -219,11 +219,7 @@ fn build(
     }
     let path = storage::snapshot_path(&snap_dir, seed.index, seed.term);
     let file = std::fs::File::create(&path).map_err(io_error("create", &path))?;
-    let mut w = CountingWriter {
-        inner: io::BufWriter::with_capacity(1 << 20, file),
-        len: 0,
-        crc: 0,
-    };
+    let mut w = storage::CrcWriter::new(io::BufWriter::with_capacity(1 << 20, file));
     write(&mut w).map_err(BootstrapError::Snapshot)?;
     w.flush().map_err(io_error("write", &path))?;
     let (len, crc) = (w.len, w.crc);
@@ -323,26 +319,6 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BootstrapError> {
 
 fn fsync_dir(dir: &Path) -> Result<(), BootstrapError> {
     crate::event_loop::fsync_dir(dir).map_err(io_error("fsync", dir))
-}
-
-/// Counts and checksums what passes through.
-struct CountingWriter<W: Write> {
-    inner: W,
-    len: u64,
-    crc: u32,
-}
-
-impl<W: Write> Write for CountingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

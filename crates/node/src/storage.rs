@@ -49,6 +49,39 @@ pub enum StorageError {
     },
 }
 
+/// A writer that counts and checksums (CRC32C) what passes through:
+/// snapshot files, backups, restored data directories.
+pub struct CrcWriter<W> {
+    pub inner: W,
+    /// Bytes written.
+    pub len: u64,
+    /// CRC32C of them.
+    pub crc: u32,
+}
+
+impl<W> CrcWriter<W> {
+    pub fn new(inner: W) -> CrcWriter<W> {
+        CrcWriter {
+            inner,
+            len: 0,
+            crc: 0,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 pub fn encode_membership(m: &Membership, out: &mut BytesMut) {
     for set in [&m.voters, &m.outgoing, &m.learners] {
         out.put_u32_le(set.len() as u32);

@@ -238,11 +238,7 @@ pub fn write_backup_with(
     header: &BackupHeader,
     w: &mut impl Write,
 ) -> io::Result<()> {
-    let mut out = CrcWriter {
-        inner: w,
-        crc: 0,
-        len: 0,
-    };
+    let mut out = skiff_node::storage::CrcWriter::new(&mut *w);
     out.write_all(&header.encode())?;
     let info = view.write_snapshot(&mut out)?;
     if info.bytes != header.snapshot_len {
@@ -268,26 +264,6 @@ pub fn write_backup(
     let header = backup_header(view, source)?;
     write_backup_with(view, &header, w)?;
     Ok(header)
-}
-
-/// A writer that checksums and counts what passes through.
-struct CrcWriter<'w, W: Write> {
-    inner: &'w mut W,
-    crc: u32,
-    len: u64,
-}
-
-impl<W: Write> Write for CrcWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// A reader that checksums and counts what passes through, and reports a

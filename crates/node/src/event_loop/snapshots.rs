@@ -451,25 +451,19 @@ fn remove_old_snapshots(snap_dir: &Path, upto: Index) {
     }
 }
 
-/// A writer that counts and checksums what passes through, and fails
-/// once `stop` is set (the member is shutting down: a snapshot of a large
-/// state is abandoned rather than waited for).
-struct CrcWriter<'a, W> {
+/// A writer that fails once `stop` is set (the member is shutting down:
+/// a snapshot of a large state is abandoned rather than waited for).
+struct Stoppable<'a, W> {
     inner: W,
-    len: u64,
-    crc: u32,
     stop: &'a AtomicBool,
 }
 
-impl<W: Write> Write for CrcWriter<'_, W> {
+impl<W: Write> Write for Stoppable<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.stop.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("the member is shutting down"));
         }
-        let n = self.inner.write(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.len += n as u64;
-        Ok(n)
+        self.inner.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -489,16 +483,14 @@ fn write_snapshot_file(
     let tmp = path.with_extension("tmp");
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;
-        let mut w = CrcWriter {
+        let mut w = crate::storage::CrcWriter::new(Stoppable {
             inner: std::io::BufWriter::with_capacity(1 << 20, file),
-            len: 0,
-            crc: 0,
             stop,
-        };
+        });
         view.write_to(&mut w)?;
         w.flush()?;
         let (len, crc) = (w.len, w.crc);
-        let file = w.inner.into_inner().map_err(|e| e.into_error())?;
+        let file = w.inner.inner.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
         std::fs::rename(&tmp, path)?;
