@@ -317,4 +317,30 @@ async fn member_list_and_skiff_status() {
             .unwrap_or_else(|| panic!("no row for member {id} in\n{stdout}"));
         assert!(row.contains(" follower "), "{row}");
     }
+
+    // `skiff check consistency`: every member's HashKV at one revision.
+    let out = cluster.skiff(&["check", "consistency", "--endpoints", &endpoints]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "skiff check consistency failed: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict = stdout.lines().last().unwrap_or_default();
+    assert!(
+        verdict.starts_with("revision=") && verdict.ends_with("members=3 consistent"),
+        "{stdout}"
+    );
+    let hashes: std::collections::BTreeSet<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("http://"))
+        .map(|l| l.split_whitespace().nth(2).unwrap_or_default())
+        .collect();
+    assert_eq!(hashes.len(), 1, "one hash on every member:\n{stdout}");
+    // A member that does not answer makes the check fail.
+    let unreachable = format!("{endpoints},127.0.0.1:1");
+    let out = cluster.skiff(&["check", "consistency", "--endpoints", &unreachable]);
+    assert!(!out.status.success(), "an unreachable member fails the check");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("incomplete"));
 }

@@ -29,12 +29,22 @@ enum Cmd {
     /// Load a cluster with writes and report throughput and latency. With no
     /// --endpoints, starts an embedded 3-node cluster on loopback.
     Bench(BenchArgs),
-    /// Leader, term, commit and applied index of each member.
+    /// Role, term, commit and applied index, lag, learner flag and alarms of each member.
     Status(StatusArgs),
+    /// Checks: `skiff check consistency` compares HashKV of every member at one revision
+    /// (exits 1 when they differ or a member does not answer).
+    #[command(subcommand)]
+    Check(CheckCmd),
     /// Backups: `skiff snapshot restore` writes a new cluster's member from
     /// one (`etcdctl snapshot save` takes them).
     #[command(subcommand)]
     Snapshot(skiff::snapshot::SnapshotCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckCmd {
+    /// HashKV of every member at one revision: equal, or which members differ.
+    Consistency(skiff::bench::CheckArgs),
 }
 
 /// Flags override the `--config` TOML file, which overrides the defaults.
@@ -445,6 +455,24 @@ fn status(args: &StatusArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn check(cmd: &CheckCmd) -> Result<(), String> {
+    init_tracing("warn");
+    let CheckCmd::Consistency(args) = cmd;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let found = rt
+        .block_on(skiff::bench::check_consistency(&args.endpoints))
+        .map_err(|e| e.to_string())?;
+    print!("{}", found.report());
+    if found.consistent() {
+        Ok(())
+    } else {
+        Err("the members are not (all) consistent".into())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The event loop builds AppendEntries that the transport's writers
@@ -454,6 +482,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Status(a) => status(a),
+        Cmd::Check(c) => check(c),
         Cmd::Snapshot(c) => skiff::snapshot::run(c),
     };
     match result {

@@ -20,6 +20,7 @@
 //! prints one row per member; an unreachable member is a row, not an error.
 
 mod ceiling;
+mod check;
 mod leases;
 mod load;
 mod report;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use ceiling::CeilingServer;
+pub use check::{check_consistency, CheckArgs, Consistency, MemberHash};
 pub use leases::{run_leases, LeaseReport, KEEPALIVE_STREAMS};
 pub use load::run_load;
 pub use report::{JsonReport, LoadReport, PercentilePoint};
