@@ -341,6 +341,9 @@ async fn member_list_and_skiff_status() {
     // A member that does not answer makes the check fail.
     let unreachable = format!("{endpoints},127.0.0.1:1");
     let out = cluster.skiff(&["check", "consistency", "--endpoints", &unreachable]);
-    assert!(!out.status.success(), "an unreachable member fails the check");
+    assert!(
+        !out.status.success(),
+        "an unreachable member fails the check"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("incomplete"));
 }

@@ -552,6 +552,13 @@ impl Raft {
             }
         } else if msg.term < self.term {
             match msg.body {
+                // True whatever the term: the sender did not propose the
+                // batch. Dropped, the host's writes would wait out their
+                // timeout (a forward that crossed a leadership transfer
+                // to this node).
+                MessageBody::ProposeRefused { ctx } => {
+                    self.step_reads.push(Action::ProposeRefused { ctx });
+                }
                 // A stale leader learns our term and steps down.
                 MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
                     self.send(

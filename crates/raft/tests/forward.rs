@@ -121,6 +121,29 @@ fn a_stale_term_propose_is_refused() {
     assert!(c.applied_cmds(1).is_empty());
 }
 
+/// A refusal from an older term still reaches the host: a follower that
+/// forwarded a batch and then became leader itself (the batch crossed a
+/// leadership transfer to it) learns the batch was not proposed instead
+/// of waiting for it forever.
+#[test]
+fn a_refusal_from_an_older_term_is_reported() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    let term = c.raft(1).term();
+    c.elect(2);
+    c.deliver_all();
+    assert!(c.raft(2).term() > term);
+    c.net.push_back(Message {
+        from: 1,
+        to: 2,
+        term,
+        body: MessageBody::ProposeRefused { ctx: 9 },
+    });
+    c.deliver_all();
+    assert_eq!(c.nodes[&2].refused, vec![9]);
+}
+
 /// A leader handing leadership over refuses forwarded batches (as it
 /// refuses its own proposals) and says so.
 #[test]
