@@ -36,6 +36,15 @@ struct PendingRead {
     round: u64,
 }
 
+/// A read a follower forwarded to the leader, waiting for its answer.
+#[derive(Debug, Clone, Copy)]
+struct ForwardedRead {
+    ctx: u64,
+    /// The tick from which the read is taken as lost (its request or its
+    /// answer): the host is told to retry.
+    expires_at: u64,
+}
+
 /// What a node restarts from: its durable hard state and log.
 #[derive(Debug, Clone, Default)]
 pub struct Restored {
@@ -94,10 +103,15 @@ pub struct Raft {
     actions: Vec<Action>,
     /// Ticks since this node started: the clock of leases.
     now: u64,
-    /// Set at start when lease reads are on: refuse votes for an election
-    /// timeout, as if a leader were alive (a lease granted before a restart
-    /// must still hold).
-    fresh_start: bool,
+    /// The tick this node last heard from a leader of its term (an Append,
+    /// a heartbeat or a snapshot). For `election_ticks_min` ticks after it
+    /// the node grants no vote or pre-vote but a transfer's: the promise a
+    /// leader's lease rests on. Kept whatever else changes — term, role,
+    /// the leader field — because a message of a higher term that names no
+    /// leader ends nothing for the old leader, which may still serve lease
+    /// reads. At start with lease reads: tick 0, as if a leader was just
+    /// heard (a lease granted before a restart must still hold).
+    leader_heard_at: Option<u64>,
     // ---- Reads. Leader: heartbeat rounds confirm leadership.
     read_round: u64,
     round_started_this_step: bool,
@@ -111,8 +125,9 @@ pub struct Raft {
     reads: VecDeque<PendingRead>,
     /// Reads that wait for this leader to commit an entry of its term.
     reads_waiting_commit: Vec<(u64, NodeId)>,
-    /// Follower: reads forwarded to the leader.
-    reads_forwarded: Vec<u64>,
+    /// Follower: reads forwarded to the leader, oldest first; each expires
+    /// after `election_ticks_min` ticks without an answer.
+    reads_forwarded: Vec<ForwardedRead>,
     // ---- Leadership transfer (leader).
     transferee: Option<NodeId>,
     transfer_elapsed: u32,
@@ -165,7 +180,7 @@ impl Raft {
             step_snapshot: None,
             actions: Vec::new(),
             now: 0,
-            fresh_start: false,
+            leader_heard_at: None,
             read_round: 0,
             round_started_this_step: false,
             rounds: VecDeque::new(),
@@ -181,7 +196,9 @@ impl Raft {
             last_role: (Role::Follower, hs.term, None),
         };
         raft.recompute_membership();
-        raft.fresh_start = raft.cfg.lease_reads;
+        if raft.cfg.lease_reads {
+            raft.leader_heard_at = Some(0);
+        }
         raft.reset_election_timeout();
         Ok(raft)
     }
@@ -192,9 +209,7 @@ impl Raft {
     pub fn tick(&mut self) {
         self.now += 1;
         self.election_elapsed += 1;
-        if self.fresh_start && self.election_elapsed >= self.cfg.election_ticks_min {
-            self.fresh_start = false;
-        }
+        self.expire_forwarded_reads();
         if let Some(to) = self.transferee {
             self.transfer_elapsed += 1;
             if self.transfer_elapsed >= self.cfg.election_ticks_min {
@@ -379,7 +394,9 @@ impl Raft {
     /// confirmed by a quorum lets the leader serve reads until tick `t +
     /// election_ticks_min - 1`, provided no node's clock runs more than one
     /// tick fast over that span. A follower forwards the request to the
-    /// leader and reports the index it answers (follower reads).
+    /// leader and reports the index it answers (follower reads); an answer
+    /// that has not come within `election_ticks_min` ticks is taken as
+    /// lost, and the read fails ([`Action::ReadFailed`]).
     pub fn read_index(&mut self, ctx: u64) -> Result<(), ReadError> {
         let result = match self.role {
             Role::Leader => self.leader_read(ctx, self.cfg.id),
@@ -391,7 +408,10 @@ impl Raft {
                             max: self.cfg.reads_pending_max,
                         })
                     } else {
-                        self.reads_forwarded.push(ctx);
+                        self.reads_forwarded.push(ForwardedRead {
+                            ctx,
+                            expires_at: self.now + u64::from(self.cfg.election_ticks_min),
+                        });
                         self.send(leader, MessageBody::ReadIndex { ctx }, false);
                         Ok(())
                     }
@@ -604,8 +624,8 @@ impl Raft {
             MessageBody::Vote {
                 last_index,
                 last_term,
-                ..
-            } => self.on_vote(msg.from, last_index, last_term),
+                transfer,
+            } => self.on_vote(msg.from, last_index, last_term, transfer),
             MessageBody::PreVoteResponse { granted } => {
                 if self.role == Role::PreCandidate && msg.term == self.term + 1 {
                     self.votes.insert(msg.from, granted);
@@ -660,8 +680,8 @@ impl Raft {
                 self.step_reads.push(Action::ProposeRefused { ctx });
             }
             MessageBody::ReadIndexResponse { ctx, index } => {
-                if let Some(pos) = self.reads_forwarded.iter().position(|&c| c == ctx) {
-                    self.reads_forwarded.swap_remove(pos);
+                if let Some(pos) = self.reads_forwarded.iter().position(|r| r.ctx == ctx) {
+                    self.reads_forwarded.remove(pos);
                     self.step_reads.push(match index {
                         Some(index) => Action::ReadReady { ctx, index },
                         None => Action::ReadFailed { ctx },
@@ -726,6 +746,7 @@ impl Raft {
             self.become_follower(self.term, Some(leader));
         }
         self.election_elapsed = 0;
+        self.leader_heard_at = Some(self.now);
     }
 
     // ---- Elections ------------------------------------------------------
@@ -749,11 +770,17 @@ impl Raft {
         self.quorum_value(|id| u64::from(id == self.cfg.id)) == 1
     }
 
-    /// Whether we heard from a leader recently enough to ignore candidates.
+    /// Whether this node refuses votes and pre-votes (but a transfer's): it
+    /// leads, or it heard from a leader less than `election_ticks_min`
+    /// ticks ago, whatever happened since (thesis §4.2.3; the promise that
+    /// lease reads rest on, see [`Raft::read_index`]).
     fn in_lease(&self) -> bool {
+        let window = u64::from(self.cfg.election_ticks_min);
         self.cfg.check_quorum
-            && (self.fresh_start || self.leader.is_some_and(|l| l != self.cfg.id))
-            && self.election_elapsed < self.cfg.election_ticks_min
+            && (self.role == Role::Leader
+                || self
+                    .leader_heard_at
+                    .is_some_and(|at| self.now < at + window))
     }
 
     /// Whether this node may start an election: it votes in its latest
@@ -873,10 +900,18 @@ impl Raft {
         self.step_msgs.push((msg, false));
     }
 
-    fn on_vote(&mut self, from: NodeId, last_index: Index, last_term: Term) {
+    /// `transfer`: the candidate was asked by the leader to campaign
+    /// (TimeoutNow), which revoked its lease first: the lease is no reason
+    /// to refuse.
+    fn on_vote(&mut self, from: NodeId, last_index: Index, last_term: Term, transfer: bool) {
         let can_vote = self.vote == 0 || self.vote == from;
-        let granted =
-            can_vote && self.leader.is_none() && self.log.is_up_to_date(last_index, last_term);
+        // A vote of our term may come after a message of that term which
+        // named no leader (a stray answer): the leader heard before it may
+        // still serve lease reads.
+        let granted = can_vote
+            && self.leader.is_none()
+            && (transfer || !self.in_lease())
+            && self.log.is_up_to_date(last_index, last_term);
         if granted {
             self.vote = from;
             self.election_elapsed = 0;
@@ -1074,10 +1109,29 @@ impl Raft {
         for (ctx, from) in std::mem::take(&mut self.reads_waiting_commit) {
             self.read_failed(ctx, from);
         }
-        for ctx in std::mem::take(&mut self.reads_forwarded) {
-            self.step_reads.push(Action::ReadFailed { ctx });
+        for r in std::mem::take(&mut self.reads_forwarded) {
+            self.step_reads.push(Action::ReadFailed { ctx: r.ctx });
         }
         self.lease_until = 0;
+    }
+
+    /// Forwarded reads unanswered past their deadline were lost on the way
+    /// (to the leader or back): they fail, so that the host retries and
+    /// they stop counting against `reads_pending_max`. A late answer is
+    /// then ignored.
+    fn expire_forwarded_reads(&mut self) {
+        let now = self.now;
+        if !self.reads_forwarded.iter().any(|r| r.expires_at <= now) {
+            return;
+        }
+        let (expired, waiting): (Vec<ForwardedRead>, Vec<ForwardedRead>) =
+            std::mem::take(&mut self.reads_forwarded)
+                .into_iter()
+                .partition(|r| r.expires_at <= now);
+        self.reads_forwarded = waiting;
+        for r in expired {
+            self.step_reads.push(Action::ReadFailed { ctx: r.ctx });
+        }
     }
 
     fn read_failed(&mut self, ctx: u64, from: NodeId) {
@@ -1630,7 +1684,11 @@ impl Raft {
         } else if !self.membership.is_voter(self.cfg.id) {
             // Removed: the configuration without us is committed, step
             // down, and ask the most caught-up voter to campaign at once
-            // rather than let the rest wait out an election timeout.
+            // rather than let the rest wait out an election timeout. The
+            // commit index goes first (on each peer's ordered stream): the
+            // rest learn that the change committed, and apply it, without
+            // waiting for the next leader to commit an entry.
+            self.broadcast_commit();
             let successor = self
                 .progress
                 .iter()

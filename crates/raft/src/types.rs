@@ -302,7 +302,8 @@ pub enum Action {
     /// once this node has applied through `index`.
     ReadReady { ctx: u64, index: Index },
     /// The read `ctx` cannot be served here (leadership changed before it
-    /// was confirmed); the client may retry.
+    /// was confirmed, or a forwarded read got no answer within
+    /// `election_ticks_min` ticks); the client may retry.
     ReadFailed { ctx: u64 },
     /// The leader refused the batch `ctx` this node forwarded with
     /// [`crate::Raft::forward`]: none of its commands were proposed.
@@ -356,16 +357,21 @@ pub struct Config {
     /// refused with [`crate::ProposeError::Backpressure`].
     pub uncommitted_bytes_max: usize,
     /// Serve reads from a leader lease instead of a heartbeat round each.
-    /// Needs `check_quorum`. Clock assumption: every node's tick interval
-    /// is the same within a drift that loses less than one tick per
-    /// `election_ticks_min` ticks (see [`crate::Raft::read_index`]).
+    /// Needs `check_quorum` and `pre_vote`: without pre-vote a node cut off
+    /// from the leader keeps raising its term, each node that hears it
+    /// adopts that term and forgets its leader, and the lease then rests on
+    /// the followers' clocks alone. Clock assumption: every node's tick
+    /// interval is the same within a drift that loses less than one tick
+    /// per `election_ticks_min` ticks (see [`crate::Raft::read_index`]).
     pub lease_reads: bool,
     /// A snapshot send not acknowledged within this many ticks is taken as
     /// lost and asked for again (the host should report failures with
     /// `unreachable`; this is the safety net when it could not tell).
     pub snapshot_timeout_ticks: u32,
     /// Reads waiting for confirmation (local and forwarded); more are
-    /// refused with [`crate::ReadError::Backpressure`].
+    /// refused with [`crate::ReadError::Backpressure`]. A forwarded read
+    /// unanswered for `election_ticks_min` ticks is taken as lost and
+    /// fails ([`Action::ReadFailed`]), so lost messages free their place.
     pub reads_pending_max: usize,
 }
 
@@ -434,6 +440,14 @@ impl Config {
         }
         if self.lease_reads && !self.check_quorum {
             return err("lease_reads", "needs check_quorum".into());
+        }
+        if self.lease_reads && !self.pre_vote {
+            return err(
+                "lease_reads",
+                "needs pre_vote: without it a partitioned node's rising term makes \
+                 the others drop their leader (turn pre_vote on, or lease_reads off)"
+                    .into(),
+            );
         }
         if self.snapshot_timeout_ticks <= self.election_ticks_max {
             return err(

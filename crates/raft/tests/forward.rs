@@ -5,7 +5,7 @@
 mod common;
 
 use common::{cmd, Cluster};
-use skiff_raft::{Action, Message, MessageBody, ProposeError};
+use skiff_raft::{Action, Message, MessageBody, ProposeError, Role};
 
 fn forward(c: &mut Cluster, id: u64, ctx: u64, cmds: &[&str]) -> Result<(), ProposeError> {
     let r = c
@@ -131,8 +131,15 @@ fn a_refusal_from_an_older_term_is_reported() {
     c.elect(1);
     c.deliver_all();
     let term = c.raft(1).term();
-    c.elect(2);
+    c.nodes
+        .get_mut(&1)
+        .unwrap()
+        .raft
+        .transfer_leadership(2)
+        .unwrap();
+    c.drain(1);
     c.deliver_all();
+    assert_eq!(c.raft(2).role(), Role::Leader);
     assert!(c.raft(2).term() > term);
     c.net.push_back(Message {
         from: 1,

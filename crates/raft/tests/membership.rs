@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{cmd, Cluster};
-use skiff_raft::{Membership, MembershipChange, ProposeError, Role};
+use skiff_raft::{Membership, MembershipChange, Message, MessageBody, ProposeError, Role};
 
 fn change(c: &mut Cluster, id: u64, ch: MembershipChange) -> Result<u64, ProposeError> {
     let r = c.nodes.get_mut(&id).unwrap().raft.propose_membership(ch);
@@ -203,6 +203,53 @@ fn removed_leader_hands_over_at_once() {
     let leaders = c.leaders();
     assert_eq!(leaders.len(), 1, "a new leader within 4 ticks");
     assert_ne!(leaders[0], 1);
+}
+
+/// The leader whose removal commits first sends the new commit index to
+/// the remaining voters, then `TimeoutNow` to the most caught-up of them,
+/// and steps down: they learn that the change committed from it, and elect
+/// a leader without a single tick.
+#[test]
+fn removed_leader_sends_its_commit_before_timeout_now() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    let index = change(&mut c, 1, MembershipChange::Remove(1)).unwrap();
+    // Deliver one message at a time until 1 steps down; keep what it sent
+    // in that step.
+    let mut last_words = Vec::new();
+    while c.raft(1).role() == Role::Leader {
+        let before = c.net.len();
+        assert!(c.deliver_one(), "the removal never committed");
+        if c.raft(1).role() != Role::Leader {
+            last_words = c.net.iter().skip(before - 1).cloned().collect();
+        }
+    }
+    assert_eq!(c.raft(1).commit(), index);
+    let carries_commit = |m: &Message| match m.body {
+        MessageBody::Heartbeat { commit, .. } | MessageBody::Append { commit, .. } => {
+            commit >= index
+        }
+        _ => false,
+    };
+    let timeout_now = last_words
+        .iter()
+        .position(|m| m.body == MessageBody::TimeoutNow)
+        .expect("a TimeoutNow");
+    let successor = last_words[timeout_now].to;
+    for peer in [2, 3] {
+        let commit_at = last_words
+            .iter()
+            .position(|m| m.from == 1 && m.to == peer && carries_commit(m))
+            .unwrap_or_else(|| panic!("no commit for {peer} in {last_words:?}"));
+        if peer == successor {
+            assert!(commit_at < timeout_now, "the commit goes first");
+        }
+    }
+    // No tick: the successor campaigns on TimeoutNow and wins.
+    c.deliver_all();
+    assert_eq!(c.leaders(), vec![successor]);
+    assert!(c.raft(2).commit() >= index && c.raft(3).commit() >= index);
 }
 
 /// Meta rides with the membership: set by the change that adds or updates

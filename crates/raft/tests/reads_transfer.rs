@@ -4,12 +4,32 @@
 mod common;
 
 use common::{cmd, Cluster};
-use skiff_raft::{MessageBody, ProposeError, ReadError, Role, TransferError};
+use skiff_raft::{
+    Config, Message, MessageBody, ProposeError, Raft, ReadError, Restored, Role, TransferError,
+};
 
 fn read(c: &mut Cluster, id: u64, ctx: u64) -> Result<(), ReadError> {
     let r = c.nodes.get_mut(&id).unwrap().raft.read_index(ctx);
     c.drain(id);
     r
+}
+
+/// Delivers queued messages until none is left, except those `lost`
+/// selects (dropped); returns what was delivered, in order.
+fn deliver_all_but(c: &mut Cluster, mut lost: impl FnMut(&Message) -> bool) -> Vec<Message> {
+    let mut delivered = Vec::new();
+    for _ in 0..100_000 {
+        let Some(msg) = c.net.pop_front() else {
+            return delivered;
+        };
+        if lost(&msg) || c.cut.contains(&(msg.from, msg.to)) {
+            continue;
+        }
+        delivered.push(msg.clone());
+        c.net.push_front(msg);
+        assert!(c.deliver_one());
+    }
+    panic!("the network did not go quiet");
 }
 
 /// ReadIndex: the read index is the commit index, released only after a
@@ -206,4 +226,158 @@ fn leadership_transfer_errors_and_timeout() {
     assert_eq!(c.raft(1).role(), Role::Leader);
     assert_eq!(c.raft(1).transferee(), None);
     c.propose(1, &["resumed"]);
+}
+
+/// Lease reads rest on the followers' promise not to vote for
+/// `election_ticks_min` ticks after they heard the leader. A message of a
+/// higher term that names no leader (here a stray VoteResponse from a node
+/// that campaigns without pre-vote) makes a follower adopt that term and
+/// forget its leader; it must not release the follower from the promise,
+/// since the old leader, which has not heard of the new term, still serves
+/// reads from its lease.
+#[test]
+fn lease_promise_outlives_a_higher_term_message() {
+    // 3 campaigns without pre-vote (so without lease reads): its term rises.
+    let mut c = Cluster::with_config(3, |cfg| {
+        if cfg.id == 3 {
+            cfg.pre_vote = false;
+        } else {
+            cfg.lease_reads = true;
+        }
+    });
+    c.elect(1);
+    c.propose(1, &["a"]);
+    c.deliver_all();
+    c.tick_all(3); // a confirmed heartbeat round starts the lease
+    let term = c.raft(1).term();
+    read(&mut c, 1, 1).unwrap();
+    assert_eq!(c.nodes[&1].reads, vec![(1, Some(c.raft(1).commit()))]);
+    assert!(c.net.is_empty(), "served from the lease");
+    // 3 stops hearing 1 and campaigns; 2 heard 1 within the lease.
+    c.cut.insert((1, 3));
+    c.cut.insert((3, 1));
+    while c.raft(3).role() != Role::Candidate {
+        c.tick(3);
+    }
+    assert_eq!(c.raft(3).term(), term + 1);
+    c.net.push_front(Message {
+        from: 3,
+        to: 2,
+        term: term + 1,
+        body: MessageBody::VoteResponse { granted: false },
+    });
+    let delivered = deliver_all_but(&mut c, |_| false);
+    assert_eq!(c.raft(2).term(), term + 1, "2 took the higher term");
+    assert_eq!(c.raft(2).leader(), None);
+    assert_ne!(c.raft(2).vote(), 3, "2 voted inside the lease");
+    assert!(!delivered
+        .iter()
+        .any(|m| matches!(m.body, MessageBody::VoteResponse { granted: true })));
+    assert_eq!(c.leaders(), vec![1], "a second leader beside a lease");
+    read(&mut c, 1, 2).unwrap();
+    assert_eq!(c.nodes[&1].reads[1], (2, Some(c.raft(1).commit())));
+    // Once the lease ran out, the cluster elects a leader again.
+    c.heal();
+    c.tick_all(60);
+    assert_eq!(c.leaders().len(), 1);
+    assert!(c.raft(c.leaders()[0]).term() > term);
+}
+
+/// A leader refuses pre-votes, as a follower that hears it does (thesis
+/// §9.6): otherwise a node that stops hearing it wins a pre-vote with the
+/// leader's own grant, and its vote request then deposes the leader.
+#[test]
+fn leader_refuses_pre_votes() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.lease_reads = true);
+    c.tick_all(30);
+    let l = c.leaders()[0];
+    let term = c.raft(l).term();
+    let p = if l == 3 { 2 } else { 3 };
+    // p no longer hears the leader (its appends and heartbeats to p are
+    // lost); every other message arrives.
+    while c.raft(p).role() != Role::PreCandidate {
+        c.tick(p);
+    }
+    let delivered = deliver_all_but(&mut c, |m| {
+        m.from == l
+            && m.to == p
+            && matches!(
+                m.body,
+                MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
+            )
+    });
+    let answers: Vec<_> = delivered
+        .iter()
+        .filter(|m| m.from == l && m.to == p)
+        .map(|m| &m.body)
+        .collect();
+    assert_eq!(
+        answers,
+        vec![&MessageBody::PreVoteResponse { granted: false }]
+    );
+    assert_eq!(c.leaders(), vec![l]);
+    assert_eq!(c.raft(l).term(), term);
+    assert_eq!(c.raft(p).term(), term, "p never campaigned");
+}
+
+/// A forwarded read whose request or answer is lost fails after
+/// `election_ticks_min` ticks (the host retries it); lost reads do not take
+/// the `reads_pending_max` places for good.
+#[test]
+fn lost_forwarded_reads_expire() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.reads_pending_max = 2);
+    c.elect(1);
+    c.propose(1, &["a"]);
+    c.deliver_all();
+    // Read 1: the request is lost.
+    read(&mut c, 3, 1).unwrap();
+    deliver_all_but(&mut c, |m| matches!(m.body, MessageBody::ReadIndex { .. }));
+    // Read 2: the answer is lost.
+    read(&mut c, 3, 2).unwrap();
+    let answer = |m: &Message| matches!(m.body, MessageBody::ReadIndexResponse { .. });
+    let mut lost: Vec<Message> = c.net.iter().filter(|m| answer(m)).cloned().collect();
+    deliver_all_but(&mut c, |m| {
+        let hit = answer(m);
+        if hit {
+            lost.push(m.clone());
+        }
+        hit
+    });
+    assert_eq!(lost.len(), 1, "the leader answered read 2");
+    assert_eq!(
+        read(&mut c, 3, 3),
+        Err(ReadError::Backpressure { pending: 2, max: 2 })
+    );
+    let ticks = c.nodes[&3].config.election_ticks_min as usize;
+    c.tick_all(ticks - 1);
+    assert!(c.nodes[&3].reads.is_empty(), "not before the deadline");
+    c.tick_all(1);
+    assert_eq!(c.nodes[&3].reads, vec![(1, None), (2, None)]);
+    assert_eq!(c.raft(3).reads_pending(), 0);
+    assert_eq!(c.raft(3).leader(), Some(1), "the leader never changed");
+    // A late answer is ignored; new reads are served.
+    c.net.extend(lost);
+    c.deliver_all();
+    assert_eq!(c.nodes[&3].reads.len(), 2);
+    read(&mut c, 3, 4).unwrap();
+    read(&mut c, 3, 5).unwrap();
+    c.deliver_all();
+    let commit = c.raft(1).commit();
+    assert_eq!(
+        c.nodes[&3].reads[2..],
+        [(4, Some(commit)), (5, Some(commit))]
+    );
+}
+
+/// Lease reads need pre-vote as well as check-quorum.
+#[test]
+fn lease_reads_need_pre_vote() {
+    let mut cfg = Config::new(1, vec![1, 2, 3]);
+    cfg.lease_reads = true;
+    cfg.validate().unwrap();
+    cfg.pre_vote = false;
+    let err = cfg.validate().unwrap_err();
+    assert_eq!(err.field, "lease_reads");
+    assert!(err.reason.contains("pre_vote"), "{err}");
+    assert!(Raft::new(cfg, Restored::default(), 1).is_err());
 }

@@ -554,6 +554,7 @@ impl Sim {
             c.uncommitted_bytes_max = rng.range(200, 3_000) as usize;
             c.lease_reads = knobs.lease_reads;
             c.check_quorum |= knobs.lease_reads;
+            c.pre_vote |= knobs.lease_reads;
             c
         };
         let nodes = (1..=cfg.nodes + cfg.spares)
