@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use crate::durable::Notify;
 use crate::format::{self, Body, SegmentHeader};
 use crate::metrics::Metrics;
-use crate::segment::Spare;
+use crate::segment::{Spare, SparePool};
 use crate::storage::{Storage, StorageFile};
 
 /// A group's write is padded with zeros up to a multiple of this (4 KiB: the
@@ -136,7 +136,20 @@ pub(crate) struct Done {
     pub inline: bool,
 }
 
-/// Fatal I/O failure of a group.
+/// [`Failure::op`] of a group's write: the one failure that is not fatal
+/// when it is for want of space (see [`Driver::drop_group`]).
+pub(crate) const OP_WRITE: &str = "write";
+
+/// Whether an error means the file system had no room (or quota) left.
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+}
+
+/// I/O failure of a group: fatal, but for a write that ran out of space.
 #[derive(Debug)]
 pub(crate) struct Failure {
     pub op: &'static str,
@@ -190,7 +203,7 @@ impl IoBackend for SyncBackend {
         let t0 = Instant::now();
         g.file
             .write_all_at(&[io::IoSlice::new(&g.buf)], g.offset)
-            .map_err(|e| fail("write", e))?;
+            .map_err(|e| fail(OP_WRITE, e))?;
         let t1 = Instant::now();
         g.file.sync_data().map_err(|e| fail("fdatasync", e))?;
         self.done.push(Done {
@@ -233,7 +246,13 @@ pub(crate) struct Pending {
     last_seq: u64,
     segment_seq: u64,
     end: u64,
+    /// Its fdatasync returned success.
     done: bool,
+    /// Set when `done`: the id of the next group not yet submitted then.
+    /// Every group below it had its fdatasync issued before this group's
+    /// completed, so could have taken an error that belongs to this group's
+    /// pages (see [`Driver::releasable`]).
+    barrier: u64,
 }
 
 pub(crate) struct Driver {
@@ -242,6 +261,8 @@ pub(crate) struct Driver {
     /// writers) instead of in the queue's receive.
     pub sleeps_in_ring: bool,
     pub notify: Arc<Notify>,
+    /// Where spares taken by dropped writes go back to.
+    pub pool: Arc<SparePool>,
     /// Recorded into directly: one uncontended lock per group.
     pub metrics: Arc<Mutex<Metrics>>,
     /// (segment seq << 32) | offset below which the active segment is durable.
@@ -288,7 +309,7 @@ impl Driver {
             let mut ops: Vec<WriteOp> = Vec::new();
             let mut bytes = 0usize;
             let mut shutdown = false;
-            if let Some(op) = self.held.take() {
+            if let Some(op) = self.held.take().and_then(|op| self.keep(op)) {
                 bytes += op.len as usize;
                 ops.push(op);
             } else if self.backend.inflight() == 0 && self.sleeps_in_ring {
@@ -301,6 +322,7 @@ impl Driver {
             } else if self.backend.inflight() == 0 {
                 match self.rx.recv_timeout(IDLE_WAIT) {
                     Ok(Op::Write(op)) => {
+                        let Some(op) = self.keep(op) else { continue };
                         bytes += op.len as usize;
                         ops.push(op);
                     }
@@ -311,6 +333,7 @@ impl Driver {
             while !shutdown && bytes < self.group_bytes_max {
                 match self.rx.try_recv() {
                     Ok(Op::Write(op)) => {
+                        let Some(op) = self.keep(op) else { continue };
                         // A write that starts a segment starts its own group,
                         // and a group stays within the byte bound unless a
                         // single write is larger.
@@ -336,7 +359,7 @@ impl Driver {
             }
             if shutdown {
                 self.drain(&mut done)?;
-                if let Some(op) = self.held.take() {
+                if let Some(op) = self.held.take().and_then(|op| self.keep(op)) {
                     self.submit(vec![op])?;
                     self.drain(&mut done)?;
                 }
@@ -351,6 +374,23 @@ impl Driver {
                 self.reap(wait, &mut done)?;
             }
         }
+    }
+
+    /// `op` unless it was dropped (placed after a write that ran out of
+    /// space, before the writers rolled back): then it is discarded, and a
+    /// spare it took goes back to the pool.
+    fn keep(&self, op: WriteOp) -> Option<WriteOp> {
+        if self.notify.rejected(op.seq).is_none() {
+            return Some(op);
+        }
+        if let Some(ns) = op.new_segment {
+            if let Some(extra) = self.pool.offer(ns.spare) {
+                // No directory fsync: a spare that comes back after a
+                // crash is found by recovery and used like any other.
+                let _ = self.storage.remove(&extra.path);
+            }
+        }
+        None
     }
 
     fn drain(&mut self, done: &mut Vec<Done>) -> Result<(), Failure> {
@@ -379,15 +419,20 @@ impl Driver {
                 .iter_mut()
                 .find(|p| p.id == d.id)
                 .expect("a finished group is pending");
+            assert!(!p.done, "a group completes once");
             p.done = true;
+            // Conservative: the completion happened at or before this reap,
+            // so no fewer groups were issued before it than this.
+            p.barrier = self.next_group;
             if self.spare_bufs.len() < self.groups_inflight_max {
                 self.spare_bufs.push(d.buf);
             }
         }
         drop(metrics);
-        // Release in order: a group is durable only once every earlier one is.
+        // Release in order: a group is durable only once every earlier one
+        // is, and once no fdatasync that may hold its error is outstanding.
         let mut released = None;
-        while self.pending.front().is_some_and(|p| p.done) {
+        while self.releasable() {
             let p = self.pending.pop_front().expect("checked front");
             self.durable_pos
                 .store(pack_pos(p.segment_seq, p.end), Ordering::Release);
@@ -397,6 +442,42 @@ impl Driver {
             self.notify.advance(seq);
         }
         Ok(())
+    }
+
+    /// Whether the oldest pending group may be acknowledged.
+    ///
+    /// The rule, from how Linux reports writeback errors: an fdatasync that
+    /// succeeds proves durable only the writes that completed before it was
+    /// issued, and only if no other fdatasync took their error. An error of
+    /// a page's writeback is recorded on the file and handed to the first
+    /// fdatasync on that open file description to check after it (errseq):
+    /// with several in flight on one descriptor, an error of group N's
+    /// pages can be returned to the fdatasync of group N + 1 (or of any
+    /// group in flight with N's), and N's own then returns success. So
+    /// group N is acknowledged only when
+    ///
+    /// 1. its own fdatasync (issued after its write completed) succeeded,
+    /// 2. every earlier group is acknowledged (release in order), and
+    /// 3. every fdatasync issued before N's completed has completed too,
+    ///    each with success: those are the only ones that could have taken
+    ///    an error of N's pages before N's checked. One issued after N's
+    ///    completed checks after it, so it cannot hide an error from N.
+    ///
+    /// Any fdatasync error is fatal (the driver stops and fails the WAL):
+    /// every group not yet acknowledged fails with it, whichever group the
+    /// error belonged to. The cost: with groups overlapping, a group is
+    /// acknowledged when the groups in flight with it complete, not when it
+    /// does.
+    fn releasable(&self) -> bool {
+        let Some(front) = self.pending.front() else {
+            return false;
+        };
+        front.done
+            && self
+                .pending
+                .iter()
+                .take_while(|p| p.id < front.barrier)
+                .all(|p| p.done)
     }
 
     fn submit(&mut self, ops: Vec<WriteOp>) -> Result<(), Failure> {
@@ -409,11 +490,16 @@ impl Driver {
             self.drain(&mut Vec::new())?;
         }
         let group_offset = first.offset;
+        let first_seq = first.seq;
+        // What to go back to if the group runs out of space.
+        let before = self.active.clone();
+        let mut started = None;
         let now = Instant::now();
         let mut entries = 0u64;
         for op in &ops {
             if let Some(ns) = &op.new_segment {
                 self.start_segment(ns)?;
+                started = Some(ns.path.clone());
                 buf.extend_from_slice(&ns.header.encode());
                 for body in &ns.checkpoint {
                     format::frame_into(&mut buf, op.salt, 0, body);
@@ -461,9 +547,11 @@ impl Driver {
             segment_seq: seg,
             end: last.offset + last.len,
             done: false,
+            barrier: u64::MAX,
         });
         let alone = self.backend.inflight() == 0 && self.held.is_none() && self.rx.is_empty();
-        self.backend.submit(
+        let group_len = buf.len() as u64;
+        let submitted = self.backend.submit(
             Group {
                 id,
                 file,
@@ -473,7 +561,77 @@ impl Driver {
                 submitted_at: now,
             },
             alone,
-        )
+        );
+        match submitted {
+            Ok(()) => {
+                self.notify.written(last.seq);
+                Ok(())
+            }
+            Err(f) if f.op == OP_WRITE && is_no_space(&f.error) => {
+                let pending = self.pending.pop_back().expect("pushed above");
+                assert_eq!(pending.id, id, "the failed group is the last pending");
+                self.drop_group(f, first_seq, group_offset, group_len, started, before)
+            }
+            Err(f) => Err(f),
+        }
+    }
+
+    /// A group's write ran out of space (ENOSPC, EDQUOT): drops it and
+    /// every write after it, leaving the log as it was before it.
+    ///
+    /// 1. Earlier groups were written whole: their fdatasyncs land (and they
+    ///    are acknowledged) first.
+    /// 2. The bytes the failed write may have left are cleared and that is
+    ///    made durable, so that no crash from here on can bring back part of
+    ///    a write its writer was told was dropped: zeros over the group's
+    ///    range (what lay past the log's end: spares are zero-filled, a
+    ///    recycled segment's stale bytes do not verify either way), or, for
+    ///    a group that started a segment, the segment file removed and the
+    ///    removal synced. A failure here is fatal like any other I/O error
+    ///    (on a copy-on-write file system overwriting may need space too).
+    /// 3. [`Notify::reject_from`] publishes the drop: the dropped writes'
+    ///    tickets say `NoSpace`, later queued writes are discarded
+    ///    ([`Driver::keep`]), and the next writer to take the WAL's lock
+    ///    rolls its state back to before `first_seq`, so that the next write
+    ///    is placed where the dropped one was.
+    fn drop_group(
+        &mut self,
+        failure: Failure,
+        first_seq: u64,
+        offset: u64,
+        len: u64,
+        started: Option<PathBuf>,
+        before: Option<(u64, PathBuf, Arc<dyn StorageFile>)>,
+    ) -> Result<(), Failure> {
+        tracing::warn!(error = %failure, first_seq, "WAL write ran out of space; dropping it and every write queued after it");
+        self.drain(&mut Vec::new())?;
+        let (_, path, file) = self.active.clone().expect("a group was written to one");
+        let fail = |op, error| Failure {
+            op,
+            path: path.clone(),
+            error,
+        };
+        match started {
+            None => {
+                let zeros = vec![0u8; len as usize];
+                file.write_all_at(&[io::IoSlice::new(&zeros)], offset)
+                    .map_err(|e| fail("write zeros over a write that ran out of space", e))?;
+                file.sync_data().map_err(|e| fail("fdatasync", e))?;
+            }
+            Some(segment) => {
+                debug_assert_eq!(offset, 0, "a new segment's group starts it");
+                self.storage
+                    .remove(&segment)
+                    .map_err(|e| fail("remove segment that ran out of space", e))?;
+                self.storage
+                    .sync_dir(&self.dir)
+                    .map_err(|e| fail("sync directory", e))?;
+                self.active = before;
+            }
+        }
+        let errno = failure.error.raw_os_error().unwrap_or(libc::ENOSPC);
+        self.notify.reject_from(first_seq, failure.path, errno);
+        Ok(())
     }
 
     /// Renames the spare into place and makes the rename durable.
@@ -494,3 +652,7 @@ impl Driver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "driver_tests.rs"]
+mod tests;

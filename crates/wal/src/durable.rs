@@ -4,8 +4,17 @@
 //! highest sequence number whose group's fdatasync completed (in order), and
 //! wakes blocking waiters (condvar) and async waiters (wakers). A failure is
 //! published once and delivered to every waiter, present and future.
+//!
+//! A write that runs out of space is *dropped* instead, with every write
+//! queued after it: the driver publishes a rejection from its sequence
+//! number on (open-ended), the next writer to take the WAL's lock undoes
+//! the dropped writes and closes the range at the last of them. A dropped
+//! write's ticket says [`Error::NoSpace`] for good, even once later writes
+//! (with higher numbers) are durable.
 
 use std::future::Future;
+use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -14,9 +23,40 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
+/// Writes dropped because one of them ran out of space.
+#[derive(Debug, Clone)]
+struct Rejection {
+    /// The write whose group failed.
+    lo: u64,
+    /// The last write dropped with it; `u64::MAX` until the writers' state
+    /// is rolled back (no write is placed in between).
+    hi: u64,
+    path: PathBuf,
+    errno: i32,
+}
+
+impl Rejection {
+    fn error(&self) -> Error {
+        Error::NoSpace {
+            path: self.path.clone(),
+            first_seq: self.lo,
+            source: io::Error::from_raw_os_error(self.errno),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Notify {
     durable_seq: AtomicU64,
+    /// The last write the driver wrote whole (its fdatasync may be to
+    /// come): writes up to it are never dropped.
+    written_seq: AtomicU64,
+    /// Oldest first; one per write that ran out of space. Grows by one per
+    /// such event (each one also means an operator had to free space).
+    rejections: Mutex<Vec<Rejection>>,
+    /// The highest write any rejection covers (`u64::MAX` while one is
+    /// open), 0 for none: checks skip the lock below it.
+    rejected_max: AtomicU64,
     failed_flag: AtomicBool,
     failure: OnceLock<String>,
     wakers: Mutex<Vec<(u64, Waker)>>,
@@ -55,6 +95,84 @@ impl Notify {
         self.wake(|s| s <= seq);
     }
 
+    /// Called by the driver once a group's write completed whole.
+    pub(crate) fn written(&self, seq: u64) {
+        self.written_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub(crate) fn written_seq(&self) -> u64 {
+        self.written_seq.load(Ordering::Acquire)
+    }
+
+    /// Called by the driver when the group starting with write `lo` ran out
+    /// of space and the bytes it may have left are cleared: drops `lo` and
+    /// every write after it until the writers roll back.
+    pub(crate) fn reject_from(&self, lo: u64, path: PathBuf, errno: i32) {
+        {
+            let mut r = self.rejections.lock().expect("rejections lock");
+            assert!(
+                r.last().is_none_or(|last| last.hi < lo),
+                "a rejection starts after the last one closed"
+            );
+            assert!(
+                self.written_seq() < lo,
+                "a write written whole is never dropped"
+            );
+            r.push(Rejection {
+                lo,
+                hi: u64::MAX,
+                path,
+                errno,
+            });
+            self.rejected_max.store(u64::MAX, Ordering::Release);
+        }
+        self.wake(|s| s >= lo);
+    }
+
+    /// The first write of a rejection the writers have not rolled back yet.
+    pub(crate) fn open_rejection(&self) -> Option<u64> {
+        if self.rejected_max.load(Ordering::Acquire) != u64::MAX {
+            return None;
+        }
+        let r = self.rejections.lock().expect("rejections lock");
+        r.last().filter(|x| x.hi == u64::MAX).map(|x| x.lo)
+    }
+
+    /// Closes the open rejection at `hi`, the last write placed before the
+    /// writers rolled back (under their lock: nothing is placed meanwhile).
+    pub(crate) fn close_rejection(&self, hi: u64) {
+        let mut r = self.rejections.lock().expect("rejections lock");
+        let last = r.last_mut().expect("an open rejection");
+        assert!(
+            last.hi == u64::MAX && last.lo <= hi,
+            "close the open rejection"
+        );
+        last.hi = hi;
+        self.rejected_max.store(hi, Ordering::Release);
+    }
+
+    /// `Some(NoSpace)` when write `seq` was dropped.
+    pub(crate) fn rejected(&self, seq: u64) -> Option<Error> {
+        if seq == 0 || seq > self.rejected_max.load(Ordering::Acquire) {
+            return None;
+        }
+        let r = self.rejections.lock().expect("rejections lock");
+        r.iter()
+            .find(|x| x.lo <= seq && seq <= x.hi)
+            .map(Rejection::error)
+    }
+
+    /// The last write at or before `seq` that was not dropped (0: none).
+    pub(crate) fn kept_at_or_before(&self, mut seq: u64) -> u64 {
+        let r = self.rejections.lock().expect("rejections lock");
+        for x in r.iter().rev() {
+            if x.lo <= seq && seq <= x.hi {
+                seq = x.lo - 1;
+            }
+        }
+        seq
+    }
+
     /// Puts the WAL in the failed state; the first reason wins.
     pub(crate) fn fail(&self, reason: String) {
         let _ = self.failure.set(reason);
@@ -87,6 +205,11 @@ impl Notify {
     }
 
     fn check(&self, seq: u64) -> Option<Result<()>> {
+        // Before durability: a dropped write stays dropped when later ones
+        // (higher numbers) become durable.
+        if let Some(e) = self.rejected(seq) {
+            return Some(Err(e));
+        }
         if self.durable_seq() >= seq {
             return Some(Ok(()));
         }
@@ -165,7 +288,8 @@ impl Ticket {
         self.seq
     }
 
-    /// True once durable; an error if the WAL failed first.
+    /// True once durable; an error if the WAL failed first, or
+    /// [`Error::NoSpace`] if the write was dropped.
     pub fn is_durable(&self) -> Result<bool> {
         match self.notify.check(self.seq) {
             Some(Ok(())) => Ok(true),
@@ -174,7 +298,8 @@ impl Ticket {
         }
     }
 
-    /// Blocks until durable, the WAL fails, or `wait_timeout` passes.
+    /// Blocks until durable, the WAL fails, the write is dropped
+    /// ([`Error::NoSpace`]), or `wait_timeout` passes.
     pub fn wait(&self) -> Result<()> {
         self.notify.wait(self.seq, self.timeout)
     }

@@ -9,6 +9,10 @@ use std::path::PathBuf;
 /// * `Corruption` is returned by recovery: durable data failed its checksum.
 /// * `Full` is a clean refusal: nothing acknowledged was lost and the caller
 ///   may retry after compaction frees a segment.
+/// * `NoSpace` (a ticket's answer): the write ran out of space (ENOSPC or
+///   EDQUOT) and was dropped, with every write queued after it; the log is
+///   as it was before them, and the WAL takes new writes (which succeed once
+///   space is freed). Nothing acknowledged was lost.
 /// * `InvalidOption`, `NonContiguous`, `TooLarge`, `Compacted`,
 ///   `SnapshotNotDurable` are caller mistakes; the WAL is unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,18 @@ pub enum Error {
     },
     #[error("no space left for a new segment in {dir}")]
     Full { dir: PathBuf },
+    /// Write `seq` (this ticket's, or one before it) could not be written
+    /// for want of space: it and every write queued after it were dropped
+    /// whole. [`crate::Wal::last_index`], `hard_state` and `snapshot` show
+    /// the log as it is again; the caller decides what to write next.
+    #[error("no space to write {path} (write {first_seq} and every write queued after it were dropped; the log is as before them): {source}")]
+    NoSpace {
+        path: PathBuf,
+        /// The first write dropped (see [`crate::Ticket::seq`]).
+        first_seq: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("the WAL has failed and accepts no more work: {reason}")]
     Failed { reason: String },
     #[error("invalid option `{field}`: {reason}")]

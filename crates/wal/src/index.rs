@@ -32,6 +32,43 @@ impl RecordLoc {
     }
 }
 
+/// The inverse of one change to a [`LogIndex`], for undoing writes that
+/// were placed but never written (a write that ran out of space is undone
+/// with every write queued after it).
+#[derive(Debug, Clone)]
+enum Step {
+    /// `first`, `next` and `popped` before a change (noted first, so undone
+    /// last).
+    Bounds {
+        first: u64,
+        next: u64,
+        popped: u64,
+    },
+    Pushed,
+    TermPushed,
+    PoppedBack(RecordLoc),
+    /// The last record's count before a truncation cut it.
+    Trimmed {
+        count: u64,
+    },
+    TermPoppedBack((u64, u64)),
+    PoppedFront(RecordLoc),
+    TermPoppedFront((u64, u64)),
+    Cleared {
+        records: Chunked<RecordLoc>,
+        terms: VecDeque<(u64, u64)>,
+    },
+}
+
+/// Steps noted since journaling started, oldest first; `base` is the
+/// number of steps forgotten from the front, so that a mark (an absolute
+/// step number) stays valid as the front is trimmed.
+#[derive(Debug, Clone, Default)]
+struct Journal {
+    steps: VecDeque<Step>,
+    base: u64,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct LogIndex {
     /// First live index (entries below are compacted or covered by the
@@ -45,6 +82,9 @@ pub(crate) struct LogIndex {
     popped: u64,
     /// (first index of the run, term), increasing in both.
     terms: VecDeque<(u64, u64)>,
+    /// Inverse steps of recent changes; `None` until the WAL starts it
+    /// (recovery builds an index it never undoes).
+    journal: Option<Journal>,
 }
 
 impl LogIndex {
@@ -56,7 +96,90 @@ impl LogIndex {
             records: Chunked::new(),
             popped: 0,
             terms: VecDeque::new(),
+            journal: None,
         }
+    }
+
+    /// Starts noting the inverse of every change, so that changes after a
+    /// [`mark`](Self::journal_mark) can be undone. The caller must
+    /// [`forget`](Self::forget_journal_before) what it will never undo:
+    /// the journal holds every step until then.
+    pub fn start_journal(&mut self) {
+        self.journal.get_or_insert_with(Journal::default);
+    }
+
+    /// The journal's position now: `rollback_to` it undoes every later
+    /// change.
+    pub fn journal_mark(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(0, |j| j.base + j.steps.len() as u64)
+    }
+
+    /// Forgets the steps before `mark`: those changes are final.
+    pub fn forget_journal_before(&mut self, mark: u64) {
+        if let Some(j) = &mut self.journal {
+            while j.base < mark && j.steps.pop_front().is_some() {
+                j.base += 1;
+            }
+        }
+    }
+
+    /// Undoes every change since `mark`, newest first.
+    ///
+    /// # Panics
+    ///
+    /// If steps before `mark` were forgotten already.
+    pub fn rollback_to(&mut self, mark: u64) {
+        let Some(mut j) = self.journal.take() else {
+            return;
+        };
+        assert!(j.base <= mark, "rollback past forgotten steps");
+        while j.base + j.steps.len() as u64 > mark {
+            match j.steps.pop_back().expect("non-empty") {
+                Step::Bounds {
+                    first,
+                    next,
+                    popped,
+                } => {
+                    self.first = first;
+                    self.next = next;
+                    self.popped = popped;
+                }
+                Step::Pushed => {
+                    self.records.pop_back().expect("undo a push");
+                }
+                Step::TermPushed => {
+                    self.terms.pop_back().expect("undo a term push");
+                }
+                Step::PoppedBack(r) => self.records.push_back(r),
+                Step::Trimmed { count } => {
+                    self.records.back_mut().expect("undo a trim").count = count;
+                }
+                Step::TermPoppedBack(t) => self.terms.push_back(t),
+                Step::PoppedFront(r) => self.records.push_front(r),
+                Step::TermPoppedFront(t) => self.terms.push_front(t),
+                Step::Cleared { records, terms } => {
+                    self.records = records;
+                    self.terms = terms;
+                }
+            }
+        }
+        self.journal = Some(j);
+    }
+
+    fn note(&mut self, step: Step) {
+        if let Some(j) = &mut self.journal {
+            j.steps.push_back(step);
+        }
+    }
+
+    fn note_bounds(&mut self) {
+        self.note(Step::Bounds {
+            first: self.first,
+            next: self.next,
+            popped: self.popped,
+        });
     }
 
     pub fn first(&self) -> u64 {
@@ -83,6 +206,7 @@ impl LogIndex {
     /// its stable number.
     pub fn push(&mut self, loc: RecordLoc, terms: impl IntoIterator<Item = u64>) -> u64 {
         assert_eq!(loc.first_index, self.next, "records must be contiguous");
+        self.note_bounds();
         let mut n = 0;
         for term in terms {
             let index = self.next + n;
@@ -94,8 +218,12 @@ impl LogIndex {
                         "term went back from {t} to {term} at index {index}"
                     );
                     self.terms.push_back((index, term));
+                    self.note(Step::TermPushed);
                 }
-                None => self.terms.push_back((index, term)),
+                None => {
+                    self.terms.push_back((index, term));
+                    self.note(Step::TermPushed);
+                }
             }
             n += 1;
         }
@@ -106,6 +234,7 @@ impl LogIndex {
         }
         self.next += n;
         self.records.push_back(loc);
+        self.note(Step::Pushed);
         number
     }
 
@@ -117,12 +246,16 @@ impl LogIndex {
             self.first,
             self.next
         );
+        self.note_bounds();
         while let Some(last) = self.records.back_mut() {
             if last.first_index >= from {
-                self.records.pop_back();
+                let r = self.records.pop_back().expect("checked");
+                self.note(Step::PoppedBack(r));
             } else {
                 if last.end() > from {
+                    let count = last.count;
                     last.count = from - last.first_index;
+                    self.note(Step::Trimmed { count });
                 }
                 break;
             }
@@ -130,10 +263,12 @@ impl LogIndex {
         // A record cut down to entries below `first` (covered by a
         // snapshot) holds nothing live any more.
         if self.records.back().is_some_and(|r| r.end() <= self.first) {
-            self.records.pop_back();
+            let r = self.records.pop_back().expect("checked");
+            self.note(Step::PoppedBack(r));
         }
         while self.terms.back().is_some_and(|&(start, _)| start >= from) {
-            self.terms.pop_back();
+            let t = self.terms.pop_back().expect("checked");
+            self.note(Step::TermPoppedBack(t));
         }
         self.next = from;
     }
@@ -144,22 +279,26 @@ impl LogIndex {
         if first <= self.first {
             return;
         }
+        self.note_bounds();
         if first >= self.next {
             self.popped += self.records.len() as u64;
-            self.records.clear();
-            self.terms.clear();
+            let records = std::mem::replace(&mut self.records, Chunked::new());
+            let terms = std::mem::take(&mut self.terms);
+            self.note(Step::Cleared { records, terms });
             self.first = first;
             self.next = first;
             return;
         }
         self.first = first;
         while self.records.front().is_some_and(|r| r.end() <= first) {
-            self.records.pop_front();
+            let r = self.records.pop_front().expect("checked");
             self.popped += 1;
+            self.note(Step::PoppedFront(r));
         }
         // Keep the run that covers `first`.
         while self.terms.len() > 1 && self.terms[1].0 <= first {
-            self.terms.pop_front();
+            let t = self.terms.pop_front().expect("checked");
+            self.note(Step::TermPoppedFront(t));
         }
     }
 
@@ -283,6 +422,15 @@ impl<T> Chunked<T> {
         v
     }
 
+    pub fn push_front(&mut self, v: T) {
+        if self.chunks.front().is_none_or(|c| c.len() == CHUNK_RECORDS) {
+            self.chunks
+                .push_front(VecDeque::with_capacity(CHUNK_RECORDS));
+        }
+        self.chunks.front_mut().expect("pushed").push_front(v);
+        self.len += 1;
+    }
+
     pub fn pop_front(&mut self) -> Option<T> {
         let chunk = self.chunks.front_mut()?;
         let v = chunk.pop_front();
@@ -305,11 +453,6 @@ impl<T> Chunked<T> {
 
     pub fn back_mut(&mut self) -> Option<&mut T> {
         self.chunks.back_mut().and_then(|c| c.back_mut())
-    }
-
-    pub fn clear(&mut self) {
-        self.chunks.clear();
-        self.len = 0;
     }
 
     /// The first position where `pred` is false (it must be true then
@@ -336,7 +479,83 @@ impl<T> Chunked<T> {
 mod tests {
     use std::collections::VecDeque;
 
-    use super::{Chunked, CHUNK_RECORDS};
+    use super::{Chunked, LogIndex, RecordLoc, CHUNK_RECORDS};
+
+    /// first, next, popped, (first index, count, offset, write seq) of
+    /// each record, term runs.
+    type View = (u64, u64, u64, Vec<(u64, u64, u64, u64)>, Vec<(u64, u64)>);
+
+    /// What a reader can observe of an index, to compare two.
+    fn view(ix: &LogIndex) -> View {
+        let records = ix
+            .records
+            .iter()
+            .map(|r| (r.first_index, r.count, r.offset, r.write_seq))
+            .collect();
+        let terms = ix.terms.iter().copied().collect();
+        (ix.first, ix.next, ix.popped, records, terms)
+    }
+
+    /// Random pushes, truncations and snapshot advances; rolled back to a
+    /// mark, the index equals a copy taken at that mark (numbers of
+    /// records included), and goes on as that copy does.
+    #[test]
+    fn rollback_restores_the_index_at_the_mark() {
+        let mut x = 11u64;
+        let mut rand = move |n: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        for round in 0..300u64 {
+            let mut ix = LogIndex::new(1);
+            ix.start_journal();
+            let mut term = 1;
+            let mut saved = None;
+            let ops = 1 + rand(60);
+            let mark_at = rand(ops);
+            for op in 0..ops {
+                if op == mark_at {
+                    saved = Some((ix.clone(), ix.journal_mark()));
+                    // What is before the mark is never undone.
+                    ix.forget_journal_before(ix.journal_mark());
+                }
+                match rand(8) {
+                    0..=4 => {
+                        let count = 1 + rand(5000);
+                        term += rand(2);
+                        let loc = RecordLoc {
+                            first_index: ix.next(),
+                            count,
+                            segment_seq: 1,
+                            offset: op,
+                            framed_len: 1,
+                            body: None,
+                            write_seq: op,
+                        };
+                        ix.push(loc, std::iter::repeat_n(term, count as usize));
+                    }
+                    5 | 6 if ix.next() > ix.first() => {
+                        let from = ix.first() + rand(ix.next() - ix.first() + 1);
+                        ix.truncate(from);
+                    }
+                    _ => ix.advance_first(ix.first() + rand(ix.next() - ix.first() + 9000)),
+                }
+                ix.check();
+            }
+            let (want, mark) = saved.expect("a mark was taken");
+            ix.rollback_to(mark);
+            ix.check();
+            assert_eq!(view(&ix), view(&want), "round {round}");
+            // Record numbers are the same: the one at position 0 is found
+            // by the same number in both.
+            assert_eq!(
+                ix.record_by_number(ix.popped).map(|r| r.offset),
+                want.clone().record_by_number(want.popped).map(|r| r.offset),
+            );
+        }
+    }
 
     #[test]
     fn chunked_behaves_like_a_vecdeque() {
@@ -349,11 +568,17 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             match x >> 61 {
                 0..=3 => {
-                    c.push_back(step);
-                    v.push_back(step);
+                    c.push_back(step as i64);
+                    v.push_back(step as i64);
                 }
                 4 => assert_eq!(c.pop_back(), v.pop_back()),
                 5 => assert_eq!(c.pop_front(), v.pop_front()),
+                7 if step % 3 == 0 => {
+                    // Below the front, to stay sorted.
+                    let e = v.front().map_or(step as i64, |f| f - 1);
+                    c.push_front(e);
+                    v.push_front(e);
+                }
                 6 if !v.is_empty() => {
                     let i = (x as usize >> 8) % v.len();
                     assert_eq!(c.get(i), v.get(i));
@@ -361,7 +586,7 @@ mod tests {
                     assert_eq!(c.get_mut(i).copied(), v.get(i).copied());
                 }
                 _ => {
-                    let cut = step / 2;
+                    let cut = step as i64 / 2;
                     assert_eq!(
                         c.partition_point(|&e| e < cut),
                         v.partition_point(|&e| e < cut)

@@ -18,12 +18,22 @@
 //!    fdatasync — on io_uring, with up to `groups_inflight_max` fdatasyncs
 //!    in flight while later groups are written, or on the driver thread
 //!    where io_uring is not allowed.
-//! 3. When a group's fdatasync lands, and every earlier group's has, all its
-//!    tickets become durable: [`Ticket::wait`] returns, and the ticket as a
-//!    future resolves.
+//! 3. When a group's fdatasync lands, every earlier group's has, and every
+//!    fdatasync issued before it landed has returned too (one of those may
+//!    have been handed an error of this group's pages: see the rule on
+//!    `Driver::releasable`), all its tickets become durable:
+//!    [`Ticket::wait`] returns, and the ticket as a future resolves.
 //!
 //! An fdatasync or write error puts the WAL in a failed state: every waiter
 //! gets [`Error::Failed`] and nothing more is accepted. It is never retried.
+//! Also an fsync while making a spare segment (in the background or not).
+//!
+//! One exception: a group's write that runs out of space (ENOSPC, EDQUOT)
+//! drops that write and every write queued after it, each ticket answering
+//! [`Error::NoSpace`]: the bytes it may have left are cleared durably, the
+//! in-memory log is rolled back to before it, and the next write is placed
+//! where it was. Nothing acknowledged is lost and the WAL stays usable; the
+//! caller sees the log as it is with [`Wal::last_index`] and friends.
 //!
 //! # Files
 //!

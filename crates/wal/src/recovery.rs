@@ -41,7 +41,7 @@ use crate::format::{
 };
 use crate::index::{LogIndex, RecordLoc};
 use crate::segment::{parse_segment_name, parse_spare_name, Spare};
-use crate::storage::{Storage, StorageFile};
+use crate::storage::{create_dir_durable, Storage, StorageFile};
 use crate::{HardState, SnapshotMeta};
 
 /// A segment that recovery found intact.
@@ -124,9 +124,7 @@ pub(crate) fn apply_truncate(index: &mut LogIndex, from: u64) {
 }
 
 pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> Result<Recovered> {
-    storage
-        .create_dir_all(dir)
-        .map_err(|e| Error::io("create directory", dir, e))?;
+    create_dir_durable(storage, dir).map_err(|(op, path, e)| Error::io(op, path, e))?;
     let names = storage
         .list(dir)
         .map_err(|e| Error::io("list directory", dir, e))?;

@@ -5,6 +5,12 @@
 //! that is durable in the directory. The pre-writer keeps `spare_segments`
 //! of them ready so that starting a segment costs a rename, not 64 MiB of
 //! writes, and so that fdatasync never has to allocate extents.
+//!
+//! A failed create, write or rename of a spare is retried (nothing it did
+//! was made durable, and the partial file is removed). A failed fdatasync of
+//! a spare or fsync of the directory never is: it fails the WAL, as every
+//! fsync error does (the file system may have dropped what it was asked to
+//! make durable and report success next time).
 
 use std::collections::VecDeque;
 use std::io;
@@ -14,6 +20,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::driver::is_no_space;
+use crate::durable::Notify;
 use crate::error::{Error, Result};
 use crate::storage::{Storage, StorageFile};
 
@@ -58,6 +66,23 @@ struct PoolState {
     /// The last pre-write failure, cleared by a success.
     last_error: Option<io::ErrorKind>,
     last_error_text: Option<String>,
+    /// An fsync failed: no spare is made or handed out any more.
+    fatal: Option<String>,
+}
+
+/// Why a spare could not be made.
+#[derive(Debug)]
+enum SpareError {
+    /// A create, write or rename failed: nothing was made durable, the
+    /// partial file is gone; trying again is safe.
+    Retry(io::Error),
+    /// An fdatasync of the spare or an fsync of the directory failed: never
+    /// retried, fatal to the WAL.
+    Sync {
+        op: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
 }
 
 /// Spares ready for use, filled by the pre-writer (or on demand).
@@ -71,6 +96,8 @@ pub(crate) struct SparePool {
     state: Mutex<PoolState>,
     cond: Condvar,
     stop: AtomicBool,
+    /// The WAL's failure state, set by an fsync error here.
+    notify: Arc<Notify>,
 }
 
 impl SparePool {
@@ -81,6 +108,7 @@ impl SparePool {
         target: usize,
         next_name: u64,
         existing: Vec<Spare>,
+        notify: Arc<Notify>,
     ) -> SparePool {
         SparePool {
             dir,
@@ -94,6 +122,7 @@ impl SparePool {
             }),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
+            notify,
         }
     }
 
@@ -102,14 +131,26 @@ impl SparePool {
     /// room for one.
     pub fn take(&self, timeout: Duration) -> Result<Spare> {
         if self.target == 0 {
-            if let Some(s) = self.state.lock().expect("pool lock").ready.pop_front() {
+            let mut st = self.state.lock().expect("pool lock");
+            if let Some(reason) = &st.fatal {
+                return Err(Error::Failed {
+                    reason: reason.clone(),
+                });
+            }
+            if let Some(s) = st.ready.pop_front() {
                 return Ok(s);
             }
+            drop(st);
             return self.create_spare().map_err(|e| self.spare_error(e));
         }
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock().expect("pool lock");
         loop {
+            if let Some(reason) = &st.fatal {
+                return Err(Error::Failed {
+                    reason: reason.clone(),
+                });
+            }
             if let Some(s) = st.ready.pop_front() {
                 self.cond.notify_all();
                 return Ok(s);
@@ -135,14 +176,29 @@ impl SparePool {
         }
     }
 
-    fn spare_error(&self, e: io::Error) -> Error {
-        if is_no_space(&e) {
-            Error::Full {
+    fn spare_error(&self, e: SpareError) -> Error {
+        match e {
+            SpareError::Retry(e) if is_no_space(&e) => Error::Full {
                 dir: self.dir.clone(),
+            },
+            SpareError::Retry(e) => Error::io("create spare segment", &self.dir, e),
+            SpareError::Sync { op, path, error } => {
+                let err = Error::io(op, path, error);
+                self.fail(err.to_string());
+                err
             }
-        } else {
-            Error::io("create spare segment", &self.dir, e)
         }
+    }
+
+    /// Records an fsync failure: the pool hands out nothing more and the WAL
+    /// fails, so that the next append or sync reports it.
+    fn fail(&self, reason: String) {
+        tracing::error!(dir = %self.dir.display(), error = %reason, "fsync failed while making a spare segment; the WAL accepts no more writes");
+        let mut st = self.state.lock().expect("pool lock");
+        st.fatal.get_or_insert_with(|| reason.clone());
+        self.cond.notify_all();
+        drop(st);
+        self.notify.fail(reason);
     }
 
     /// Offers a compacted segment (already renamed to a spare name and
@@ -171,22 +227,34 @@ impl SparePool {
 
     /// Writes a new spare: zeros to a temporary name, fdatasync, rename,
     /// directory fsync. Removes the partial file on failure.
-    fn create_spare(&self) -> io::Result<Spare> {
+    fn create_spare(&self) -> std::result::Result<Spare, SpareError> {
         let n = self.next_name.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!("spare-{n:020}.tmp"));
         let path = self.dir.join(spare_name(n));
+        fn sync(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpareError {
+            let path = path.to_path_buf();
+            move |error| SpareError::Sync { op, path, error }
+        }
         let result = (|| {
-            let file = self.storage.create(&tmp)?;
+            let file = self.storage.create(&tmp).map_err(SpareError::Retry)?;
             self.storage
-                .fill_zeros(&tmp, file.as_ref(), self.segment_size)?;
-            file.sync_data()?;
-            self.storage.rename(&tmp, &path)?;
-            self.storage.sync_dir(&self.dir)?;
+                .fill_zeros(&tmp, file.as_ref(), self.segment_size)
+                .map_err(SpareError::Retry)?;
+            file.sync_data()
+                .map_err(sync("fdatasync spare segment", &tmp))?;
+            self.storage
+                .rename(&tmp, &path)
+                .map_err(SpareError::Retry)?;
+            self.storage
+                .sync_dir(&self.dir)
+                .map_err(sync("sync directory", &self.dir))?;
             Ok(file)
         })();
         match result {
             Ok(file) => Ok(Spare { path, file }),
             Err(e) => {
+                // No directory fsync: a `.tmp` that comes back after a
+                // crash is removed by recovery.
                 let _ = self.storage.remove(&tmp);
                 Err(e)
             }
@@ -216,7 +284,14 @@ impl SparePool {
                     st.last_error_text = None;
                     self.cond.notify_all();
                 }
-                Err(e) => {
+                Err(SpareError::Sync { op, path, error }) => {
+                    // Never retried: an fsync error may mean the file system
+                    // dropped what it was asked to make durable.
+                    drop(st);
+                    self.fail(Error::io(op, path, error).to_string());
+                    return;
+                }
+                Err(SpareError::Retry(e)) => {
                     let kind = if is_no_space(&e) {
                         io::ErrorKind::StorageFull
                     } else {
@@ -243,10 +318,6 @@ impl SparePool {
         let _st = self.state.lock().expect("pool lock");
         self.cond.notify_all();
     }
-}
-
-fn is_no_space(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == io::ErrorKind::StorageFull
 }
 
 /// Starts the pre-writer thread when the pool has a target.

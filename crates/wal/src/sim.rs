@@ -12,18 +12,24 @@
 //! - creates, renames and removals in a directory may be lost, newest first,
 //!   until `sync_dir` of that directory;
 //! - directories themselves (`create_dir_all`) are durable at once and are not
-//!   logged: every image holds every directory the live disk knows.
+//!   logged: every image holds every directory the live disk knows. What
+//!   POSIX asks for is tracked apart: a directory is listed by
+//!   [`SimStorage::unsynced_dirs`] from its creation until its parent is
+//!   synced, so that tests can check that whoever creates one makes it
+//!   durable.
 //!
-//! It also injects faults into the live disk: a failing `sync_data`, a
-//! capacity limit (ENOSPC) and bit flips. It never touches the real file
-//! system and must never promise more durability than POSIX does.
+//! It also injects faults into the live disk: a failing `sync_data` or write
+//! (of any file, or of the files a test picks by path), a failing remove or
+//! rename (of the paths a test picks), a capacity limit (ENOSPC) and bit
+//! flips. It never touches the real file system and must
+//! never promise more durability than POSIX does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::storage::{Storage, StorageFile};
 
@@ -79,6 +85,26 @@ pub struct CrashState {
 #[derive(Clone, Default)]
 pub struct SimStorage {
     state: Arc<Mutex<State>>,
+    gate: Arc<Gate>,
+}
+
+/// Holds writes back while closed ([`SimStorage::pause_writes`]).
+#[derive(Default)]
+struct Gate {
+    paused: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Gate {
+    fn wait_open(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+        while *paused {
+            paused = self
+                .cond
+                .wait(paused)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
 }
 
 /// Directory entries: file name -> inode.
@@ -92,10 +118,22 @@ struct State {
     ops: Vec<Op>,
     /// The last inode number handed out; numbers are never reused.
     ino_last: u64,
-    /// The errno the next `sync_data` fails with.
-    sync_failure: Option<i32>,
+    /// The errno the next `sync_data` of a file the filter picks fails with.
+    sync_failure: Option<(i32, PathFilter)>,
+    /// The next write to a file the filter picks keeps this many bytes of
+    /// what it was asked to write, then fails with the errno.
+    write_failure: Option<(i32, usize, PathFilter)>,
+    /// The errno the next `remove` of, or `rename` from, a path the filter
+    /// picks fails with.
+    unlink_failure: Option<(i32, PathFilter)>,
     capacity_bytes: Option<u64>,
+    /// Directories created whose entry in their parent is not yet durable
+    /// (no `sync_dir` of the parent since).
+    unsynced_dirs: BTreeSet<PathBuf>,
 }
+
+/// Picks files by the path they were opened or created at.
+type PathFilter = Box<dyn Fn(&Path) -> bool + Send>;
 
 #[derive(Default)]
 struct Inode {
@@ -115,6 +153,7 @@ struct Dir {
 /// as on POSIX.
 struct SimFile {
     state: Arc<Mutex<State>>,
+    gate: Arc<Gate>,
     ino: u64,
     path: PathBuf,
 }
@@ -149,7 +188,83 @@ impl SimStorage {
     /// Makes the next `sync_data` (of any file) fail with `errno` without
     /// making anything durable.
     pub fn fail_next_sync(&self, errno: i32) {
-        self.lock().sync_failure = Some(errno);
+        self.fail_next_sync_where(errno, |_| true);
+    }
+
+    /// Makes the next `sync_data` of a file whose path `pick` accepts fail
+    /// with `errno`, making nothing durable. Syncs of other files go on as
+    /// usual. A file's path is the first name that links its inode now (the
+    /// one it was opened or created at once it is unlinked).
+    pub fn fail_next_sync_where(&self, errno: i32, pick: impl Fn(&Path) -> bool + Send + 'static) {
+        self.lock().sync_failure = Some((errno, Box::new(pick)));
+    }
+
+    /// Whether a sync failure set up by `fail_next_sync*` is still to come.
+    pub fn sync_failure_pending(&self) -> bool {
+        self.lock().sync_failure.is_some()
+    }
+
+    /// Makes the next write to a file whose path (as for
+    /// [`fail_next_sync_where`](Self::fail_next_sync_where)) `pick` accepts
+    /// fail with `errno` after writing only the
+    /// first `kept_bytes` bytes of it (0: nothing), as a write that runs
+    /// out of space part way does. The bytes kept are logged as a write.
+    pub fn fail_next_write_where(
+        &self,
+        errno: i32,
+        kept_bytes: usize,
+        pick: impl Fn(&Path) -> bool + Send + 'static,
+    ) {
+        self.lock().write_failure = Some((errno, kept_bytes, Box::new(pick)));
+    }
+
+    /// Makes the next `remove` of a path, or `rename` from a path, that
+    /// `pick` accepts fail with `errno` (EACCES, EIO, ...), changing and
+    /// logging nothing. Other removes and renames go on as usual.
+    pub fn fail_next_unlink_where(
+        &self,
+        errno: i32,
+        pick: impl Fn(&Path) -> bool + Send + 'static,
+    ) {
+        self.lock().unlink_failure = Some((errno, Box::new(pick)));
+    }
+
+    /// Whether a failure set up by `fail_next_unlink_where` is still to
+    /// come.
+    pub fn unlink_failure_pending(&self) -> bool {
+        self.lock().unlink_failure.is_some()
+    }
+
+    /// Makes every write to a file wait (in `write_all_at`) until
+    /// [`resume_writes`](Self::resume_writes): a test can then queue work
+    /// behind a write it knows has not happened yet.
+    pub fn pause_writes(&self) {
+        *self
+            .gate
+            .paused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+    }
+
+    pub fn resume_writes(&self) {
+        *self
+            .gate
+            .paused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = false;
+        self.gate.cond.notify_all();
+    }
+
+    /// Whether a write failure set up by `fail_next_write_where` is still
+    /// to come.
+    pub fn write_failure_pending(&self) -> bool {
+        self.lock().write_failure.is_some()
+    }
+
+    /// Directories created (by `create_dir_all`) whose parent was not
+    /// synced since: a power loss could lose them, with every file in them.
+    pub fn unsynced_dirs(&self) -> Vec<PathBuf> {
+        self.lock().unsynced_dirs.iter().cloned().collect()
     }
 
     /// Limits the total size of all linked files; a write that would grow the
@@ -291,6 +406,7 @@ impl SimStorage {
         }
         Self {
             state: Arc::new(Mutex::new(state)),
+            gate: Arc::default(),
         }
     }
 
@@ -320,6 +436,19 @@ impl fmt::Debug for SimStorage {
 }
 
 impl State {
+    /// Takes the unlink failure set up for `path`, if any.
+    fn take_unlink_failure(&mut self, path: &Path) -> Option<io::Error> {
+        let picked = self
+            .unlink_failure
+            .as_ref()
+            .is_some_and(|(_, pick)| pick(path));
+        if !picked {
+            return None;
+        }
+        let (errno, _) = self.unlink_failure.take().expect("picked");
+        Some(io::Error::from_raw_os_error(errno))
+    }
+
     fn dir_mut(&mut self, dir: &Path) -> io::Result<&mut Dir> {
         self.dirs.get_mut(dir).ok_or_else(|| not_found(dir))
     }
@@ -362,8 +491,26 @@ impl State {
         Ok(())
     }
 
-    fn sync_data(&mut self, ino: u64) -> io::Result<()> {
-        if let Some(errno) = self.sync_failure.take() {
+    /// The first name that links `ino` now, else `opened_at`.
+    fn current_path(&self, ino: u64, opened_at: &Path) -> PathBuf {
+        self.dirs
+            .iter()
+            .find_map(|(dir, d)| {
+                d.entries
+                    .iter()
+                    .find(|(_, &i)| i == ino)
+                    .map(|(name, _)| dir.join(name))
+            })
+            .unwrap_or_else(|| opened_at.to_path_buf())
+    }
+
+    fn sync_data(&mut self, ino: u64, opened_at: &Path) -> io::Result<()> {
+        let picked = self.sync_failure.as_ref().is_some_and(|(_, pick)| {
+            let path = self.current_path(ino, opened_at);
+            pick(&path)
+        });
+        if picked {
+            let (errno, _) = self.sync_failure.take().expect("checked");
             return Err(io::Error::from_raw_os_error(errno));
         }
         let inode = self.inodes.get_mut(&ino).expect("open file without inode");
@@ -378,6 +525,7 @@ impl Storage for SimStorage {
         let ino = self.lock().lookup(path)?;
         Ok(Arc::new(SimFile {
             state: Arc::clone(&self.state),
+            gate: Arc::clone(&self.gate),
             ino,
             path: path.to_path_buf(),
         }))
@@ -404,6 +552,7 @@ impl Storage for SimStorage {
         drop(state);
         Ok(Arc::new(SimFile {
             state: Arc::clone(&self.state),
+            gate: Arc::clone(&self.gate),
             ino,
             path: path.to_path_buf(),
         }))
@@ -414,6 +563,9 @@ impl Storage for SimStorage {
         let (to_dir, to_name) = split(to)?;
         let mut state = self.lock();
         let ino = state.lookup(from)?;
+        if let Some(e) = state.take_unlink_failure(from) {
+            return Err(e);
+        }
         state.dir_mut(&to_dir)?;
         if state.lookup(to).ok() == Some(ino) {
             // POSIX: two names of one inode (or one name twice): do nothing.
@@ -432,6 +584,9 @@ impl Storage for SimStorage {
         let (dir, name) = split(path)?;
         let mut state = self.lock();
         state.lookup(path)?;
+        if let Some(e) = state.take_unlink_failure(path) {
+            return Err(e);
+        }
         state.dir_mut(&dir)?.entries.remove(&name);
         state.ops.push(Op::Remove {
             path: path.to_path_buf(),
@@ -443,6 +598,9 @@ impl Storage for SimStorage {
         let mut state = self.lock();
         let d = state.dir_mut(dir)?;
         d.durable = d.entries.clone();
+        state
+            .unsynced_dirs
+            .retain(|child| child.parent() != Some(dir));
         state.ops.push(Op::SyncDir {
             dir: dir.to_path_buf(),
         });
@@ -458,7 +616,15 @@ impl Storage for SimStorage {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.lock();
         for ancestor in dir.ancestors() {
-            state.dirs.entry(ancestor.to_path_buf()).or_default();
+            if state.dirs.contains_key(ancestor) {
+                continue;
+            }
+            state.dirs.insert(ancestor.to_path_buf(), Dir::default());
+            // The root (and the empty path of a relative one) has no
+            // parent to sync.
+            if ancestor.parent().is_some() {
+                state.unsynced_dirs.insert(ancestor.to_path_buf());
+            }
         }
         Ok(())
     }
@@ -486,14 +652,25 @@ impl StorageFile for SimFile {
     }
 
     fn write_all_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.gate.wait_open();
+        let mut data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let picked = state.write_failure.as_ref().is_some_and(|(_, _, pick)| {
+            let path = state.current_path(self.ino, &self.path);
+            pick(&path)
+        });
+        if picked {
+            let (errno, kept, _) = state.write_failure.take().expect("checked");
+            data.truncate(kept);
+            state.write(self.ino, offset, data)?;
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         state.write(self.ino, offset, data)
     }
 
     fn sync_data(&self) -> io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.sync_data(self.ino)
+        state.sync_data(self.ino, &self.path)
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -919,6 +1096,71 @@ mod tests {
         // Only the next sync fails.
         file.sync_data().unwrap();
         assert_eq!(disk.durable_files()[&path("a")], b"x");
+    }
+
+    #[test]
+    fn picked_faults_follow_the_current_name() {
+        let (disk, file) = disk_with_file();
+        let is_b = |p: &Path| p.ends_with("b");
+        disk.fail_next_sync_where(libc::EIO, is_b);
+        disk.fail_next_write_where(libc::ENOSPC, 2, is_b);
+        // Not picked while named `a`.
+        write(&file, 0, b"xyz").unwrap();
+        file.sync_data().unwrap();
+        assert!(disk.sync_failure_pending() && disk.write_failure_pending());
+        disk.rename(&path("a"), &path("b")).unwrap();
+        let err = write(&file, 3, b"1234").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(
+            disk.read_file(&path("b")).unwrap(),
+            b"xyz12",
+            "kept 2 bytes"
+        );
+        let err = file.sync_data().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert!(!disk.sync_failure_pending() && !disk.write_failure_pending());
+        write(&file, 5, b"34").unwrap();
+        file.sync_data().unwrap();
+        disk.sync_dir(Path::new(DIR)).unwrap();
+        assert_eq!(disk.durable_files()[&path("b")], b"xyz1234");
+    }
+
+    #[test]
+    fn a_picked_remove_or_rename_fails_once_and_changes_nothing() {
+        let (disk, _file) = disk_with_file();
+        let ops = disk.op_count();
+        let is_a = |p: &Path| p.ends_with("a");
+        disk.fail_next_unlink_where(libc::EACCES, is_a);
+        // Not picked: a missing file is still ENOENT, the fault stays.
+        let err = disk.remove(&path("b")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(disk.unlink_failure_pending());
+        let err = disk.rename(&path("a"), &path("b")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        assert!(!disk.unlink_failure_pending());
+        assert_eq!(disk.file_names(Path::new(DIR)), ["a"]);
+        assert_eq!(disk.op_count(), ops, "a failed rename is not logged");
+        disk.fail_next_unlink_where(libc::EIO, is_a);
+        let err = disk.remove(&path("a")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(disk.file_names(Path::new(DIR)), ["a"]);
+        // Only the next one fails.
+        disk.remove(&path("a")).unwrap();
+        assert!(disk.file_names(Path::new(DIR)).is_empty());
+    }
+
+    #[test]
+    fn new_directories_are_unsynced_until_their_parent_is_synced() {
+        let disk = SimStorage::new();
+        disk.create_dir_all(Path::new("/a/b")).unwrap();
+        let dirs = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(disk.unsynced_dirs(), dirs(&["/a", "/a/b"]));
+        disk.sync_dir(Path::new("/a")).unwrap();
+        assert_eq!(disk.unsynced_dirs(), dirs(&["/a"]));
+        disk.create_dir_all(Path::new("/a/b")).unwrap();
+        assert_eq!(disk.unsynced_dirs(), dirs(&["/a"]), "existing: unchanged");
+        disk.sync_dir(Path::new("/")).unwrap();
+        assert!(disk.unsynced_dirs().is_empty());
     }
 
     #[test]

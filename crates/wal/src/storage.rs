@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A directory of files the WAL can use.
@@ -48,6 +48,42 @@ fn fill_zeros_buffered(file: &dyn StorageFile, len: u64) -> io::Result<()> {
         let n = (len - off).min(ZERO_CHUNK_BYTES as u64) as usize;
         file.write_all_at(&[IoSlice::new(&zeros[..n])], off)?;
         off += n as u64;
+    }
+    Ok(())
+}
+
+/// Creates `dir` and any missing parents, and makes each durable: a new
+/// directory's name lives in its parent, and only an fsync of the parent
+/// makes it survive a power loss (with every file in it, however durable
+/// those are themselves).
+///
+/// The parent of `dir` is synced even when `dir` exists: an earlier open
+/// may have created it and stopped before syncing. Returns which step
+/// failed, for the error.
+pub(crate) fn create_dir_durable(
+    storage: &dyn Storage,
+    dir: &Path,
+) -> Result<(), (&'static str, PathBuf, io::Error)> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .take_while(|a| storage.list(a).is_err())
+        .collect();
+    storage
+        .create_dir_all(dir)
+        .map_err(|e| ("create directory", dir.to_path_buf(), e))?;
+    let mut parents: Vec<&Path> = Vec::new();
+    for d in std::iter::once(dir).chain(missing) {
+        if let Some(parent) = d.parent() {
+            if !parents.contains(&parent) {
+                parents.push(parent);
+            }
+        }
+    }
+    for parent in parents {
+        storage
+            .sync_dir(parent)
+            .map_err(|e| ("sync directory", parent.to_path_buf(), e))?;
     }
     Ok(())
 }
@@ -124,6 +160,12 @@ impl Storage for OsStorage {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        // The parent of a relative path's first component is "".
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
         File::open(dir)?.sync_all()
     }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use crate::driver::{Done, Failure, Group, IoBackend};
+use crate::driver::{Done, Failure, Group, IoBackend, OP_WRITE};
 
 const KIND_FSYNC: u64 = 1;
 const KIND_DOORBELL: u64 = 2;
@@ -206,7 +206,7 @@ impl IoBackend for UringBackend {
             .file
             .write_all_at(&[io::IoSlice::new(&group.buf)], group.offset)
             .map_err(|error| Failure {
-                op: "write",
+                op: OP_WRITE,
                 path: path.clone(),
                 error,
             })?;

@@ -80,7 +80,30 @@ struct State {
     /// Records whose bodies are held in memory until durable: (write seq,
     /// first index, record number in the index).
     held: VecDeque<(u64, u64, u64)>,
+    /// How to undo each write placed but not yet written whole (oldest
+    /// first): a write that runs out of space is undone with every write
+    /// after it. Trimmed to what the driver has not written on every
+    /// write, so about as long as the queue.
+    undo: VecDeque<Undo>,
     closed: bool,
+}
+
+/// What one write changed in [`State`], as it was before: enough to put
+/// the state back as if the write (and every later one, undone first) had
+/// never been placed.
+#[derive(Debug)]
+struct Undo {
+    seq: u64,
+    /// The index's journal before the write ([`LogIndex::rollback_to`]).
+    index_mark: u64,
+    hard_state: HardState,
+    /// The snapshot and `snapshot_seq`, if the write replaced them.
+    snapshot: Option<(Option<SnapshotMeta>, u64)>,
+    active: Option<Active>,
+    last_end: u64,
+    next_segment_seq: u64,
+    /// `last_write_seq` of the last segment before the write.
+    back_last_write_seq: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -89,6 +112,10 @@ struct Inner {
     opts: Options,
     storage: Arc<dyn Storage>,
     state: Mutex<State>,
+    /// Held by [`Wal::compact`] throughout: the segments one compaction
+    /// removes stay in `State::segments` until their files are gone, so a
+    /// second one must not pick them too.
+    compacting: Mutex<()>,
     notify: Arc<Notify>,
     tx: Sender<Op>,
     doorbell: Option<Arc<Doorbell>>,
@@ -124,10 +151,25 @@ impl Wal {
         opts: Options,
         storage: Arc<dyn Storage>,
     ) -> Result<Wal> {
+        Wal::open_with_backend(dir.as_ref(), opts, storage, None)
+    }
+
+    /// [`Wal::open_with_storage`] with the I/O backend given (tests script
+    /// one to complete groups out of order) or chosen from the options.
+    pub(crate) fn open_with_backend(
+        dir: &Path,
+        opts: Options,
+        storage: Arc<dyn Storage>,
+        io: Option<Box<dyn IoBackend>>,
+    ) -> Result<Wal> {
         opts.validate()?;
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.to_path_buf();
         let rec = recovery::recover(storage.as_ref(), &dir, opts.segment_size)?;
-        let (io, backend): (Box<dyn IoBackend>, Backend) = choose_backend(&opts, storage.as_ref())?;
+        let (io, backend): (Box<dyn IoBackend>, Backend) = match io {
+            // A scripted backend syncs on the driver's orders like pwritev.
+            Some(io) => (io, Backend::Pwritev),
+            None => choose_backend(&opts, storage.as_ref())?,
+        };
         let doorbell = io.doorbell();
         tracing::info!(
             dir = %dir.display(),
@@ -166,8 +208,10 @@ impl Wal {
             _ => None,
         };
         let durable_pos = Arc::new(AtomicU64::new(last.map_or(0, |l| pack_pos(l.seq, l.end))));
+        let mut index = rec.index;
+        index.start_journal();
         let state = State {
-            index: rec.index,
+            index,
             hard_state: rec.hard_state,
             snapshot: rec.snapshot,
             snapshot_seq: 0,
@@ -177,6 +221,7 @@ impl Wal {
             next_write_seq: 1,
             next_segment_seq: last.map_or(1, |l| l.seq + 1),
             held: VecDeque::new(),
+            undo: VecDeque::new(),
             closed: false,
         };
         let (tx, rx) = crossbeam_channel::bounded(opts.queue_depth);
@@ -189,11 +234,13 @@ impl Wal {
             opts.spare_segments,
             rec.next_spare_name,
             rec.spares,
+            notify.clone(),
         ));
         let driver = Driver {
             rx,
             sleeps_in_ring: doorbell.is_some(),
             notify: notify.clone(),
+            pool: pool.clone(),
             metrics: metrics.clone(),
             durable_pos: durable_pos.clone(),
             storage: storage.clone(),
@@ -220,6 +267,7 @@ impl Wal {
             opts,
             storage,
             state: Mutex::new(state),
+            compacting: Mutex::new(()),
             notify,
             tx,
             doorbell,
@@ -319,6 +367,7 @@ impl Wal {
             return Err(Error::Closed);
         }
         release_held(&mut st, inner.notify.durable_seq());
+        forget_written(&mut st, inner.notify.written_seq());
         let entries_next = check_batch_order(&st, &batch)?;
         debug_assert!(batch
             .entries
@@ -397,7 +446,21 @@ impl Wal {
             d.ring();
         }
 
-        // Queued: apply to the in-memory state.
+        // Queued: apply to the in-memory state, keeping how to undo it.
+        let undo = Undo {
+            seq,
+            index_mark: st.index.journal_mark(),
+            hard_state: st.hard_state,
+            snapshot: batch
+                .snapshot
+                .as_ref()
+                .map(|_| (st.snapshot.clone(), st.snapshot_seq)),
+            active: st.active,
+            last_end: st.last_end,
+            next_segment_seq: st.next_segment_seq,
+            back_last_write_seq: st.segments.back().map(|s| s.last_write_seq),
+        };
+        st.undo.push_back(undo);
         st.next_write_seq += 1;
         if let Some((header, path, spare)) = started {
             st.segments.push_back(SegInfo {
@@ -508,7 +571,14 @@ impl Wal {
     }
 
     /// Blocks until every write queued so far is durable.
+    ///
+    /// A failed WAL reports its failure even when everything queued was
+    /// durable before it (a failed fsync of a spare segment, say); if the
+    /// last write was dropped for want of space, `NoSpace`.
     pub fn sync(&self) -> Result<()> {
+        if let Some(e) = self.inner.notify.failure() {
+            return Err(e);
+        }
         let seq = self.lock().next_write_seq - 1;
         if seq == 0 {
             return Ok(());
@@ -519,9 +589,21 @@ impl Wal {
     /// Deletes (or recycles) whole segments that hold nothing above `upto`.
     /// Needs a durable snapshot at or above `upto`. Returns how many
     /// segments were removed.
+    ///
+    /// Segments go oldest first, and each leaves the WAL's list only once
+    /// its file is gone (removed, or renamed to a spare). When a remove or
+    /// rename fails the error is returned; the segments not yet removed stay
+    /// listed (and on disk, a contiguous run as recovery wants it), and the
+    /// next compaction removes them. Those removed before the failure are
+    /// not counted anywhere.
     pub fn compact(&self, upto: u64) -> Result<usize> {
         let inner = &*self.inner;
-        let victims: Vec<SegInfo> = {
+        // Nothing it guards can be left half changed by a panic.
+        let _compacting = inner
+            .compacting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let victims: Vec<(u64, PathBuf, Arc<dyn StorageFile>)> = {
             let mut st = self.lock();
             if let Some(e) = inner.notify.failure() {
                 return Err(e);
@@ -535,42 +617,55 @@ impl Wal {
                 return Err(Error::SnapshotNotDurable { index: upto });
             }
             let keep_from = st.index.first_segment_above(upto).unwrap_or(u64::MAX);
-            let mut victims = Vec::new();
+            // A write not yet written may still be dropped for want of
+            // space, and the log then goes back to the segment it was
+            // placed after: that one must stay.
+            forget_written(&mut st, inner.notify.written_seq());
+            let keep_for_undo = st
+                .undo
+                .iter()
+                .filter_map(|u| u.active.map(|a| a.seq))
+                .min()
+                .unwrap_or(u64::MAX);
             // Never the last segment: writes go there, or its end is the
-            // seal point of the next one.
-            while st.segments.len() > 1 {
-                let front = st.segments.front().expect("len > 1");
-                if front.seq >= keep_from || front.last_write_seq > durable {
-                    break;
-                }
-                victims.push(st.segments.pop_front().expect("len > 1"));
-            }
-            victims
+            // seal point of the next one. The victims stay listed (and
+            // readable) until their files are gone: a roll back only drops
+            // segments after the last one of now, and other compactions
+            // wait for this one.
+            let candidates = st.segments.len().saturating_sub(1);
+            st.segments
+                .iter()
+                .take(candidates)
+                .take_while(|s| s.seq < keep_from.min(keep_for_undo) && s.last_write_seq <= durable)
+                .map(|s| (s.seq, s.path.clone(), s.file.clone()))
+                .collect()
         };
         if victims.is_empty() {
             return Ok(0);
         }
-        let n = victims.len();
         let sync_dir = || {
             inner
                 .storage
                 .sync_dir(&inner.dir)
                 .map_err(|e| Error::io("sync directory", &inner.dir, e))
         };
-        for v in victims {
+        let mut n = 0;
+        for (seq, seg_path, file) in victims {
             // Oldest first, each made durable before the next: a crash part
             // way leaves a contiguous run of segments whatever the file
             // system reorders.
             if inner.pool.ready_len() < inner.opts.spare_segments.max(1)
-                && v.file.len().ok() == Some(inner.opts.segment_size)
+                && file.len().ok() == Some(inner.opts.segment_size)
             {
                 let path = inner.pool.next_spare_path();
                 inner
                     .storage
-                    .rename(&v.path, &path)
-                    .map_err(|e| Error::io("recycle segment", &v.path, e))?;
+                    .rename(&seg_path, &path)
+                    .map_err(|e| Error::io("recycle segment", &seg_path, e))?;
+                self.forget_compacted(seq);
+                n += 1;
                 sync_dir()?;
-                if let Some(extra) = inner.pool.offer(Spare { path, file: v.file }) {
+                if let Some(extra) = inner.pool.offer(Spare { path, file }) {
                     inner
                         .storage
                         .remove(&extra.path)
@@ -580,13 +675,26 @@ impl Wal {
             } else {
                 inner
                     .storage
-                    .remove(&v.path)
-                    .map_err(|e| Error::io("remove segment", &v.path, e))?;
+                    .remove(&seg_path)
+                    .map_err(|e| Error::io("remove segment", &seg_path, e))?;
+                self.forget_compacted(seq);
+                n += 1;
                 sync_dir()?;
             }
         }
         tracing::debug!(segments = n, upto, "compacted WAL");
         Ok(n)
+    }
+
+    /// Takes segment `seq`, whose file compaction just removed or renamed,
+    /// off the list: it is the oldest one.
+    fn forget_compacted(&self, seq: u64) {
+        let mut st = self.lock();
+        let at = st.segments.iter().position(|s| s.seq == seq);
+        debug_assert_eq!(at, Some(0), "compaction removes the oldest segment");
+        if let Some(at) = at {
+            st.segments.remove(at);
+        }
     }
 
     /// Entries in `lo..hi`.
@@ -780,6 +888,8 @@ impl Wal {
         if let Some(e) = self.inner.notify.failure() {
             return Err(e);
         }
+        // Writes dropped for want of space were answered already.
+        let last = self.inner.notify.kept_at_or_before(last);
         if self.inner.notify.durable_seq() < last {
             return Err(Error::Failed {
                 reason: "the I/O driver stopped before everything queued was durable".into(),
@@ -788,8 +898,16 @@ impl Wal {
         Ok(())
     }
 
+    /// The state, rolled back first if writes were dropped for want of
+    /// space since it was last taken: whatever reads it (a write placing
+    /// itself, `last_index`, `read`) sees the log without them.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().expect("WAL state lock poisoned")
+        let mut st = self.inner.state.lock().expect("WAL state lock poisoned");
+        if let Some(from) = self.inner.notify.open_rejection() {
+            roll_back(&mut st, from);
+            self.inner.notify.close_rejection(st.next_write_seq - 1);
+        }
+        st
     }
 }
 
@@ -983,6 +1101,64 @@ fn check_range(st: &State, lo: u64, hi: u64) -> Result<()> {
     Ok(())
 }
 
+/// Forgets how to undo writes the driver wrote whole: they are never
+/// dropped.
+fn forget_written(st: &mut State, written: u64) {
+    while st.undo.front().is_some_and(|u| u.seq <= written) {
+        st.undo.pop_front();
+    }
+    let mark = st
+        .undo
+        .front()
+        .map_or_else(|| st.index.journal_mark(), |u| u.index_mark);
+    st.index.forget_journal_before(mark);
+}
+
+/// Undoes every write from `from` on (newest first): the driver dropped
+/// them, none was written. The state is then as it was right before write
+/// `from` was placed, and the next write is placed where it was.
+fn roll_back(st: &mut State, from: u64) {
+    let at = st
+        .undo
+        .iter()
+        .position(|u| u.seq >= from)
+        .expect("a dropped write is still undoable");
+    assert_eq!(st.undo[at].seq, from, "every dropped write was placed");
+    let dropped: Vec<Undo> = st.undo.drain(at..).collect();
+    let oldest = &dropped[0];
+    st.index.rollback_to(oldest.index_mark);
+    for u in dropped.iter().rev() {
+        if let Some((snapshot, snapshot_seq)) = &u.snapshot {
+            st.snapshot = snapshot.clone();
+            st.snapshot_seq = *snapshot_seq;
+        }
+    }
+    st.hard_state = oldest.hard_state;
+    st.active = oldest.active;
+    st.last_end = oldest.last_end;
+    st.next_segment_seq = oldest.next_segment_seq;
+    while st
+        .segments
+        .back()
+        .is_some_and(|s| s.seq >= oldest.next_segment_seq)
+    {
+        st.segments.pop_back();
+    }
+    if let (Some(back), Some(seq)) = (st.segments.back_mut(), oldest.back_last_write_seq) {
+        back.last_write_seq = seq;
+    }
+    while st.held.back().is_some_and(|&(seq, _, _)| seq >= from) {
+        st.held.pop_back();
+    }
+    st.index.check();
+    tracing::warn!(
+        first_dropped = from,
+        last_dropped = st.next_write_seq - 1,
+        last_index = st.index.next() - 1,
+        "WAL rolled back writes dropped for want of space"
+    );
+}
+
 /// Drops in-memory copies of bodies that are durable (and so readable).
 fn release_held(st: &mut State, durable: u64) {
     while let Some(&(seq, first_index, number)) = st.held.front() {
@@ -1096,6 +1272,8 @@ fn give_back_spare(inner: &Inner, op: Op) {
     }) = op
     {
         if let Some(extra) = inner.pool.offer(ns.spare) {
+            // No directory fsync: a spare that comes back after a crash is
+            // found by recovery and used like any other.
             let _ = inner.storage.remove(&extra.path);
         }
     }

@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use skiff_wal::sim::{Op, SimStorage};
-use skiff_wal::{Backend, Entry, HardState, Options, SnapshotMeta, Ticket, Wal, WriteBatch};
+use skiff_wal::{
+    Backend, Entry, HardState, Options, SnapshotMeta, Storage, Ticket, Wal, WriteBatch,
+};
 
 const DIR: &str = "/wal";
 /// Mark ids: `k` says step `k` was acknowledged, `SUBMITTED | k` that step
@@ -707,6 +709,35 @@ fn crash_before_anything_is_written_opens_empty() {
     wal.close().unwrap();
     let n = check_all_prefixes("empty", &sim, &[Model::new()], 0);
     assert!(n >= 2);
+}
+
+/// The WAL's directory, and each parent it had to create, is made durable
+/// in its parent before the WAL is used: a power loss must not take the
+/// directory (and every durable segment in it) away. Also when the
+/// directory already exists: the open that created it may have stopped
+/// before syncing its parent.
+#[test]
+fn opening_makes_the_wal_directory_durable_in_its_parent() {
+    let sim = SimStorage::new();
+    let dir = Path::new("/data/node-1/wal");
+    let wal = Wal::open_with_storage(dir, options(), Arc::new(sim.clone())).unwrap();
+    assert_eq!(sim.unsynced_dirs(), Vec::<std::path::PathBuf>::new());
+    for parent in ["/", "/data", "/data/node-1"] {
+        assert!(
+            sim.ops()
+                .iter()
+                .any(|op| matches!(op, Op::SyncDir { dir } if dir == Path::new(parent))),
+            "{parent} synced"
+        );
+    }
+    wal.close().unwrap();
+
+    let sim = SimStorage::new();
+    sim.create_dir_all(Path::new(DIR)).unwrap();
+    assert_eq!(sim.unsynced_dirs(), vec![Path::new(DIR).to_path_buf()]);
+    let wal = open(&sim).unwrap();
+    assert_eq!(sim.unsynced_dirs(), Vec::<std::path::PathBuf>::new());
+    wal.close().unwrap();
 }
 
 /// The decision table's row "last segment, stale bytes of an earlier

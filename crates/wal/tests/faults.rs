@@ -1,14 +1,18 @@
-//! Faults on the simulated disk: a failing fdatasync, a full disk, bad
-//! options and media corruption (bit flips in synced data).
+//! Faults on the simulated disk: a failing fdatasync, a full disk, a
+//! failing remove or rename, bad options and media corruption (bit flips in
+//! synced data).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use skiff_wal::format::{self, RecordType, SegmentHeader, SEGMENT_HEADER_LEN};
 use skiff_wal::sim::{Op, SimStorage};
-use skiff_wal::{Backend, Entry, Error, HardState, Options, SnapshotMeta, Storage, Wal};
+use skiff_wal::{
+    Backend, Entry, Error, HardState, Options, SnapshotMeta, Storage, Wal, WriteBatch,
+};
 
 mod common;
 use common::{open_with, options, DIR};
@@ -310,6 +314,98 @@ fn fsync_failure_while_making_a_spare_is_reported() {
     wal.close().unwrap();
 }
 
+/// Whether `path` is a spare being pre-written (its temporary name).
+fn is_spare_in_progress(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "tmp")
+}
+
+/// Waits (up to 10 s) until `wal.sync()` reports a failure; returns it.
+fn wait_until_failed(wal: &Wal) -> Option<Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Err(e) = wal.sync() {
+            return Some(e);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// A failed fdatasync of a spare the pre-writer is making is never retried:
+/// the pre-writer stops and the WAL fails, so that the next append, sync
+/// and close report it (even with room left in the active segment, so that
+/// no append would otherwise ask for a spare). What was acknowledged before
+/// stays.
+#[test]
+fn fsync_failure_in_the_prewriter_fails_the_wal() {
+    let sim = SimStorage::new();
+    let wal = open(&sim).unwrap();
+    let acked = append_acked(&wal, 5, 1, 100);
+    wal.close().unwrap();
+
+    // The reopened WAL goes on in its last segment, and its pre-writer
+    // starts a spare at once: that spare's fdatasync fails.
+    sim.fail_next_sync_where(libc::EIO, is_spare_in_progress);
+    let wal = open_with(&sim, options(1)).unwrap();
+    let err = wait_until_failed(&wal).expect("the failed fdatasync of a spare fails the WAL");
+    assert!(!sim.sync_failure_pending());
+    assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+    assert!(err.is_fatal());
+    assert!(
+        err.to_string().contains("fdatasync spare segment"),
+        "the reason names the failed call: {err}"
+    );
+    let before = sim.op_count();
+    assert!(is_failed(wal.append(entries(6, 7, 1, 100))));
+    assert!(is_failed(wal.sync()));
+    // Give a retry time to happen: none does.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !sim.ops()[before..]
+            .iter()
+            .any(|op| matches!(op, Op::SyncData { .. } | Op::Rename { .. })),
+        "nothing is synced or renamed after the failure: {:?}",
+        sim.ops()[before..].iter().map(op_name).collect::<Vec<_>>()
+    );
+    assert!(
+        sim.file_names(Path::new(DIR))
+            .iter()
+            .all(|n| !n.starts_with("spare-")),
+        "no spare was made: {:?}",
+        sim.file_names(Path::new(DIR))
+    );
+    assert!(is_failed(wal.close()));
+
+    let wal = open(&sim).unwrap();
+    assert_eq!(wal.read(1, 6).unwrap(), acked);
+    wal.close().unwrap();
+}
+
+/// An fdatasync of a spare that fails with ENOSPC is an fsync error like
+/// any other: fatal, not the clean `Full` of a spare that could not be
+/// written.
+#[test]
+fn enospc_from_the_fsync_of_a_spare_is_fatal_not_full() {
+    let sim = SimStorage::new();
+    let wal = open(&sim).unwrap();
+    let mut acked = Vec::new();
+    // 3000-byte entries: five fill a segment, the sixth needs a new one.
+    for _ in 0..5 {
+        acked.extend(append_acked(&wal, 1, 1, 3000));
+    }
+    sim.fail_next_sync_where(libc::ENOSPC, is_spare_in_progress);
+    match wal.append(entries(6, 7, 1, 3000)) {
+        Err(e) => assert!(e.is_fatal(), "{e:?}"),
+        Ok(t) => panic!("append whose segment could not be made: {:?}", t.wait()),
+    }
+    assert!(is_failed(wal.append(entries(6, 7, 1, 10))));
+    assert!(is_failed(wal.sync()));
+    drop(wal);
+    let wal = open(&sim).unwrap();
+    assert_eq!(wal.read(1, 6).unwrap(), acked);
+    wal.close().unwrap();
+}
+
 fn op_name(op: &Op) -> String {
     match op {
         Op::Write { ino, offset, data } => format!("Write(ino {ino} @{offset} +{})", data.len()),
@@ -512,6 +608,338 @@ fn compaction_after_full_lets_appends_go_on_without_prewriter() {
 #[test]
 fn compaction_after_full_lets_appends_go_on_with_prewriter() {
     compaction_after_full_lets_appends_go_on(1);
+}
+
+// ---------------------------------------------------------------------------
+// (e) ENOSPC on a write to a segment
+
+/// Whether `path` is a segment (not a spare).
+fn is_segment(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".wal") && !n.starts_with("spare-"))
+}
+
+fn is_no_space(r: skiff_wal::Result<()>, first_seq: u64) -> bool {
+    matches!(r, Err(Error::NoSpace { first_seq: f, .. }) if f == first_seq)
+}
+
+/// The log a WAL holds: first index, live entries, hard state, snapshot.
+fn log_of(wal: &Wal) -> (u64, Vec<Entry>, HardState, Option<SnapshotMeta>) {
+    (
+        wal.first_index(),
+        wal.read(wal.first_index(), wal.last_index() + 1).unwrap(),
+        wal.hard_state(),
+        wal.snapshot(),
+    )
+}
+
+/// Every crash image of the disk as it is now opens as `want`.
+fn every_crash_recovers(
+    sim: &SimStorage,
+    want: &(u64, Vec<Entry>, HardState, Option<SnapshotMeta>),
+) {
+    for state in sim.crash_states(sim.op_count(), 7) {
+        let wal = open(&state.storage).unwrap();
+        assert_eq!(&log_of(&wal), want, "crash image {}", state.kind);
+    }
+}
+
+/// A write to the active segment that runs out of space (after landing
+/// whole, the worst case for recovery) is dropped: its ticket says
+/// `NoSpace` (not fatal), the log is as before it (in memory, and in every
+/// crash image from then on: the bytes it left are cleared durably), and
+/// the WAL goes on, the next write taking the dropped one's place.
+#[test]
+fn enospc_on_a_write_drops_it_and_the_log_goes_on() {
+    let sim = SimStorage::new();
+    let wal = open(&sim).unwrap();
+    let mut acked = append_acked(&wal, 5, 1, 100);
+    let hs = HardState {
+        term: 1,
+        vote: 1,
+        commit: 3,
+    };
+    wal.save_hard_state(hs).unwrap().wait().unwrap();
+    let before = log_of(&wal);
+
+    sim.fail_next_write_where(libc::ENOSPC, 4096, is_segment);
+    let dropped = wal
+        .write(WriteBatch {
+            entries: entries(6, 9, 1, 100),
+            hard_state: Some(HardState {
+                term: 1,
+                vote: 1,
+                commit: 8,
+            }),
+            ..WriteBatch::default()
+        })
+        .unwrap();
+    let err = dropped.wait().unwrap_err();
+    assert!(!sim.write_failure_pending());
+    assert!(
+        matches!(&err, Error::NoSpace { first_seq, source, .. }
+            if *first_seq == dropped.seq() && source.raw_os_error() == Some(libc::ENOSPC)),
+        "{err:?}"
+    );
+    assert!(!err.is_fatal());
+    assert!(is_no_space(dropped.is_durable().map(|_| ()), dropped.seq()));
+    assert_eq!(log_of(&wal), before);
+    assert_eq!(wal.last_index(), 5);
+    assert!(is_no_space(wal.sync(), dropped.seq()));
+    every_crash_recovers(&sim, &before);
+
+    // The same indexes again, other payloads: they take the dropped
+    // write's place.
+    let retry = entries(6, 8, 2, 50);
+    wal.append(retry.clone()).unwrap().wait().unwrap();
+    acked.extend(retry);
+    wal.sync().unwrap();
+    assert!(
+        is_no_space(dropped.wait(), dropped.seq()),
+        "dropped for good"
+    );
+    assert_eq!(wal.read(1, 8).unwrap(), acked);
+    wal.close().unwrap();
+
+    let wal = open(&sim).unwrap();
+    assert_eq!(wal.recovery_report().truncated_tail, None);
+    assert_eq!(wal.read(1, 8).unwrap(), acked);
+    assert_eq!(wal.last_index(), 7);
+    assert_eq!(wal.hard_state(), hs);
+    wal.close().unwrap();
+}
+
+/// Writes queued behind one that runs out of space (part way) are dropped
+/// with it, each with `NoSpace`, and everything they did to the log is
+/// undone: a conflict's truncation, a snapshot, a hard state, more
+/// entries. The WAL takes the same batch again once there is room.
+#[test]
+fn enospc_drops_every_write_queued_behind_it_and_undoes_them() {
+    let sim = SimStorage::new();
+    let wal = open(&sim).unwrap();
+    let acked = append_acked(&wal, 10, 1, 100);
+    let hs = HardState {
+        term: 1,
+        vote: 1,
+        commit: 4,
+    };
+    wal.save_hard_state(hs).unwrap().wait().unwrap();
+    let before = log_of(&wal);
+
+    // Held back, so that the later writes are placed before the first
+    // one's failure is known.
+    sim.pause_writes();
+    sim.fail_next_write_where(libc::EDQUOT, 300, is_segment);
+    let conflict = WriteBatch {
+        truncate_from: Some(6),
+        entries: entries(6, 9, 2, 100),
+        hard_state: Some(HardState {
+            term: 2,
+            vote: 2,
+            commit: 5,
+        }),
+        ..WriteBatch::default()
+    };
+    let t1 = wal.write(conflict.clone()).unwrap();
+    let meta = SnapshotMeta {
+        index: 7,
+        term: 2,
+        data: Bytes::from_static(b"m"),
+    };
+    let t2 = wal.save_snapshot(meta.clone()).unwrap();
+    let t3 = wal.append(entries(9, 12, 2, 100)).unwrap();
+    assert_eq!(wal.first_index(), 8, "the snapshot was placed");
+    sim.resume_writes();
+    for t in [&t1, &t2, &t3] {
+        assert!(is_no_space(t.wait(), t1.seq()), "{:?}", t.wait());
+    }
+    assert_eq!(log_of(&wal), before);
+    every_crash_recovers(&sim, &before);
+
+    // Room again: the same batches go through.
+    wal.write(conflict).unwrap().wait().unwrap();
+    wal.save_snapshot(meta.clone()).unwrap().wait().unwrap();
+    wal.append(entries(9, 12, 2, 100)).unwrap().wait().unwrap();
+    let mut want = acked[..5].to_vec();
+    want.extend(entries(6, 9, 2, 100));
+    want.extend(entries(9, 12, 2, 100));
+    let after = (
+        8,
+        want[7..].to_vec(),
+        HardState {
+            term: 2,
+            vote: 2,
+            commit: 5,
+        },
+        Some(meta),
+    );
+    assert_eq!(log_of(&wal), after);
+    wal.close().unwrap();
+    let wal = open(&sim).unwrap();
+    assert_eq!(log_of(&wal), after);
+    wal.close().unwrap();
+}
+
+/// A write that starts a segment and runs out of space: the new segment is
+/// removed (durably), the log goes back to the segment before, and the
+/// write goes through once asked again.
+#[test]
+fn enospc_on_a_write_that_starts_a_segment_removes_the_segment() {
+    let sim = SimStorage::new();
+    let wal = open(&sim).unwrap();
+    let mut acked = append_acked(&wal, 20, 1, 100);
+    acked.extend(fill_until_rotation_needed(&wal, 1));
+    let segments = segment_paths(&sim);
+    let count = wal.segment_count();
+    let before = log_of(&wal);
+    let last = wal.last_index();
+
+    sim.fail_next_write_where(libc::ENOSPC, 0, is_segment);
+    let big = entries(last + 1, last + 2, 1, 2000);
+    let t = wal.append(big.clone()).unwrap();
+    assert!(is_no_space(t.wait(), t.seq()), "{:?}", t.wait());
+    assert_eq!(log_of(&wal), before);
+    assert_eq!(wal.segment_count(), count);
+    assert_eq!(segment_paths(&sim), segments);
+    every_crash_recovers(&sim, &before);
+
+    wal.append(big.clone()).unwrap().wait().unwrap();
+    acked.extend(big);
+    assert_eq!(wal.segment_count(), count + 1);
+    wal.close().unwrap();
+    let wal = open(&sim).unwrap();
+    assert_eq!(wal.read(1, last + 2).unwrap(), acked);
+    wal.close().unwrap();
+}
+
+/// Compaction keeps the segment a write that may still be dropped would
+/// send the log back to: here a write starts a new segment, compaction
+/// runs while it is not yet written, and the write then runs out of space;
+/// the log goes on in the segment before, which must still be one.
+#[test]
+fn compaction_keeps_the_segment_a_dropped_write_goes_back_to() {
+    let sim = SimStorage::new();
+    let wal = open_with(&sim, options(1)).unwrap();
+    append_acked(&wal, 20, 1, 100);
+    let filled = fill_until_rotation_needed(&wal, 1);
+    let last = wal.last_index();
+    let meta = SnapshotMeta {
+        index: last,
+        term: 1,
+        data: Bytes::from_static(b"m"),
+    };
+    wal.save_snapshot(meta.clone()).unwrap().wait().unwrap();
+    assert!(!filled.is_empty());
+    // The next segment comes from a spare already made: nothing on the
+    // writer's thread writes while writes are held back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sim
+        .file_names(Path::new(DIR))
+        .iter()
+        .any(|n| n.starts_with("spare-") && n.ends_with(".wal"))
+    {
+        assert!(Instant::now() < deadline, "no spare pre-written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sim.pause_writes();
+    sim.fail_next_write_where(libc::ENOSPC, 0, is_segment);
+    let t = wal.append(entries(last + 1, last + 2, 1, 2000)).unwrap();
+    wal.compact(last).unwrap();
+    sim.resume_writes();
+    assert!(is_no_space(t.wait(), t.seq()), "{:?}", t.wait());
+
+    let more = entries(last + 1, last + 3, 1, 100);
+    wal.append(more.clone()).unwrap().wait().unwrap();
+    assert_eq!(wal.read(last + 1, last + 3).unwrap(), more);
+    wal.close().unwrap();
+    let wal = open(&sim).unwrap();
+    assert_eq!(wal.snapshot(), Some(meta));
+    assert_eq!(wal.read(last + 1, wal.last_index() + 1).unwrap(), more);
+    wal.close().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// (f) A failed remove or rename of a compacted segment
+
+/// Makes the `nth` (0: the next) remove of, or rename from, a segment fail
+/// with `errno`.
+fn fail_nth_segment_unlink(sim: &SimStorage, errno: i32, nth: usize) {
+    let seen = AtomicUsize::new(0);
+    sim.fail_next_unlink_where(errno, move |p| {
+        is_segment(p) && seen.fetch_add(1, Ordering::Relaxed) == nth
+    });
+}
+
+/// A compaction whose recycling rename (`nth` 0: the first segment goes to
+/// the empty spare pool) or remove (`nth` 1) of a segment fails reports the
+/// error and keeps every segment whose file is still there: the next
+/// compaction removes them, oldest first, and counts them. The log, every
+/// crash image on the way and a reopen are as before.
+fn failed_unlink_in_compaction_is_retried(nth: usize) {
+    let sim = SimStorage::new();
+    let wal = open(&sim).unwrap();
+    append_acked(&wal, 20, 1, 100);
+    for _ in 0..3 {
+        fill_until_rotation_needed(&wal, 1);
+    }
+    let last = wal.last_index();
+    let meta = SnapshotMeta {
+        index: last,
+        term: 1,
+        data: Bytes::from_static(b"m"),
+    };
+    wal.save_snapshot(meta).unwrap().wait().unwrap();
+    let want = log_of(&wal);
+    let before = segment_paths(&sim);
+    let listed = wal.segment_count();
+    assert_eq!(before.len(), listed);
+    assert!(listed >= 4, "{listed} segments");
+
+    fail_nth_segment_unlink(&sim, libc::EACCES, nth);
+    let err = wal.compact(last).unwrap_err();
+    assert!(
+        matches!(&err, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EACCES)),
+        "{err}"
+    );
+    assert!(!sim.unlink_failure_pending());
+    // The segments before the failed one are gone, the others still there
+    // and still the WAL's.
+    assert_eq!(segment_paths(&sim), before[nth..]);
+    assert_eq!(wal.segment_count(), listed - nth);
+    assert_eq!(log_of(&wal), want);
+    every_crash_recovers(&sim, &want);
+
+    let removed = wal.compact(last).unwrap();
+    assert_eq!(removed, listed - 1 - nth, "the retry removes the rest");
+    assert_eq!(segment_paths(&sim), before[listed - 1..]);
+    assert_eq!(wal.segment_count(), 1);
+    if nth == 0 {
+        assert!(
+            sim.ops()
+                .iter()
+                .any(|op| matches!(op, Op::Rename { from, .. } if *from == before[0])),
+            "the first segment was recycled"
+        );
+    }
+    assert_eq!(wal.compact(last).unwrap(), 0);
+    assert_eq!(log_of(&wal), want);
+    every_crash_recovers(&sim, &want);
+    wal.close().unwrap();
+    let wal = open(&sim).unwrap();
+    assert_eq!(log_of(&wal), want);
+    assert_eq!(wal.segment_count(), 1);
+    wal.close().unwrap();
+}
+
+#[test]
+fn failed_recycle_in_compaction_is_retried_by_the_next_compaction() {
+    failed_unlink_in_compaction_is_retried(0);
+}
+
+#[test]
+fn failed_remove_in_compaction_is_retried_by_the_next_compaction() {
+    failed_unlink_in_compaction_is_retried(1);
 }
 
 // ---------------------------------------------------------------------------
