@@ -171,7 +171,7 @@ pub fn bootstrap(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).map_err(io_error("create", &parent))?;
+    storage::create_dir_durable(&parent).map_err(dir_error)?;
     let name = data_dir
         .file_name()
         .ok_or_else(|| BootstrapError::InvalidSeed(format!("{} has no name", data_dir.display())))?
@@ -318,7 +318,15 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BootstrapError> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), BootstrapError> {
-    crate::event_loop::fsync_dir(dir).map_err(io_error("fsync", dir))
+    storage::sync_dir(dir).map_err(dir_error)
+}
+
+fn dir_error(e: storage::DirError) -> BootstrapError {
+    BootstrapError::Io {
+        what: e.op,
+        path: e.path,
+        source: e.source,
+    }
 }
 
 #[cfg(test)]

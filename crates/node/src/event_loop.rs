@@ -67,7 +67,7 @@ mod wal_tickets;
 
 use self::metrics::Stages;
 pub use self::snapshots::SnapshotOffer;
-pub(crate) use self::snapshots::{file_crc, fsync_dir, SnapshotWorker};
+pub(crate) use self::snapshots::{file_crc, SnapshotWorker};
 use self::wal_tickets::{Durable, WalWaker};
 
 /// How often the loop looks at the data directory's free space: writes
@@ -153,6 +153,11 @@ pub enum Input<S: StateMachine> {
         result: Result<(u64, u32), String>,
         took: Duration,
     },
+    /// The snapshot thread compacted the WAL through `upto` (or failed to).
+    WalCompacted {
+        upto: Index,
+        result: Result<usize, skiff_wal::Error>,
+    },
     /// Render the metrics as Prometheus text.
     Metrics(oneshot::Sender<String>),
     Shutdown,
@@ -172,6 +177,9 @@ pub struct Shared {
     pub disk_available: AtomicU64,
     /// `disk_available` is below `space_reserve_bytes`.
     pub space_low: AtomicBool,
+    /// Peer messages the inbox pump dropped because the loop's input queue
+    /// stayed full for `PEER_MESSAGES_WAIT_MAX` (Raft tolerates the loss).
+    pub peer_messages_dropped: AtomicU64,
     /// Set when the loop ended; `fatal` says why when it failed.
     pub stopped: AtomicBool,
     pub fatal: Mutex<Option<String>>,
@@ -604,6 +612,9 @@ impl<S: StateMachine> EventLoop<S> {
                 result,
                 took,
             } => self.on_snapshot_written(index, term, path, result, took),
+            Input::WalCompacted { upto, result } => {
+                self.on_wal_compacted(upto, result).map_err(Err)?;
+            }
             Input::Metrics(reply) => {
                 let _ = reply.send(self.render_metrics());
             }

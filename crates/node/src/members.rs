@@ -215,7 +215,7 @@ pub fn mark_removed(data_dir: &Path, why: &str) -> std::io::Result<()> {
     let f = std::fs::File::create(&path)?;
     std::io::Write::write_all(&mut &f, why.as_bytes())?;
     f.sync_all()?;
-    std::fs::File::open(data_dir)?.sync_all()
+    Ok(crate::storage::sync_dir(data_dir)?)
 }
 
 /// The removal recorded in `data_dir`, if any.

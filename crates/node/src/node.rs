@@ -29,7 +29,7 @@ use crate::event_loop::{
     file_crc, EventLoop, Input, LoopParts, RequestError, Shared, SnapshotOffer, SnapshotWorker,
     INPUTS_MAX, MESSAGES_PER_INPUT_MAX,
 };
-use crate::queue::{InputQueue, QueueSender, TrySendError};
+use crate::queue::{InputQueue, QueueSender, SendTimeoutError, TrySendError};
 use crate::state_machine::StateMachine;
 use crate::storage;
 
@@ -43,6 +43,9 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Creating or fsyncing a directory of the data directory.
+    #[error("data directory: {0}")]
+    Dir(#[from] storage::DirError),
     #[error("WAL in {path}: {source}")]
     Wal {
         path: PathBuf,
@@ -104,9 +107,7 @@ fn cluster_id_of(
                 .map_err(io)?;
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)?;
-            std::fs::File::open(data_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
+            storage::sync_dir(data_dir)?;
             Ok(configured)
         }
         Err(source) => Err(StartError::DataDir { path, source }),
@@ -332,11 +333,10 @@ impl<S: StateMachine> Node<S> {
         let data_dir = cfg.data_dir.clone();
         let wal_dir = data_dir.join("wal");
         let snap_dir = data_dir.join("snap");
+        // Durably: a WAL segment or snapshot file fsynced inside a
+        // directory whose own entry was lost would be lost with it.
         for dir in [&data_dir, &wal_dir, &snap_dir] {
-            std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
-                path: dir.clone(),
-                source,
-            })?;
+            storage::create_dir_durable(dir)?;
         }
         if let Some(why) = crate::members::removed(&data_dir) {
             return Err(StartError::Removed(why));
@@ -470,9 +470,12 @@ impl<S: StateMachine> Node<S> {
                 fetch: FetchOptions {
                     streams: cfg.snapshot_streams,
                     chunk_bytes: cfg.snapshot_chunk_bytes,
+                    local_ip: skiff_net::source_ip_for(cfg.listen_peer),
                     ..FetchOptions::default()
                 },
                 fetching: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+                shared: shared.clone(),
+                wait_max: PEER_MESSAGES_WAIT_MAX,
             };
             runtime.spawn(pump.run());
         }
@@ -648,9 +651,24 @@ fn restore_file<S: StateMachine>(path: &std::path::Path) -> Result<(S, u64), Str
     Ok((sm, len))
 }
 
+/// Longest the inbox pump waits for room in the loop's input queue for one
+/// batch of peer messages; then it drops the batch and goes on with the
+/// next. Above the default election timeout (300..600 ms): messages that
+/// waited longer are stale (heartbeats and votes of a past round), and Raft
+/// tolerates their loss (the leader resends from each follower's progress,
+/// elections time out and retry). A queue full for this long means the loop
+/// is far behind: shedding input beats giving up on the peers for good.
+pub const PEER_MESSAGES_WAIT_MAX: Duration = Duration::from_secs(1);
+/// The pump warns of dropped peer messages at most this often (with the
+/// count since its last warning); `skiff_peer_messages_dropped_total`
+/// counts every one.
+pub const PEER_DROPS_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Moves messages from the transport to the loop; a snapshot offer is
 /// fetched first (in parallel chunks), restored into a new state machine
-/// on a blocking thread, and stepped once both are done.
+/// on a blocking thread, and stepped once both are done. A batch the loop's
+/// queue does not take within `wait_max` is dropped and counted; the pump
+/// stops only when the loop does (its queue closed) or the transport ends.
 struct Pump<S: StateMachine> {
     inbox: Inbox,
     inputs: QueueSender<Input<S>>,
@@ -661,6 +679,37 @@ struct Pump<S: StateMachine> {
     fetch: FetchOptions,
     /// Fetches under way, by (leader, index).
     fetching: Arc<std::sync::Mutex<BTreeMap<(NodeId, u64), ()>>>,
+    /// Where dropped messages are counted (`peer_messages_dropped`).
+    shared: Arc<Shared>,
+    /// [`PEER_MESSAGES_WAIT_MAX`] (tests shorten it).
+    wait_max: Duration,
+}
+
+/// The pump's rate-limited warning about dropped messages.
+#[derive(Default)]
+struct DropWarning {
+    last: Option<Instant>,
+    /// Dropped since the last warning.
+    unreported: u64,
+}
+
+impl DropWarning {
+    fn dropped(&mut self, n: u64, waited: Duration) {
+        self.unreported += n;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < PEER_DROPS_WARN_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            dropped = self.unreported,
+            ?waited,
+            "the loop's input queue stayed full: peer messages dropped (Raft resends what matters)"
+        );
+        self.last = Some(Instant::now());
+        self.unreported = 0;
+    }
 }
 
 impl<S: StateMachine> Pump<S> {
@@ -669,6 +718,7 @@ impl<S: StateMachine> Pump<S> {
     /// wakeup (the loop's).
     async fn run(mut self) {
         let mut received = Vec::with_capacity(MESSAGES_PER_INPUT_MAX);
+        let mut warning = DropWarning::default();
         loop {
             received.clear();
             if self
@@ -683,12 +733,19 @@ impl<S: StateMachine> Pump<S> {
             for msg in received.drain(..) {
                 self.take(msg, &mut batch);
             }
-            if !batch.is_empty()
-                && send_input(&self.inputs, Input::Messages(batch))
-                    .await
-                    .is_err()
-            {
-                return;
+            if batch.is_empty() {
+                continue;
+            }
+            let n = batch.len() as u64;
+            match send_input_within(&self.inputs, Input::Messages(batch), self.wait_max).await {
+                Ok(()) => {}
+                Err(SendTimeoutError::Closed(_)) => return,
+                Err(SendTimeoutError::Timeout(_)) => {
+                    self.shared
+                        .peer_messages_dropped
+                        .fetch_add(n, Ordering::Relaxed);
+                    warning.dropped(n, self.wait_max);
+                }
             }
         }
     }
@@ -743,8 +800,10 @@ impl<S: StateMachine> Pump<S> {
         );
         self.rt.spawn(async move {
             let result = async {
-                tokio::fs::create_dir_all(&dir)
+                let incoming = dir.clone();
+                tokio::task::spawn_blocking(move || storage::create_dir_durable(&incoming))
                     .await
+                    .map_err(|e| format!("create task: {e}"))?
                     .map_err(|e| e.to_string())?;
                 let fetched = fetch_snapshot(offer.addr, hello, meta, &dir, &opts)
                     .await
@@ -808,8 +867,12 @@ fn install_prepare<S: StateMachine>(
     if canonical != fetched {
         std::fs::rename(fetched, &canonical)
             .map_err(|e| format!("rename {}: {e}", fetched.display()))?;
-        crate::event_loop::fsync_dir(snap_dir)
-            .map_err(|e| format!("{}: {e}", snap_dir.display()))?;
+        // The new name, then the old one's removal (`incoming`).
+        storage::sync_dir(snap_dir).map_err(|e| e.to_string())?;
+        let from = fetched.parent().unwrap_or(snap_dir);
+        if from != snap_dir {
+            storage::sync_dir(from).map_err(|e| e.to_string())?;
+        }
     }
     tracing::info!(
         index = meta.index,
@@ -819,31 +882,165 @@ fn install_prepare<S: StateMachine>(
     Ok((canonical, state))
 }
 
-/// Longest a task waits for room in the loop's input queue.
+/// Longest a task waits for room in the loop's input queue to hand over a
+/// fetched snapshot (dropped after it: the leader offers it again).
 const INPUT_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// Queues `input` for the loop from a task: waits (without blocking the
 /// runtime's worker) while the queue is full, up to `INPUT_WAIT_MAX`.
 async fn send_input<S: StateMachine>(
     inputs: &QueueSender<Input<S>>,
-    mut input: Input<S>,
+    input: Input<S>,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + INPUT_WAIT_MAX;
+    match send_input_within(inputs, input, INPUT_WAIT_MAX).await {
+        Ok(()) => Ok(()),
+        Err(SendTimeoutError::Closed(_)) => Err("the event loop stopped".into()),
+        Err(SendTimeoutError::Timeout(_)) => Err(format!(
+            "the loop's input queue stayed full for {INPUT_WAIT_MAX:?}"
+        )),
+    }
+}
+
+/// Queues `input` for the loop from a task, waiting (without blocking the
+/// runtime's worker) while the queue is full, up to `wait_max`; gives the
+/// input back when the queue stayed full or closed.
+async fn send_input_within<S: StateMachine>(
+    inputs: &QueueSender<Input<S>>,
+    mut input: Input<S>,
+    wait_max: Duration,
+) -> Result<(), SendTimeoutError<Input<S>>> {
+    let deadline = Instant::now() + wait_max;
     let mut pause = Duration::from_micros(50);
     loop {
         match inputs.try_send(input) {
             Ok(()) => return Ok(()),
-            Err(TrySendError::Closed(_)) => return Err("the event loop stopped".into()),
+            Err(TrySendError::Closed(back)) => return Err(SendTimeoutError::Closed(back)),
             Err(TrySendError::Full(back)) => {
-                if Instant::now() >= deadline {
-                    return Err(format!(
-                        "the loop's input queue stayed full for {INPUT_WAIT_MAX:?}"
-                    ));
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(SendTimeoutError::Timeout(back));
                 }
                 input = back;
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(pause.min(deadline - now)).await;
                 pause = (pause * 2).min(Duration::from_millis(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use skiff_net::{SimNetConfig, SimNetwork, Transport};
+
+    use super::*;
+    use crate::state_machine::{ApplyError, Committed, RestoreError, SnapshotView};
+
+    struct Nothing;
+    struct NoView;
+    impl SnapshotView for NoView {
+        fn write_to(&self, _: &mut dyn std::io::Write) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl StateMachine for Nothing {
+        type Command = ();
+        type Response = ();
+        type Query = ();
+        type QueryResponse = ();
+        type Snapshot = NoView;
+        fn encode_command(_: &(), _: &mut BytesMut) {}
+        fn apply(&mut self, _: &[Committed], _: &mut Vec<()>) -> Result<(), ApplyError> {
+            Ok(())
+        }
+        fn query(&self, _: &()) {}
+        fn snapshot(&self) -> NoView {
+            NoView
+        }
+        fn restore(_: &mut dyn std::io::Read) -> Result<Self, RestoreError> {
+            Ok(Nothing)
+        }
+    }
+
+    fn heartbeat(round: u64) -> Message {
+        Message {
+            from: 2,
+            to: 1,
+            term: 1,
+            body: MessageBody::Heartbeat { commit: 0, round },
+        }
+    }
+
+    /// Waits up to 10 s for `done`.
+    fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "not within 10 s: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_pump_drops_what_a_full_queue_refuses_and_goes_on() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let net = SimNetwork::new(SimNetConfig::new(7)).unwrap();
+        let (_me, inbox) = net.endpoint(1);
+        let (peer, _peer_inbox) = net.endpoint(2);
+        let (inputs, loop_end) = InputQueue::<Input<Nothing>>::new(1);
+        let shared = Arc::new(Shared::default());
+        let wait_max = Duration::from_millis(20);
+        let pump = Pump::<Nothing> {
+            inbox,
+            inputs: inputs.clone(),
+            rt: rt.handle().clone(),
+            cluster_id: 1,
+            id: 1,
+            snap_dir: dir.path().to_path_buf(),
+            fetch: FetchOptions::default(),
+            fetching: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+            shared: shared.clone(),
+            wait_max,
+        };
+        rt.spawn(pump.run());
+        let dropped = || shared.peer_messages_dropped.load(Ordering::Relaxed);
+
+        // The loop is stuck: its queue is full for longer than the bound.
+        inputs.try_send(Input::WalProgress).unwrap();
+        peer.send(heartbeat(1)).unwrap();
+        assert_eq!(net.deliver_due(net.now()), 1);
+        eventually("the first heartbeat is dropped", || dropped() == 1);
+
+        // The loop catches up: the pump still hears the peers.
+        let mut taken = Vec::new();
+        assert_eq!(loop_end.try_recv_many(&mut taken, 8), 1);
+        peer.send(heartbeat(2)).unwrap();
+        assert_eq!(net.deliver_due(net.now()), 1);
+        taken.clear();
+        let got = loop_end
+            .recv_many(
+                &mut taken,
+                8,
+                Some(Instant::now() + Duration::from_secs(10)),
+            )
+            .unwrap();
+        assert_eq!(got, 1, "the pump went on after a drop");
+        let Some(Input::Messages(msgs)) = taken.pop() else {
+            panic!("expected peer messages");
+        };
+        assert_eq!(msgs, vec![heartbeat(2)]);
+        assert_eq!(dropped(), 1);
+
+        // The loop stopped: the pump ends rather than dropping forever.
+        loop_end.close();
+        peer.send(heartbeat(3)).unwrap();
+        assert_eq!(net.deliver_due(net.now()), 1);
+        std::thread::sleep(wait_max * 5);
+        assert_eq!(dropped(), 1);
+        rt.shutdown_timeout(Duration::from_secs(1));
     }
 }

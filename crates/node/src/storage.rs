@@ -18,6 +18,11 @@
 //! A snapshot is a file `snap/snapshot-{index:020}-{term:020}.snap` (the
 //! KV store's snapshot format) made durable before the WAL records it; the
 //! WAL's snapshot record carries the membership in force at its index.
+//!
+//! Directories: a directory the node creates, and a file it creates,
+//! renames or removes where the result must survive a power loss, is only
+//! durable once the directory holding its entry is fsynced.
+//! [`create_dir_durable`] and [`sync_dir`] are the one place that does it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,6 +38,95 @@ pub const MEMBERSHIP_TAG: u8 = 0xFE;
 pub const MEMBERS_MAX: usize = 1024;
 /// Bytes of one member's meta accepted when decoding.
 pub const MEMBER_META_BYTES_MAX: usize = 4096;
+
+/// An I/O error on a directory: what was done (`op`) and to which path.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct DirError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl From<DirError> for std::io::Error {
+    /// Keeps the kind; the message names the operation and the path.
+    fn from(e: DirError) -> std::io::Error {
+        std::io::Error::new(e.source.kind(), e.to_string())
+    }
+}
+
+/// Makes the entries of `dir` durable: files and directories created,
+/// renamed or removed in it survive a power loss once this returns.
+pub fn sync_dir(dir: &Path) -> Result<(), DirError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| DirError {
+            op: "fsync directory",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// The directory holding `path`'s entry (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Creates `dir` and whichever of its ancestors are missing, durably: each
+/// directory created is fsynced, then the directory holding its entry, top
+/// down (a file made durable inside a directory whose own entry was not
+/// could vanish with it). An existing directory is left as it is; a path
+/// that exists and is not a directory, or one under a file, is an error
+/// naming the path.
+pub fn create_dir_durable(dir: &Path) -> Result<(), DirError> {
+    let error = |path: &Path, source| DirError {
+        op: "create directory",
+        path: path.to_path_buf(),
+        source,
+    };
+    // Missing components, deepest first. Bounded by the path's length.
+    let mut missing = Vec::new();
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(error(
+                    at,
+                    std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "exists and is not a directory",
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push(at);
+                match at.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => at = p,
+                    // A relative path's first component: `.` exists.
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(error(at, e)),
+        }
+    }
+    for &new in missing.iter().rev() {
+        match std::fs::create_dir(new) {
+            Ok(()) => {}
+            // Created meanwhile by another (the WAL, a concurrent start):
+            // still fsynced below, as its creator may not have.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && new.is_dir() => {}
+            Err(e) => return Err(error(new, e)),
+        }
+        sync_dir(new)?;
+        sync_dir(parent_dir(new))?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -290,6 +384,45 @@ mod tests {
         ] {
             assert_eq!(decode_payload(encode_payload(&p)).unwrap(), p);
         }
+    }
+
+    #[test]
+    fn create_dir_durable_makes_every_missing_component() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("data").join("snap").join("incoming");
+        create_dir_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        // Existing: nothing to do, no error.
+        create_dir_durable(&deep).unwrap();
+        create_dir_durable(root.path()).unwrap();
+        sync_dir(&deep).unwrap();
+    }
+
+    #[test]
+    fn create_dir_durable_names_the_path_it_could_not_create() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+
+        let under = file.join("sub").join("deeper");
+        let e = create_dir_durable(&under).unwrap_err();
+        assert_eq!(e.op, "create directory");
+        assert_eq!(e.path, under);
+        assert_eq!(e.source.kind(), std::io::ErrorKind::NotADirectory, "{e}");
+        assert!(e.to_string().contains(&*under.to_string_lossy()), "{e}");
+        assert!(!file.join("sub").exists());
+
+        let e = create_dir_durable(&file).unwrap_err();
+        assert_eq!(e.path, file);
+        assert!(e.to_string().contains("not a directory"), "{e}");
+
+        // Through io::Error (the snapshot thread's path): kind and path kept.
+        let missing = root.path().join("missing");
+        let e = std::io::Error::from(sync_dir(&missing).unwrap_err());
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        let text = e.to_string();
+        assert!(text.starts_with("fsync directory "), "{text}");
+        assert!(text.contains(&*missing.to_string_lossy()), "{text}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub(super) struct Stages {
     pub(super) snapshots_taken: u64,
     pub(super) snapshot_failures: u64,
     pub(super) snapshots_installed: u64,
+    /// WAL compactions that failed and were left to the next snapshot.
+    pub(super) wal_compaction_failures: u64,
 }
 
 impl Stages {
@@ -39,6 +41,7 @@ impl Stages {
             snapshots_taken: 0,
             snapshot_failures: 0,
             snapshots_installed: 0,
+            wal_compaction_failures: 0,
         }
     }
 }
@@ -126,6 +129,18 @@ impl<S: StateMachine> EventLoop<S> {
             "snapshots_installed_total",
             "Snapshots from the leader installed on this member.",
             st.snapshots_installed,
+        );
+        counter(
+            &mut out,
+            "wal_compaction_failures_total",
+            "WAL compactions that failed without harm (old segments kept; retried with the next snapshot).",
+            st.wal_compaction_failures,
+        );
+        counter(
+            &mut out,
+            "peer_messages_dropped_total",
+            "Peer messages dropped because the loop's input queue stayed full (Raft resends).",
+            s.peer_messages_dropped.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,

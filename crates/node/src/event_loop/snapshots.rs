@@ -12,7 +12,11 @@
 //!   followers slightly behind (they catch up from the log, not from a
 //!   whole snapshot);
 //! * compact: `Compact` records the snapshot in the WAL; once durable, the
-//!   snapshot thread deletes the WAL segments below it and old files;
+//!   snapshot thread deletes the WAL segments below it and old files, and
+//!   reports (`Input::WalCompacted`): a segment not removed is counted
+//!   (`skiff_wal_compaction_failures_total`) and left to the next
+//!   snapshot's compaction (which covers everything below it), a failed
+//!   WAL or fsync stops the member ([`compaction_failure`]);
 //! * offer one to a follower (which fetches it in parallel chunks);
 //! * install one: the follower's node fetched and restored it off the loop
 //!   (see `crate::node`); the loop swaps it in and hands the old state to
@@ -185,11 +189,24 @@ fn run_worker<S: StateMachine>(
                 }
             }
             SnapshotJob::Compact { upto } => {
-                match wal.compact(upto) {
-                    Ok(n) => tracing::debug!(upto, segments = n, "WAL compacted"),
-                    Err(e) => tracing::warn!(upto, error = %e, "WAL compaction failed"),
+                let result = wal.compact(upto);
+                let fatal = result
+                    .as_ref()
+                    .is_err_and(|e| compaction_failure(e) == CompactionFailure::Fatal);
+                if !fatal {
+                    remove_old_snapshots(&snap_dir, upto);
                 }
-                remove_old_snapshots(&snap_dir, upto);
+                let report = Input::WalCompacted { upto, result };
+                match inputs.send_timeout(report, SNAPSHOT_REPORT_WAIT_MAX) {
+                    Ok(()) => {}
+                    Err(SendTimeoutError::Closed(_)) => return,
+                    Err(SendTimeoutError::Timeout(report)) => {
+                        if let Input::WalCompacted { result: Err(e), .. } = report {
+                            tracing::error!(upto, error = %e,
+                                "WAL compaction failed and the loop did not take the news");
+                        }
+                    }
+                }
             }
             SnapshotJob::Drop(state) => drop(state),
         }
@@ -426,6 +443,61 @@ impl<S: StateMachine> EventLoop<S> {
     }
 }
 
+/// What a failed WAL compaction means to the member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CompactionFailure {
+    /// Failed without harm to what is durable (an old segment not removed
+    /// or recycled: its space is not reclaimed): counted, and the next
+    /// snapshot's compaction tries again (it covers everything below it).
+    Retry,
+    /// The WAL failed, or an fsync did: the member stops, as on any fatal
+    /// WAL error. An fsync error is never retried: the kernel may have
+    /// dropped what it could not write.
+    Fatal,
+    /// The WAL is closed: the member is stopping.
+    Stopped,
+}
+
+/// The decision table of a failed compaction.
+pub(crate) fn compaction_failure(e: &skiff_wal::Error) -> CompactionFailure {
+    match e {
+        skiff_wal::Error::Failed { .. } => CompactionFailure::Fatal,
+        // The WAL names its fsyncs by what they sync ("fdatasync", "sync
+        // directory"): the op is the only thing that tells them from an
+        // unlink or a rename.
+        skiff_wal::Error::Io { op, .. } if op.contains("sync") => CompactionFailure::Fatal,
+        skiff_wal::Error::Closed => CompactionFailure::Stopped,
+        _ => CompactionFailure::Retry,
+    }
+}
+
+impl<S: StateMachine> EventLoop<S> {
+    /// The snapshot thread's report of a compaction. `Err`: fatal.
+    pub(super) fn on_wal_compacted(
+        &mut self,
+        upto: Index,
+        result: Result<usize, skiff_wal::Error>,
+    ) -> Result<(), String> {
+        let e = match result {
+            Ok(n) => {
+                tracing::debug!(upto, segments = n, "WAL compacted");
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        match compaction_failure(&e) {
+            CompactionFailure::Retry => {
+                self.stages.wal_compaction_failures += 1;
+                tracing::warn!(upto, error = %e,
+                    "WAL compaction failed; counted, tried again with the next snapshot");
+                Ok(())
+            }
+            CompactionFailure::Fatal => Err(format!("WAL compaction through {upto}: {e}")),
+            CompactionFailure::Stopped => Ok(()),
+        }
+    }
+}
+
 /// Removes snapshot files below `upto` but the newest [`SNAPSHOTS_KEPT`]
 /// of them (files at or above `upto` are the recorded one and newer ones
 /// not yet recorded).
@@ -494,7 +566,7 @@ fn write_snapshot_file(
         file.sync_all()?;
         drop(file);
         std::fs::rename(&tmp, path)?;
-        fsync_dir(dir)?;
+        storage::sync_dir(dir)?;
         Ok((len, crc))
     })();
     if result.is_err() {
@@ -515,10 +587,6 @@ pub(crate) fn file_crc(path: &Path) -> std::io::Result<u32> {
         }
         crc = crc32c::crc32c_append(crc, &buf[..n]);
     }
-}
-
-pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -574,5 +642,301 @@ mod tests {
             .map(|&i| name(i).exists())
             .collect();
         assert_eq!(left, [false, false, true, true, true]);
+    }
+
+    // ---- WAL compaction failures.
+
+    use std::sync::atomic::AtomicBool as Flag;
+
+    use crate::queue::InputQueue;
+    use crate::state_machine::{ApplyError, RestoreError};
+
+    /// A state machine with nothing in it.
+    struct Nop;
+    impl StateMachine for Nop {
+        type Command = ();
+        type Response = ();
+        type Query = ();
+        type QueryResponse = ();
+        type Snapshot = Bytes3;
+        fn encode_command(_: &(), _: &mut BytesMut) {}
+        fn apply(&mut self, _: &[Committed], _: &mut Vec<()>) -> Result<(), ApplyError> {
+            Ok(())
+        }
+        fn query(&self, _: &()) {}
+        fn snapshot(&self) -> Bytes3 {
+            Bytes3
+        }
+        fn restore(_: &mut dyn std::io::Read) -> Result<Self, RestoreError> {
+            Ok(Nop)
+        }
+    }
+
+    /// The real file system, whose unlinks and renames fail (EACCES)
+    /// while `fail_unlinks` is set.
+    #[derive(Debug, Default)]
+    struct Unlinks {
+        fail_unlinks: Flag,
+    }
+
+    impl Unlinks {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail_unlinks.load(Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::EACCES));
+            }
+            Ok(())
+        }
+    }
+
+    impl skiff_wal::Storage for Unlinks {
+        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
+            skiff_wal::OsStorage.open(path)
+        }
+        fn create(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
+            skiff_wal::OsStorage.create(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.check()?;
+            skiff_wal::OsStorage.rename(from, to)
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            self.check()?;
+            skiff_wal::OsStorage.remove(path)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            skiff_wal::OsStorage.sync_dir(dir)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            skiff_wal::OsStorage.list(dir)
+        }
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            skiff_wal::OsStorage.create_dir_all(dir)
+        }
+    }
+
+    /// A WAL of several 16 KiB segments holding entries 1..=100 and a
+    /// durable snapshot record at 90.
+    fn wal_to_compact(dir: &Path, storage: Arc<dyn skiff_wal::Storage>) -> Arc<Wal> {
+        let opts = skiff_wal::Options {
+            segment_size: 16 << 10,
+            spare_segments: 0,
+            snapshot_meta_max: 1024,
+            ..skiff_wal::Options::default()
+        };
+        let wal = Wal::open_with_storage(dir, opts, storage).unwrap();
+        for first in (1..=100u64).step_by(10) {
+            let entries = (first..first + 10)
+                .map(|index| skiff_wal::Entry {
+                    index,
+                    term: 1,
+                    payload: Bytes::from(vec![7u8; 1024]),
+                })
+                .collect();
+            wal.append(entries).unwrap().wait().unwrap();
+        }
+        let meta = skiff_wal::SnapshotMeta {
+            index: 90,
+            term: 1,
+            data: Bytes::new(),
+        };
+        wal.save_snapshot(meta).unwrap().wait().unwrap();
+        assert!(wal.segment_count() > 2, "{} segments", wal.segment_count());
+        Arc::new(wal)
+    }
+
+    /// The next `WalCompacted` report on `inputs`.
+    fn next_compaction(
+        inputs: &crate::queue::QueueReceiver<Input<Nop>>,
+    ) -> (Index, Result<usize, skiff_wal::Error>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        loop {
+            got.clear();
+            match inputs.recv_many(&mut got, 16, Some(deadline)) {
+                Ok(0) | Err(_) => panic!("no compaction report within 10 s"),
+                Ok(_) => {}
+            }
+            for input in got.drain(..) {
+                if let Input::WalCompacted { upto, result } = input {
+                    return (upto, result);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_compaction_is_reported_to_the_loop_not_only_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Unlinks::default());
+        let wal = wal_to_compact(&dir.path().join("wal"), storage.clone());
+        let snap_dir = dir.path().join("snap");
+        std::fs::create_dir(&snap_dir).unwrap();
+        let (tx, rx) = InputQueue::<Input<Nop>>::new(64);
+        let mut worker = SnapshotWorker::start("compact-test".into(), wal.clone(), snap_dir, tx)
+            .expect("snapshot thread");
+
+        storage.fail_unlinks.store(true, Ordering::Relaxed);
+        assert!(worker.submit(SnapshotJob::Compact { upto: 90 }).is_ok());
+        let (upto, result) = next_compaction(&rx);
+        assert_eq!(upto, 90);
+        let e = result.expect_err("unlinks fail");
+        assert_eq!(compaction_failure(&e), CompactionFailure::Retry, "{e}");
+
+        // The next snapshot's compaction is tried again, and reported.
+        storage.fail_unlinks.store(false, Ordering::Relaxed);
+        let meta = skiff_wal::SnapshotMeta {
+            index: 100,
+            term: 1,
+            data: Bytes::new(),
+        };
+        wal.save_snapshot(meta).unwrap().wait().unwrap();
+        assert!(worker.submit(SnapshotJob::Compact { upto: 100 }).is_ok());
+        let (upto, result) = next_compaction(&rx);
+        assert_eq!(upto, 100);
+        result.expect("compaction with working unlinks");
+        worker.shutdown();
+    }
+
+    #[test]
+    fn compaction_failures_fatal_only_for_a_failed_wal_or_fsync() {
+        let io = |op| skiff_wal::Error::Io {
+            op,
+            path: "wal/00000001.seg".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        let table = [
+            (io("remove segment"), CompactionFailure::Retry),
+            (io("recycle segment"), CompactionFailure::Retry),
+            (io("sync directory"), CompactionFailure::Fatal),
+            (io("fdatasync"), CompactionFailure::Fatal),
+            (
+                skiff_wal::Error::Failed {
+                    reason: "fdatasync: EIO".into(),
+                },
+                CompactionFailure::Fatal,
+            ),
+            (
+                skiff_wal::Error::SnapshotNotDurable { index: 9 },
+                CompactionFailure::Retry,
+            ),
+            (skiff_wal::Error::Closed, CompactionFailure::Stopped),
+        ];
+        for (e, expected) in table {
+            assert_eq!(compaction_failure(&e), expected, "{e}");
+        }
+    }
+
+    /// A one-member event loop on a real WAL in `dir` (not running).
+    fn one_member_loop(dir: &Path) -> (EventLoop<Nop>, QueueSender<Input<Nop>>) {
+        let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let cfg = NodeConfig {
+            id: 1,
+            data_dir: dir.to_path_buf(),
+            listen_peer: addr,
+            initial_cluster: [(1, addr)].into(),
+            ..NodeConfig::default()
+        };
+        let wal = Arc::new(Wal::open(dir.join("wal"), cfg.wal_options()).unwrap());
+        let snap_dir = dir.join("snap");
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        let raft = Raft::new(cfg.raft_config(), skiff_raft::Restored::default(), 1).unwrap();
+        let net = skiff_net::SimNetwork::new(skiff_net::SimNetConfig::new(1)).unwrap();
+        let (transport, _inbox) = net.endpoint(1);
+        let (tx, rx) = InputQueue::new(INPUTS_MAX);
+        let worker = SnapshotWorker::start(
+            "loop-test-snap".into(),
+            wal.clone(),
+            snap_dir.clone(),
+            tx.clone(),
+        )
+        .unwrap();
+        let parts = LoopParts {
+            wal,
+            transport: Arc::new(transport),
+            inputs: rx,
+            wake: tx.clone(),
+            shared: Arc::new(Shared::default()),
+            snap_dir,
+            snapshots: Arc::new(SnapshotFiles::new()),
+            snapshot_addr: addr,
+            snapshot: None,
+            worker,
+        };
+        (EventLoop::new(cfg, raft, Nop, 0, parts), tx)
+    }
+
+    fn io_error(op: &'static str) -> skiff_wal::Error {
+        skiff_wal::Error::Io {
+            op,
+            path: "wal/00000001.seg".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        }
+    }
+
+    #[test]
+    fn a_failed_compaction_is_counted_and_the_loop_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut lp, _tx) = one_member_loop(dir.path());
+        let (mut writes, mut reads, mut bytes) = (Vec::new(), Vec::new(), 0);
+        let metric = |lp: &EventLoop<Nop>| {
+            let text = lp.render_metrics();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("skiff_wal_compaction_failures_total "))
+                .expect("the metric is rendered")
+                .to_owned();
+            line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        };
+        assert_eq!(metric(&lp), 0);
+        for result in [
+            Err(io_error("remove segment")),
+            Ok(3),
+            Err(skiff_wal::Error::Closed),
+            Err(io_error("recycle segment")),
+        ] {
+            let input = Input::WalCompacted { upto: 10, result };
+            assert!(lp
+                .collect(input, &mut writes, &mut reads, &mut bytes)
+                .is_ok());
+        }
+        assert_eq!(metric(&lp), 2);
+        lp.stop(None);
+    }
+
+    #[test]
+    fn a_failed_wal_or_fsync_in_compaction_stops_the_member() {
+        for e in [
+            io_error("sync directory"),
+            skiff_wal::Error::Failed {
+                reason: "fdatasync: EIO".into(),
+            },
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (lp, tx) = one_member_loop(dir.path());
+            let shared = lp.shared.clone();
+            let expected = e.to_string();
+            let (done, ended) = std::sync::mpsc::channel();
+            std::thread::spawn(move || done.send(lp.run()));
+            tx.send_timeout(
+                Input::WalCompacted {
+                    upto: 10,
+                    result: Err(e),
+                },
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            let Ok(result) = ended.recv_timeout(Duration::from_secs(10)) else {
+                let _ = tx.send_timeout(Input::Shutdown, Duration::from_secs(5));
+                panic!("the member goes on after {expected}");
+            };
+            let why = result.expect_err("a fatal stop");
+            assert!(
+                why.contains("WAL compaction") && why.contains(&expected),
+                "{why}"
+            );
+            assert!(shared.stopped.load(Ordering::Acquire));
+            let fatal = shared.fatal.lock().unwrap().clone();
+            assert_eq!(fatal.as_deref(), Some(why.as_str()));
+        }
     }
 }
