@@ -212,6 +212,13 @@ impl Client {
         Ok(channel)
     }
 
+    /// Sends the next request to the next endpoint (after an error the
+    /// caller suspects is the member's: it is paused, cut off, has no
+    /// leader).
+    pub fn next_endpoint(&mut self) {
+        self.fail_over();
+    }
+
     /// Forgets the current endpoint's connection and moves on to the next.
     fn fail_over(&mut self) {
         self.channels[self.at] = None;

@@ -40,6 +40,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod client;
+pub mod nemesis;
 
 pub use client::{Client, ConnectOptions};
 pub use skiff_kv::pb::etcdserverpb::{HashKvResponse, StatusResponse};
@@ -158,6 +159,15 @@ pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
+}
+
+/// A free port on loopback address `ip` (any of 127.0.0.0/8), from the
+/// kernel's ephemeral range.
+pub fn free_addr_on(ip: std::net::Ipv4Addr) -> SocketAddr {
+    assert!(ip.is_loopback(), "{ip} is not a loopback address");
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
 }
 
 /// Polls `cond` every [`POLL_INTERVAL`] until it returns `Some`, or panics
@@ -296,6 +306,12 @@ pub struct ClusterOptions {
     pub wal_segment_bytes: u64,
     /// Extra `skiff serve` flags for every node.
     pub args: Vec<String>,
+    /// Give member `id` the peer address `127.a.b.id` (this pair `(a,
+    /// b)`) instead of 127.0.0.1: its peer connections then leave from its
+    /// own IP, so packet-filter rules can single out the traffic between
+    /// two members (see [`nemesis::Firewall`]). Client and metrics
+    /// addresses stay on 127.0.0.1.
+    pub peer_ip_prefix: Option<(u8, u8)>,
 }
 
 impl Default for ClusterOptions {
@@ -304,6 +320,7 @@ impl Default for ClusterOptions {
             nodes: 3,
             wal_segment_bytes: WAL_SEGMENT_BYTES,
             args: Vec::new(),
+            peer_ip_prefix: None,
         }
     }
 }
@@ -397,7 +414,10 @@ impl Cluster {
                 id,
                 Member {
                     client: free_addr(),
-                    peer: free_addr(),
+                    peer: match options.peer_ip_prefix {
+                        Some((a, b)) => free_addr_on(std::net::Ipv4Addr::new(127, a, b, id as u8)),
+                        None => free_addr(),
+                    },
                     metrics: free_addr(),
                     data_dir: dir.path().join(format!("node-{id}")),
                     log: dir.path().join(format!("node-{id}.log")),
@@ -575,6 +595,57 @@ impl Cluster {
             .unwrap_or_else(|| panic!("member {id} is not running"));
         let _ = child.kill();
         child.wait().expect("reap a killed member");
+    }
+
+    /// Sends `signal` to `id`'s running process.
+    fn signal(&self, id: NodeId, signal: libc::c_int) {
+        let child = self
+            .member(id)
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("member {id} is not running"));
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: plain kill(2) on our own child, not reaped yet (so the
+        // pid cannot have been reused).
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}) on member {id} failed");
+    }
+
+    /// Stops `id` with `SIGSTOP`: it holds its sockets and files but does
+    /// nothing until [`Cluster::resume`] (a long GC pause, a frozen VM).
+    pub fn pause(&self, id: NodeId) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    /// Lets a paused member go on (`SIGCONT`).
+    pub fn resume(&self, id: NodeId) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    /// Members whose process exited on its own (not by [`Cluster::kill`]
+    /// or [`Cluster::terminate`]) since the last look, with their status;
+    /// they count as not running from now on.
+    pub fn exited(&mut self) -> Vec<(NodeId, ExitStatus)> {
+        let mut gone = Vec::new();
+        for (&id, m) in self.members.iter_mut() {
+            if let Some(child) = m.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    m.child = None;
+                    gone.push((id, status));
+                }
+            }
+        }
+        gone
+    }
+
+    /// The IP of `id`'s peer address.
+    pub fn peer_ip(&self, id: NodeId) -> std::net::IpAddr {
+        self.member(id).peer.ip()
+    }
+
+    /// The directory holding every member's data directory and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("the cluster's directory").path()
     }
 
     /// Sends `SIGTERM` to `id` and waits (bounded) for it to exit; returns

@@ -94,3 +94,31 @@ pub enum WireError {
     #[error("unknown {what} tag {tag}")]
     UnknownTag { what: &'static str, tag: u8 },
 }
+
+/// The source IP for connections leaving a node that listens on `listen`:
+/// its IP when that is a specific address, `None` (the kernel's choice)
+/// for a wildcard listener.
+pub fn source_ip_for(listen: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    let ip = listen.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// Connects to `addr`, from `local` (any port) when given and of the same
+/// address family; otherwise from the kernel's choice of address.
+pub async fn connect_from(
+    addr: std::net::SocketAddr,
+    local: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    match local {
+        Some(ip) if ip.is_ipv4() == addr.is_ipv4() => {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await
+        }
+        _ => tokio::net::TcpStream::connect(addr).await,
+    }
+}

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -71,6 +70,9 @@ pub struct FetchOptions {
     pub chunk_retries_max: u32,
     /// Largest snapshot accepted.
     pub snapshot_bytes_max: u64,
+    /// Source address of the connections to the sender (see
+    /// [`crate::TcpConfig::local_ip`]); `None` lets the kernel choose.
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for FetchOptions {
@@ -86,6 +88,7 @@ impl Default for FetchOptions {
             reconnect_backoff: Duration::from_millis(20),
             chunk_retries_max: 8,
             snapshot_bytes_max: 1 << 40,
+            local_ip: None,
         }
     }
 }
@@ -450,13 +453,18 @@ async fn run_stream(t: Arc<Transfer>, stream: usize) -> Result<Option<Conn>, Sna
 async fn connect(t: &Transfer) -> Result<Conn, SnapshotError> {
     let peer = t.peer;
     let limit = t.opts.connect_timeout;
-    let stream = within(limit, peer, "connecting", TcpStream::connect(peer))
-        .await?
-        .map_err(|source| SnapshotError::Connection {
-            peer,
-            what: "connecting",
-            source,
-        })?;
+    let stream = within(
+        limit,
+        peer,
+        "connecting",
+        crate::connect_from(peer, t.opts.local_ip),
+    )
+    .await?
+    .map_err(|source| SnapshotError::Connection {
+        peer,
+        what: "connecting",
+        source,
+    })?;
     stream
         .set_nodelay(true)
         .map_err(|source| SnapshotError::Connection {

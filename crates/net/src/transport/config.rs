@@ -2,7 +2,7 @@
 //! defaults and validation whose errors name the field.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use skiff_raft::NodeId;
@@ -35,6 +35,13 @@ pub struct TcpConfig {
     /// Where to accept peers' connections. Port 0 picks a free port (see
     /// [`crate::TcpTransport::local_addr`]).
     pub listen_addr: SocketAddr,
+    /// Source address of the connections this node opens to its peers;
+    /// `None` lets the kernel choose. [`TcpConfig::new`] sets it to
+    /// `listen_addr`'s IP when that is a specific address, so that every
+    /// peer connection of a member, in either direction, is between its
+    /// peer address and the other's: what firewall rules (and the fault
+    /// tests' partitions) identify members by.
+    pub local_ip: Option<IpAddr>,
     /// Peers to keep a connection to, by id. More can be added later
     /// ([`crate::TcpTransport::add_peer`]).
     pub peers: BTreeMap<NodeId, SocketAddr>,
@@ -89,6 +96,7 @@ impl TcpConfig {
             cluster_id,
             id,
             listen_addr,
+            local_ip: crate::source_ip_for(listen_addr),
             peers: BTreeMap::new(),
             send_queue_max: 4096,
             coalesce_bytes_max: 1 << 20,

@@ -166,12 +166,15 @@ pub(crate) async fn run_peer(
 /// its timeout.
 async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<TcpStream, ConnError> {
     let cfg = &shared.cfg;
-    let mut stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(slot.addr))
-        .await
-        .map_err(|_| ConnError::Timeout {
-            what: "the TCP connect",
-            after: cfg.connect_timeout,
-        })??;
+    let mut stream = tokio::time::timeout(
+        cfg.connect_timeout,
+        crate::connect_from(slot.addr, cfg.local_ip),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout {
+        what: "the TCP connect",
+        after: cfg.connect_timeout,
+    })??;
     // Frames are coalesced here; Nagle would only add latency.
     stream.set_nodelay(true)?;
     let hello = Hello {
