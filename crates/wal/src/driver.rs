@@ -167,7 +167,7 @@ impl std::fmt::Display for Failure {
 pub(crate) trait IoBackend: Send {
     /// The doorbell writers ring after queueing, if the backend sleeps
     /// somewhere the queue cannot wake it.
-    fn doorbell(&self) -> Option<Arc<crate::uring::Doorbell>> {
+    fn doorbell(&self) -> Option<Arc<crate::ring::Doorbell>> {
         None
     }
 
@@ -439,6 +439,7 @@ impl Driver {
             released = Some(p.last_seq);
         }
         if let Some(seq) = released {
+            self.storage.acknowledged(seq);
             self.notify.advance(seq);
         }
         Ok(())

@@ -178,7 +178,8 @@ fn open(control: &Control) -> (Wal, ReleaseOnDrop) {
         Path::new("/wal"),
         opts,
         Arc::new(SimStorage::new()),
-        Some(backend),
+        // Syncs on the driver's orders like pwritev.
+        Some((backend, crate::Backend::Pwritev)),
     )
     .unwrap();
     (wal, ReleaseOnDrop(control.clone()))

@@ -17,7 +17,10 @@
 //!    have to read), writes it with one `pwritev` and then issues one
 //!    fdatasync — on io_uring, with up to `groups_inflight_max` fdatasyncs
 //!    in flight while later groups are written, or on the driver thread
-//!    where io_uring is not allowed.
+//!    where io_uring is not allowed. The io_uring backend's decisions live
+//!    in `ring.rs`, run over the kernel's ring (`uring.rs`) and, in the
+//!    crash-state and fault tests, over a simulated one whose fdatasyncs
+//!    complete out of order (`sim_ring`, with the `testing` feature).
 //! 3. When a group's fdatasync lands, every earlier group's has, and every
 //!    fdatasync issued before it landed has returned too (one of those may
 //!    have been handed an error of this group's pages: see the rule on
@@ -54,9 +57,12 @@ mod index;
 mod metrics;
 mod options;
 pub mod recovery;
+mod ring;
 mod segment;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim_ring;
 mod storage;
 mod uring;
 mod wal;

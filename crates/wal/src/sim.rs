@@ -9,6 +9,8 @@
 //!
 //! - file data written since the inode's last `sync_data` may be lost: whole,
 //!   torn at a 512-byte sector boundary, or sector by sector in any order;
+//!   an fdatasync queued on a simulated ring (`sim_ring`) makes durable only
+//!   the writes done before it was queued ([`Op::SyncData`] says how many);
 //! - creates, renames and removals in a directory may be lost, newest first,
 //!   until `sync_dir` of that directory;
 //! - directories themselves (`create_dir_all`) are durable at once and are not
@@ -58,17 +60,24 @@ pub enum Op {
         offset: u64,
         data: Vec<u8>,
     },
-    /// Every earlier write to `ino` became durable.
-    SyncData { ino: u64 },
+    /// The first `writes` writes to inode `ino` (counting every
+    /// [`Op::Write`] of it since it was created) became durable: all of them
+    /// for `sync_data`; for an fdatasync queued on a ring and completing
+    /// later, only those that had completed when it was queued.
+    SyncData { ino: u64, writes: u64 },
     /// The entry `from` moved to `to`, replacing what `to` named.
     Rename { from: PathBuf, to: PathBuf },
     /// The entry at `path` was unlinked.
     Remove { path: PathBuf },
     /// Every earlier create, rename and removal in `dir` became durable.
     SyncDir { dir: PathBuf },
-    /// A point a test named with [`SimStorage::mark`], for example "ticket 7
-    /// was acknowledged here".
+    /// A point a test named with [`SimStorage::mark`], for example "step 7
+    /// is about to be submitted".
     Mark(u64),
+    /// The WAL's driver acknowledged every write up to this sequence number
+    /// of the WAL open now (numbers start again at each open), just before
+    /// telling waiters.
+    Acknowledged(u64),
 }
 
 /// One disk image a crash could leave.
@@ -138,8 +147,40 @@ type PathFilter = Box<dyn Fn(&Path) -> bool + Send>;
 #[derive(Default)]
 struct Inode {
     data: Vec<u8>,
-    /// `data` as of the last successful `sync_data`.
+    /// `data` as of the last write made durable.
     durable: Vec<u8>,
+    /// Writes logged so far.
+    writes: u64,
+    /// Writes made durable so far: the first `synced` of them.
+    // Invariant: synced <= writes, and `unsynced` holds writes
+    // synced..writes, in order.
+    synced: u64,
+    /// The writes not yet durable, as indexes of their [`Op::Write`] in
+    /// the op log.
+    unsynced: Vec<usize>,
+}
+
+impl Inode {
+    /// Makes the first `through` writes durable (fewer: nothing to do).
+    fn sync_through(&mut self, through: u64, ops: &[Op]) {
+        assert!(through <= self.writes, "a sync covers only writes done");
+        if through <= self.synced {
+            return;
+        }
+        let n = (through - self.synced) as usize;
+        if n == self.unsynced.len() {
+            self.durable.clone_from(&self.data);
+            self.unsynced.clear();
+        } else {
+            for at in self.unsynced.drain(..n) {
+                let Op::Write { offset, data, .. } = &ops[at] else {
+                    unreachable!("an unsynced write is a write");
+                };
+                write_at(&mut self.durable, *offset, data);
+            }
+        }
+        self.synced = through;
+    }
 }
 
 #[derive(Default)]
@@ -275,7 +316,9 @@ impl SimStorage {
 
     /// Flips `bit` (0..8) of the byte at `offset` of the file at `path`, in
     /// both views: media corruption. It is not logged, so crash states do not
-    /// see it.
+    /// see it. Flip synced bytes: a write not yet durable that covers the
+    /// byte brings its own back when an fdatasync queued on a simulated ring
+    /// makes it durable.
     ///
     /// # Panics
     ///
@@ -298,6 +341,28 @@ impl SimStorage {
         let state = self.lock();
         let ino = state.lookup(path).ok()?;
         Some(state.inodes[&ino].data.clone())
+    }
+
+    /// For an fdatasync queued now on a (simulated) ring: the inode linked at
+    /// `path` and how many writes to it have completed, the writes that
+    /// fdatasync is sure to cover.
+    pub(crate) fn sync_point(&self, path: &Path) -> io::Result<(u64, u64)> {
+        let state = self.lock();
+        let ino = state.lookup(path)?;
+        Ok((ino, state.inodes[&ino].writes))
+    }
+
+    /// For an fdatasync of inode `ino` (queued for `path`) completing: the
+    /// failure set up by `fail_next_sync*`, taken, if it picks this file.
+    pub(crate) fn take_sync_failure(&self, ino: u64, path: &Path) -> Option<io::Error> {
+        self.lock().take_sync_failure(ino, path)
+    }
+
+    /// Makes the first `writes` writes to inode `ino` durable, as a
+    /// successful fdatasync queued after them does, and logs
+    /// [`Op::SyncData`].
+    pub(crate) fn sync_through(&self, ino: u64, writes: u64) {
+        self.lock().sync_through(ino, writes);
     }
 
     /// File names in `dir` in the volatile view, sorted; empty if `dir` does
@@ -396,6 +461,7 @@ impl SimStorage {
                 state.inodes.entry(*ino).or_insert_with(|| Inode {
                     durable: data.clone(),
                     data,
+                    ..Inode::default()
                 });
             }
             let dir = Dir {
@@ -487,6 +553,8 @@ impl State {
         }
         let inode = self.inodes.get_mut(&ino).expect("open file without inode");
         write_at(&mut inode.data, offset, &data);
+        inode.writes += 1;
+        inode.unsynced.push(self.ops.len());
         self.ops.push(Op::Write { ino, offset, data });
         Ok(())
     }
@@ -505,18 +573,32 @@ impl State {
     }
 
     fn sync_data(&mut self, ino: u64, opened_at: &Path) -> io::Result<()> {
+        if let Some(e) = self.take_sync_failure(ino, opened_at) {
+            return Err(e);
+        }
+        let writes = self.inodes[&ino].writes;
+        self.sync_through(ino, writes);
+        Ok(())
+    }
+
+    /// Takes the sync failure set up for the file `ino`, if it picks it.
+    fn take_sync_failure(&mut self, ino: u64, opened_at: &Path) -> Option<io::Error> {
         let picked = self.sync_failure.as_ref().is_some_and(|(_, pick)| {
             let path = self.current_path(ino, opened_at);
             pick(&path)
         });
-        if picked {
-            let (errno, _) = self.sync_failure.take().expect("checked");
-            return Err(io::Error::from_raw_os_error(errno));
+        if !picked {
+            return None;
         }
+        let (errno, _) = self.sync_failure.take().expect("checked");
+        Some(io::Error::from_raw_os_error(errno))
+    }
+
+    /// Makes the first `writes` writes to `ino` durable, and logs it.
+    fn sync_through(&mut self, ino: u64, writes: u64) {
         let inode = self.inodes.get_mut(&ino).expect("open file without inode");
-        inode.durable = inode.data.clone();
-        self.ops.push(Op::SyncData { ino });
-        Ok(())
+        inode.sync_through(writes, &self.ops);
+        self.ops.push(Op::SyncData { ino, writes });
     }
 }
 
@@ -613,6 +695,10 @@ impl Storage for SimStorage {
         Ok(d.entries.keys().cloned().collect())
     }
 
+    fn acknowledged(&self, write_seq: u64) {
+        self.lock().ops.push(Op::Acknowledged(write_seq));
+    }
+
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.lock();
         for ancestor in dir.ancestors() {
@@ -695,8 +781,10 @@ struct Replay {
 struct PendingInode {
     ino: u64,
     durable: Vec<u8>,
-    /// Writes since the last `SyncData`, oldest first, as `(offset, data)`.
+    /// Writes not yet durable, oldest first, as `(offset, data)`.
     writes: Vec<(u64, Vec<u8>)>,
+    /// Writes made durable so far (the number of `writes[0]`).
+    synced: u64,
 }
 
 #[derive(Default)]
@@ -752,10 +840,15 @@ impl Replay {
                     let inode = replay.inodes.get_mut(ino).expect("write before create");
                     inode.writes.push((*offset, data.clone()));
                 }
-                Op::SyncData { ino } => {
+                Op::SyncData { ino, writes } => {
                     let inode = replay.inodes.get_mut(ino).expect("sync before create");
-                    inode.durable = inode.clean();
-                    inode.writes.clear();
+                    let n = writes.saturating_sub(inode.synced) as usize;
+                    assert!(n <= inode.writes.len(), "a sync covers only writes done");
+                    let synced = inode.writes.drain(..n);
+                    let pieces = synced.as_slice().iter().map(|(o, d)| (*o, d.as_slice()));
+                    inode.durable = content(&inode.durable, pieces);
+                    drop(synced);
+                    inode.synced += n as u64;
                 }
                 Op::Rename { from, to } => {
                     let (from_dir, from_name) = split(from).expect("logged path is valid");
@@ -778,7 +871,7 @@ impl Replay {
                     d.durable = d.current.clone();
                     d.changes.clear();
                 }
-                Op::Mark(_) => {}
+                Op::Mark(_) | Op::Acknowledged(_) => {}
             }
         }
         replay
@@ -921,14 +1014,14 @@ fn not_found(path: &Path) -> io::Error {
 }
 
 /// splitmix64: small, seedable, good enough to pick sectors.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Rng(seed)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -936,8 +1029,14 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn coin(&mut self) -> bool {
+    pub(crate) fn coin(&mut self) -> bool {
         self.next_u64() >> 63 == 1
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        assert!(n > 0);
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -1212,15 +1311,66 @@ mod tests {
 
     /// The replayed "dropped" image must equal the live durable view at every
     /// point of a run mixing every op.
+    /// An fdatasync queued on a ring covers the writes done when it was
+    /// queued, not those done while it was in flight; a later full sync
+    /// covers everything, and an earlier point completing after it undoes
+    /// nothing.
+    #[test]
+    fn a_queued_sync_covers_only_writes_done_when_it_was_queued() {
+        let (disk, file) = disk_with_file();
+        write(&file, 0, b"one").unwrap();
+        let first = disk.sync_point(&path("a")).unwrap();
+        write(&file, 3, b"+two").unwrap();
+        let second = disk.sync_point(&path("a")).unwrap();
+        write(&file, 7, b"+three").unwrap();
+        assert_eq!(second.1, first.1 + 1);
+        let dropped = |disk: &SimStorage| {
+            let states = disk.crash_states(disk.op_count(), 0);
+            kind(&states, "dropped")[0].read_file(&path("a")).unwrap()
+        };
+        disk.sync_through(second.0, second.1);
+        assert_eq!(dropped(&disk), b"one+two");
+        assert_eq!(disk.durable_files()[&path("a")], b"one+two");
+        disk.sync_through(first.0, first.1);
+        assert_eq!(dropped(&disk), b"one+two");
+        file.sync_data().unwrap();
+        assert_eq!(dropped(&disk), b"one+two+three");
+        assert!(matches!(
+            disk.ops().last(),
+            Some(Op::SyncData { writes: 3, .. })
+        ));
+    }
+
+    /// A failure set up for the next sync goes to a queued fdatasync
+    /// completing first as well as to `sync_data`, and is taken once.
+    #[test]
+    fn a_queued_sync_takes_the_injected_failure() {
+        let (disk, file) = disk_with_file();
+        write(&file, 0, b"x").unwrap();
+        let (ino, _) = disk.sync_point(&path("a")).unwrap();
+        disk.fail_next_sync(libc::EIO);
+        let e = disk.take_sync_failure(ino, &path("a")).unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(disk.take_sync_failure(ino, &path("a")).is_none());
+        file.sync_data().unwrap();
+    }
+
     #[test]
     fn dropped_image_matches_live_durable_view() {
         let disk = SimStorage::new();
         disk.create_dir_all(Path::new("/wal/snap")).unwrap();
         let mut rng = Rng::new(42);
         let mut files: Vec<Arc<dyn StorageFile>> = Vec::new();
-        for step in 0..200 {
+        // fdatasyncs queued on a ring, not yet completed: (inode, point).
+        let mut issued = Vec::new();
+        for step in 0..300 {
             let name = |n: u64| path(&format!("f{}", n % 4));
-            match rng.next_u64() % 7 {
+            match rng.next_u64() % 9 {
+                6 => issued.extend(disk.sync_point(&name(rng.next_u64())).ok()),
+                7 if !issued.is_empty() => {
+                    let (ino, point) = issued.swap_remove(rng.below(issued.len()));
+                    disk.sync_through(ino, point);
+                }
                 0 => files.extend(disk.create(&name(rng.next_u64())).ok()),
                 1 | 2 if !files.is_empty() => {
                     let file = &files[rng.next_u64() as usize % files.len()];

@@ -4,9 +4,11 @@
 //! rename, unlink, directory fsync) goes through [`Storage`]. The real
 //! implementation is [`OsStorage`]; tests substitute a recording, simulated
 //! disk (the `testing` feature) to enumerate crash states. The io_uring
-//! backend bypasses this seam for its writes and fdatasyncs, using the raw
-//! file descriptor that [`StorageFile::raw_fd`] exposes; it is therefore only
-//! used with [`OsStorage`].
+//! backend writes, and syncs lone groups, through this seam too; only the
+//! fdatasyncs it queues on the kernel's ring use the raw file descriptor
+//! that [`StorageFile::raw_fd`] exposes, so it runs on the kernel's ring only
+//! with [`OsStorage`]. Tests run the same backend over a simulated ring on
+//! the simulated disk (`sim_ring`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
@@ -32,6 +34,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn has_raw_fds(&self) -> bool {
         false
     }
+
+    /// Called by the I/O driver just before it tells waiters that every
+    /// write up to `write_seq` (of this WAL's incarnation) is durable. Real
+    /// storage has nothing to do; a simulated disk records the point, so
+    /// that crash tests hold each acknowledgement to where it was made
+    /// rather than to where a waiter noticed it.
+    fn acknowledged(&self, _write_seq: u64) {}
 
     /// Writes `len` zero bytes from offset 0 of `file` (just created at
     /// `path`), not yet synced. Pre-writing spares goes through here so that

@@ -24,9 +24,10 @@ use crate::index::{LogIndex, RecordLoc};
 use crate::metrics::Metrics;
 use crate::options::{Backend, Options};
 use crate::recovery::{self, apply_snapshot, apply_truncate, RecoveryReport};
+use crate::ring::Doorbell;
 use crate::segment::{segment_name, start_prewriter, Spare, SparePool};
 use crate::storage::{OsStorage, Storage, StorageFile};
-use crate::uring::{Doorbell, UringBackend};
+use crate::uring;
 use crate::{Entry, HardState, SnapshotMeta};
 
 /// Everything one write makes durable together, applied in this order:
@@ -154,20 +155,20 @@ impl Wal {
         Wal::open_with_backend(dir.as_ref(), opts, storage, None)
     }
 
-    /// [`Wal::open_with_storage`] with the I/O backend given (tests script
-    /// one to complete groups out of order) or chosen from the options.
+    /// [`Wal::open_with_storage`] with the I/O backend given, and which
+    /// kind it is (tests script one to complete groups out of order, or run
+    /// the io_uring logic over a simulated ring), or chosen from the options.
     pub(crate) fn open_with_backend(
         dir: &Path,
         opts: Options,
         storage: Arc<dyn Storage>,
-        io: Option<Box<dyn IoBackend>>,
+        io: Option<(Box<dyn IoBackend>, Backend)>,
     ) -> Result<Wal> {
         opts.validate()?;
         let dir = dir.to_path_buf();
         let rec = recovery::recover(storage.as_ref(), &dir, opts.segment_size)?;
         let (io, backend): (Box<dyn IoBackend>, Backend) = match io {
-            // A scripted backend syncs on the driver's orders like pwritev.
-            Some(io) => (io, Backend::Pwritev),
+            Some(given) => given,
             None => choose_backend(&opts, storage.as_ref())?,
         };
         let doorbell = io.doorbell();
@@ -961,7 +962,7 @@ fn choose_backend(opts: &Options, storage: &dyn Storage) -> Result<(Box<dyn IoBa
         Backend::Auto => storage.has_raw_fds(),
     };
     if want_uring {
-        match UringBackend::new(opts.groups_inflight_max) {
+        match uring::backend(opts.groups_inflight_max) {
             Ok(b) => return Ok((Box::new(b), Backend::IoUring)),
             Err(e) if opts.backend == Backend::IoUring => {
                 return Err(Error::InvalidOption {

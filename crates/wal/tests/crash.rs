@@ -2,13 +2,21 @@
 //!
 //! Each scenario drives a WAL on a [`SimStorage`] through a scripted
 //! workload, one record per write (a step), keeping a model of the log after
-//! every step. The op log carries a mark before each step is submitted and a
-//! mark once its ticket says it is durable. Then, for every prefix of the op
+//! every step. The op log carries a mark before each step is submitted, and
+//! the WAL's own record of each acknowledgement ([`Op::Acknowledged`], which
+//! its driver logs just before it wakes the waiters: the exact point, not
+//! when the test thread gets to notice). Then, for every prefix of the op
 //! log, every disk image a crash right there could leave is opened, and the
 //! recovered log must equal the model after some step between the last one
 //! acknowledged and the last one submitted before the crash: nothing
 //! acknowledged lost, nothing invented, nothing half-applied. Each recovered
 //! WAL must also take new appends that survive a clean reopen.
+//!
+//! Every workload runs twice: on the pwritev backend, and on the io_uring
+//! backend's logic over a simulated ring ([`skiff_wal::sim_ring`]), whose
+//! fdatasyncs complete in a seeded, permuted order. There, each run of
+//! writes submitted before an acknowledgement is held on the ring until the
+//! test waits, so that groups pile up in flight and complete out of order.
 
 use std::ops::RangeInclusive;
 use std::path::Path;
@@ -17,19 +25,64 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use skiff_wal::sim::{Op, SimStorage};
+use skiff_wal::sim_ring::{self, RingStats, SimRing};
 use skiff_wal::{
     Backend, Entry, HardState, Options, SnapshotMeta, Storage, Ticket, Wal, WriteBatch,
 };
 
 const DIR: &str = "/wal";
-/// Mark ids: `k` says step `k` was acknowledged, `SUBMITTED | k` that step
-/// `k` is about to be submitted.
+/// Mark ids: `SUBMITTED | k` says step `k` is about to be submitted,
+/// `REOPENED | e` that the WAL was closed and is opened again, its write
+/// sequence numbers (which [`Op::Acknowledged`] names) starting again in
+/// epoch `e`.
 const SUBMITTED: u64 = 1 << 40;
+const REOPENED: u64 = 1 << 41;
 /// Term of the entries appended to every recovered WAL: above any term a
 /// workload uses.
 const PROBE_TERM: u64 = 1 << 20;
 
-fn options() -> Options {
+/// The I/O path a WAL runs on.
+#[derive(Debug, Clone)]
+enum Io {
+    Pwritev,
+    /// The io_uring backend's logic over a simulated ring.
+    Ring(SimRing),
+}
+
+impl Io {
+    fn ring(seed: u64) -> Io {
+        Io::Ring(SimRing::new(seed))
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Io::Pwritev => "pwritev".into(),
+            Io::Ring(r) => format!("io_uring path, ring seed {:#x}", r.seed()),
+        }
+    }
+
+    fn stats(&self) -> Option<RingStats> {
+        match self {
+            Io::Pwritev => None,
+            Io::Ring(r) => Some(r.stats()),
+        }
+    }
+}
+
+fn options(io: &Io) -> Options {
+    match io {
+        Io::Pwritev => pwritev_options(),
+        Io::Ring(_) => Options {
+            // The smallest group: writes queued together still go out as
+            // several groups, in flight at once.
+            group_bytes_max: 4096,
+            backend: Backend::IoUring,
+            ..pwritev_options()
+        },
+    }
+}
+
+fn pwritev_options() -> Options {
     Options {
         // The smallest segment `Options::validate` allows: many rotations
         // from few entries.
@@ -43,8 +96,11 @@ fn options() -> Options {
     }
 }
 
-fn open(storage: &SimStorage) -> skiff_wal::Result<Wal> {
-    Wal::open_with_storage(DIR, options(), Arc::new(storage.clone()))
+fn open(storage: &SimStorage, io: &Io) -> skiff_wal::Result<Wal> {
+    match io {
+        Io::Pwritev => Wal::open_with_storage(DIR, options(io), Arc::new(storage.clone())),
+        Io::Ring(ring) => sim_ring::open(DIR, options(io), storage, ring),
+    }
 }
 
 /// A payload that differs by index and by term, so that an entry rewritten
@@ -57,6 +113,14 @@ fn payload(index: u64, term: u64) -> Bytes {
             .map(|i| (seed.wrapping_add(i * 31) >> (i % 7)) as u8)
             .collect::<Vec<u8>>(),
     )
+}
+
+/// Like [`payload`], `len` bytes long.
+fn sized_payload(index: u64, term: u64, len: usize) -> Bytes {
+    let seed = payload(index, term);
+    (0..len)
+        .map(|i| seed[i % seed.len()] ^ (i >> 3) as u8)
+        .collect()
 }
 
 fn entries(lo: u64, hi: u64, term: u64) -> Vec<Entry> {
@@ -173,25 +237,53 @@ impl Model {
 /// A workload in progress: the live WAL, the model and its history.
 struct Run {
     name: &'static str,
+    io: Io,
     sim: SimStorage,
     wal: Option<Wal>,
     model: Model,
-    /// `states[k]`: the model after step `k` (`states[0]`: empty).
-    states: Vec<Model>,
+    history: History,
+    /// Opens since the first.
+    epoch: u64,
     /// Submitted, not yet acknowledged.
     pending: Vec<(u64, Ticket)>,
 }
 
+/// The model after each step, and which write each step was.
+struct History {
+    /// `states[k]`: the model after step `k` (`states[0]`: empty).
+    states: Vec<Model>,
+    /// `writes[k]`: (epoch, write sequence number) of step `k`, increasing.
+    writes: Vec<(u64, u64)>,
+}
+
+impl History {
+    fn new() -> History {
+        History {
+            states: vec![Model::new()],
+            writes: vec![(0, 0)],
+        }
+    }
+
+    /// The last step acknowledged once the WAL of `epoch` acknowledged
+    /// every write up to `seq`.
+    fn acked_by(&self, epoch: u64, seq: u64) -> u64 {
+        let steps = self.writes.partition_point(|&w| w <= (epoch, seq));
+        steps as u64 - 1
+    }
+}
+
 impl Run {
-    fn new(name: &'static str) -> Run {
+    fn new(name: &'static str, io: Io) -> Run {
         let sim = SimStorage::new();
-        let wal = open(&sim).expect("open an empty WAL");
+        let wal = open(&sim, &io).expect("open an empty WAL");
         Run {
             name,
+            io,
             sim,
             wal: Some(wal),
             model: Model::new(),
-            states: vec![Model::new()],
+            history: History::new(),
+            epoch: 0,
             pending: Vec::new(),
         }
     }
@@ -202,14 +294,19 @@ impl Run {
 
     /// Submits one write without waiting for it.
     fn submit(&mut self, batch: WriteBatch) {
-        let k = self.states.len() as u64;
+        if let (Io::Ring(ring), true) = (&self.io, self.pending.is_empty()) {
+            // Nothing waited for until `ack`: keep the groups in flight.
+            ring.hold();
+        }
+        let k = self.history.states.len() as u64;
         self.sim.mark(SUBMITTED | k);
         let ticket = self
             .wal()
             .write(batch.clone())
             .unwrap_or_else(|e| panic!("{}: step {k} refused: {e}", self.name));
         self.model.apply(&batch);
-        self.states.push(self.model.clone());
+        self.history.states.push(self.model.clone());
+        self.history.writes.push((self.epoch, ticket.seq()));
         self.pending.push((k, ticket));
     }
 
@@ -245,11 +342,13 @@ impl Run {
 
     /// Waits for every submitted step, marking each as acknowledged.
     fn ack(&mut self) {
+        if let Io::Ring(ring) = &self.io {
+            ring.release();
+        }
         for (k, ticket) in self.pending.drain(..) {
             ticket
                 .wait()
                 .unwrap_or_else(|e| panic!("{}: step {k} failed: {e}", self.name));
-            self.sim.mark(k);
         }
     }
 
@@ -274,7 +373,10 @@ impl Run {
             .expect("open")
             .close()
             .unwrap_or_else(|e| panic!("{}: close: {e}", self.name));
-        let wal = open(&self.sim).unwrap_or_else(|e| panic!("{}: reopen: {e}", self.name));
+        self.epoch += 1;
+        self.sim.mark(REOPENED | self.epoch);
+        let wal =
+            open(&self.sim, &self.io).unwrap_or_else(|e| panic!("{}: reopen: {e}", self.name));
         // A clean close leaves no torn tail; that is checked on its own by
         // `clean_reopen_after_recycling_reports_no_torn_tail`.
         self.wal = Some(wal);
@@ -290,8 +392,9 @@ impl Run {
         );
     }
 
-    /// Acknowledges and closes; returns the disk and the model history.
-    fn finish(mut self) -> (SimStorage, Vec<Model>) {
+    /// Acknowledges and closes; returns the disk, the model history and how
+    /// the WAL ran.
+    fn finish(mut self) -> (SimStorage, History, Io) {
         self.ack();
         self.check_live();
         self.wal
@@ -299,31 +402,43 @@ impl Run {
             .expect("open")
             .close()
             .unwrap_or_else(|e| panic!("{}: close: {e}", self.name));
-        (self.sim, self.states)
+        (self.sim, self.history, self.io)
     }
 }
 
 /// Opens the WAL on every crash image of every prefix of `sim`'s op log and
-/// checks it. Returns the number of images checked.
-fn check_all_prefixes(name: &str, sim: &SimStorage, states: &[Model], seed: u64) -> usize {
+/// checks it, recovering each on the I/O path `io`. Returns the number of
+/// images checked.
+fn check_all_prefixes(
+    name: &str,
+    sim: &SimStorage,
+    history: &History,
+    seed: u64,
+    io: &Io,
+) -> usize {
     let ops = sim.ops();
+    let states = &history.states;
     let mut acked = 0u64;
     let mut submitted = 0u64;
+    let mut epoch = 0;
     let mut checked = 0;
     for prefix in 0..=ops.len() {
-        if let Some(Op::Mark(m)) = prefix.checked_sub(1).map(|i| &ops[i]) {
-            if m & SUBMITTED != 0 {
-                submitted = m & !SUBMITTED;
-            } else {
-                acked = *m;
-            }
+        match prefix.checked_sub(1).map(|i| &ops[i]) {
+            Some(Op::Mark(m)) if m & SUBMITTED != 0 => submitted = m & !SUBMITTED,
+            Some(Op::Mark(m)) if m & REOPENED != 0 => epoch = m & !REOPENED,
+            Some(Op::Acknowledged(seq)) => acked = acked.max(history.acked_by(epoch, *seq)),
+            _ => {}
         }
-        assert!(acked <= submitted);
+        assert!(
+            acked <= submitted,
+            "{name}: step {acked} acknowledged before it was submitted"
+        );
         for state in sim.crash_states(prefix, seed) {
             let ctx = || {
                 format!(
-                    "{name}: crash after {prefix} of {} ops (last: {}), image {:?}, \
+                    "{name} ({}): crash after {prefix} of {} ops (last: {}), image {:?}, \
                      acknowledged {acked}, submitted {submitted}",
+                    io.name(),
                     ops.len(),
                     prefix
                         .checked_sub(1)
@@ -331,7 +446,7 @@ fn check_all_prefixes(name: &str, sim: &SimStorage, states: &[Model], seed: u64)
                     state.kind,
                 )
             };
-            check_image(&state.storage, states, acked..=submitted, &ctx);
+            check_image(&state.storage, states, acked..=submitted, io, &ctx);
             checked += 1;
         }
     }
@@ -348,7 +463,7 @@ fn describe(op: &Op) -> String {
             )
         }
         Op::Mark(m) if m & SUBMITTED != 0 => format!("Mark(submitted {})", m & !SUBMITTED),
-        Op::Mark(m) => format!("Mark(acknowledged {m})"),
+        Op::Mark(m) if m & REOPENED != 0 => format!("Mark(reopened, epoch {})", m & !REOPENED),
         other => format!("{other:?}"),
     }
 }
@@ -357,9 +472,10 @@ fn check_image(
     image: &SimStorage,
     states: &[Model],
     allowed: RangeInclusive<u64>,
+    io: &Io,
     ctx: &dyn Fn() -> String,
 ) {
-    let wal = match open(image) {
+    let wal = match open(image, io) {
         Ok(wal) => wal,
         Err(e) => panic!("{}: open failed: {e}", ctx()),
     };
@@ -388,7 +504,7 @@ fn check_image(
     if let Err(e) = wal.close() {
         panic!("{}: close after recovery failed: {e}", ctx());
     }
-    let wal = open(image).unwrap_or_else(|e| panic!("{}: second reopen failed: {e}", ctx()));
+    let wal = open(image, io).unwrap_or_else(|e| panic!("{}: second reopen failed: {e}", ctx()));
     let mut want = got;
     want.entries.extend(probe);
     let again = Model::of(&wal).unwrap_or_else(|e| panic!("{}: read failed: {e}", ctx()));
@@ -404,8 +520,8 @@ fn check_image(
 /// Appends in batches of 1..=4 entries, some waited one by one, some
 /// submitted two or three at a time so that they may share a group; hard
 /// states now and then; two reopens.
-fn appends_across_segments() -> Run {
-    let mut run = Run::new("appends_across_segments");
+fn appends_across_segments(io: Io) -> Run {
+    let mut run = Run::new("appends_across_segments", io);
     let mut commit = 0;
     for i in 0..240u64 {
         let term = 1 + i / 80;
@@ -432,8 +548,8 @@ fn appends_across_segments() -> Run {
 
 /// Raft conflicts: suffixes truncated within the active segment and into an
 /// earlier one, each followed by appends of a later term; hard states.
-fn conflicts() -> Run {
-    let mut run = Run::new("conflicts");
+fn conflicts(io: Io) -> Run {
+    let mut run = Run::new("conflicts", io);
     let mut term = 1;
     for round in 0..3 {
         for _ in 0..14 {
@@ -493,8 +609,8 @@ fn conflicts() -> Run {
 /// Snapshots and compaction: segments deleted and recycled as spares, the
 /// spares reused, a snapshot beyond the log that discards it, a snapshot
 /// whose term disagrees with the log, reopens.
-fn snapshots_and_compaction() -> Run {
-    let mut run = Run::new("snapshots_and_compaction");
+fn snapshots_and_compaction(io: Io) -> Run {
+    let mut run = Run::new("snapshots_and_compaction", io);
     let mut term = 1;
     for round in 0..2 {
         let segs = run.segments();
@@ -559,8 +675,8 @@ fn snapshots_and_compaction() -> Run {
 
 /// Reopens often: appends continue in the last segment after a clean
 /// close, across rotations and compactions.
-fn reopen_often() -> Run {
-    let mut run = Run::new("reopen_often");
+fn reopen_often(io: Io) -> Run {
+    let mut run = Run::new("reopen_often", io);
     for round in 0..24u64 {
         let term = 1 + round / 3;
         for i in 0..8 {
@@ -583,8 +699,8 @@ fn reopen_often() -> Run {
 /// Deep pipelines: six writes queued before any is waited for, so that
 /// groups carry several writes and a torn group write tears between (and
 /// inside) them; hard states and a truncate inside the pipeline.
-fn pipelined() -> Run {
-    let mut run = Run::new("pipelined");
+fn pipelined(io: Io) -> Run {
+    let mut run = Run::new("pipelined", io);
     let mut term = 1;
     for round in 0..80u64 {
         for i in 0..6 {
@@ -610,8 +726,8 @@ fn pipelined() -> Run {
 /// Records of up to a third of a segment: a new segment every few writes,
 /// the seal of the last one checked each time, compaction and recycling
 /// every few segments.
-fn large_records() -> Run {
-    let mut run = Run::new("large_records");
+fn large_records(io: Io) -> Run {
+    let mut run = Run::new("large_records", io);
     let mut term = 1;
     for i in 0..140u64 {
         let next = run.model.next();
@@ -646,57 +762,162 @@ fn large_records() -> Run {
     run
 }
 
-fn enumerate(run: Run, seed: u64) -> usize {
+/// Bursts of 6 to 11 writes of 0.4 to 3 KB queued before any is waited
+/// for: several groups' worth (on the io_uring path, several groups in
+/// flight at once, their fdatasyncs completing out of order), crossing
+/// segment boundaries (a new segment waits for every group before it); a
+/// conflict truncating inside a burst, hard states, snapshots and
+/// compaction between bursts, a reopen.
+fn bursts(io: Io) -> Run {
+    let mut run = Run::new("bursts", io);
+    let mut term = 1;
+    for round in 0..36u64 {
+        for i in 0..6 + round % 6 {
+            let next = run.model.next();
+            let len = 400 + ((round * 7 + i) * 1327) % 2600;
+            run.submit(WriteBatch {
+                entries: (next..next + 1 + i % 2)
+                    .map(|index| Entry {
+                        index,
+                        term,
+                        payload: sized_payload(index, term, len as usize / 2),
+                    })
+                    .collect(),
+                ..WriteBatch::default()
+            });
+            if i % 4 == 3 {
+                run.hard_state(term, 1, run.model.next() - 2);
+            }
+        }
+        if round % 5 == 4 {
+            term += 1;
+            let next = run.model.next();
+            run.truncate(next - 3);
+            run.append(2, term);
+            run.append(1, term);
+        }
+        run.ack();
+        if round % 12 == 11 {
+            let snap = run.model.next() - 3;
+            run.snapshot(snap, term);
+            let removed = run.compact(snap);
+            assert!(removed >= 2, "compaction removes segments: {removed}");
+        }
+        if round == 20 {
+            run.reopen();
+        }
+    }
+    run
+}
+
+fn enumerate(run: Run, seed: u64) -> (usize, Option<RingStats>) {
     let name = run.name;
     let t0 = Instant::now();
-    let (sim, states) = run.finish();
+    let (sim, history, io) = run.finish();
+    let ring = io.stats();
     let ops = sim.op_count();
-    let n = check_all_prefixes(name, &sim, &states, seed);
+    let n = check_all_prefixes(name, &sim, &history, seed, &io);
     eprintln!(
-        "{name}: {} steps, {ops} ops ({} group writes), {n} crash states in {:.1?}",
-        states.len() - 1,
+        "{name} ({}): {} steps, {ops} ops ({} group writes), {n} crash states in {:.1?}{}",
+        io.name(),
+        history.states.len() - 1,
         sim.ops()
             .iter()
             .filter(|o| matches!(o, Op::Write { .. }))
             .count(),
-        t0.elapsed()
+        t0.elapsed(),
+        ring.map_or(String::new(), |r| format!(", ring {r:?}")),
     );
-    n
+    (n, ring)
 }
 
-/// Every crash image of every prefix of six workloads recovers an allowed
-/// log and stays usable.
-#[test]
-fn crash_states_recover_an_acknowledged_prefix() {
+/// A scripted workload, run on an I/O path.
+type Workload = fn(Io) -> Run;
+
+/// The workloads, each with the seed of its crash images.
+const WORKLOADS: [(Workload, u64); 7] = [
+    (appends_across_segments, 1),
+    (conflicts, 2),
+    (snapshots_and_compaction, 3),
+    (reopen_often, 4),
+    (pipelined, 5),
+    (large_records, 6),
+    (bursts, 8),
+];
+
+/// Seed of the simulated rings; `SKIFF_WAL_RING_SEED` replaces it to
+/// replay a failure (each workload's ring seed is this xor its own seed).
+fn ring_seed() -> u64 {
+    std::env::var("SKIFF_WAL_RING_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_5EED_5EED)
+}
+
+/// Runs every workload on the I/O path `io_of(seed)` gives and checks every
+/// crash image of each: returns the number of images checked and, on the
+/// io_uring path, what the rings did.
+fn enumerate_all(io_of: fn(u64) -> Io) -> (usize, RingStats) {
     let t0 = Instant::now();
-    let workloads: [(fn() -> Run, u64); 6] = [
-        (appends_across_segments, 1),
-        (conflicts, 2),
-        (snapshots_and_compaction, 3),
-        (reopen_often, 4),
-        (pipelined, 5),
-        (large_records, 6),
-    ];
-    // Two threads: the enumeration is CPU-bound and each image's WAL runs
-    // its own driver thread.
-    let handles: Vec<_> = workloads
+    // One thread per workload: the enumeration is CPU-bound and each
+    // image's WAL runs its own driver thread.
+    let handles: Vec<_> = WORKLOADS
         .into_iter()
-        .map(|(workload, seed)| std::thread::spawn(move || enumerate(workload(), seed)))
+        .map(|(workload, seed)| std::thread::spawn(move || enumerate(workload(io_of(seed)), seed)))
         .collect();
     let mut n = 0;
+    let mut ring = RingStats::default();
     let mut panics = Vec::new();
     for h in handles {
         match h.join() {
-            Ok(k) => n += k,
+            Ok((k, r)) => {
+                n += k;
+                if let Some(r) = r {
+                    ring.fsyncs += r.fsyncs;
+                    ring.out_of_order += r.out_of_order;
+                    ring.deferred += r.deferred;
+                    ring.failed += r.failed;
+                    ring.inflight_max = ring.inflight_max.max(r.inflight_max);
+                }
+            }
             Err(p) => panics.push(p),
         }
     }
     if let Some(p) = panics.pop() {
         std::panic::resume_unwind(p);
     }
-    println!("CRASH-STATES checked={n}");
     eprintln!("crash-state enumeration took {:.1?}", t0.elapsed());
+    (n, ring)
+}
+
+/// Every crash image of every prefix of seven workloads on the pwritev
+/// backend recovers an allowed log and stays usable.
+#[test]
+fn crash_states_recover_an_acknowledged_prefix() {
+    let (n, _) = enumerate_all(|_| Io::Pwritev);
+    println!("CRASH-STATES checked={n}");
     assert!(n >= 10_000, "only {n} crash states checked");
+}
+
+/// The same on the io_uring backend's logic: groups in flight together,
+/// their fdatasyncs completing in a seeded, permuted order, a success
+/// durable only once every fdatasync in flight with it has succeeded. The
+/// run must have had groups in flight together and out-of-order
+/// completions to count.
+#[test]
+fn crash_states_recover_an_acknowledged_prefix_on_the_io_uring_path() {
+    let base = ring_seed();
+    let (n, ring) = enumerate_all(|seed| Io::ring(ring_seed() ^ seed));
+    println!(
+        "CRASH-STATES io_uring-path checked={n} ring_seed={base:#x} ring_fsyncs={} \
+         out_of_order={} deferred={} inflight_max={}",
+        ring.fsyncs, ring.out_of_order, ring.deferred, ring.inflight_max
+    );
+    assert!(n >= 10_000, "only {n} crash states checked");
+    assert!(
+        ring.inflight_max >= 3 && ring.out_of_order >= 20 && ring.deferred >= 40,
+        "the io_uring path had too little in flight to test: {ring:?}"
+    );
 }
 
 /// A WAL opened and closed without a write: every crash image of that
@@ -704,10 +925,10 @@ fn crash_states_recover_an_acknowledged_prefix() {
 #[test]
 fn crash_before_anything_is_written_opens_empty() {
     let sim = SimStorage::new();
-    let wal = open(&sim).unwrap();
+    let wal = open(&sim, &Io::Pwritev).unwrap();
     assert_eq!(Model::of(&wal).unwrap(), Model::new());
     wal.close().unwrap();
-    let n = check_all_prefixes("empty", &sim, &[Model::new()], 0);
+    let n = check_all_prefixes("empty", &sim, &History::new(), 0, &Io::Pwritev);
     assert!(n >= 2);
 }
 
@@ -720,7 +941,7 @@ fn crash_before_anything_is_written_opens_empty() {
 fn opening_makes_the_wal_directory_durable_in_its_parent() {
     let sim = SimStorage::new();
     let dir = Path::new("/data/node-1/wal");
-    let wal = Wal::open_with_storage(dir, options(), Arc::new(sim.clone())).unwrap();
+    let wal = Wal::open_with_storage(dir, pwritev_options(), Arc::new(sim.clone())).unwrap();
     assert_eq!(sim.unsynced_dirs(), Vec::<std::path::PathBuf>::new());
     for parent in ["/", "/data", "/data/node-1"] {
         assert!(
@@ -735,7 +956,7 @@ fn opening_makes_the_wal_directory_durable_in_its_parent() {
     let sim = SimStorage::new();
     sim.create_dir_all(Path::new(DIR)).unwrap();
     assert_eq!(sim.unsynced_dirs(), vec![Path::new(DIR).to_path_buf()]);
-    let wal = open(&sim).unwrap();
+    let wal = open(&sim, &Io::Pwritev).unwrap();
     assert_eq!(sim.unsynced_dirs(), Vec::<std::path::PathBuf>::new());
     wal.close().unwrap();
 }
@@ -745,7 +966,7 @@ fn opening_makes_the_wal_directory_durable_in_its_parent() {
 /// a last segment that was recycled from a compacted one is not a torn tail.
 #[test]
 fn clean_reopen_after_recycling_reports_no_torn_tail() {
-    let mut run = Run::new("clean_reopen_after_recycling");
+    let mut run = Run::new("clean_reopen_after_recycling", Io::Pwritev);
     while run.segments() < 4 {
         run.append(3, 1);
         run.ack();
@@ -765,7 +986,7 @@ fn clean_reopen_after_recycling_reports_no_torn_tail() {
     let live = run.sim.file_names(Path::new(DIR));
     run.wal.take().unwrap().close().unwrap();
 
-    let wal = open(&run.sim).unwrap();
+    let wal = open(&run.sim, &Io::Pwritev).unwrap();
     assert_eq!(Model::of(&wal).unwrap(), run.model);
     assert_eq!(
         wal.recovery_report().truncated_tail,
@@ -789,7 +1010,16 @@ fn clean_reopen_after_recycling_reports_no_torn_tail() {
 /// image along the way must recover.
 #[test]
 fn truncate_below_a_segment_start_then_compact() {
-    let mut run = Run::new("truncate_below_a_segment_start_then_compact");
+    truncate_below_a_segment_start_then_compact_on(Io::Pwritev);
+}
+
+#[test]
+fn truncate_below_a_segment_start_then_compact_on_the_io_uring_path() {
+    truncate_below_a_segment_start_then_compact_on(Io::ring(ring_seed() ^ 7));
+}
+
+fn truncate_below_a_segment_start_then_compact_on(io: Io) {
+    let mut run = Run::new("truncate_below_a_segment_start_then_compact", io);
     // Fill the first segment; remember where the second one starts.
     let mut second_first = 0;
     while run.segments() < 2 {
@@ -811,16 +1041,17 @@ fn truncate_below_a_segment_start_then_compact() {
     assert_eq!(run.compact(snap), 1, "the first segment is compacted");
     run.append(2, 2);
     run.ack();
-    let (sim, states) = run.finish();
+    let (sim, history, io) = run.finish();
     // A plain reopen first: the clearest failure if it breaks.
-    let wal = open(&sim).unwrap_or_else(|e| panic!("reopen after compaction: {e}"));
-    assert_eq!(Model::of(&wal).unwrap(), *states.last().unwrap());
+    let wal = open(&sim, &io).unwrap_or_else(|e| panic!("reopen after compaction: {e}"));
+    assert_eq!(Model::of(&wal).unwrap(), *history.states.last().unwrap());
     wal.close().unwrap();
     let n = check_all_prefixes(
         "truncate_below_a_segment_start_then_compact",
         &sim,
-        &states,
+        &history,
         7,
+        &io,
     );
     assert!(n > 100);
 }
@@ -831,7 +1062,16 @@ fn truncate_below_a_segment_start_then_compact() {
 /// written with them.
 #[test]
 fn crash_never_leaves_part_of_a_write_batch() {
-    let mut run = Run::new("write_batches");
+    crash_never_leaves_part_of_a_write_batch_on(Io::Pwritev);
+}
+
+#[test]
+fn crash_never_leaves_part_of_a_write_batch_on_the_io_uring_path() {
+    crash_never_leaves_part_of_a_write_batch_on(Io::ring(ring_seed() ^ 11));
+}
+
+fn crash_never_leaves_part_of_a_write_batch_on(io: Io) {
+    let mut run = Run::new("write_batches", io);
     let mut term = 1;
     for round in 0..12u64 {
         let next = run.model.next();
@@ -874,7 +1114,7 @@ fn crash_never_leaves_part_of_a_write_batch() {
             run.ack();
         }
     }
-    let (sim, states) = run.finish();
-    let n = check_all_prefixes("write_batches", &sim, &states, 11);
+    let (sim, history, io) = run.finish();
+    let n = check_all_prefixes("write_batches", &sim, &history, 11, &io);
     assert!(n > 100);
 }
