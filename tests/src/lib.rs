@@ -724,6 +724,30 @@ impl Cluster {
         connect(&[self.endpoint(id)]).await
     }
 
+    /// Every key under `prefix` that `id` has applied (a serializable
+    /// read on `id` alone, keys only).
+    pub async fn keys_with_prefix(
+        &self,
+        id: NodeId,
+        prefix: &str,
+    ) -> Result<std::collections::BTreeSet<String>, String> {
+        let mut c = Client::connect(&[self.endpoint(id)], CLIENT_OPTIONS)
+            .await
+            .map_err(|e| e.to_string())?;
+        let options = client::GetOptions::new()
+            .with_prefix()
+            .with_serializable()
+            .with_keys_only();
+        let r = c
+            .get(prefix, Some(options))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(r.kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect())
+    }
+
     /// `Maintenance.Status` of `id` (an error, not a panic, when `id` is
     /// down: callers poll it).
     pub async fn status(&self, id: NodeId) -> Result<StatusResponse, String> {

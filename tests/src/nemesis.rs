@@ -300,6 +300,11 @@ impl Shared {
     fn now(&self) -> u64 {
         self.start.elapsed().as_micros() as u64
     }
+
+    fn record(&self, op: Operation, endpoint: String) {
+        let mut history = self.history.lock().expect("history lock");
+        history.ops.push(Recorded { op, endpoint });
+    }
 }
 
 /// Runs one round on `cluster` (see the module docs). `Err` carries what
@@ -611,12 +616,7 @@ async fn client_loop(id: u64, endpoints: Vec<String>, config: &WorkloadConfig, s
             }
         };
         if let Some(op) = op {
-            shared
-                .history
-                .lock()
-                .expect("history lock")
-                .ops
-                .push(Recorded { op, endpoint });
+            shared.record(op, endpoint);
         }
         tokio::time::sleep(config.op_pause).await;
     }
@@ -648,13 +648,7 @@ async fn check_round(
                         shared.now(),
                         Output::Value(v),
                     );
-                    let endpoint = client.current_endpoint().to_string();
-                    shared
-                        .history
-                        .lock()
-                        .expect("history lock")
-                        .ops
-                        .push(Recorded { op, endpoint });
+                    shared.record(op, client.current_endpoint().to_string());
                     break;
                 }
                 Err(e) if attempts < 20 => {
@@ -712,7 +706,7 @@ async fn check_round(
     for id in cluster.ids() {
         let deadline = Instant::now() + CONVERGE_TIMEOUT;
         let missing = loop {
-            let found = read_keys(cluster, id, &prefix).await;
+            let found = cluster.keys_with_prefix(id, &prefix).await;
             let missing: Vec<&String> = match &found {
                 Ok(keys) => expected.iter().filter(|k| !keys.contains(*k)).collect(),
                 Err(_) => expected.iter().collect(),
@@ -739,33 +733,6 @@ async fn check_round(
         }
     }
     Ok(())
-}
-
-async fn read_keys(
-    cluster: &Cluster,
-    id: NodeId,
-    prefix: &str,
-) -> Result<BTreeSet<String>, String> {
-    let mut c = Client::connect(&[cluster.endpoint(id)], WORKLOAD_CLIENT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let resp = c
-        .get(
-            prefix,
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_serializable()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(resp
-        .kvs
-        .iter()
-        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
-        .collect())
 }
 
 /// Where failing rounds keep their evidence: `$SKIFF_NEMESIS_ARTIFACTS`, or

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use skiff_tests::client::{key_str, GetOptions, Member};
+use skiff_tests::client::Member;
 use skiff_tests::{
     etcdctl_path, poll_until, run_bounded, Client, Cluster, ClusterOptions, NodeId, CLIENT_OPTIONS,
 };
@@ -245,25 +245,10 @@ async fn missing_on(
     prefix: &str,
     acked: &[String],
 ) -> Result<Vec<String>, String> {
-    let mut c = Client::connect(&[cluster.endpoint(id)], CLIENT_OPTIONS)
-        .await
-        .map_err(|e| e.to_string())?;
-    let r = c
-        .get(
-            format!("{prefix}/"),
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_serializable()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let have: BTreeSet<&str> = r.kvs.iter().map(key_str).collect();
+    let have = cluster.keys_with_prefix(id, &format!("{prefix}/")).await?;
     Ok(acked
         .iter()
-        .filter(|k| !have.contains(k.as_str()))
+        .filter(|k| !have.contains(*k))
         .cloned()
         .collect())
 }
