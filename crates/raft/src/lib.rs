@@ -24,7 +24,8 @@
 //!
 //! A leader counts its own log toward a quorum only for what it reported
 //! persisted, and commits only entries of its own term (§5.4.2); followers
-//! acknowledge only durable entries.
+//! acknowledge only durable entries; a candidate counts its own vote only
+//! once it is durable (a sole voter leads only after its persist).
 //!
 //! # What this crate owns
 //!
@@ -34,6 +35,7 @@
 //! clock.
 
 mod log;
+mod planted;
 mod progress;
 mod raft;
 mod rng;
@@ -43,6 +45,8 @@ mod types;
 pub mod testing;
 
 pub use crate::log::RaftLog;
+#[cfg(any(test, feature = "testing"))]
+pub use crate::planted::PlantedBug;
 pub use crate::progress::{Progress, ProgressState};
 pub use crate::raft::{Raft, Restored};
 pub use crate::rng::Rng;

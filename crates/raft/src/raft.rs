@@ -14,6 +14,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 
 use crate::log::RaftLog;
+use crate::planted::planted;
+#[cfg(any(test, feature = "testing"))]
+use crate::planted::PlantedBug;
 use crate::progress::{Progress, ProgressState};
 use crate::rng::Rng;
 use crate::types::{
@@ -87,6 +90,12 @@ pub struct Raft {
     // Persistence bookkeeping.
     next_persist: PersistId,
     durable_persist: PersistId,
+    /// The persist that carries the current term and vote (`PersistId::MAX`
+    /// from the start of a campaign until `finish_step` hands it out). A
+    /// candidate counts its own vote only once it is durable: a sole voter
+    /// that led a term on a vote it then lost in a crash would lead that
+    /// term again, with another log, and a learner could hold both.
+    vote_persist: PersistId,
     /// Persists not yet reported durable that carried entries: (id, last
     /// index, its term).
     persists: VecDeque<(PersistId, Index, Term)>,
@@ -135,6 +144,9 @@ pub struct Raft {
     /// fall back to heartbeat rounds.
     lease_revoked: bool,
     last_role: (Role, Term, Option<NodeId>),
+    /// A known bug a test planted (see [`Raft::plant_bug`]).
+    #[cfg(any(test, feature = "testing"))]
+    planted: Option<PlantedBug>,
 }
 
 impl Raft {
@@ -172,6 +184,7 @@ impl Raft {
             uncommitted_bytes: 0,
             next_persist: 1,
             durable_persist: 0,
+            vote_persist: 0,
             persists: VecDeque::new(),
             saved: hs,
             step_entries: Vec::new(),
@@ -194,6 +207,8 @@ impl Raft {
             transfer_elapsed: 0,
             lease_revoked: false,
             last_role: (Role::Follower, hs.term, None),
+            #[cfg(any(test, feature = "testing"))]
+            planted: None,
         };
         raft.recompute_membership();
         if raft.cfg.lease_reads {
@@ -334,6 +349,10 @@ impl Raft {
                 self.maybe_commit();
             }
         }
+        if self.role == Role::Candidate {
+            // Our own vote may just have become durable.
+            self.tally(false);
+        }
         self.finish_step();
     }
 
@@ -448,6 +467,14 @@ impl Raft {
         }
         self.finish_step();
         Ok(())
+    }
+
+    /// Test-only (feature `testing`): runs this core with a known bug, to
+    /// show that a harness catches it. `None` (the default) is the correct
+    /// core.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn plant_bug(&mut self, bug: Option<PlantedBug>) {
+        self.planted = bug;
     }
 
     /// The actions produced since the last call, in order.
@@ -762,6 +789,9 @@ impl Raft {
             v.sort_unstable_by(|a, b| b.cmp(a));
             v[set.len() / 2]
         };
+        if planted!(self, JointNewOnly) {
+            return of(&self.membership.voters);
+        }
         of(&self.membership.voters).min(of(&self.membership.outgoing))
     }
 
@@ -856,6 +886,7 @@ impl Raft {
         self.fail_reads();
         self.term += 1;
         self.vote = self.cfg.id;
+        self.vote_persist = PersistId::MAX;
         self.start_campaign(Role::Candidate);
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
         for peer in self.voter_peers() {
@@ -874,7 +905,11 @@ impl Raft {
 
     /// Counts the answers of a (pre-)election.
     fn tally(&mut self, pre: bool) {
-        let won = self.quorum_value(|id| u64::from(self.votes.get(&id) == Some(&true))) == 1;
+        // A pre-vote promises nothing; a vote counts once durable.
+        let own_counts = pre || self.durable_persist >= self.vote_persist;
+        let won = self.quorum_value(|id| {
+            u64::from(self.votes.get(&id) == Some(&true) && (id != self.cfg.id || own_counts))
+        }) == 1;
         let lost = self.quorum_value(|id| u64::from(self.votes.get(&id) != Some(&false))) == 0;
         if won {
             if pre {
@@ -1040,7 +1075,11 @@ impl Raft {
             return Ok(());
         }
         let index = self.log.commit();
-        if self.sole_voter() || (self.cfg.lease_reads && self.now < self.lease_until) {
+        let in_lease = self.now < self.lease_until || planted!(self, LeaseUnchecked);
+        if self.sole_voter()
+            || (self.cfg.lease_reads && in_lease)
+            || planted!(self, ReadWithoutRound)
+        {
             self.read_ready(ctx, from, index);
             return Ok(());
         }
@@ -1438,14 +1477,20 @@ impl Raft {
     /// Advances the commit index to the highest entry of this term held
     /// durably by a quorum (the leader's own copy counts once persisted).
     fn maybe_commit(&mut self) {
+        let own = if planted!(self, AckBeforePersist) {
+            self.log.last_index()
+        } else {
+            self.log.persisted()
+        };
         let n = self.quorum_value(|id| {
             if id == self.cfg.id {
-                self.log.persisted()
+                own
             } else {
                 self.progress.get(&id).map_or(0, |p| p.match_index)
             }
         });
-        if n > self.log.commit() && self.log.term(n) == Some(self.term) {
+        let of_this_term = self.log.term(n) == Some(self.term) || planted!(self, CommitEarlierTerm);
+        if n > self.log.commit() && of_this_term {
             let old = self.log.commit();
             self.log.commit_to(n);
             let freed: usize = (old + 1..=n)
@@ -1761,6 +1806,9 @@ impl Raft {
     }
 
     fn send(&mut self, to: NodeId, body: MessageBody, needs_durable: bool) {
+        let needs_durable = needs_durable
+            && !(planted!(self, AckBeforePersist)
+                && matches!(body, MessageBody::AppendResponse { .. }));
         let msg = Message {
             from: self.cfg.id,
             to,
@@ -1792,6 +1840,9 @@ impl Raft {
             self.next_persist += 1;
             if let Some(last) = entries.last() {
                 self.persists.push_back((id, last.index, last.term));
+            }
+            if vote_changed {
+                self.vote_persist = id;
             }
             let hard_state = (hs != self.saved).then_some(hs);
             self.saved = hs;

@@ -173,6 +173,9 @@ fn new_leader_persists_and_sends_its_noop_in_one_step() {
     ticks_until_campaign(&mut r);
     r.step(msg(2, 1, 1, MessageBody::PreVoteResponse { granted: true }));
     r.take_actions();
+    // The vote requests left once the candidate's own vote was durable.
+    r.persisted(1);
+    assert_eq!(r.take_actions(), vec![]);
     r.step(msg(2, 1, 1, MessageBody::VoteResponse { granted: true }));
     let noop = Entry {
         index: 1,
@@ -366,4 +369,19 @@ fn conflict_reject_carries_the_term_hint() {
     assert_eq!(reject.rejected, 6);
     assert_eq!(reject.conflict_term, Some(2));
     assert_eq!(reject.conflict_index, 4);
+}
+
+/// A sole voter wins its election on its own vote, but only once that vote
+/// is durable: had it led on a vote a crash then lost, it would campaign
+/// for the same term again and lead it twice, with two different logs.
+#[test]
+fn sole_voter_leads_once_its_vote_is_durable() {
+    let mut r = Raft::new(config(1, 1), Restored::default(), 1).unwrap();
+    ticks_until_campaign(&mut r);
+    assert_eq!(r.role(), Role::Candidate);
+    assert_eq!(r.term(), 1);
+    assert_eq!(r.log().last_index(), 0, "no entry of term 1 yet");
+    r.persisted(1);
+    assert_eq!(r.role(), Role::Leader);
+    assert_eq!(r.log().last_index(), 1);
 }

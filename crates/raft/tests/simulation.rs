@@ -1,5 +1,6 @@
 //! The deterministic cluster simulation over many seeds, and proof that its
-//! checks can fail.
+//! checks can fail: forged observations, a lying disk, and known bugs
+//! planted in the core.
 //!
 //! `SKIFF_SEEDS=<n>` runs `n` seeds (default 1000) from `SKIFF_FIRST`
 //! (default 0); `SKIFF_SEED=<s>` runs one seed and prints the last
@@ -7,6 +8,11 @@
 //! lengthens or shortens each run; `SKIFF_MEMBERSHIP=0` keeps the voters'
 //! membership fixed (no spares, no changes). A failure prints the seed and
 //! how to replay it.
+//!
+//! The run must also show that it exercised the cluster: the `SIMULATION`
+//! line sums what the seeds did, and each seed (with the default step
+//! count) and the seeds on average (100 or more of them) must reach the
+//! minimums below, with at most a bounded share of unknown outcomes.
 
 use std::time::Instant;
 
@@ -14,7 +20,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use skiff_raft::testing::linearizability::{Input, Operation, Output, Verdict};
 use skiff_raft::testing::sim::{self, Command, Kv, Safety, SimConfig};
-use skiff_raft::{Entry, Membership, Payload, RaftLog};
+use skiff_raft::{Entry, Membership, Payload, PlantedBug, RaftLog};
 
 const SEEDS_DEFAULT: u64 = 1000;
 
@@ -27,6 +33,78 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
+/// What every seed must at least do (with the default step count): answer
+/// clients, during the run and once healed, and crash nodes. In brackets
+/// the least that any of seeds 0..4000 did (0..1000 alone: 14, 5, 4): a
+/// run where every operation ends unknown, or that no fault touched, fails
+/// here.
+const PER_SEED_MIN: &[(&str, u64)] = &[
+    ("ops_answered", 5),  // [11]
+    ("calm_answered", 1), // [1]
+    ("crashes", 1),       // [1]
+];
+
+/// What the seeds must at least do on average, per seed (checked when 100
+/// or more seeds ran with the default step count): about half of the
+/// average over seeds 0..1000 (in brackets; seeds 1000..4000 average the
+/// same within 7%).
+const PER_SEED_AVERAGE_MIN: &[(&str, f64)] = &[
+    ("ops_answered", 95.0),        // [195]
+    ("reads_answered", 60.0),      // [125]
+    ("read_index_answered", 50.0), // [107]
+    ("forwards_answered", 4.0),    // [9.2]
+    ("calm_answered", 12.0),       // [26]
+    ("snapshots_taken", 7.0),      // [14.5]
+    ("snapshots_installed", 3.0),  // [6.6]
+    ("crashes", 25.0),             // [54]
+    ("cluster_restarts", 2.0),     // [4.7]
+    ("changes_accepted", 5.0),     // [11]
+    ("leaders", 10.0),             // [22]
+];
+
+/// Over the seeds run (100 or more): at most this share of the accepted
+/// operations may end unknown (0.26 over seeds 0..1000, 0.25 over
+/// 1000..4000; a single seed reaches 0.9), and at most this share of the
+/// histories may exhaust the checker's budget (none of 4000 did).
+const UNKNOWN_OPS_SHARE_MAX: f64 = 0.40;
+const UNKNOWN_VERDICTS_SHARE_MAX: f64 = 0.01;
+
+/// Shortfalls printed at most.
+const TOO_WEAK_LINES_MAX: usize = 20;
+
+/// Sums over the seeds run, by name (the names of the bounds above).
+#[derive(Default)]
+struct Totals(std::collections::BTreeMap<&'static str, u64>);
+
+impl Totals {
+    fn add(&mut self, name: &'static str, n: usize) {
+        *self.0.entry(name).or_default() += n as u64;
+    }
+
+    fn get(&self, name: &str) -> u64 {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// The counts of one run, by the names the bounds use.
+fn counts(r: &sim::SimReport) -> [(&'static str, usize); 13] {
+    [
+        ("ops_answered", r.ops_ok),
+        ("ops_unknown", r.ops_unknown),
+        ("reads_answered", r.reads_ok),
+        ("read_index_answered", r.read_index_ok),
+        ("forwards_answered", r.forwards_ok),
+        ("calm_answered", r.calm_ops_ok),
+        ("snapshots_taken", r.snapshots_taken),
+        ("snapshots_installed", r.snapshots_installed),
+        ("crashes", r.crashes),
+        ("cluster_restarts", r.cluster_restarts),
+        ("partitions", r.partitions),
+        ("changes_accepted", r.changes_accepted),
+        ("leaders", r.leaders),
+    ]
+}
+
 #[test]
 fn simulation() {
     let one = env_u64("SKIFF_SEED");
@@ -37,18 +115,20 @@ fn simulation() {
             (first..first + env_u64("SKIFF_SEEDS").unwrap_or(SEEDS_DEFAULT)).collect()
         }
     };
+    let steps = env_u64("SKIFF_STEPS");
+    let membership = env_u64("SKIFF_MEMBERSHIP") != Some(0);
     let started = Instant::now();
     let (mut checked, mut unknown, mut violations, mut stuck) = (0u64, 0u64, 0u64, 0u64);
-    let (mut ops_ok, mut ops_unknown, mut leaders, mut crashes, mut snaps) = (0, 0, 0, 0, 0);
-    let (mut proposed, mut accepted, mut reshaped) = (0, 0, 0);
+    let (mut proposed, mut reshaped) = (0, 0);
+    let mut totals = Totals::default();
     let mut failures = Vec::new();
+    let mut too_little = Vec::new();
     for &seed in &seeds {
         let mut cfg = SimConfig::new(seed);
-        let steps = env_u64("SKIFF_STEPS");
         if let Some(steps) = steps {
             cfg.steps = steps;
         }
-        if env_u64("SKIFF_MEMBERSHIP") == Some(0) {
+        if !membership {
             cfg.membership = false;
             cfg.spares = 0;
         }
@@ -56,13 +136,11 @@ fn simulation() {
             cfg.trace_lines = env_u64("SKIFF_TRACE").unwrap_or(400) as usize;
         }
         let report = sim::run(&cfg);
-        ops_ok += report.ops_ok;
-        ops_unknown += report.ops_unknown;
-        leaders += report.leaders;
-        crashes += report.crashes;
-        snaps += report.snapshots_installed;
+        let counts = counts(&report);
+        for (name, n) in counts {
+            totals.add(name, n);
+        }
         proposed += report.changes_proposed;
-        accepted += report.changes_accepted;
         reshaped += u64::from(
             report.verdict.is_some()
                 && (report.final_voters as u64 != report.nodes || report.final_learners > 0),
@@ -77,18 +155,25 @@ fn simulation() {
         }
         if one.is_some() {
             println!(
-                "seed {seed}: {} nodes + {} spares, {} steps, {} ops answered, {} unknown, \
-                 {} leaders, {} crashes, {} partitions, {} snapshots installed, {} of {} \
-                 membership changes accepted, final {} voters {} learners, verdict {:?}, \
-                 hash {:016x}",
+                "seed {seed}: {} nodes + {} spares, {} steps, {} ops answered ({} reads, {} \
+                 through ReadIndex, {} forwarded, {} after healing), {} unknown, {} leaders, \
+                 {} crashes ({} whole-cluster restarts), {} partitions, {} snapshots taken, \
+                 {} installed, {} of {} membership changes accepted, final {} voters {} \
+                 learners, verdict {:?}, hash {:016x}",
                 report.nodes,
                 report.spares,
                 report.steps,
                 report.ops_ok,
+                report.reads_ok,
+                report.read_index_ok,
+                report.forwards_ok,
+                report.calm_ops_ok,
                 report.ops_unknown,
                 report.leaders,
                 report.crashes,
+                report.cluster_restarts,
                 report.partitions,
+                report.snapshots_taken,
                 report.snapshots_installed,
                 report.changes_accepted,
                 report.changes_proposed,
@@ -108,24 +193,119 @@ fn simulation() {
                  -- --nocapture"
             );
             failures.push(seed);
+        } else if steps.is_none() {
+            for &(name, min) in PER_SEED_MIN {
+                let n = counts.iter().find(|c| c.0 == name).map_or(0, |c| c.1) as u64;
+                if n < min {
+                    too_little.push(format!("seed {seed}: {name}={n} < {min}"));
+                }
+            }
         }
     }
+    let ops = totals.get("ops_answered") + totals.get("ops_unknown");
+    let unknown_ops_share = totals.get("ops_unknown") as f64 / ops.max(1) as f64;
+    let unknown_verdicts_share = unknown as f64 / checked.max(1) as f64;
+    let per_seed = |name: &str| totals.get(name) as f64 / seeds.len() as f64;
     println!(
-        "SIMULATION seeds={} histories_checked={checked} violations={violations}",
-        seeds.len()
+        "SIMULATION seeds={} histories_checked={checked} violations={violations} \
+         unknown_verdicts={unknown} {} unknown_ops_share={unknown_ops_share:.3}",
+        seeds.len(),
+        totals
+            .0
+            .iter()
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
-        "  ({stuck} of the violations did not settle; {unknown} checks out of budget; \
-         {ops_ok} ops answered, {ops_unknown} unknown, {leaders} leaders, {crashes} crashes, \
-         {snaps} snapshots installed, {accepted} of {proposed} membership changes accepted, \
-         {reshaped} runs settled in another membership; {:.1?})",
+        "  ({stuck} of the violations did not settle; {} of {proposed} membership changes \
+         accepted, {reshaped} runs settled in another membership; {:.1?})",
+        totals.get("changes_accepted"),
         started.elapsed()
     );
+    if steps.is_none() && seeds.len() >= 100 {
+        for &(name, min) in PER_SEED_AVERAGE_MIN {
+            if name == "changes_accepted" && !membership {
+                continue;
+            }
+            if per_seed(name) < min {
+                too_little.push(format!(
+                    "{name}: {:.1} per seed on average < {min}",
+                    per_seed(name)
+                ));
+            }
+        }
+        if unknown_ops_share > UNKNOWN_OPS_SHARE_MAX {
+            too_little.push(format!(
+                "{unknown_ops_share:.3} of the accepted operations ended unknown > \
+                 {UNKNOWN_OPS_SHARE_MAX}"
+            ));
+        }
+        if unknown_verdicts_share > UNKNOWN_VERDICTS_SHARE_MAX {
+            too_little.push(format!(
+                "{unknown} of {checked} histories exhausted the checker's budget"
+            ));
+        }
+    }
+    // Bounded: a broken simulation could fail every seed.
+    for line in too_little.iter().take(TOO_WEAK_LINES_MAX) {
+        println!("SIMULATION TOO WEAK {line}");
+    }
+    if too_little.len() > TOO_WEAK_LINES_MAX {
+        println!(
+            "SIMULATION TOO WEAK ... and {} more",
+            too_little.len() - TOO_WEAK_LINES_MAX
+        );
+    }
     assert!(
         failures.is_empty(),
         "simulation failed for seeds {failures:?}; replay one with \
          SKIFF_SEED=<seed> cargo test -p skiff-raft --test simulation -- --nocapture"
     );
+    assert!(
+        too_little.is_empty(),
+        "the simulation exercised the cluster too little ({} shortfalls, printed above as \
+         SIMULATION TOO WEAK)",
+        too_little.len()
+    );
+}
+
+/// Seeds searched for each planted bug.
+const PLANTED_SEEDS_MAX: u64 = 200;
+
+/// A harness earns trust when it can fail: each known bug planted in the
+/// core (see [`PlantedBug`]) is caught by the simulation's own checks —
+/// safety, commitment, stale reads, linearizability; not a panic in the
+/// core, not a failure to settle — within [`PLANTED_SEEDS_MAX`] seeds.
+#[test]
+fn planted_bugs_are_caught() {
+    let bugs = [
+        PlantedBug::CommitEarlierTerm,
+        PlantedBug::ReadWithoutRound,
+        PlantedBug::AckBeforePersist,
+        PlantedBug::JointNewOnly,
+        PlantedBug::LeaseUnchecked,
+    ];
+    for bug in bugs {
+        let caught = (0..PLANTED_SEEDS_MAX).find_map(|seed| {
+            let mut cfg = SimConfig::new(seed);
+            cfg.planted = Some(bug);
+            let r = sim::run(&cfg);
+            let by_checks = r.failed()
+                && !r.stuck
+                && !r.violation.as_ref().is_some_and(|v| v.starts_with("panic"));
+            by_checks.then_some(r)
+        });
+        let r = caught.unwrap_or_else(|| {
+            panic!("no seed below {PLANTED_SEEDS_MAX} caught the planted bug {bug:?}")
+        });
+        let why = r.describe();
+        println!(
+            "SIMULATION planted {bug:?} caught after {} seeds: {}",
+            r.seed + 1,
+            why.lines().next().unwrap_or_default()
+        );
+    }
 }
 
 /// Same seed, same run: the trace hashes agree; another seed differs.
@@ -234,7 +414,8 @@ fn election_check_fails_on_a_double_vote_or_a_leader_without_a_quorum() {
     assert!(err.0.contains("voted for 1 and for 3"), "{err}");
     s.voted(3, 5, 1).unwrap();
     // 1 with the votes of 2 and 3 leads {1, 2, 3}; not {1, 4, 5}; nor
-    // joint {1, 2, 3} -> {4, 5, 6}.
+    // joint {1, 2, 3} -> {4, 5, 6}; nor {1, 2, 3, 4, 5} until its own vote
+    // is durable.
     let m = |v: &[u64], o: &[u64]| Membership {
         voters: v.iter().copied().collect(),
         outgoing: o.iter().copied().collect(),
@@ -242,6 +423,8 @@ fn election_check_fails_on_a_double_vote_or_a_leader_without_a_quorum() {
         meta: Default::default(),
     };
     s.elected(1, 5, &m(&[1, 2, 3], &[])).unwrap();
+    s.elected(1, 5, &m(&[1, 2, 3, 4, 5], &[])).unwrap_err();
+    s.voted(1, 5, 1).unwrap();
     s.elected(1, 5, &m(&[1, 2, 3, 4, 5], &[])).unwrap();
     s.elected(1, 5, &m(&[1, 4, 5], &[])).unwrap_err();
     s.elected(1, 5, &m(&[2, 3, 4], &[1, 2, 3])).unwrap();

@@ -10,19 +10,26 @@
 //!
 //! The seed also draws the run's character: drop, duplicate and delay
 //! rates, disk latency, fault rate, how often the host snapshots, how many
-//! reads use ReadIndex, pre-vote and check-quorum on or off, small flow
-//! control windows, and lease reads (with clocks that tick together, the
-//! assumption leases rest on; otherwise each tick is one random node's).
+//! reads use ReadIndex, how many writes are forwarded, pre-vote and
+//! check-quorum on or off, small flow control windows and batches (often
+//! one entry per message), lease reads (with clocks that tick together,
+//! the assumption leases rest on; otherwise each tick is one random
+//! node's), writes in bursts (writers pause every third phase), and short
+//! reigns (most new leaders are crashed or isolated within
+//! `REIGN_STEPS_MAX` steps: leaders that fail before their entries spread
+//! leave the disagreeing logs of the paper's Figure 8).
 //!
 //! 1. *Faulty phase* ([`SimConfig::steps`] steps). Each step is one event:
 //!    a node ticks; a message is delivered (any whose delay passed, so the
 //!    network reorders); a node's oldest persists complete (in order, after
 //!    a random delay); a client calls or retries; the host snapshots; or a
 //!    fault: a crash (the node loses what was not durable and restarts
-//!    later from its disk), a symmetric partition, a one-way cut, a node
-//!    (the leader) that hears nobody, sometimes while it hands leadership
-//!    away, a leader isolated, a leadership transfer; partitions heal
-//!    later. Or a membership change (see below). Messages are dropped and
+//!    later from its disk), sometimes of the whole cluster at once (every
+//!    node restarts from its disk alone), a symmetric partition, a bridge
+//!    (two sides that cannot talk and one node that talks to both), a
+//!    one-way cut, a node (the leader) that hears nobody, sometimes while
+//!    it hands leadership away, a leader isolated, a leadership transfer;
+//!    partitions heal later. Or a membership change (see below). Messages are dropped and
 //!    duplicated at random; a drop is sometimes reported with
 //!    [`Raft::unreachable`] (a lost snapshot always: its transfer is a
 //!    stream whose sender sees it fail).
@@ -33,16 +40,26 @@
 //!    non-joint membership, every member caught up and applied) within
 //!    [`SimConfig::settle_steps_max`] steps. Nodes outside the final
 //!    membership are exempt.
-//! 3. *Final checks*: every acknowledged command is in the log the leader
+//! 3. *Calm*: clients call again for [`SimConfig::calm_steps`] steps, with
+//!    no faults (the healed cluster must serve them:
+//!    [`SimReport::calm_ops_ok`]); then the cluster settles again.
+//! 4. *Final checks*: every acknowledged command is in the log the leader
 //!    applied, the members' state machines and memberships agree, and the
 //!    history is linearizable.
 //!
-//! After every step: election safety, log matching, leader completeness,
-//! state machine safety (see [`Safety`]), that each node's log is what its
+//! After every step: election safety (a leader holds durable votes of a
+//! quorum, its own included), log matching, leader completeness, state
+//! machine safety (see [`Safety`]), that commitment is durable (no node
+//! lacking the highest committed entry could win an election against the
+//! logs the voters hold, or would hold after a crash:
+//! [`Safety::commitment_durable`]), that each node's log is what its
 //! persists described, and [`Raft::check_invariants`]. Every read index
 //! handed out is checked against the highest commit index reached before
 //! the read was asked for (a lower one could miss an acknowledged write,
 //! whether or not a client happened to look).
+//!
+//! [`SimConfig::planted`] runs every core with a known bug
+//! ([`PlantedBug`]): the tests show that these checks catch each one.
 //!
 //! # Membership
 //!
@@ -65,8 +82,9 @@
 //! described, or the one kept with its snapshot; the membership kept with
 //! a snapshot (`Compact`, `InstallSnapshot`, `SendSnapshot`) is the one
 //! committed at its index; committed memberships change one voter at a
-//! time or through a joint configuration. Crashes keep a quorum of the
-//! leader's membership up.
+//! time or through a joint configuration. Crashes of single nodes keep a
+//! quorum of the leader's membership up (a whole-cluster restart does
+//! not).
 
 //! # Clients
 //!
@@ -75,12 +93,18 @@
 //! the node the client believes leads; a refusal (`NotLeader`,
 //! `Backpressure`, ...) had no effect and is retried later. An accepted
 //! command completes when that node applies the index `propose` returned
-//! and the entry there is the client's; another entry there, a crash, a
-//! lost leadership or a timeout make the outcome unknown, and the client
-//! moves on to a new operation (never reusing an operation id: the old one
-//! may still commit). A `Get` may instead go through [`Raft::read_index`],
-//! on the leader or a follower, and is answered once that node applied
-//! through the read index.
+//! and the entry there is the client's (whether or not the node still
+//! leads); another entry there, a crash or a timeout make the outcome
+//! unknown, and the client moves on to a new operation (never reusing an
+//! operation id: the old one may still commit). Some writes go through
+//! [`Raft::forward`] on a random node instead (a client talking to a
+//! follower): answered when that node applies the command, wherever it was
+//! proposed; a [`Action::ProposeRefused`] is retried (the network never
+//! duplicates a forwarded batch: the core would propose each copy). A `Get`
+//! may instead go through [`Raft::read_index`], on the leader or a
+//! follower, and is answered once that node applied through the read
+//! index. [`SimConfig::readers`] more clients only read, through
+//! ReadIndex.
 //!
 //! # What this module must never do
 //!
@@ -105,7 +129,7 @@ pub use self::safety::{Safety, Violation};
 use crate::testing::linearizability::{self, Input, Operation, Output, Verdict};
 use crate::{
     Action, Config, Entry, HardState, Index, Membership, Message, MessageBody, NodeId, Payload,
-    PersistId, ProposeError, Raft, ReadError, Restored, Rng, Role, Term, TransferError,
+    PersistId, PlantedBug, ProposeError, Raft, ReadError, Restored, Rng, Role, Term, TransferError,
 };
 
 /// Messages in flight at once; more is a runaway (a bug in the core or here).
@@ -130,11 +154,17 @@ pub struct SimConfig {
     /// Steps of the faulty phase.
     pub steps: u64,
     pub clients: u32,
+    /// Clients (after the `clients`) that only read, through
+    /// [`Raft::read_index`] on the node they believe leads or on any node.
+    pub readers: u32,
     pub keys: u64,
     /// Steps a client waits for an answer before the outcome is unknown.
     pub op_timeout_steps: u64,
     /// Bound on the settling phase; not settling by then is a failure.
     pub settle_steps_max: u64,
+    /// Steps of the calm phase after settling: clients call again, with no
+    /// faults; the cluster must answer them.
+    pub calm_steps: u64,
     /// Linearizability search budget, per key.
     pub check_budget: u64,
     /// Crashes, partitions, drops, duplicates and transfers.
@@ -143,6 +173,9 @@ pub struct SimConfig {
     /// acknowledged and forgets the vote (a lying fsync). Raft cannot be
     /// safe on such a disk; the checks must notice.
     pub lying_disk: bool,
+    /// Test-only: every core runs with this known bug (see
+    /// [`PlantedBug`]); the checks must notice.
+    pub planted: Option<PlantedBug>,
     /// Keep the last this many events in [`SimReport::trace`] (0: none;
     /// formatting costs time).
     pub trace_lines: usize,
@@ -159,12 +192,15 @@ impl SimConfig {
             membership: true,
             steps: 10_000,
             clients: 4,
+            readers: 2,
             keys: 3,
             op_timeout_steps: 600,
             settle_steps_max: 20_000,
+            calm_steps: 300,
             check_budget: 200_000,
             faults: true,
             lying_disk: false,
+            planted: None,
             trace_lines: 0,
         }
     }
@@ -182,12 +218,26 @@ pub struct SimReport {
     pub trace_hash: u64,
     /// The clients' history (operations that may have taken effect).
     pub history: Vec<Operation>,
+    /// Operations answered, and accepted but never answered.
     pub ops_ok: usize,
     pub ops_unknown: usize,
+    /// `Get`s answered (through the log or ReadIndex), and those answered
+    /// through ReadIndex.
+    pub reads_ok: usize,
+    pub read_index_ok: usize,
+    /// Writes answered that went through [`Raft::forward`].
+    pub forwards_ok: usize,
+    /// Operations called in the calm phase and answered.
+    pub calm_ops_ok: usize,
     /// Distinct (term, leader) pairs.
     pub leaders: usize,
+    /// Node crashes, those of whole-cluster restarts included.
     pub crashes: usize,
+    /// Times every node crashed at once.
+    pub cluster_restarts: usize,
     pub partitions: usize,
+    /// Snapshots the hosts took, and snapshots sent and installed.
+    pub snapshots_taken: usize,
     pub snapshots_installed: usize,
     /// Membership changes proposed, and accepted (entries appended).
     pub changes_proposed: usize,
@@ -258,9 +308,24 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         history: sim.history(),
         ops_ok: sim.ops.iter().filter(|o| o.ret.is_some()).count(),
         ops_unknown: sim.ops.iter().filter(|o| o.unknown()).count(),
+        reads_ok: sim
+            .ops
+            .iter()
+            .filter(|o| o.ret.is_some() && matches!(o.input, Input::Get { .. }))
+            .count(),
+        read_index_ok: sim.read_index_ok,
+        calm_ops_ok: sim.calm_from.map_or(0, |from| {
+            sim.ops
+                .iter()
+                .filter(|o| o.call >= from && o.ret.is_some())
+                .count()
+        }),
+        forwards_ok: sim.forwards_ok,
         leaders: sim.safety.leaders(),
         crashes: sim.crashes,
+        cluster_restarts: sim.cluster_restarts,
         partitions: sim.partitions,
+        snapshots_taken: sim.snapshots_taken,
         snapshots_installed: sim.snapshots_installed,
         changes_proposed: sim.changes_proposed,
         changes_accepted: sim.changes_accepted,
@@ -298,6 +363,18 @@ struct Knobs {
     apply_lag: bool,
     /// Weight of membership events (like `fault_weight`).
     membership_weight: u32,
+    /// Share of writes a client sends through [`Raft::forward`] on a
+    /// random node (a follower, mostly) instead of proposing on the node
+    /// it believes leads.
+    forward_permille: u32,
+    /// Share of new leaders deposed (crashed or isolated) within
+    /// `REIGN_STEPS_MAX` steps of their election: leaders that fail before
+    /// their entries spread leave logs that disagree (Figure 8's setting).
+    short_reign_permille: u32,
+    /// Writes come in bursts: the writers pause every third phase of this
+    /// many steps (readers go on). An idle log lets a follower that lost
+    /// touch with the leader stay up to date, so that it can be elected.
+    quiet_phase_steps: Option<u64>,
 }
 
 /// A state-machine snapshot the host holds.
@@ -413,11 +490,13 @@ enum Waiting {
     Refused {
         op: usize,
     },
+    /// Proposed on `node`, which gave it `index`: answered when `node`
+    /// applies that index (led or not by then), lost if another entry is
+    /// there.
     Proposed {
         op: usize,
         node: NodeId,
         life: u64,
-        term: Term,
         index: Index,
     },
     Reading {
@@ -431,10 +510,43 @@ enum Waiting {
         /// may have been acknowledged already.
         floor: Index,
     },
+    /// Sent through [`Raft::forward`] on `node` as the batch `ctx`:
+    /// answered when `node` applies the command, wherever it was proposed.
+    Forwarded {
+        op: usize,
+        node: NodeId,
+        life: u64,
+        ctx: u64,
+    },
+}
+
+impl Waiting {
+    /// The operation waited for, if any.
+    fn op(self) -> Option<usize> {
+        match self {
+            Waiting::Idle => None,
+            Waiting::Refused { op }
+            | Waiting::Proposed { op, .. }
+            | Waiting::Reading { op, .. }
+            | Waiting::Forwarded { op, .. } => Some(op),
+        }
+    }
+
+    /// The node whose answer is waited for, if any.
+    fn node(self) -> Option<NodeId> {
+        match self {
+            Waiting::Idle | Waiting::Refused { .. } => None,
+            Waiting::Proposed { node, .. }
+            | Waiting::Reading { node, .. }
+            | Waiting::Forwarded { node, .. } => Some(node),
+        }
+    }
 }
 
 struct Client {
     id: u32,
+    /// Only reads, through ReadIndex.
+    reader: bool,
     guess: NodeId,
     next_op: u64,
     waiting: Waiting,
@@ -470,7 +582,10 @@ enum Event {
     Deliver,
     Persist,
     Apply,
+    /// A writer calls or retries.
     Client,
+    /// A reader calls or retries.
+    Reader,
     Snapshot,
     Fault,
     Membership,
@@ -481,7 +596,12 @@ struct Sim {
     knobs: Knobs,
     rng: Rng,
     now: u64,
+    /// Faults stopped (settling, and the calm phase after it).
     settling: bool,
+    /// Clients call no more (settling).
+    clients_stopped: bool,
+    /// The step the calm phase started at.
+    calm_from: Option<u64>,
     stuck: bool,
     nodes: Vec<Node>,
     net: Vec<InFlight>,
@@ -499,11 +619,20 @@ struct Sim {
     /// (client, op) → index it was applied at.
     applied_ops: HashMap<(u32, u64), Index>,
     safety: Safety,
+    /// Batches forwarded with [`Raft::forward`]: ctx → the forwarding node
+    /// (a refusal must come back to it).
+    forwarded: HashMap<u64, NodeId>,
+    read_index_ok: usize,
+    forwards_ok: usize,
     crashes: usize,
+    cluster_restarts: usize,
     partitions: usize,
+    snapshots_taken: usize,
     snapshots_installed: usize,
     changes_proposed: usize,
     changes_accepted: usize,
+    /// Leaders to depose: (node, term, step).
+    reigns_ending: Vec<(NodeId, Term, u64)>,
     /// The leader's membership once settled.
     final_membership: Membership,
     hash: u64,
@@ -528,14 +657,27 @@ impl Sim {
             },
             snapshot_fail_permille: rng.range(0, 200),
             read_index_permille: rng.range(0, 1000),
-            lease_reads: rng.range(0, 2) == 0,
+            lease_reads: rng.range(0, 1) == 0,
             apply_lag: rng.range(0, 1) == 0,
             membership_weight: rng.range(1, 12),
+            forward_permille: match rng.range(0, 3) {
+                0 => 0,
+                _ => rng.range(50, 300),
+            },
+            short_reign_permille: match rng.range(0, 1) {
+                0 => rng.range(300, 900),
+                _ => 0,
+            },
+            quiet_phase_steps: match rng.range(0, 1) {
+                0 => Some(u64::from(rng.range(100, 1_000))),
+                _ => None,
+            },
         };
         if !cfg.faults {
             knobs.drop_permille = 0;
             knobs.dup_permille = 0;
             knobs.fault_weight = 0;
+            knobs.short_reign_permille = 0;
         }
         if !cfg.faults || !cfg.membership {
             knobs.membership_weight = 0;
@@ -549,7 +691,9 @@ impl Sim {
             c.pre_vote = rng.range(0, 3) > 0;
             c.check_quorum = rng.range(0, 3) > 0;
             c.inflight_max = rng.range(1, 8) as usize;
-            c.batch_bytes_max = rng.range(40, 400) as usize;
+            // Often one or two entries per message: a new leader's old
+            // entries and its own then reach a follower in separate ones.
+            c.batch_bytes_max = rng.range(1, 400) as usize;
             c.inflight_bytes_max = rng.range(100, 4_000) as usize;
             c.uncommitted_bytes_max = rng.range(200, 3_000) as usize;
             c.lease_reads = knobs.lease_reads;
@@ -567,10 +711,12 @@ impl Sim {
                 }
                 let seed = rng.next_u64();
                 let base_membership = Membership::with_voters(c.voters.iter().copied());
+                let mut raft = Raft::new(c.clone(), Restored::default(), seed)
+                    .expect("the simulation's config is valid");
+                raft.plant_bug(cfg.planted);
                 Node {
                     id,
-                    raft: Raft::new(c.clone(), Restored::default(), seed)
-                        .expect("the simulation's config is valid"),
+                    raft,
                     cfg: c,
                     up: true,
                     restart_at: 0,
@@ -595,9 +741,10 @@ impl Sim {
                 }
             })
             .collect();
-        let clients = (1..=cfg.clients)
+        let clients = (1..=cfg.clients + cfg.readers)
             .map(|id| Client {
                 id,
+                reader: id > cfg.clients,
                 guess: 1 + u64::from(id) % cfg.nodes,
                 next_op: 1,
                 waiting: Waiting::Idle,
@@ -609,6 +756,8 @@ impl Sim {
             rng,
             now: 0,
             settling: false,
+            clients_stopped: false,
+            calm_from: None,
             stuck: false,
             nodes,
             net: Vec::new(),
@@ -623,11 +772,17 @@ impl Sim {
             last_read: BTreeMap::new(),
             applied_ops: HashMap::new(),
             safety: Safety::with_initial_membership(Membership::with_voters(voters)),
+            forwarded: HashMap::new(),
+            read_index_ok: 0,
+            forwards_ok: 0,
             crashes: 0,
+            cluster_restarts: 0,
             partitions: 0,
+            snapshots_taken: 0,
             snapshots_installed: 0,
             changes_proposed: 0,
             changes_accepted: 0,
+            reigns_ending: Vec::new(),
             final_membership: Membership::default(),
             hash: mix(cfg.seed),
             trace: VecDeque::new(),
@@ -640,6 +795,8 @@ impl Sim {
         while self.now < self.cfg.steps {
             self.step()?;
         }
+        self.settle()?;
+        self.calm()?;
         self.settle()?;
         self.final_checks()?;
         let history = self.history();
@@ -673,7 +830,8 @@ impl Sim {
             Event::Deliver => self.deliver()?,
             Event::Persist => self.complete_persists()?,
             Event::Apply => self.apply_event()?,
-            Event::Client => self.client_event()?,
+            Event::Client => self.client_event(false)?,
+            Event::Reader => self.client_event(true)?,
             Event::Snapshot => self.snapshot_event()?,
             Event::Fault => self.fault()?,
             Event::Membership => self.membership_event()?,
@@ -690,17 +848,14 @@ impl Sim {
             }
         }
         self.restart_readded()?;
+        self.end_reigns();
         if !self.cuts.is_empty() && self.heal_at <= self.now {
             self.note(|| "heal".to_string());
             self.cuts.clear();
         }
         for c in 0..self.clients.len() {
-            let waiting = self.clients[c].waiting;
-            let op = match waiting {
-                Waiting::Idle => continue,
-                Waiting::Refused { op }
-                | Waiting::Proposed { op, .. }
-                | Waiting::Reading { op, .. } => op,
+            let Some(op) = self.clients[c].waiting.op() else {
+                continue;
             };
             if self.ops[op].deadline <= self.now {
                 self.note(|| format!("client {} op {op} timed out", c + 1));
@@ -718,11 +873,12 @@ impl Sim {
             .nodes
             .iter()
             .any(|n| n.up && n.pending.front().is_some_and(|p| p.ready_at <= now));
-        let clients_free = !self.settling
-            && self
-                .clients
-                .iter()
-                .any(|c| matches!(c.waiting, Waiting::Idle | Waiting::Refused { .. }));
+        let free = |reader: bool| {
+            !self.clients_stopped
+                && (0..self.clients.len())
+                    .any(|c| self.clients[c].reader == reader && self.may_call(c))
+        };
+        let (writers_free, readers_free) = (free(false), free(true));
         // Synchronized clocks tick every node at once.
         let tick_weight = if self.knobs.lease_reads {
             200 / self.nodes.len() as u32
@@ -735,7 +891,8 @@ impl Sim {
             (Event::Deliver, if ready_msgs { 500 } else { 0 }),
             (Event::Persist, if ready_persists { 200 } else { 0 }),
             (Event::Apply, if to_apply { 200 } else { 0 }),
-            (Event::Client, if clients_free { 80 } else { 0 }),
+            (Event::Client, if writers_free { 80 } else { 0 }),
+            (Event::Reader, if readers_free { 40 } else { 0 }),
             (
                 Event::Snapshot,
                 if self.knobs.snapshot_gap.is_some() {
@@ -869,13 +1026,8 @@ impl Sim {
                 self.read_failed(id, ctx);
             }
             Action::ProposeRefused { ctx } => {
-                // The simulated clients propose at the node they believe
-                // leads and never forward; a refusal of a forward is only
-                // ever an answer to a `forward` call.
                 self.fold(&[10, id, ctx]);
-                return violation!(
-                    "node {id} got ProposeRefused {{ ctx: {ctx} }} for a batch it never forwarded"
-                );
+                self.forward_refused(id, ctx)?;
             }
             Action::RoleChanged { role, term, leader } => {
                 self.fold(&[9, id, role as u64, term, leader.unwrap_or(0)]);
@@ -945,6 +1097,11 @@ fn span(entries: &[Entry]) -> Option<(Index, Index)> {
 /// loss is always reported with `unreachable` (other drops only sometimes).
 fn is_snapshot(msg: &Message) -> bool {
     matches!(msg.body, MessageBody::InstallSnapshot { .. })
+}
+
+/// A batch a follower forwards to the leader ([`Raft::forward`]).
+fn is_forward(msg: &Message) -> bool {
+    matches!(msg.body, MessageBody::Propose { .. })
 }
 
 fn body_tag(body: &MessageBody) -> u64 {

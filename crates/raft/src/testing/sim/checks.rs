@@ -1,5 +1,5 @@
 //! What is checked after every step and at the end of a run, and the
-//! settling that precedes the end.
+//! settling and calm phases that precede the end.
 
 use super::*;
 
@@ -7,8 +7,11 @@ impl Sim {
     /// The checks after every step, on every node that is up: its
     /// invariants, its log against its persists, its membership against
     /// that log, what it holds committed, and whether it leads (election
-    /// safety in the membership it campaigned in, leader completeness).
+    /// safety in the membership it campaigned in, leader completeness);
+    /// then that commitment is durable. A new leader may be given a short
+    /// reign (see [`Sim::maybe_shorten_reign`]).
     pub(super) fn check_step(&mut self) -> Result<(), Violation> {
+        let mut elected = Vec::new();
         for i in 0..self.nodes.len() {
             let node = &mut self.nodes[i];
             if !node.up {
@@ -59,21 +62,55 @@ impl Sim {
                     // (thesis §4.2.2); its votes must be a quorum of it.
                     self.safety.elected(id, term, node.raft.membership())?;
                     self.safety.became_leader(id, term, log)?;
+                    elected.push((id, term));
                 }
             }
             node.last_role = (role, term);
         }
-        // Proposals whose node no longer leads in their term.
-        for c in 0..self.clients.len() {
-            if let Waiting::Proposed { node, term, .. } = self.clients[c].waiting {
-                let r = &self.node(node).raft;
-                if r.role() != Role::Leader || r.term() != term {
-                    self.give_up(c);
-                }
-            }
+        for (id, term) in elected {
+            self.maybe_shorten_reign(id, term);
         }
+        self.check_commitment()?;
         if self.now % LOGS_COMPARE_EVERY == 0 {
             self.compare_logs()?;
+        }
+        Ok(())
+    }
+
+    /// No up node that lacks the highest committed entry could be elected
+    /// (see [`Safety::commitment_durable`]). A voter may vote with the log
+    /// in its memory or, after a crash, the one on its disk: the less up to
+    /// date of the two counts.
+    pub(super) fn check_commitment(&self) -> Result<(), Violation> {
+        let Some((index, term)) = self.safety.last_committed() else {
+            return Ok(());
+        };
+        let disk_last = |n: &Node| match n.disk_log.last() {
+            Some(e) => (e.term, e.index),
+            None => (n.disk_base.1, n.disk_base.0),
+        };
+        let voter_last = |v: NodeId| {
+            let n = self.node(v);
+            let disk = disk_last(n);
+            if n.up {
+                let log = n.raft.log();
+                disk.min((log.last_term(), log.last_index()))
+            } else {
+                disk
+            }
+        };
+        for n in self.nodes.iter().filter(|n| n.up) {
+            let log = n.raft.log();
+            let holds = log.base().0 >= index || log.term(index) == Some(term);
+            if holds || !n.raft.can_campaign() {
+                continue;
+            }
+            self.safety.commitment_durable(
+                n.id,
+                (log.last_term(), log.last_index()),
+                n.raft.membership(),
+                voter_last,
+            )?;
         }
         Ok(())
     }
@@ -93,6 +130,7 @@ impl Sim {
     /// cluster settled; not settling is a (liveness) failure.
     pub(super) fn settle(&mut self) -> Result<(), Violation> {
         self.settling = true;
+        self.clients_stopped = true;
         let in_flight = self.net.len();
         self.note(|| format!("settle: heal, restart, no more faults ({in_flight} in flight)"));
         self.cuts.clear();
@@ -159,6 +197,20 @@ impl Sim {
             self.net.len(),
             state.join("; ")
         )
+    }
+
+    /// After settling, clients call again for [`SimConfig::calm_steps`]
+    /// steps with no faults: the healed cluster serves them (counted in
+    /// [`SimReport::calm_ops_ok`]).
+    pub(super) fn calm(&mut self) -> Result<(), Violation> {
+        self.note(|| "calm: clients call again, no faults".to_string());
+        self.clients_stopped = false;
+        self.calm_from = Some(self.now);
+        let end = self.now + self.cfg.calm_steps;
+        while self.now < end {
+            self.step()?;
+        }
+        Ok(())
     }
 
     /// One leader in a committed, non-joint membership, every member

@@ -56,6 +56,33 @@ impl Sim {
         }
     }
 
+    /// The leader refused the batch `ctx` that `id` forwarded: none of it
+    /// was proposed, the client retries later. A refusal must come back to
+    /// the node that forwarded the batch.
+    pub(super) fn forward_refused(&mut self, id: NodeId, ctx: u64) -> Result<(), Violation> {
+        if self.forwarded.get(&ctx) != Some(&id) {
+            return violation!(
+                "node {id} got ProposeRefused {{ ctx: {ctx} }} for a batch it never forwarded"
+            );
+        }
+        self.note(|| format!("  {id} forward {ctx} refused"));
+        let life = self.node(id).life;
+        for c in &mut self.clients {
+            if let Waiting::Forwarded {
+                op,
+                node,
+                life: l,
+                ctx: x,
+            } = c.waiting
+            {
+                if node == id && l == life && x == ctx {
+                    c.waiting = Waiting::Refused { op };
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `id`'s host applies `entries` (the next ones) and reports it.
     pub(super) fn apply_entries(&mut self, id: NodeId, entries: &[Entry]) -> Result<(), Violation> {
         let Some(last) = entries.last().map(|e| e.index) else {
@@ -115,17 +142,28 @@ impl Sim {
             }
         }
         for c in 0..self.clients.len() {
-            let Waiting::Proposed {
-                op,
-                node,
-                life: l,
-                index,
-                ..
-            } = self.clients[c].waiting
-            else {
-                continue;
+            let (op, index) = match self.clients[c].waiting {
+                Waiting::Proposed {
+                    op,
+                    node,
+                    life: l,
+                    index,
+                    ..
+                } if node == id && l == life => (op, index),
+                // Answered by its own command, wherever it was proposed.
+                Waiting::Forwarded {
+                    op, node, life: l, ..
+                } if node == id
+                    && l == life
+                    && self.ops[op].client == cmd.client
+                    && self.ops[op].op == cmd.op =>
+                {
+                    self.ops[op].index = Some(e.index);
+                    (op, e.index)
+                }
+                _ => continue,
             };
-            if node != id || l != life || index != e.index {
+            if index != e.index {
                 continue;
             }
             if self.ops[op].client == cmd.client && self.ops[op].op == cmd.op {
@@ -167,16 +205,11 @@ impl Sim {
         }
     }
 
-    /// A client without an answer pending calls a new operation, or
-    /// retries one that was refused.
-    pub(super) fn client_event(&mut self) -> Result<(), Violation> {
+    /// A writer (or, with `reader`, a reader) without an answer pending
+    /// calls a new operation, or retries one that was refused.
+    pub(super) fn client_event(&mut self, reader: bool) -> Result<(), Violation> {
         let free: Vec<usize> = (0..self.clients.len())
-            .filter(|&c| {
-                matches!(
-                    self.clients[c].waiting,
-                    Waiting::Idle | Waiting::Refused { .. }
-                )
-            })
+            .filter(|&c| self.clients[c].reader == reader && self.may_call(c))
             .collect();
         let c = free[self.rng.range(0, free.len() as u32 - 1) as usize];
         let op = match self.clients[c].waiting {
@@ -186,12 +219,27 @@ impl Sim {
         self.submit(c, op)
     }
 
+    /// Whether client `c` may call (or retry) now: it waits for no answer,
+    /// and it is no writer in a quiet phase.
+    pub(super) fn may_call(&self, c: usize) -> bool {
+        let client = &self.clients[c];
+        let quiet = !self.settling
+            && self
+                .knobs
+                .quiet_phase_steps
+                .is_some_and(|len| (self.now / len) % 3 == 2);
+        matches!(client.waiting, Waiting::Idle | Waiting::Refused { .. })
+            && (client.reader || !quiet)
+    }
+
     /// A new operation of client `c` on a random key: 40% `Put`, 35% `Get`,
     /// 25% `Cas` (expecting nothing, the value last read or the value last
     /// written). Values are unique, so the checker can tell writes apart.
     pub(super) fn new_op(&mut self, c: usize) -> usize {
         let key = u64::from(self.rng.range(0, self.cfg.keys as u32 - 1));
+        let reader = self.clients[c].reader;
         let input = match self.rng.range(0, 99) {
+            _ if reader => Input::Get { key },
             0..=39 => {
                 let value = self.fresh_value(key);
                 Input::Put { key, value }
@@ -207,8 +255,8 @@ impl Sim {
                 Input::Cas { key, expect, new }
             }
         };
-        let read_index =
-            matches!(input, Input::Get { .. }) && self.chance(self.knobs.read_index_permille);
+        let read_index = reader
+            || (matches!(input, Input::Get { .. }) && self.chance(self.knobs.read_index_permille));
         let client = &mut self.clients[c];
         let rec = OpRecord {
             client: client.id,
@@ -243,12 +291,13 @@ impl Sim {
         v
     }
 
-    /// One attempt of `op` on the node the client believes leads (or any
-    /// node, for some reads).
+    /// One attempt of `op` on the node the client believes leads, or on
+    /// any node for some reads and for the writes it forwards.
     pub(super) fn submit(&mut self, c: usize, op: usize) -> Result<(), Violation> {
         let rec = self.ops[op].clone();
         let mut target = self.clients[c].guess;
-        if rec.read_index && self.chance(300) {
+        let forward = !rec.read_index && self.chance(self.knobs.forward_permille);
+        if forward || (rec.read_index && self.chance(300)) {
             target = self.random_node();
         }
         self.fold(&[0xCA, c as u64, op as u64, target]);
@@ -282,13 +331,42 @@ impl Sim {
                 }
                 Err(ReadError::Backpressure { .. }) => Waiting::Refused { op },
             };
+        } else if forward {
+            let cmd = Command {
+                client: rec.client,
+                op: rec.op,
+                input: rec.input,
+            };
+            let ctx = self.next_ctx;
+            self.next_ctx += 1;
+            self.forwarded.insert(ctx, target);
+            let result = self.node_mut(target).raft.forward(ctx, vec![cmd.encode()]);
+            self.note(|| format!("client {} forwards op {op} via {target}: {result:?}", c + 1));
+            self.clients[c].waiting = match result {
+                Ok(()) => {
+                    self.ops[op].accepted = true;
+                    Waiting::Forwarded {
+                        op,
+                        node: target,
+                        life,
+                        ctx,
+                    }
+                }
+                Err(ProposeError::NotLeader { .. }) => {
+                    self.clients[c].guess = self.random_node();
+                    Waiting::Refused { op }
+                }
+                Err(ProposeError::Empty | ProposeError::InvalidChange(_)) => {
+                    return violation!("a forwarded command was refused: {result:?}")
+                }
+                Err(_) => Waiting::Refused { op },
+            };
         } else {
             let cmd = Command {
                 client: rec.client,
                 op: rec.op,
                 input: rec.input,
             };
-            let term = self.node(target).raft.term();
             let result = self.node_mut(target).raft.propose(vec![cmd.encode()]);
             self.note(|| format!("client {} proposes op {op} to {target}: {result:?}", c + 1));
             self.clients[c].waiting = match result {
@@ -299,7 +377,6 @@ impl Sim {
                         op,
                         node: target,
                         life,
-                        term,
                         index,
                     }
                 }
@@ -322,7 +399,15 @@ impl Sim {
     /// Client `c` got its answer now.
     pub(super) fn complete(&mut self, c: usize, output: Output) {
         let op = match self.clients[c].waiting {
-            Waiting::Proposed { op, .. } | Waiting::Reading { op, .. } => op,
+            Waiting::Proposed { op, .. } => op,
+            Waiting::Reading { op, .. } => {
+                self.read_index_ok += 1;
+                op
+            }
+            Waiting::Forwarded { op, .. } => {
+                self.forwards_ok += 1;
+                op
+            }
             w => unreachable!("completing {w:?}"),
         };
         self.fold(&[0xC1, c as u64, op as u64]);
@@ -335,11 +420,8 @@ impl Sim {
     /// The client stops waiting for its operation: unknown if it was ever
     /// accepted, left out of the history if not.
     pub(super) fn give_up(&mut self, c: usize) {
-        let op = match self.clients[c].waiting {
-            Waiting::Idle => return,
-            Waiting::Refused { op }
-            | Waiting::Proposed { op, .. }
-            | Waiting::Reading { op, .. } => op,
+        let Some(op) = self.clients[c].waiting.op() else {
+            return;
         };
         self.fold(&[0xC2, c as u64, op as u64]);
         self.ops[op].gave_up = true;

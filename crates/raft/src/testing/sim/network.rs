@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// Share of crash faults that take the whole cluster down at once.
+const CLUSTER_RESTART_PERMILLE: u32 = 150;
+/// A leader whose reign is cut short is deposed within this many steps.
+const REIGN_STEPS_MAX: u32 = 80;
+
 impl Sim {
     /// `id` must send `to` its latest snapshot (at least through `index`,
     /// with `membership` in force there); the transfer sometimes fails, and
@@ -62,7 +67,10 @@ impl Sim {
             }
             return;
         }
-        let copies = if faulty && self.chance(self.knobs.dup_permille) {
+        // A forwarded batch is never duplicated: the core proposes each
+        // copy it gets (the host would have to drop duplicates by the ids
+        // inside, and this host keeps no client sessions).
+        let copies = if faulty && !is_forward(&msg) && self.chance(self.knobs.dup_permille) {
             2
         } else {
             1
@@ -144,7 +152,9 @@ impl Sim {
     /// Injects one random fault.
     pub(super) fn fault(&mut self) -> Result<(), Violation> {
         match self.rng.range(0, 10) {
+            0 if self.chance(CLUSTER_RESTART_PERMILLE) => self.restart_cluster(),
             0..=2 => self.crash_one(),
+            3 if self.chance(500) => self.bridge(),
             3 | 4 => self.partition_in_two(),
             5 => self.cut_links(),
             6 => self.deafen(false)?,
@@ -167,16 +177,38 @@ impl Sim {
     /// membership in force up, so that the cluster can still make
     /// progress.
     fn crash_one(&mut self) {
-        let Some(id) = self.random_up_node() else {
-            return;
-        };
+        if let Some(id) = self.random_up_node() {
+            self.crash_keeping_quorum(id);
+        }
+    }
+
+    /// Crashes `id` if a majority of each voter set of the membership in
+    /// force stays up without it; says whether it did.
+    fn crash_keeping_quorum(&mut self, id: NodeId) -> bool {
         let m = self.reference_membership();
         let keeps_quorum = |set: &BTreeSet<NodeId>| {
             let down = set.iter().filter(|&&v| v == id || !self.node(v).up).count();
             2 * down < set.len() || set.is_empty()
         };
-        if keeps_quorum(&m.voters) && keeps_quorum(&m.outgoing) {
+        let crash = keeps_quorum(&m.voters) && keeps_quorum(&m.outgoing);
+        if crash {
             self.crash(id);
+        }
+        crash
+    }
+
+    /// Every node crashes at once (a power cut): each restarts from its
+    /// disk alone, after a short random while. Quorums are lost until
+    /// enough are back.
+    fn restart_cluster(&mut self) {
+        self.cluster_restarts += 1;
+        self.note(|| "the whole cluster crashes".to_string());
+        self.fold(&[0xCE]);
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].up {
+                let restart_at = self.now + u64::from(self.rng.range(0, 100));
+                self.crash_until(self.nodes[i].id, restart_at);
+            }
         }
     }
 
@@ -193,6 +225,57 @@ impl Sim {
             }
         }
         self.partitioned("partition");
+    }
+
+    /// Not transitive: two random sides that cannot talk, and one node
+    /// (the bridge) that talks to both. A side that cannot hear the leader
+    /// may elect another through the bridge, which still hears the old one.
+    fn bridge(&mut self) {
+        let n = self.nodes.len() as u64;
+        let bridge = self.random_node();
+        let side: Vec<bool> = (0..n).map(|_| self.rng.range(0, 1) == 1).collect();
+        self.cuts.clear();
+        for a in (1..=n).filter(|&a| a != bridge) {
+            for b in (1..=n).filter(|&b| b != bridge) {
+                if side[(a - 1) as usize] != side[(b - 1) as usize] {
+                    self.cuts.insert((a, b));
+                }
+            }
+        }
+        self.partitioned("bridge");
+    }
+
+    /// `id` was just elected in `term`: with the seed's chance, it will be
+    /// deposed soon.
+    pub(super) fn maybe_shorten_reign(&mut self, id: NodeId, term: Term) {
+        if self.settling || !self.chance(self.knobs.short_reign_permille) {
+            return;
+        }
+        let at = self.now + u64::from(self.rng.range(0, REIGN_STEPS_MAX));
+        self.note(|| format!("  {id} will be deposed at {at}"));
+        self.reigns_ending.push((id, term, at));
+    }
+
+    /// Deposes the leaders whose reign is over, if they still lead: a crash
+    /// when the rest keep a quorum, else isolation.
+    pub(super) fn end_reigns(&mut self) {
+        if self.settling {
+            self.reigns_ending.clear();
+            return;
+        }
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = self.reigns_ending.drain(..).partition(|r| r.2 <= now);
+        self.reigns_ending = later;
+        for (id, term, _) in due {
+            let node = self.node(id);
+            if !node.up || node.raft.role() != Role::Leader || node.raft.term() != term {
+                continue;
+            }
+            self.fold(&[0xDE, id, term]);
+            if !(self.chance(500) && self.crash_keeping_quorum(id)) {
+                self.isolate(id);
+            }
+        }
     }
 
     /// One-way: a few random directed links.
@@ -228,15 +311,19 @@ impl Sim {
 
     /// The leader is cut off both ways.
     fn isolate_leader(&mut self) {
-        let Some(leader) = self.leader() else {
-            return;
-        };
-        self.cuts.clear();
-        for other in (1..=self.nodes.len() as u64).filter(|&o| o != leader) {
-            self.cuts.insert((leader, other));
-            self.cuts.insert((other, leader));
+        if let Some(leader) = self.leader() {
+            self.isolate(leader);
         }
-        self.partitioned("isolate the leader");
+    }
+
+    /// `id` is cut off both ways.
+    fn isolate(&mut self, id: NodeId) {
+        self.cuts.clear();
+        for other in (1..=self.nodes.len() as u64).filter(|&o| o != id) {
+            self.cuts.insert((id, other));
+            self.cuts.insert((other, id));
+        }
+        self.partitioned(&format!("isolate {id}"));
     }
 
     /// `leader` hands leadership to another random node, mostly a voter;

@@ -83,8 +83,8 @@ impl Safety {
 
     /// `node` became leader of `term` in `membership` (the one it campaigned
     /// in): a majority of its voters, and of the outgoing voters while
-    /// joint, durably voted for it (its own vote counts, durable or not:
-    /// nothing depends on it before it is).
+    /// joint, durably voted for it — its own vote too: a leader whose vote
+    /// a crash could lose may lead the same term twice.
     pub fn elected(
         &self,
         node: NodeId,
@@ -94,7 +94,7 @@ impl Safety {
         let quorum = |set: &BTreeSet<NodeId>| {
             let yes = set
                 .iter()
-                .filter(|&&v| v == node || self.votes.get(&(term, v)) == Some(&node))
+                .filter(|&&v| self.votes.get(&(term, v)) == Some(&node))
                 .count();
             2 * yes > set.len()
         };
@@ -223,6 +223,57 @@ impl Safety {
     /// Highest index seen committed.
     pub fn commit_max(&self) -> Index {
         self.committed.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// The highest entry seen committed: (index, term).
+    pub fn last_committed(&self) -> Option<(Index, Term)> {
+        self.committed
+            .iter()
+            .next_back()
+            .map(|(&i, (e, _))| (i, e.term))
+    }
+
+    /// Commitment is durable (the invariant behind leader completeness, in
+    /// a form that holds in every state, not only when an election
+    /// happens): `candidate` lacks the highest committed entry and its log
+    /// ends at `last` (term, index); it must not be able to collect a
+    /// quorum of `membership` (of each configuration while joint) whose
+    /// logs are no more up to date than its own — each voter judged by
+    /// `voter_last`, the least up-to-date log it may vote with (after a
+    /// crash: what is on its disk). A correct cluster commits only what a
+    /// quorum holds durably behind an entry of the committing term, so any
+    /// quorum has a voter that refuses. Found before any election happens:
+    /// the Figure 8 state, and entries committed on copies a crash loses.
+    pub fn commitment_durable(
+        &self,
+        candidate: NodeId,
+        last: (Term, Index),
+        membership: &Membership,
+        voter_last: impl Fn(NodeId) -> (Term, Index),
+    ) -> Result<(), Violation> {
+        let Some((index, term)) = self.last_committed() else {
+            return Ok(());
+        };
+        let granting = |set: &BTreeSet<NodeId>| -> Vec<NodeId> {
+            set.iter()
+                .copied()
+                .filter(|&v| v == candidate || voter_last(v) <= last)
+                .collect()
+        };
+        let voters = granting(&membership.voters);
+        let outgoing = granting(&membership.outgoing);
+        let elected = 2 * voters.len() > membership.voters.len()
+            && (membership.outgoing.is_empty() || 2 * outgoing.len() > membership.outgoing.len());
+        if elected {
+            return violation!(
+                "commitment: node {candidate} lacks committed entry {index}/{term}, its log ends \
+                 at {}/{}, and could be elected in {membership:?} by {voters:?} {outgoing:?}, \
+                 whose logs are no more up to date",
+                last.1,
+                last.0
+            );
+        }
+        Ok(())
     }
 
     /// `node` just became leader of `term` with `log` (leader completeness:

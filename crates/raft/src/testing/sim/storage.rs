@@ -280,6 +280,7 @@ impl Sim {
         };
         self.fold(&[0x50, id, index]);
         self.note(|| format!("snapshot {id} at {index}/{term}"));
+        self.snapshots_taken += 1;
         let node = self.node_mut(id);
         node.disk_snapshot = Some(snapshot.clone());
         node.snapshot = Some(snapshot);
@@ -290,8 +291,13 @@ impl Sim {
     /// `id` crashes: what was not durable is lost (pending persists, held
     /// messages, the state machine); it restarts later.
     pub(super) fn crash(&mut self, id: NodeId) {
-        self.crashes += 1;
         let restart_at = self.now + u64::from(self.rng.range(0, 400));
+        self.crash_until(id, restart_at);
+    }
+
+    /// `id` crashes and restarts from its disk at step `restart_at`.
+    pub(super) fn crash_until(&mut self, id: NodeId, restart_at: u64) {
+        self.crashes += 1;
         self.fold(&[0xCC, id, restart_at]);
         self.note(|| format!("crash {id} until {restart_at}"));
         self.go_down(id, restart_at);
@@ -326,11 +332,7 @@ impl Sim {
             node.disk_hs.vote = 0;
         }
         for c in 0..self.clients.len() {
-            let on_node = match self.clients[c].waiting {
-                Waiting::Proposed { node, .. } | Waiting::Reading { node, .. } => node == id,
-                _ => false,
-            };
-            if on_node {
+            if self.clients[c].waiting.node() == Some(id) {
                 self.give_up(c);
             }
         }
@@ -341,6 +343,7 @@ impl Sim {
     /// rest again.
     pub(super) fn restart(&mut self, id: NodeId) -> Result<(), Violation> {
         let seed = self.rng.next_u64();
+        let planted = self.cfg.planted;
         self.fold(&[0xAA, id]);
         self.note(|| format!("restart {id}"));
         let node = self.node_mut(id);
@@ -363,6 +366,7 @@ impl Sim {
         };
         node.raft = Raft::new(node.cfg.clone(), restored, seed)
             .map_err(|e| Violation(format!("node {id} cannot restart: {e}")))?;
+        node.raft.plant_bug(planted);
         node.up = true;
         node.stopped = false;
         node.durable_id = 0;
