@@ -254,6 +254,11 @@ pub struct WorkloadConfig {
     /// partitions. Only for the test that shows the checker catches a
     /// stale read through this harness.
     pub serializable_reads: bool,
+    /// One more client per member that only reads and stays on that member
+    /// through errors and partitions, so that a member cut off from the
+    /// majority keeps being asked for as long as the fault lasts (a
+    /// workload client moves to another member at its first failed write).
+    pub pinned_readers: bool,
     /// Where a failing round saves its evidence; `None`: [`artifacts_root`].
     pub artifacts: Option<PathBuf>,
 }
@@ -330,6 +335,17 @@ pub async fn run_round(
         tasks.push(tokio::spawn(async move {
             client_loop(c as u64 + 1, endpoints, &config, &shared).await
         }));
+    }
+    if config.pinned_readers {
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            let shared = shared.clone();
+            let config = config.clone();
+            let id = (config.clients + 1 + i) as u64;
+            let endpoint = endpoint.clone();
+            tasks.push(tokio::spawn(async move {
+                reader_loop(id, endpoint, &config, &shared).await
+            }));
+        }
     }
 
     let mut schedule = String::new();
@@ -617,6 +633,41 @@ async fn client_loop(id: u64, endpoints: Vec<String>, config: &WorkloadConfig, s
         };
         if let Some(op) = op {
             shared.record(op, endpoint);
+        }
+        tokio::time::sleep(config.op_pause).await;
+    }
+}
+
+/// A pinned reader (see [`WorkloadConfig::pinned_readers`]): reads random
+/// keys from one member only, reconnecting to the same member after an
+/// error. A failed read is not recorded (it had no effect).
+async fn reader_loop(id: u64, endpoint: String, config: &WorkloadConfig, shared: &Shared) {
+    let mut rng = Rng::new(config.seed.wrapping_mul(37).wrapping_add(id));
+    let mut client: Option<Client> = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let c = match client.as_mut() {
+            Some(c) => c,
+            None => match Client::connect(std::slice::from_ref(&endpoint), WORKLOAD_CLIENT).await {
+                Ok(c) => client.insert(c),
+                Err(_) => {
+                    tokio::time::sleep(config.op_pause).await;
+                    continue;
+                }
+            },
+        };
+        let key = rng.range(0, config.keys);
+        let options = config
+            .serializable_reads
+            .then(|| GetOptions::new().with_serializable());
+        let call = shared.now();
+        match c.get(key_name(config, key), options).await {
+            Ok(resp) => {
+                let ret = shared.now();
+                let output = Output::Value(resp.kvs.first().and_then(|kv| parse_value(&kv.value)));
+                let op = Operation::completed(id, Input::Get { key }, call, ret, output);
+                shared.record(op, endpoint.clone());
+            }
+            Err(_) => client = None,
         }
         tokio::time::sleep(config.op_pause).await;
     }

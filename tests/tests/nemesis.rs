@@ -57,6 +57,7 @@ fn round_config(seed: u64, cycles: usize, kinds: Vec<Fault>, round: usize) -> Wo
         quiet: Duration::from_millis(300),
         key_prefix: format!("nemesis/{round}/"),
         serializable_reads: false,
+        pinned_readers: false,
         artifacts: None,
     }
 }
@@ -150,7 +151,9 @@ async fn stale_reads_are_caught() {
         0,
     );
     config.serializable_reads = true;
-    // Many reads, few clients: the cut-off member gets asked often.
+    // A reader stays on each member: the cut-off one is asked all through
+    // each partition, while the majority overwrites what it holds.
+    config.pinned_readers = true;
     config.op_pause = Duration::from_millis(2);
     let artifacts = tempfile::tempdir().expect("a temporary directory");
     config.artifacts = Some(artifacts.path().to_path_buf());
