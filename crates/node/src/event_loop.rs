@@ -62,10 +62,14 @@ use crate::storage::{self, encode_membership};
 
 mod membership;
 mod metrics;
+mod no_space;
 mod snapshots;
+#[cfg(test)]
+pub(crate) mod test_support;
 mod wal_tickets;
 
 use self::metrics::Stages;
+pub use self::no_space::{NO_SPACE_RETRY, REWRITE_BYTES_MAX};
 pub use self::snapshots::SnapshotOffer;
 pub(crate) use self::snapshots::{file_crc, SnapshotWorker};
 use self::wal_tickets::{Durable, WalWaker};
@@ -290,6 +294,11 @@ pub struct EventLoop<S: StateMachine> {
     fetched: HashMap<Index, Fetched<S>>,
     /// The last index written to the WAL (to know when a persist truncates).
     wal_last: Index,
+    /// Set while the WAL is out of space (see `no_space.rs`).
+    no_space: Option<no_space::NoSpace>,
+    /// The last snapshot record asked of the WAL (written again if the
+    /// WAL ran out of space before it was durable).
+    last_snapshot_meta: Option<skiff_wal::SnapshotMeta>,
     applied_since_snapshot: (u64, u64),
     snapshot_in_progress: bool,
     /// No snapshot is started before this (after a failed one).
@@ -368,6 +377,8 @@ impl<S: StateMachine> EventLoop<S> {
             next_read_ctx: 1,
             fetched: HashMap::new(),
             wal_last,
+            no_space: None,
+            last_snapshot_meta: None,
             applied_since_snapshot: (0, 0),
             snapshot_in_progress: false,
             snapshot_retry_at: None,
@@ -460,6 +471,9 @@ impl<S: StateMachine> EventLoop<S> {
                 break stop;
             }
             if let Err(e) = self.poll_tickets() {
+                break Err(e);
+            }
+            if let Err(e) = self.retry_no_space() {
                 break Err(e);
             }
             // ---- 2. step.
@@ -884,6 +898,7 @@ impl<S: StateMachine> EventLoop<S> {
             .first()
             .map(|e| e.index)
             .filter(|&i| i <= self.wal_last);
+        let before = self.wal_last;
         if let Some(last) = entries.last() {
             self.wal_last = last.index;
         }
@@ -893,17 +908,12 @@ impl<S: StateMachine> EventLoop<S> {
             entries: entries.iter().map(storage::to_wal).collect(),
             hard_state: hard_state.map(storage::to_wal_hard_state),
         };
-        let started = Instant::now();
-        let ticket = self
-            .wal
-            .write(batch)
-            .map_err(|e| format!("WAL write: {e}"))?;
-        // Handing a write to the WAL waits only when its queue is full or
-        // no pre-written segment is ready: that wait is the loop's.
-        self.stages
-            .wal_submit_us
-            .saturating_record(us_since(started));
-        self.wait_for(ticket, Durable::Persisted(id))
+        self.write_wal(batch, Durable::Persisted(id), "WAL write")?;
+        if self.wal_out_of_space() {
+            // Not written (the rewrite that ends the state sets it).
+            self.wal_last = before;
+        }
+        Ok(())
     }
 
     /// Into the outbox: sent with the rest of this pass's messages.
@@ -1040,28 +1050,39 @@ impl<S: StateMachine> EventLoop<S> {
 
     /// Free space of the data directory's filesystem against the reserve
     /// (one statvfs, every `SPACE_CHECK_INTERVAL`).
+    /// Looks at the data directory's free space: below the reserve, or
+    /// while the WAL is out of space, the node reports its space low.
     fn check_space(&mut self) {
         self.last_space_check = Instant::now();
         let reserve = self.cfg.space_reserve_bytes;
-        if reserve == 0 {
-            return;
-        }
-        let available = match disk_available(&self.cfg.data_dir) {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the data directory's free space");
-                return;
+        let below = if reserve == 0 {
+            false
+        } else {
+            match disk_available(&self.cfg.data_dir) {
+                Ok(available) => {
+                    self.shared
+                        .disk_available
+                        .store(available, Ordering::Release);
+                    available < reserve
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the data directory's free space");
+                    // Unknown: as it was.
+                    self.shared.space_low.load(Ordering::Acquire)
+                }
             }
         };
-        self.shared
-            .disk_available
-            .store(available, Ordering::Release);
-        let low = available < reserve;
+        let low = below || self.wal_out_of_space();
         if self.shared.space_low.swap(low, Ordering::AcqRel) != low {
+            let available = self.shared.disk_available.load(Ordering::Acquire);
             if low {
                 tracing::warn!(available, reserve, "disk space low: writes are refused");
             } else {
-                tracing::info!(available, reserve, "disk space back above the reserve");
+                tracing::info!(
+                    available,
+                    reserve,
+                    "disk space back: writes are taken again"
+                );
             }
         }
     }
@@ -1180,17 +1201,12 @@ fn now_nanos() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::NoView;
     use super::*;
-    use crate::state_machine::{ApplyError, RestoreError, SnapshotView};
+    use crate::state_machine::{ApplyError, RestoreError};
 
     /// Accepts commands whose first byte is b'+' only.
     struct Picky;
-    struct NoView;
-    impl SnapshotView for NoView {
-        fn write_to(&self, _: &mut dyn std::io::Write) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
     impl StateMachine for Picky {
         type Command = ();
         type Response = ();

@@ -930,37 +930,10 @@ async fn send_input_within<S: StateMachine>(
 
 #[cfg(test)]
 mod tests {
-    use bytes::BytesMut;
     use skiff_net::{SimNetConfig, SimNetwork, Transport};
 
     use super::*;
-    use crate::state_machine::{ApplyError, Committed, RestoreError, SnapshotView};
-
-    struct Nothing;
-    struct NoView;
-    impl SnapshotView for NoView {
-        fn write_to(&self, _: &mut dyn std::io::Write) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl StateMachine for Nothing {
-        type Command = ();
-        type Response = ();
-        type Query = ();
-        type QueryResponse = ();
-        type Snapshot = NoView;
-        fn encode_command(_: &(), _: &mut BytesMut) {}
-        fn apply(&mut self, _: &[Committed], _: &mut Vec<()>) -> Result<(), ApplyError> {
-            Ok(())
-        }
-        fn query(&self, _: &()) {}
-        fn snapshot(&self) -> NoView {
-            NoView
-        }
-        fn restore(_: &mut dyn std::io::Read) -> Result<Self, RestoreError> {
-            Ok(Nothing)
-        }
-    }
+    use crate::event_loop::test_support::Nop;
 
     fn heartbeat(round: u64) -> Message {
         Message {
@@ -991,10 +964,10 @@ mod tests {
         let net = SimNetwork::new(SimNetConfig::new(7)).unwrap();
         let (_me, inbox) = net.endpoint(1);
         let (peer, _peer_inbox) = net.endpoint(2);
-        let (inputs, loop_end) = InputQueue::<Input<Nothing>>::new(1);
+        let (inputs, loop_end) = InputQueue::<Input<Nop>>::new(1);
         let shared = Arc::new(Shared::default());
         let wait_max = Duration::from_millis(20);
-        let pump = Pump::<Nothing> {
+        let pump = Pump::<Nop> {
             inbox,
             inputs: inputs.clone(),
             rt: rt.handle().clone(),

@@ -109,14 +109,16 @@ impl Api {
     /// Refuses a request that adds at most `cost` bytes to the store
     /// (`crate::store::write_cost`, `LEASE_COST_BYTES`) while a NOSPACE
     /// alarm is active or when it would take the store past this member's
-    /// quota; in the second case raises NOSPACE for this member first
-    /// (one proposal at a time; its failure is logged, the request is
-    /// refused either way).
+    /// quota or while this member's disk is low; then raises NOSPACE for
+    /// this member (one proposal at a time; its failure is logged, the
+    /// request is refused either way) — first for the quota, in the
+    /// background for a low disk.
     pub(super) async fn check_space(&self, cost: u64) -> Result<(), Status> {
         let mut check = self.quota.check(cost);
-        if check == QuotaCheck::Fits && cost > 0 && self.node.space_low() {
-            // The disk is nearly full: the same alarm as the quota, before
-            // a WAL write fails for want of space.
+        let disk_low = check == QuotaCheck::Fits && cost > 0 && self.node.space_low();
+        if disk_low {
+            // The disk is nearly full (or this member's WAL ran out of
+            // space): the same alarm as the quota.
             check = QuotaCheck::Exceeds;
         }
         match check {
@@ -148,7 +150,12 @@ impl Api {
                         tracing::warn!(member, error = %e, "NOSPACE alarm not raised");
                     }
                 });
-                let _ = raise.await;
+                // A member short of disk may not apply the alarm soon (a
+                // WAL out of space applies nothing until there is room):
+                // its request is refused now, the raise goes on.
+                if !disk_low {
+                    let _ = raise.await;
+                }
             }
             QuotaCheck::Exceeds => {}
         }

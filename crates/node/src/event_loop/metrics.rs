@@ -22,6 +22,8 @@ pub(super) struct Stages {
     pub(super) snapshots_installed: u64,
     /// WAL compactions that failed and were left to the next snapshot.
     pub(super) wal_compaction_failures: u64,
+    /// Times the WAL ran out of space (a write dropped or refused).
+    pub(super) wal_no_space: u64,
 }
 
 impl Stages {
@@ -42,6 +44,7 @@ impl Stages {
             snapshot_failures: 0,
             snapshots_installed: 0,
             wal_compaction_failures: 0,
+            wal_no_space: 0,
         }
     }
 }
@@ -135,6 +138,18 @@ impl<S: StateMachine> EventLoop<S> {
             "wal_compaction_failures_total",
             "WAL compactions that failed without harm (old segments kept; retried with the next snapshot).",
             st.wal_compaction_failures,
+        );
+        counter(
+            &mut out,
+            "wal_no_space_total",
+            "Times the WAL ran out of space (the member went on, and wrote what it owed once there was room).",
+            st.wal_no_space,
+        );
+        gauge(
+            &mut out,
+            "wal_out_of_space",
+            "1 while the WAL is out of space and what Raft asked to persist waits.",
+            u64::from(self.wal_out_of_space()),
         );
         counter(
             &mut out,

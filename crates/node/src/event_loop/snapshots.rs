@@ -341,15 +341,21 @@ impl<S: StateMachine> EventLoop<S> {
         };
         let mut data = BytesMut::new();
         encode_membership(membership, &mut data);
-        let ticket = self
-            .wal
-            .save_snapshot(skiff_wal::SnapshotMeta {
-                index: upto,
-                term,
-                data: data.freeze(),
-            })
-            .map_err(|e| format!("WAL snapshot record: {e}"))?;
-        self.wait_for(ticket, Durable::SnapshotRecorded { upto })
+        let meta = skiff_wal::SnapshotMeta {
+            index: upto,
+            term,
+            data: data.freeze(),
+        };
+        self.last_snapshot_meta = Some(meta.clone());
+        let batch = WriteBatch {
+            snapshot: Some(meta),
+            ..WriteBatch::default()
+        };
+        self.write_wal(
+            batch,
+            Durable::SnapshotRecorded { upto },
+            "WAL snapshot record",
+        )
     }
 
     /// The WAL's snapshot record through `upto` is durable: the rest is
@@ -426,20 +432,20 @@ impl<S: StateMachine> EventLoop<S> {
         }
         let mut data = BytesMut::new();
         encode_membership(membership, &mut data);
-        let ticket = self
-            .wal
-            .write(WriteBatch {
-                snapshot: Some(skiff_wal::SnapshotMeta {
-                    index,
-                    term,
-                    data: data.freeze(),
-                }),
-                ..WriteBatch::default()
-            })
-            .map_err(|e| format!("WAL snapshot record: {e}"))?;
+        let meta = skiff_wal::SnapshotMeta {
+            index,
+            term,
+            data: data.freeze(),
+        };
+        self.last_snapshot_meta = Some(meta.clone());
+        let batch = WriteBatch {
+            snapshot: Some(meta),
+            ..WriteBatch::default()
+        };
+        self.write_wal(batch, Durable::Persisted(id), "WAL snapshot record")?;
         self.wal_last = self.wal.last_index();
         tracing::info!(index, term, "snapshot installed");
-        self.wait_for(ticket, Durable::Persisted(id))
+        Ok(())
     }
 }
 
@@ -648,29 +654,8 @@ mod tests {
 
     use std::sync::atomic::AtomicBool as Flag;
 
+    use crate::event_loop::test_support::{one_member_loop, Nop};
     use crate::queue::InputQueue;
-    use crate::state_machine::{ApplyError, RestoreError};
-
-    /// A state machine with nothing in it.
-    struct Nop;
-    impl StateMachine for Nop {
-        type Command = ();
-        type Response = ();
-        type Query = ();
-        type QueryResponse = ();
-        type Snapshot = Bytes3;
-        fn encode_command(_: &(), _: &mut BytesMut) {}
-        fn apply(&mut self, _: &[Committed], _: &mut Vec<()>) -> Result<(), ApplyError> {
-            Ok(())
-        }
-        fn query(&self, _: &()) {}
-        fn snapshot(&self) -> Bytes3 {
-            Bytes3
-        }
-        fn restore(_: &mut dyn std::io::Read) -> Result<Self, RestoreError> {
-            Ok(Nop)
-        }
-    }
 
     /// The real file system, whose unlinks and renames fail (EACCES)
     /// while `fail_unlinks` is set.
@@ -826,45 +811,6 @@ mod tests {
         }
     }
 
-    /// A one-member event loop on a real WAL in `dir` (not running).
-    fn one_member_loop(dir: &Path) -> (EventLoop<Nop>, QueueSender<Input<Nop>>) {
-        let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
-        let cfg = NodeConfig {
-            id: 1,
-            data_dir: dir.to_path_buf(),
-            listen_peer: addr,
-            initial_cluster: [(1, addr)].into(),
-            ..NodeConfig::default()
-        };
-        let wal = Arc::new(Wal::open(dir.join("wal"), cfg.wal_options()).unwrap());
-        let snap_dir = dir.join("snap");
-        std::fs::create_dir_all(&snap_dir).unwrap();
-        let raft = Raft::new(cfg.raft_config(), skiff_raft::Restored::default(), 1).unwrap();
-        let net = skiff_net::SimNetwork::new(skiff_net::SimNetConfig::new(1)).unwrap();
-        let (transport, _inbox) = net.endpoint(1);
-        let (tx, rx) = InputQueue::new(INPUTS_MAX);
-        let worker = SnapshotWorker::start(
-            "loop-test-snap".into(),
-            wal.clone(),
-            snap_dir.clone(),
-            tx.clone(),
-        )
-        .unwrap();
-        let parts = LoopParts {
-            wal,
-            transport: Arc::new(transport),
-            inputs: rx,
-            wake: tx.clone(),
-            shared: Arc::new(Shared::default()),
-            snap_dir,
-            snapshots: Arc::new(SnapshotFiles::new()),
-            snapshot_addr: addr,
-            snapshot: None,
-            worker,
-        };
-        (EventLoop::new(cfg, raft, Nop, 0, parts), tx)
-    }
-
     fn io_error(op: &'static str) -> skiff_wal::Error {
         skiff_wal::Error::Io {
             op,
@@ -876,7 +822,7 @@ mod tests {
     #[test]
     fn a_failed_compaction_is_counted_and_the_loop_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut lp, _tx) = one_member_loop(dir.path());
+        let (mut lp, _tx) = one_member_loop(dir.path(), None);
         let (mut writes, mut reads, mut bytes) = (Vec::new(), Vec::new(), 0);
         let metric = |lp: &EventLoop<Nop>| {
             let text = lp.render_metrics();
@@ -912,7 +858,7 @@ mod tests {
             },
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let (lp, tx) = one_member_loop(dir.path());
+            let (lp, tx) = one_member_loop(dir.path(), None);
             let shared = lp.shared.clone();
             let expected = e.to_string();
             let (done, ended) = std::sync::mpsc::channel();

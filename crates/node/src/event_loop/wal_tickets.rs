@@ -25,11 +25,13 @@ impl<S: StateMachine> EventLoop<S> {
     }
 
     /// Takes the tickets that became durable, in order. A WAL failure, or
-    /// a write not durable within the WAL's `wait_timeout`, is fatal.
+    /// a write not durable within the WAL's `wait_timeout`, is fatal; a
+    /// write dropped for want of space is not.
     pub(super) fn poll_tickets(&mut self) -> Result<(), String> {
         self.wal_waker.pending.store(false, Ordering::Release);
         while let Some((ticket, _, written)) = self.tickets.front() {
-            match ticket.is_durable() {
+            let (state, written) = (ticket.is_durable(), *written);
+            match state {
                 Ok(true) => {}
                 Ok(false) => {
                     let limit = self.wal.options().wait_timeout;
@@ -40,12 +42,19 @@ impl<S: StateMachine> EventLoop<S> {
                     }
                     break;
                 }
+                Err(e @ skiff_wal::Error::NoSpace { .. }) => {
+                    // Dropped for want of space: owed (see `no_space.rs`).
+                    self.enter_no_space(&e.to_string());
+                    self.tickets.pop_front();
+                    continue;
+                }
                 Err(e) => return Err(format!("WAL failed: {e}")),
             }
             let (_, durable, _) = self.tickets.pop_front().expect("front exists");
             match durable {
                 Durable::Persisted(id) => self.on_persisted(id),
                 Durable::SnapshotRecorded { upto } => self.on_snapshot_recorded(upto),
+                Durable::Owed => {}
             }
         }
         Ok(())
@@ -58,6 +67,9 @@ pub(super) enum Durable {
     Persisted(PersistId),
     /// The snapshot record through `upto`: compact the WAL.
     SnapshotRecorded { upto: Index },
+    /// Nothing: written while or before the WAL ran out of space, what it
+    /// stood for is owed (see `no_space.rs`).
+    Owed,
 }
 
 /// The waker of the loop's WAL tickets: the WAL driver calls it when
