@@ -687,6 +687,11 @@ impl Cluster {
         }
     }
 
+    /// Flags of `id` alone, after the cluster's, from its next start on.
+    pub fn set_member_args(&mut self, id: NodeId, args: Vec<String>) {
+        self.member_mut(id).extra_args = args;
+    }
+
     /// `id`'s log so far (every start of it), without colour codes.
     pub fn log(&self, id: NodeId) -> String {
         let raw = std::fs::read(&self.member(id).log).unwrap_or_default();

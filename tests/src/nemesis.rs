@@ -74,11 +74,23 @@ pub enum Fault {
     IsolateLeader,
     /// Drop every packet from one member to another, one way only.
     OneWayLoss,
+    /// Restart the leader with its clock at [`WorkloadConfig::slow_tick_ms`]
+    /// per tick ([`SKEWED_TICK_MS`]: 10% slow, the drift
+    /// `--lease-drift-pct` allows by default), hand it
+    /// leadership back, then cut it off from every other member for the
+    /// hold; afterwards it restarts with the cluster's clock. A slow
+    /// leader is the clock a lease must be safe against: it believes its
+    /// lease longer than the followers' promise lasts.
+    SlowLeaderIsolated,
 }
+
+/// The tick of a member whose clock the nemesis slows, by default (the
+/// cluster's is 10 ms).
+pub const SKEWED_TICK_MS: u64 = 11;
 
 impl Fault {
     /// Every kind, in the order a round's schedule draws them from.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Kill,
         Fault::KillLeader,
         Fault::Pause,
@@ -86,12 +98,16 @@ impl Fault {
         Fault::PartitionMinority,
         Fault::IsolateLeader,
         Fault::OneWayLoss,
+        Fault::SlowLeaderIsolated,
     ];
 
     fn needs_firewall(self) -> bool {
         matches!(
             self,
-            Fault::PartitionMinority | Fault::IsolateLeader | Fault::OneWayLoss
+            Fault::PartitionMinority
+                | Fault::IsolateLeader
+                | Fault::OneWayLoss
+                | Fault::SlowLeaderIsolated
         )
     }
 }
@@ -259,8 +275,24 @@ pub struct WorkloadConfig {
     /// majority keeps being asked for as long as the fault lasts (a
     /// workload client moves to another member at its first failed write).
     pub pinned_readers: bool,
+    /// The tick, in ms, of a leader whose clock [`Fault::SlowLeaderIsolated`]
+    /// slows (the cluster's is 10 ms).
+    pub slow_tick_ms: u64,
+    /// Bound on one client request ([`WORKLOAD_CLIENT`]'s by default): a
+    /// client moves to another member after it.
+    pub request_timeout: Duration,
     /// Where a failing round saves its evidence; `None`: [`artifacts_root`].
     pub artifacts: Option<PathBuf>,
+}
+
+impl WorkloadConfig {
+    /// How the workload's clients connect.
+    fn client_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            request_timeout: self.request_timeout,
+            ..WORKLOAD_CLIENT
+        }
+    }
 }
 
 /// Counts of what a round did, for the test's report.
@@ -451,6 +483,34 @@ async fn nemesis(
                 tokio::time::sleep(hold).await;
                 fw.heal()?;
             }
+            Fault::SlowLeaderIsolated => {
+                let fw = fw()?;
+                let target = leader;
+                let slow = vec![
+                    "--tick-interval-ms".to_string(),
+                    config.slow_tick_ms.to_string(),
+                ];
+                restart_with(cluster, target, slow, cycle)?;
+                if !move_leader_to(cluster, target).await {
+                    return Err(format!(
+                        "cycle {cycle}: member {target} (clock slowed) did not take leadership \
+                         within {:.0} s of MoveLeader",
+                        RECOVERY_TIMEOUT.as_secs_f64()
+                    ));
+                }
+                let _ = writeln!(
+                    schedule,
+                    "    member {target} restarted at {} ms per tick, leads again",
+                    config.slow_tick_ms
+                );
+                for &b in ids.iter().filter(|&&b| b != target) {
+                    fw.block(cluster.peer_ip(target), cluster.peer_ip(b))?;
+                    fw.block(cluster.peer_ip(b), cluster.peer_ip(target))?;
+                }
+                tokio::time::sleep(hold).await;
+                fw.heal()?;
+                restart_with(cluster, target, Vec::new(), cycle)?;
+            }
             Fault::OneWayLoss => {
                 let fw = fw()?;
                 let to = others[0];
@@ -496,6 +556,38 @@ fn check_alive(cluster: &mut Cluster, cycle: usize) -> Result<(), String> {
 }
 
 /// Waits until some member takes a write (a key outside the checked set).
+/// SIGKILLs `id` and starts it again with `args` after the cluster's.
+fn restart_with(
+    cluster: &mut Cluster,
+    id: NodeId,
+    args: Vec<String>,
+    cycle: usize,
+) -> Result<(), String> {
+    tokio::task::block_in_place(|| {
+        cluster.kill(id);
+        cluster.set_member_args(id, args);
+        cluster.try_restart(id)
+    })
+    .map_err(|e| format!("cycle {cycle}: restart of {id}: {e}"))
+}
+
+/// Hands leadership to `target` (MoveLeader, retried while it catches up);
+/// whether it leads within [`RECOVERY_TIMEOUT`].
+async fn move_leader_to(cluster: &Cluster, target: NodeId) -> bool {
+    let deadline = Instant::now() + RECOVERY_TIMEOUT;
+    while Instant::now() < deadline {
+        let (leader, _) = cluster.wait_leader(RECOVERY_TIMEOUT).await;
+        if leader == target {
+            return true;
+        }
+        if let Ok(mut c) = Client::connect(&[cluster.endpoint(leader)], WORKLOAD_CLIENT).await {
+            let _ = c.move_leader(target).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn wait_writable(
     cluster: &Cluster,
     config: &WorkloadConfig,
@@ -538,7 +630,7 @@ async fn client_loop(id: u64, endpoints: Vec<String>, config: &WorkloadConfig, s
     while !shared.stop.load(Ordering::Relaxed) {
         let c = match client.as_mut() {
             Some(c) => c,
-            None => match Client::connect(&endpoints, WORKLOAD_CLIENT).await {
+            None => match Client::connect(&endpoints, config.client_options()).await {
                 Ok(c) => client.insert(c),
                 Err(_) => {
                     tokio::time::sleep(config.op_pause).await;
@@ -647,7 +739,9 @@ async fn reader_loop(id: u64, endpoint: String, config: &WorkloadConfig, shared:
     while !shared.stop.load(Ordering::Relaxed) {
         let c = match client.as_mut() {
             Some(c) => c,
-            None => match Client::connect(std::slice::from_ref(&endpoint), WORKLOAD_CLIENT).await {
+            None => match Client::connect(std::slice::from_ref(&endpoint), config.client_options())
+                .await
+            {
                 Ok(c) => client.insert(c),
                 Err(_) => {
                     tokio::time::sleep(config.op_pause).await;

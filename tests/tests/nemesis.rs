@@ -1,5 +1,6 @@
 //! Fault campaigns on a real 3-member cluster (see `skiff_tests::nemesis`):
-//! kills, pauses, partitions and one-way loss on a seeded schedule, every
+//! kills, pauses, partitions, one-way loss and a slowed leader clock on a
+//! seeded schedule, every
 //! client operation checked for linearizability and every acknowledged
 //! write looked for on every member.
 //!
@@ -18,21 +19,27 @@ use skiff_tests::{Cluster, ClusterOptions};
 /// A 3-member cluster whose members have peer IPs of their own, distinct
 /// per test (`salt`) and per test process.
 fn cluster(salt: u8, lease_reads: bool) -> Cluster {
-    let pid = std::process::id();
     Cluster::start(
-        ClusterOptions {
-            peer_ip_prefix: Some((
-                100 + (pid % 50) as u8 + 50 * (salt % 2),
-                (pid / 50 % 120) as u8 * 2 + 1 + salt / 2,
-            )),
-            ..ClusterOptions::default()
-        }
-        // Elections a little slower than the default: on a busy 2-core
-        // machine a member must not lose its leader to scheduling alone.
-        .arg("--election-ticks-min", 50)
-        .arg("--election-ticks-max", 100)
-        .arg("--lease-reads", lease_reads),
+        options(salt)
+            // Elections a little slower than the default: on a busy 2-core
+            // machine a member must not lose its leader to scheduling alone.
+            .arg("--election-ticks-min", 50)
+            .arg("--election-ticks-max", 100)
+            .arg("--lease-reads", lease_reads),
     )
+}
+
+/// Options giving members peer IPs of their own, distinct per test
+/// (`salt`, below 6) and per test process.
+fn options(salt: u8) -> ClusterOptions {
+    let pid = std::process::id();
+    ClusterOptions {
+        peer_ip_prefix: Some((
+            100 + (pid % 50) as u8 + 50 * (salt % 2),
+            (pid / 50 % 80) as u8 * 3 + 1 + salt / 2,
+        )),
+        ..ClusterOptions::default()
+    }
 }
 
 /// `SKIFF_NEMESIS_CYCLES`, or `default`.
@@ -58,6 +65,8 @@ fn round_config(seed: u64, cycles: usize, kinds: Vec<Fault>, round: usize) -> Wo
         key_prefix: format!("nemesis/{round}/"),
         serializable_reads: false,
         pinned_readers: false,
+        slow_tick_ms: nemesis::SKEWED_TICK_MS,
+        request_timeout: nemesis::WORKLOAD_CLIENT.request_timeout,
         artifacts: None,
     }
 }
@@ -179,6 +188,46 @@ async fn stale_reads_are_caught() {
     ] {
         assert!(dir.join(file).exists(), "{} lacks {file}", dir.display());
     }
+}
+
+/// The clock fault can fail a round: with no drift allowed for
+/// (`--lease-drift-pct 0`) a leader whose clock runs at half speed believes
+/// its lease holds for 49 of its 20 ms ticks (980 ms) after it was cut off,
+/// while the others, whose promise not to vote ends after 500 ms, elect a
+/// new leader within 500-600 ms (election timeouts of 50-60 ticks) and
+/// write: a reader pinned on the old leader reads what they overwrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_clock_past_the_drift_bound_is_caught() {
+    let firewall = match Firewall::new(&format!("skiff_clock_{}", std::process::id())) {
+        Ok(fw) => fw,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let seed = nemesis::seed_from_env();
+    let mut cluster = Cluster::start(
+        options(4)
+            .arg("--election-ticks-min", 50)
+            .arg("--election-ticks-max", 60)
+            .arg("--lease-reads", true)
+            .arg("--lease-drift-pct", 0),
+    );
+    let mut config = round_config(seed, 6, vec![Fault::SlowLeaderIsolated], 0);
+    config.slow_tick_ms = 20;
+    config.pinned_readers = true;
+    // Clients leave a cut-off member fast, so that writes reach the new
+    // leader while the old one's lease still runs.
+    config.request_timeout = Duration::from_millis(200);
+    let artifacts = tempfile::tempdir().expect("a temporary directory");
+    config.artifacts = Some(artifacts.path().to_path_buf());
+    let err = match nemesis::run_round(&mut cluster, Some(&firewall), &config).await {
+        Ok(stats) => panic!(
+            "seed {seed}: a leader whose clock ran at half speed served stale lease reads unnoticed: {stats:?}"
+        ),
+        Err(e) => e,
+    };
+    assert!(err.contains("not linearizable"), "seed {seed}: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

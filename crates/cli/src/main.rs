@@ -109,6 +109,10 @@ struct ServeArgs {
     /// (relies on bounded clock drift).
     #[arg(long)]
     lease_reads: Option<bool>,
+    /// Clock-rate difference between members, in percent, that lease reads stay safe
+    /// under: a lease lasts election-ticks-min × (100 − d)/(100 + d) ticks.
+    #[arg(long)]
+    lease_drift_pct: Option<u32>,
     /// Proposals per Raft proposal batch.
     #[arg(long)]
     batch_entries_max: Option<usize>,
@@ -231,6 +235,7 @@ fn serve_default(id: &str) -> Option<String> {
         "pre_vote" => n.pre_vote.to_string(),
         "check_quorum" => n.check_quorum.to_string(),
         "lease_reads" => n.lease_reads.to_string(),
+        "lease_drift_pct" => n.lease_drift_pct.to_string(),
         "batch_entries_max" => n.batch_entries_max.to_string(),
         "batch_bytes_max" => n.batch_bytes_max.to_string(),
         "batch_linger_us" => n.batch_linger_us.to_string(),
@@ -302,6 +307,7 @@ impl ServeArgs {
             pre_vote,
             check_quorum,
             lease_reads,
+            lease_drift_pct,
             batch_entries_max,
             batch_bytes_max,
             batch_linger_us,

@@ -104,6 +104,9 @@ pub struct NodeConfig {
     pub pre_vote: bool,
     pub check_quorum: bool,
     pub lease_reads: bool,
+    /// The clock-rate difference between members, in percent, that lease
+    /// reads stay safe under (`skiff_raft::Config::lease_drift_pct`).
+    pub lease_drift_pct: u32,
 
     // ---- Batching and flow control.
     /// Proposals per Raft proposal batch.
@@ -180,6 +183,7 @@ impl Default for NodeConfig {
             pre_vote: true,
             check_quorum: true,
             lease_reads: false,
+            lease_drift_pct: 10,
             batch_entries_max: 4096,
             batch_bytes_max: 4 << 20,
             batch_linger_us: 0,
@@ -383,6 +387,7 @@ impl NodeConfig {
         c.pre_vote = self.pre_vote;
         c.check_quorum = self.check_quorum;
         c.lease_reads = self.lease_reads;
+        c.lease_drift_pct = self.lease_drift_pct;
         c.inflight_max = self.inflight_max;
         c.inflight_bytes_max = self.inflight_bytes_max;
         c.batch_bytes_max = self.append_bytes_max;

@@ -411,8 +411,9 @@ impl Raft {
     /// followers do not vote for anyone else for `election_ticks_min` ticks
     /// after hearing from the leader, so a round started at tick `t` and
     /// confirmed by a quorum lets the leader serve reads until tick `t +
-    /// election_ticks_min - 1`, provided no node's clock runs more than one
-    /// tick fast over that span. A follower forwards the request to the
+    /// lease_ticks - 1` ([`crate::Config::lease_ticks`]: shorter than
+    /// `election_ticks_min` by the clock-rate difference
+    /// `lease_drift_pct` allows, and one tick). A follower forwards the request to the
     /// leader and reports the index it answers (follower reads); an answer
     /// that has not come within `election_ticks_min` ticks is taken as
     /// lost, and the read fails ([`Action::ReadFailed`]).
@@ -1130,7 +1131,7 @@ impl Raft {
             }
             self.rounds.pop_front();
             if round == confirmed && !self.lease_revoked {
-                let lease = started + u64::from(self.cfg.election_ticks_min) - 1;
+                let lease = started + self.cfg.lease_ticks() - 1;
                 self.lease_until = self.lease_until.max(lease);
             }
         }

@@ -360,10 +360,17 @@ pub struct Config {
     /// Needs `check_quorum` and `pre_vote`: without pre-vote a node cut off
     /// from the leader keeps raising its term, each node that hears it
     /// adopts that term and forgets its leader, and the lease then rests on
-    /// the followers' clocks alone. Clock assumption: every node's tick
-    /// interval is the same within a drift that loses less than one tick
-    /// per `election_ticks_min` ticks (see [`crate::Raft::read_index`]).
+    /// the followers' clocks alone. Clock assumption: no two nodes' clock
+    /// rates differ by more than `lease_drift_pct` (see
+    /// [`crate::Raft::read_index`]).
     pub lease_reads: bool,
+    /// The largest difference between two nodes' clock rates, in percent,
+    /// that lease reads stay safe under: a lease lasts
+    /// [`Config::lease_ticks`] ticks, `election_ticks_min * (100 - d) /
+    /// (100 + d)`, so that a leader whose clock runs `d`% slow stops
+    /// serving from it before a follower whose clock runs `d`% fast stops
+    /// refusing votes.
+    pub lease_drift_pct: u32,
     /// A snapshot send not acknowledged within this many ticks is taken as
     /// lost and asked for again (the host should report failures with
     /// `unreachable`; this is the safety net when it could not tell).
@@ -391,9 +398,18 @@ impl Config {
             batch_bytes_max: 1 << 20,
             uncommitted_bytes_max: 64 << 20,
             lease_reads: false,
+            lease_drift_pct: 10,
             snapshot_timeout_ticks: 200,
             reads_pending_max: 4096,
         }
+    }
+
+    /// How many ticks a lease lasts from the start of the heartbeat round
+    /// a quorum confirmed: `election_ticks_min` shortened for a clock-rate
+    /// difference of `lease_drift_pct` between leader and follower.
+    pub fn lease_ticks(&self) -> u64 {
+        let d = u64::from(self.lease_drift_pct.min(99));
+        u64::from(self.election_ticks_min) * (100 - d) / (100 + d)
     }
 
     /// Checks the configuration; the error names the field.
@@ -447,6 +463,21 @@ impl Config {
                 "needs pre_vote: without it a partitioned node's rising term makes \
                  the others drop their leader (turn pre_vote on, or lease_reads off)"
                     .into(),
+            );
+        }
+        if self.lease_drift_pct >= 100 {
+            return err(
+                "lease_drift_pct",
+                format!("must be below 100, got {}", self.lease_drift_pct),
+            );
+        }
+        if self.lease_reads && self.lease_ticks() == 0 {
+            return err(
+                "lease_drift_pct",
+                format!(
+                    "{}% leaves no lease of election_ticks_min = {} ticks",
+                    self.lease_drift_pct, self.election_ticks_min
+                ),
             );
         }
         if self.snapshot_timeout_ticks <= self.election_ticks_max {

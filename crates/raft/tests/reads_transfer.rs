@@ -121,6 +121,47 @@ fn lease_reads_skip_the_round_while_the_lease_holds() {
     }
 }
 
+/// A lease is shortened for clock drift: `lease_ticks` =
+/// `election_ticks_min * (100 - d) / (100 + d)` (10 ticks: 10 with no
+/// drift allowed, 8 with 10%). Counted as the ticks a cut-off leader
+/// answers reads at once after its last confirmed round.
+#[test]
+fn the_lease_is_shortened_for_clock_drift() {
+    let served = |drift: u32| {
+        let mut c = Cluster::with_config(3, |cfg| {
+            cfg.lease_reads = true;
+            cfg.lease_drift_pct = drift;
+        });
+        c.tick_all(30);
+        let l = c.leaders()[0];
+        c.tick_all(3);
+        c.isolate(l);
+        let mut answered = 0;
+        for ctx in 1..100 {
+            if read(&mut c, l, ctx).is_err() || c.nodes[&l].reads.len() != ctx as usize {
+                break;
+            }
+            answered += 1;
+            c.tick(l);
+        }
+        (answered, c.raft(l).role())
+    };
+    let cfg = |d| Config {
+        lease_drift_pct: d,
+        ..Config::new(1, vec![1, 2, 3])
+    };
+    assert_eq!((cfg(0).lease_ticks(), cfg(10).lease_ticks()), (10, 8));
+    let (zero, role) = served(0);
+    assert_eq!(role, Role::Leader, "still leading when its lease ran out");
+    let (ten, _) = served(10);
+    assert!(ten > 0, "a lease at all");
+    assert_eq!(
+        zero - ten,
+        2,
+        "{zero} ticks of lease with no drift, {ten} with 10%"
+    );
+}
+
 /// Follower reads: the follower asks the leader for the index and reports
 /// it; a follower without a leader refuses at once.
 #[test]
@@ -380,4 +421,22 @@ fn lease_reads_need_pre_vote() {
     assert_eq!(err.field, "lease_reads");
     assert!(err.reason.contains("pre_vote"), "{err}");
     assert!(Raft::new(cfg, Restored::default(), 1).is_err());
+}
+
+/// A drift bound of 100% or more, or one that leaves no lease, is refused.
+#[test]
+fn lease_drift_must_leave_a_lease() {
+    let mut cfg = Config::new(1, vec![1, 2, 3]);
+    cfg.lease_reads = true;
+    cfg.lease_drift_pct = 100;
+    assert_eq!(cfg.validate().unwrap_err().field, "lease_drift_pct");
+    cfg.election_ticks_min = 3;
+    cfg.election_ticks_max = 6;
+    cfg.heartbeat_ticks = 1;
+    cfg.lease_drift_pct = 60; // 3 * 40 / 160 = 0 ticks
+    let err = cfg.validate().unwrap_err();
+    assert_eq!(err.field, "lease_drift_pct");
+    assert!(err.reason.contains("no lease"), "{err}");
+    cfg.lease_reads = false;
+    cfg.validate().unwrap();
 }
