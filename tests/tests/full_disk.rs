@@ -78,6 +78,26 @@ fn write_ballast(path: &Path, bytes: u64) {
     f.sync_all().expect("sync the ballast");
 }
 
+/// A 3-member cluster with a leader, its members keeping `reserve` bytes
+/// free; `None` (with the reason printed) unless this runs as root, which
+/// mounting a tmpfs needs.
+async fn start_as_root(reserve: u64) -> Option<Cluster> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return None;
+    }
+    let cluster = Cluster::start(
+        ClusterOptions {
+            wal_segment_bytes: SEGMENT_BYTES,
+            ..ClusterOptions::default()
+        }
+        .arg("--space-reserve-bytes", reserve),
+    );
+    cluster.wait_leader(LEADER_TIMEOUT).await;
+    Some(cluster)
+}
+
 /// Stops member 3, moves its data directory onto a tmpfs of `FS_BYTES`
 /// and starts it again; `None` (with the reason printed) where mounting is
 /// not allowed.
@@ -101,19 +121,9 @@ fn member_3_on_tmpfs(cluster: &mut Cluster) -> Option<Mount> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_raises_nospace_keeps_reads_and_recovers() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(mut cluster) = start_as_root(RESERVE_BYTES).await else {
         return;
-    }
-    let mut cluster = Cluster::start(
-        ClusterOptions {
-            wal_segment_bytes: SEGMENT_BYTES,
-            ..ClusterOptions::default()
-        }
-        .arg("--space-reserve-bytes", RESERVE_BYTES),
-    );
-    cluster.wait_leader(LEADER_TIMEOUT).await;
+    };
 
     let Some(_mount) = member_3_on_tmpfs(&mut cluster) else {
         return;
@@ -260,19 +270,9 @@ fn fill_up(path: &Path) -> u64 {
 /// restarts from its WAL with everything acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wal_out_of_space_is_not_fatal_even_on_the_leader() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(mut cluster) = start_as_root(0).await else {
         return;
-    }
-    let mut cluster = Cluster::start(
-        ClusterOptions {
-            wal_segment_bytes: SEGMENT_BYTES,
-            ..ClusterOptions::default()
-        }
-        .arg("--space-reserve-bytes", 0),
-    );
-    cluster.wait_leader(LEADER_TIMEOUT).await;
+    };
     let Some(_mount) = member_3_on_tmpfs(&mut cluster) else {
         return;
     };

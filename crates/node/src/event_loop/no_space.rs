@@ -280,104 +280,10 @@ impl<S: StateMachine> EventLoop<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::IoSlice;
-    use std::os::fd::RawFd;
-    use std::path::Path;
-    use std::sync::atomic::AtomicBool;
-
     use super::*;
-    use crate::event_loop::test_support::{one_member_config, one_member_loop_with, Nop};
-
-    /// How a full disk refuses writes.
-    #[derive(Debug, Clone, Copy, PartialEq)]
-    enum Refuses {
-        /// Writes past a file's end (ext4, xfs: blocks already allocated
-        /// can be overwritten). The WAL's segments are pre-written, so
-        /// what fails is making the next spare: `Full` from `write`.
-        Growth,
-        /// Every write but one of zeros (a copy-on-write file system that
-        /// stores zero blocks as holes, as ZFS with compression does). A
-        /// group's write fails: `NoSpace` on its ticket, the WAL clears
-        /// the range with zeros and rolls back.
-        NonZeroWrites,
-    }
-
-    /// The real file system, refusing writes as `refuses` says while
-    /// `full` is set.
-    #[derive(Debug)]
-    struct Disk {
-        full: Arc<AtomicBool>,
-        refuses: Refuses,
-    }
-
-    #[derive(Debug)]
-    struct File {
-        inner: Arc<dyn skiff_wal::StorageFile>,
-        full: Arc<AtomicBool>,
-        refuses: Refuses,
-    }
-
-    impl skiff_wal::StorageFile for File {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-            self.inner.read_at(buf, offset)
-        }
-        fn write_all_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> std::io::Result<()> {
-            if self.full.load(Ordering::Relaxed) {
-                let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-                let refused = match self.refuses {
-                    Refuses::Growth => offset + len > self.inner.len()?,
-                    Refuses::NonZeroWrites => bufs.iter().any(|b| b.iter().any(|&x| x != 0)),
-                };
-                if refused {
-                    return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-                }
-            }
-            self.inner.write_all_at(bufs, offset)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            self.inner.sync_data()
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-        fn raw_fd(&self) -> Option<RawFd> {
-            None
-        }
-    }
-
-    impl Disk {
-        fn wrap(&self, f: Arc<dyn skiff_wal::StorageFile>) -> Arc<dyn skiff_wal::StorageFile> {
-            Arc::new(File {
-                inner: f,
-                full: self.full.clone(),
-                refuses: self.refuses,
-            })
-        }
-    }
-
-    impl skiff_wal::Storage for Disk {
-        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
-            Ok(self.wrap(skiff_wal::OsStorage.open(path)?))
-        }
-        fn create(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
-            Ok(self.wrap(skiff_wal::OsStorage.create(path)?))
-        }
-        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            skiff_wal::OsStorage.rename(from, to)
-        }
-        fn remove(&self, path: &Path) -> std::io::Result<()> {
-            skiff_wal::OsStorage.remove(path)
-        }
-        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-            skiff_wal::OsStorage.sync_dir(dir)
-        }
-        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-            skiff_wal::OsStorage.list(dir)
-        }
-        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-            skiff_wal::OsStorage.create_dir_all(dir)
-        }
-    }
+    use crate::event_loop::test_support::{
+        one_member_config, one_member_loop_with, Nop, Refuses, TestDisk,
+    };
 
     type Reply = oneshot::Receiver<Result<(), RequestError>>;
 
@@ -439,9 +345,9 @@ mod tests {
     /// found in the WAL after a restart.
     fn out_of_space_and_back(refuses: Refuses) {
         let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(Disk {
-            full: Arc::new(AtomicBool::new(false)),
+        let disk = Arc::new(TestDisk {
             refuses,
+            ..TestDisk::default()
         });
         let cfg = NodeConfig {
             // Small segments: a few dozen writes need a new one.

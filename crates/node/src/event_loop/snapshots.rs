@@ -339,23 +339,29 @@ impl<S: StateMachine> EventLoop<S> {
         let Some(&term) = self.held.get(&upto) else {
             return Ok(());
         };
-        let mut data = BytesMut::new();
-        encode_membership(membership, &mut data);
-        let meta = skiff_wal::SnapshotMeta {
-            index: upto,
-            term,
-            data: data.freeze(),
-        };
-        self.last_snapshot_meta = Some(meta.clone());
-        let batch = WriteBatch {
-            snapshot: Some(meta),
-            ..WriteBatch::default()
-        };
+        let batch = self.snapshot_record(upto, term, membership);
         self.write_wal(
             batch,
             Durable::SnapshotRecorded { upto },
             "WAL snapshot record",
         )
+    }
+
+    /// The WAL write recording a snapshot at (`index`, `term`) with its
+    /// membership; kept as the last one asked for (see `no_space.rs`).
+    fn snapshot_record(&mut self, index: Index, term: Term, membership: &Membership) -> WriteBatch {
+        let mut data = BytesMut::new();
+        encode_membership(membership, &mut data);
+        let meta = skiff_wal::SnapshotMeta {
+            index,
+            term,
+            data: data.freeze(),
+        };
+        self.last_snapshot_meta = Some(meta.clone());
+        WriteBatch {
+            snapshot: Some(meta),
+            ..WriteBatch::default()
+        }
     }
 
     /// The WAL's snapshot record through `upto` is durable: the rest is
@@ -430,18 +436,7 @@ impl<S: StateMachine> EventLoop<S> {
                 let _ = p.reply.send(Err(lost()));
             }
         }
-        let mut data = BytesMut::new();
-        encode_membership(membership, &mut data);
-        let meta = skiff_wal::SnapshotMeta {
-            index,
-            term,
-            data: data.freeze(),
-        };
-        self.last_snapshot_meta = Some(meta.clone());
-        let batch = WriteBatch {
-            snapshot: Some(meta),
-            ..WriteBatch::default()
-        };
+        let batch = self.snapshot_record(index, term, membership);
         self.write_wal(batch, Durable::Persisted(id), "WAL snapshot record")?;
         self.wal_last = self.wal.last_index();
         tracing::info!(index, term, "snapshot installed");
@@ -652,52 +647,8 @@ mod tests {
 
     // ---- WAL compaction failures.
 
-    use std::sync::atomic::AtomicBool as Flag;
-
-    use crate::event_loop::test_support::{one_member_loop, Nop};
+    use crate::event_loop::test_support::{one_member_loop, Nop, TestDisk};
     use crate::queue::InputQueue;
-
-    /// The real file system, whose unlinks and renames fail (EACCES)
-    /// while `fail_unlinks` is set.
-    #[derive(Debug, Default)]
-    struct Unlinks {
-        fail_unlinks: Flag,
-    }
-
-    impl Unlinks {
-        fn check(&self) -> std::io::Result<()> {
-            if self.fail_unlinks.load(Ordering::Relaxed) {
-                return Err(std::io::Error::from_raw_os_error(libc::EACCES));
-            }
-            Ok(())
-        }
-    }
-
-    impl skiff_wal::Storage for Unlinks {
-        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
-            skiff_wal::OsStorage.open(path)
-        }
-        fn create(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
-            skiff_wal::OsStorage.create(path)
-        }
-        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            self.check()?;
-            skiff_wal::OsStorage.rename(from, to)
-        }
-        fn remove(&self, path: &Path) -> std::io::Result<()> {
-            self.check()?;
-            skiff_wal::OsStorage.remove(path)
-        }
-        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-            skiff_wal::OsStorage.sync_dir(dir)
-        }
-        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-            skiff_wal::OsStorage.list(dir)
-        }
-        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-            skiff_wal::OsStorage.create_dir_all(dir)
-        }
-    }
 
     /// A WAL of several 16 KiB segments holding entries 1..=100 and a
     /// durable snapshot record at 90.
@@ -752,7 +703,7 @@ mod tests {
     #[test]
     fn a_failed_compaction_is_reported_to_the_loop_not_only_logged() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Arc::new(Unlinks::default());
+        let storage = Arc::new(TestDisk::default());
         let wal = wal_to_compact(&dir.path().join("wal"), storage.clone());
         let snap_dir = dir.path().join("snap");
         std::fs::create_dir(&snap_dir).unwrap();

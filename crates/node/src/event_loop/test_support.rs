@@ -1,7 +1,11 @@
 //! What the runtime's unit tests share: a state machine with nothing in
-//! it, and a one-member event loop on a real WAL.
+//! it, a file system that fails on demand, and a one-member event loop on
+//! a real WAL.
 
+use std::io::IoSlice;
+use std::os::fd::RawFd;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use super::*;
@@ -102,4 +106,107 @@ pub(crate) fn one_member_loop_with(
         worker,
     };
     (EventLoop::new(cfg, raft, Nop, 0, parts), tx)
+}
+
+/// How [`TestDisk`] refuses writes while full.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) enum Refuses {
+    /// Writes past a file's end (ext4, xfs: blocks already allocated can
+    /// be overwritten). The WAL's segments are pre-written, so what fails
+    /// is making the next spare: `Full` from `write`.
+    #[default]
+    Growth,
+    /// Every write but one of zeros (a copy-on-write file system that
+    /// stores zero blocks as holes, as ZFS with compression does). A
+    /// group's write fails: `NoSpace` on its ticket, the WAL clears the
+    /// range with zeros and rolls back.
+    NonZeroWrites,
+}
+
+/// The real file system, failing on demand: unlinks and renames fail
+/// (EACCES) while `fail_unlinks` is set; file writes fail with ENOSPC as
+/// `refuses` says while `full` is set.
+#[derive(Debug, Default)]
+pub(crate) struct TestDisk {
+    pub fail_unlinks: AtomicBool,
+    pub full: Arc<AtomicBool>,
+    pub refuses: Refuses,
+}
+
+impl TestDisk {
+    fn check_unlink(&self) -> std::io::Result<()> {
+        if self.fail_unlinks.load(Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::EACCES));
+        }
+        Ok(())
+    }
+
+    fn wrap(&self, f: Arc<dyn skiff_wal::StorageFile>) -> Arc<dyn skiff_wal::StorageFile> {
+        Arc::new(TestFile {
+            inner: f,
+            full: self.full.clone(),
+            refuses: self.refuses,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct TestFile {
+    inner: Arc<dyn skiff_wal::StorageFile>,
+    full: Arc<AtomicBool>,
+    refuses: Refuses,
+}
+
+impl skiff_wal::StorageFile for TestFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_all_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> std::io::Result<()> {
+        if self.full.load(Ordering::Relaxed) {
+            let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            let refused = match self.refuses {
+                Refuses::Growth => offset + len > self.inner.len()?,
+                Refuses::NonZeroWrites => bufs.iter().any(|b| b.iter().any(|&x| x != 0)),
+            };
+            if refused {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        self.inner.write_all_at(bufs, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+impl skiff_wal::Storage for TestDisk {
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
+        Ok(self.wrap(skiff_wal::OsStorage.open(path)?))
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn skiff_wal::StorageFile>> {
+        Ok(self.wrap(skiff_wal::OsStorage.create(path)?))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.check_unlink()?;
+        skiff_wal::OsStorage.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.check_unlink()?;
+        skiff_wal::OsStorage.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        skiff_wal::OsStorage.sync_dir(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        skiff_wal::OsStorage.list(dir)
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        skiff_wal::OsStorage.create_dir_all(dir)
+    }
 }
