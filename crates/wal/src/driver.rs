@@ -5,6 +5,7 @@
 //! It must never take the WAL's state lock: writers place their records
 //! before queueing them, so the driver only frames, copies, writes and syncs.
 
+use crate::error::{OP_FDATASYNC, OP_SYNC_DIRECTORY};
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
@@ -205,7 +206,7 @@ impl IoBackend for SyncBackend {
             .write_all_at(&[io::IoSlice::new(&g.buf)], g.offset)
             .map_err(|e| fail(OP_WRITE, e))?;
         let t1 = Instant::now();
-        g.file.sync_data().map_err(|e| fail("fdatasync", e))?;
+        g.file.sync_data().map_err(|e| fail(OP_FDATASYNC, e))?;
         self.done.push(Done {
             id: g.id,
             buf: g.buf,
@@ -617,7 +618,7 @@ impl Driver {
                 let zeros = vec![0u8; len as usize];
                 file.write_all_at(&[io::IoSlice::new(&zeros)], offset)
                     .map_err(|e| fail("write zeros over a write that ran out of space", e))?;
-                file.sync_data().map_err(|e| fail("fdatasync", e))?;
+                file.sync_data().map_err(|e| fail(OP_FDATASYNC, e))?;
             }
             Some(segment) => {
                 debug_assert_eq!(offset, 0, "a new segment's group starts it");
@@ -626,7 +627,7 @@ impl Driver {
                     .map_err(|e| fail("remove segment that ran out of space", e))?;
                 self.storage
                     .sync_dir(&self.dir)
-                    .map_err(|e| fail("sync directory", e))?;
+                    .map_err(|e| fail(OP_SYNC_DIRECTORY, e))?;
                 self.active = before;
             }
         }
@@ -647,7 +648,7 @@ impl Driver {
             .map_err(|e| fail("rename spare to segment", e))?;
         self.storage
             .sync_dir(&self.dir)
-            .map_err(|e| fail("sync directory", e))?;
+            .map_err(|e| fail(OP_SYNC_DIRECTORY, e))?;
         tracing::debug!(segment = %ns.path.display(), "started segment");
         self.active = Some((ns.header.seq, ns.path.clone(), ns.spare.file.clone()));
         Ok(())

@@ -77,6 +77,12 @@ pub enum Error {
 /// Result alias for the WAL.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `op` of an [`Error::Io`] from syncing a segment's data.
+pub const OP_FDATASYNC: &str = "fdatasync";
+/// `op` of an [`Error::Io`] from syncing a directory (creates, renames,
+/// removals).
+pub const OP_SYNC_DIRECTORY: &str = "sync directory";
+
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Io {
@@ -90,5 +96,17 @@ impl Error {
     /// failures, a failed WAL): the node must stop.
     pub fn is_fatal(&self) -> bool {
         matches!(self, Error::Io { .. } | Error::Failed { .. })
+    }
+
+    /// True for a failed fsync ([`OP_FDATASYNC`], [`OP_SYNC_DIRECTORY`]) or
+    /// a WAL failed by an earlier error: never retried, fatal even where
+    /// other I/O errors are not (a compaction's unlink or rename, which the
+    /// next compaction tries again).
+    pub fn is_sync_failure(&self) -> bool {
+        match self {
+            Error::Failed { .. } => true,
+            Error::Io { op, .. } => *op == OP_FDATASYNC || *op == OP_SYNC_DIRECTORY,
+            _ => false,
+        }
     }
 }

@@ -68,7 +68,7 @@ mod uring;
 mod wal;
 
 pub use durable::Ticket;
-pub use error::{Error, Result};
+pub use error::{Error, Result, OP_FDATASYNC, OP_SYNC_DIRECTORY};
 pub use metrics::{Histogram, Metrics};
 pub use options::{Backend, Options};
 pub use recovery::RecoveryReport;

@@ -29,6 +29,7 @@
 //! durable records of the last segment when nothing was written after them:
 //! that is indistinguishable from a torn write and is truncated.
 
+use crate::error::OP_SYNC_DIRECTORY;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -135,7 +136,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, segment_size: u64) -> R
     let sync_dir = || {
         storage
             .sync_dir(dir)
-            .map_err(|e| Error::io("sync directory", dir, e))
+            .map_err(|e| Error::io(OP_SYNC_DIRECTORY, dir, e))
     };
     let mut partial_spares = 0;
     for name in names {

@@ -37,6 +37,7 @@
 //! kept pending on the ring while the driver sleeps there, so that a writer
 //! queueing a write wakes it without a timeout.
 
+use crate::error::OP_FDATASYNC;
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
@@ -195,7 +196,7 @@ impl<R: Ring> IoBackend for RingBackend<R> {
             // it would go to a kernel worker thread, a wakeup there and one
             // back, which at low load costs more CPU than the sync itself.
             group.file.sync_data().map_err(|error| Failure {
-                op: "fdatasync",
+                op: OP_FDATASYNC,
                 path: group.path.clone(),
                 error,
             })?;
@@ -256,7 +257,7 @@ impl<R: Ring> IoBackend for RingBackend<R> {
                 // Fatal: the driver stops and fails the WAL, whatever else
                 // completed with it.
                 result = Err(Failure {
-                    op: "fdatasync",
+                    op: OP_FDATASYNC,
                     path: entry.group.path,
                     error: io::Error::from_raw_os_error(-res),
                 });

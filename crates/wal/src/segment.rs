@@ -12,6 +12,7 @@
 //! fsync error does (the file system may have dropped what it was asked to
 //! make durable and report success next time).
 
+use crate::error::OP_SYNC_DIRECTORY;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -247,7 +248,7 @@ impl SparePool {
                 .map_err(SpareError::Retry)?;
             self.storage
                 .sync_dir(&self.dir)
-                .map_err(sync("sync directory", &self.dir))?;
+                .map_err(sync(OP_SYNC_DIRECTORY, &self.dir))?;
             Ok(file)
         })();
         match result {

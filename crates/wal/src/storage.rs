@@ -10,6 +10,7 @@
 //! with [`OsStorage`]. Tests run the same backend over a simulated ring on
 //! the simulated disk (`sim_ring`).
 
+use crate::error::OP_SYNC_DIRECTORY;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
@@ -92,7 +93,7 @@ pub(crate) fn create_dir_durable(
     for parent in parents {
         storage
             .sync_dir(parent)
-            .map_err(|e| ("sync directory", parent.to_path_buf(), e))?;
+            .map_err(|e| (OP_SYNC_DIRECTORY, parent.to_path_buf(), e))?;
     }
     Ok(())
 }

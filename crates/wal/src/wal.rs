@@ -4,6 +4,7 @@
 //! only to check indexes, place their records and queue them. The lock is
 //! never held across I/O except the rare wait for a spare segment.
 
+use crate::error::OP_SYNC_DIRECTORY;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -648,7 +649,7 @@ impl Wal {
             inner
                 .storage
                 .sync_dir(&inner.dir)
-                .map_err(|e| Error::io("sync directory", &inner.dir, e))
+                .map_err(|e| Error::io(OP_SYNC_DIRECTORY, &inner.dir, e))
         };
         let mut n = 0;
         for (seq, seg_path, file) in victims {

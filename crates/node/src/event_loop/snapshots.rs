@@ -462,11 +462,7 @@ pub(crate) enum CompactionFailure {
 /// The decision table of a failed compaction.
 pub(crate) fn compaction_failure(e: &skiff_wal::Error) -> CompactionFailure {
     match e {
-        skiff_wal::Error::Failed { .. } => CompactionFailure::Fatal,
-        // The WAL names its fsyncs by what they sync ("fdatasync", "sync
-        // directory"): the op is the only thing that tells them from an
-        // unlink or a rename.
-        skiff_wal::Error::Io { op, .. } if op.contains("sync") => CompactionFailure::Fatal,
+        e if e.is_sync_failure() => CompactionFailure::Fatal,
         skiff_wal::Error::Closed => CompactionFailure::Stopped,
         _ => CompactionFailure::Retry,
     }
@@ -743,8 +739,10 @@ mod tests {
         let table = [
             (io("remove segment"), CompactionFailure::Retry),
             (io("recycle segment"), CompactionFailure::Retry),
-            (io("sync directory"), CompactionFailure::Fatal),
-            (io("fdatasync"), CompactionFailure::Fatal),
+            (io(skiff_wal::OP_SYNC_DIRECTORY), CompactionFailure::Fatal),
+            (io(skiff_wal::OP_FDATASYNC), CompactionFailure::Fatal),
+            // An op that merely mentions syncing is not a sync.
+            (io("resync spare list"), CompactionFailure::Retry),
             (
                 skiff_wal::Error::Failed {
                     reason: "fdatasync: EIO".into(),
@@ -803,7 +801,7 @@ mod tests {
     #[test]
     fn a_failed_wal_or_fsync_in_compaction_stops_the_member() {
         for e in [
-            io_error("sync directory"),
+            io_error(skiff_wal::OP_SYNC_DIRECTORY),
             skiff_wal::Error::Failed {
                 reason: "fdatasync: EIO".into(),
             },
