@@ -135,6 +135,8 @@ struct State {
     /// The errno the next `remove` of, or `rename` from, a path the filter
     /// picks fails with.
     unlink_failure: Option<(i32, PathFilter)>,
+    /// The errno the next `sync_dir` fails with.
+    sync_dir_failure: Option<i32>,
     capacity_bytes: Option<u64>,
     /// Directories created whose entry in their parent is not yet durable
     /// (no `sync_dir` of the parent since).
@@ -268,6 +270,12 @@ impl SimStorage {
         pick: impl Fn(&Path) -> bool + Send + 'static,
     ) {
         self.lock().unlink_failure = Some((errno, Box::new(pick)));
+    }
+
+    /// Makes the next `sync_dir` (of any directory) fail with `errno`,
+    /// making nothing durable.
+    pub fn fail_next_sync_dir(&self, errno: i32) {
+        self.lock().sync_dir_failure = Some(errno);
     }
 
     /// Whether a failure set up by `fail_next_unlink_where` is still to
@@ -678,6 +686,9 @@ impl Storage for SimStorage {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.lock();
+        if let Some(errno) = state.sync_dir_failure.take() {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let d = state.dir_mut(dir)?;
         d.durable = d.entries.clone();
         state

@@ -597,7 +597,9 @@ impl Wal {
     /// rename fails the error is returned; the segments not yet removed stay
     /// listed (and on disk, a contiguous run as recovery wants it), and the
     /// next compaction removes them. Those removed before the failure are
-    /// not counted anywhere.
+    /// not counted anywhere. A failed directory fsync is different: like
+    /// any failed fsync it fails the WAL for good (`Error::Failed` from then
+    /// on).
     pub fn compact(&self, upto: u64) -> Result<usize> {
         let inner = &*self.inner;
         // Nothing it guards can be left half changed by a panic.
@@ -645,11 +647,14 @@ impl Wal {
         if victims.is_empty() {
             return Ok(0);
         }
+        // A failed directory fsync is never retried: the WAL fails, as for
+        // any fsync.
         let sync_dir = || {
-            inner
-                .storage
-                .sync_dir(&inner.dir)
-                .map_err(|e| Error::io(OP_SYNC_DIRECTORY, &inner.dir, e))
+            inner.storage.sync_dir(&inner.dir).map_err(|e| {
+                let e = Error::io(OP_SYNC_DIRECTORY, &inner.dir, e);
+                inner.notify.fail(e.to_string());
+                e
+            })
         };
         let mut n = 0;
         for (seq, seg_path, file) in victims {

@@ -951,6 +951,39 @@ fn failed_remove_in_compaction_is_retried_by_the_next_compaction(io: Io) {
     failed_unlink_in_compaction_is_retried(1, io);
 }
 
+/// The directory fsync after a compaction removed a segment fails: the WAL
+/// fails for good (an fsync is never retried), and what was acknowledged
+/// survives every crash.
+fn failed_directory_sync_in_compaction_fails_the_wal(io: Io) {
+    let sim = SimStorage::new();
+    let wal = open(&sim, &io).unwrap();
+    append_acked(&wal, 20, 1, 100);
+    for _ in 0..3 {
+        fill_until_rotation_needed(&wal, 1);
+    }
+    let last = wal.last_index();
+    let meta = SnapshotMeta {
+        index: last,
+        term: 1,
+        data: Bytes::from_static(b"m"),
+    };
+    wal.save_snapshot(meta).unwrap().wait().unwrap();
+    let want = log_of(&wal);
+    assert!(wal.segment_count() >= 4);
+
+    sim.fail_next_sync_dir(libc::EIO);
+    let err = wal.compact(last).unwrap_err();
+    assert!(err.is_sync_failure(), "{err}");
+    let next = wal.last_index() + 1;
+    let after = wal.append(entries(next, next + 1, 1, 10));
+    assert!(
+        matches!(after, Err(Error::Failed { .. })),
+        "the WAL goes on after a failed directory fsync: {after:?}"
+    );
+    assert!(matches!(wal.compact(last), Err(Error::Failed { .. })));
+    every_crash_recovers(&sim, &want, &io);
+}
+
 // ---------------------------------------------------------------------------
 // Each test above runs on both I/O paths
 
@@ -992,6 +1025,7 @@ on_both_paths!(
     compaction_keeps_the_segment_a_dropped_write_goes_back_to,
     failed_recycle_in_compaction_is_retried_by_the_next_compaction,
     failed_remove_in_compaction_is_retried_by_the_next_compaction,
+    failed_directory_sync_in_compaction_fails_the_wal,
 );
 
 // ---------------------------------------------------------------------------
