@@ -882,14 +882,11 @@ fn fail_nth_segment_unlink(sim: &SimStorage, errno: i32, nth: usize) {
     });
 }
 
-/// A compaction whose recycling rename (`nth` 0: the first segment goes to
-/// the empty spare pool) or remove (`nth` 1) of a segment fails reports the
-/// error and keeps every segment whose file is still there: the next
-/// compaction removes them, oldest first, and counts them. The log, every
-/// crash image on the way and a reopen are as before.
-fn failed_unlink_in_compaction_is_retried(nth: usize, io: Io) {
-    let sim = SimStorage::new();
-    let wal = open(&sim, &io).unwrap();
+/// A WAL on `sim` with four or more segments and a durable snapshot
+/// record at its last index (returned): a compaction removes all but the
+/// last segment.
+fn ready_to_compact(sim: &SimStorage, io: &Io) -> (Wal, u64) {
+    let wal = open(sim, io).unwrap();
     append_acked(&wal, 20, 1, 100);
     for _ in 0..3 {
         fill_until_rotation_needed(&wal, 1);
@@ -901,6 +898,17 @@ fn failed_unlink_in_compaction_is_retried(nth: usize, io: Io) {
         data: Bytes::from_static(b"m"),
     };
     wal.save_snapshot(meta).unwrap().wait().unwrap();
+    (wal, last)
+}
+
+/// A compaction whose recycling rename (`nth` 0: the first segment goes to
+/// the empty spare pool) or remove (`nth` 1) of a segment fails reports the
+/// error and keeps every segment whose file is still there: the next
+/// compaction removes them, oldest first, and counts them. The log, every
+/// crash image on the way and a reopen are as before.
+fn failed_unlink_in_compaction_is_retried(nth: usize, io: Io) {
+    let sim = SimStorage::new();
+    let (wal, last) = ready_to_compact(&sim, &io);
     let want = log_of(&wal);
     let before = segment_paths(&sim);
     let listed = wal.segment_count();
@@ -956,18 +964,7 @@ fn failed_remove_in_compaction_is_retried_by_the_next_compaction(io: Io) {
 /// survives every crash.
 fn failed_directory_sync_in_compaction_fails_the_wal(io: Io) {
     let sim = SimStorage::new();
-    let wal = open(&sim, &io).unwrap();
-    append_acked(&wal, 20, 1, 100);
-    for _ in 0..3 {
-        fill_until_rotation_needed(&wal, 1);
-    }
-    let last = wal.last_index();
-    let meta = SnapshotMeta {
-        index: last,
-        term: 1,
-        data: Bytes::from_static(b"m"),
-    };
-    wal.save_snapshot(meta).unwrap().wait().unwrap();
+    let (wal, last) = ready_to_compact(&sim, &io);
     let want = log_of(&wal);
     assert!(wal.segment_count() >= 4);
 
