@@ -898,10 +898,7 @@ impl<S: StateMachine> EventLoop<S> {
             .first()
             .map(|e| e.index)
             .filter(|&i| i <= self.wal_last);
-        let before = self.wal_last;
-        if let Some(last) = entries.last() {
-            self.wal_last = last.index;
-        }
+        let last = entries.last().map(|e| e.index);
         let batch = WriteBatch {
             truncate_from,
             snapshot: None,
@@ -909,9 +906,9 @@ impl<S: StateMachine> EventLoop<S> {
             hard_state: hard_state.map(storage::to_wal_hard_state),
         };
         self.write_wal(batch, Durable::Persisted(id), "WAL write")?;
-        if self.wal_out_of_space() {
-            // Not written (the rewrite that ends the state sets it).
-            self.wal_last = before;
+        // Not written while out of space (the rewrite that ends it sets it).
+        if let (Some(last), false) = (last, self.wal_out_of_space()) {
+            self.wal_last = last;
         }
         Ok(())
     }

@@ -29,7 +29,8 @@
 //!
 //! An fdatasync or write error puts the WAL in a failed state: every waiter
 //! gets [`Error::Failed`] and nothing more is accepted. It is never retried.
-//! Also an fsync while making a spare segment (in the background or not).
+//! Also an fsync while making a spare segment (in the background or not),
+//! and the directory fsync after compaction removed or recycled a segment.
 //!
 //! One exception: a group's write that runs out of space (ENOSPC, EDQUOT)
 //! drops that write and every write queued after it, each ticket answering

@@ -49,6 +49,19 @@ fn append_acked(wal: &Wal, n: u64, term: u64, len: usize) -> Vec<Entry> {
     batch
 }
 
+/// Waits (up to 10 s) until the pre-writer has a spare segment ready.
+fn wait_for_spare(sim: &SimStorage) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sim
+        .file_names(Path::new(DIR))
+        .iter()
+        .any(|n| n.starts_with("spare-") && n.ends_with(".wal"))
+    {
+        assert!(Instant::now() < deadline, "no spare pre-written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn segment_paths(sim: &SimStorage) -> Vec<PathBuf> {
     sim.file_names(Path::new(DIR))
         .into_iter()
@@ -537,15 +550,7 @@ fn compaction_after_full_lets_appends_go_on(spare_segments: usize, io: Io) {
     acked.extend(fill_until_rotation_needed(&wal, 1));
     if spare_segments > 0 {
         // Let the pre-writer have its spare ready before the disk fills.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sim
-            .file_names(Path::new(DIR))
-            .iter()
-            .any(|n| n.starts_with("spare-") && n.ends_with(".wal"))
-        {
-            assert!(Instant::now() < deadline, "no spare pre-written");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_spare(&sim);
     }
     sim.set_capacity(Some(used_bytes(&sim) + (8 << 10)));
     // Keep appending until the disk has no room for a segment: with a
@@ -844,15 +849,7 @@ fn compaction_keeps_the_segment_a_dropped_write_goes_back_to(io: Io) {
     assert!(!filled.is_empty());
     // The next segment comes from a spare already made: nothing on the
     // writer's thread writes while writes are held back.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sim
-        .file_names(Path::new(DIR))
-        .iter()
-        .any(|n| n.starts_with("spare-") && n.ends_with(".wal"))
-    {
-        assert!(Instant::now() < deadline, "no spare pre-written");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_spare(&sim);
     sim.pause_writes();
     sim.fail_next_write_where(libc::ENOSPC, 0, is_segment);
     let t = wal.append(entries(last + 1, last + 2, 1, 2000)).unwrap();

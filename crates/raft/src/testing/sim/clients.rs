@@ -39,21 +39,7 @@ impl Sim {
 
     /// The read `ctx` on `id` failed: the client retries later.
     pub(super) fn read_failed(&mut self, id: NodeId, ctx: u64) {
-        let life = self.node(id).life;
-        for c in &mut self.clients {
-            if let Waiting::Reading {
-                op,
-                node,
-                life: l,
-                ctx: x,
-                ..
-            } = c.waiting
-            {
-                if node == id && l == life && x == ctx {
-                    c.waiting = Waiting::Refused { op };
-                }
-            }
-        }
+        self.refuse(id, ctx, true);
     }
 
     /// The leader refused the batch `ctx` that `id` forwarded: none of it
@@ -66,21 +52,37 @@ impl Sim {
             );
         }
         self.note(|| format!("  {id} forward {ctx} refused"));
+        self.refuse(id, ctx, false);
+        Ok(())
+    }
+
+    /// The clients waiting on `id` (in its current life) for the read
+    /// (`read`) or the forwarded batch `ctx`: refused, to retry later.
+    fn refuse(&mut self, id: NodeId, ctx: u64, read: bool) {
         let life = self.node(id).life;
         for c in &mut self.clients {
-            if let Waiting::Forwarded {
-                op,
-                node,
-                life: l,
-                ctx: x,
-            } = c.waiting
-            {
+            let waiting = match c.waiting {
+                Waiting::Reading {
+                    op,
+                    node,
+                    life,
+                    ctx,
+                    ..
+                } if read => Some((op, node, life, ctx)),
+                Waiting::Forwarded {
+                    op,
+                    node,
+                    life,
+                    ctx,
+                } if !read => Some((op, node, life, ctx)),
+                _ => None,
+            };
+            if let Some((op, node, l, x)) = waiting {
                 if node == id && l == life && x == ctx {
                     c.waiting = Waiting::Refused { op };
                 }
             }
         }
-        Ok(())
     }
 
     /// `id`'s host applies `entries` (the next ones) and reports it.
