@@ -58,10 +58,11 @@ use skiff_kv::pb::etcdserverpb::{
     MemberListRequest, PutRequest, RangeRequest, RequestOp, ResponseOp, StatusRequest, TxnRequest,
     WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
+use skiff_kv::tls::ClientTls;
 use tokio::sync::mpsc;
 use tonic::codec::Streaming;
 use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use skiff_kv::pb::etcdserverpb::response_op::Response as TxnOpResponse;
 pub use skiff_kv::pb::etcdserverpb::{
@@ -157,18 +158,30 @@ pub struct Client {
     /// The endpoint the next request goes to.
     at: usize,
     options: ConnectOptions,
+    /// Plaintext, or TLS with the roots and certificate to use.
+    tls: ClientTls,
 }
 
 impl Client {
     /// A client for `endpoints` (`http://host:port`); connects to the first
     /// one that accepts a connection, or fails if none does.
     pub async fn connect(endpoints: &[String], options: ConnectOptions) -> Result<Client, Error> {
+        Client::connect_with(endpoints, options, ClientTls::plaintext()).await
+    }
+
+    /// [`Client::connect`] over TLS (`https://` endpoints) when `tls` says.
+    pub async fn connect_with(
+        endpoints: &[String],
+        options: ConnectOptions,
+        tls: ClientTls,
+    ) -> Result<Client, Error> {
         assert!(!endpoints.is_empty(), "a client needs an endpoint");
         let mut client = Client {
             endpoints: endpoints.to_vec(),
             channels: vec![None; endpoints.len()],
             at: 0,
             options,
+            tls,
         };
         let mut last = None;
         for _ in 0..endpoints.len() {
@@ -198,7 +211,9 @@ impl Client {
             endpoint: endpoint.clone(),
             reason,
         };
-        let builder = Endpoint::from_shared(endpoint.clone())
+        let builder = self
+            .tls
+            .endpoint(&endpoint)
             .map_err(|e| connect_error(e.to_string()))?
             .connect_timeout(self.options.connect_timeout)
             .tcp_nodelay(true);

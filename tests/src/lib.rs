@@ -39,8 +39,11 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use skiff_kv::tls::ClientTls;
+
 pub mod client;
 pub mod nemesis;
+pub mod tls;
 
 pub use client::{Client, ConnectOptions};
 pub use skiff_kv::pb::etcdserverpb::{HashKvResponse, StatusResponse};
@@ -312,6 +315,10 @@ pub struct ClusterOptions {
     /// two members (see [`nemesis::Firewall`]). Client and metrics
     /// addresses stay on 127.0.0.1.
     pub peer_ip_prefix: Option<(u8, u8)>,
+    /// How the harness's own clients (status, waits, [`Cluster::client`])
+    /// reach the members: TLS when they serve it (`--cert-file` among
+    /// `args`), and then endpoints are `https://`.
+    pub client_tls: ClientTls,
 }
 
 impl Default for ClusterOptions {
@@ -321,6 +328,7 @@ impl Default for ClusterOptions {
             wal_segment_bytes: WAL_SEGMENT_BYTES,
             args: Vec::new(),
             peer_ip_prefix: None,
+            client_tls: ClientTls::plaintext(),
         }
     }
 }
@@ -388,7 +396,7 @@ impl Cluster {
     pub fn start(options: ClusterOptions) -> Cluster {
         let mut attempt = 1;
         loop {
-            match Cluster::try_start(options.clone()) {
+            match Cluster::try_start(options.clone()).map_err(|failed| *failed) {
                 Ok(cluster) => return cluster,
                 Err((cluster, why)) if attempt < START_ATTEMPTS_MAX && why.contains("listen") => {
                     eprintln!("cluster start attempt {attempt} failed ({why}); new ports");
@@ -403,7 +411,8 @@ impl Cluster {
         }
     }
 
-    fn try_start(options: ClusterOptions) -> Result<Cluster, (Cluster, String)> {
+    /// The cluster comes back with the error, for its logs.
+    fn try_start(options: ClusterOptions) -> Result<Cluster, Box<(Cluster, String)>> {
         let dir = tempfile::Builder::new()
             .prefix("skiff-tests-")
             .tempdir()
@@ -439,7 +448,7 @@ impl Cluster {
         }
         for &id in &ids {
             if let Err(why) = cluster.wait_serving(id) {
-                return Err((cluster, why));
+                return Err(Box::new((cluster, why)));
             }
         }
         Ok(cluster)
@@ -471,9 +480,21 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no member {id}"))
     }
 
-    /// `http://host:port` of `id`'s client API.
+    /// `http://host:port` of `id`'s client API (`https://` when the
+    /// harness connects with TLS).
     pub fn endpoint(&self, id: NodeId) -> String {
-        format!("http://{}", self.member(id).client)
+        format!(
+            "{}://{}",
+            self.options.client_tls.scheme(),
+            self.member(id).client
+        )
+    }
+
+    /// A client of `endpoints` as the harness connects ([`ClusterOptions::client_tls`]).
+    async fn try_connect(&self, endpoints: &[String]) -> Result<Client, String> {
+        Client::connect_with(endpoints, CLIENT_OPTIONS, self.options.client_tls.clone())
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Every member's endpoint, in id order.
@@ -726,7 +747,10 @@ impl Cluster {
 
     /// A client for `id` alone.
     pub async fn client(&self, id: NodeId) -> Client {
-        connect(&[self.endpoint(id)]).await
+        let endpoints = [self.endpoint(id)];
+        self.try_connect(&endpoints)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create a client for {endpoints:?}: {e}"))
     }
 
     /// Every key under `prefix` that `id` has applied (a serializable
@@ -736,9 +760,7 @@ impl Cluster {
         id: NodeId,
         prefix: &str,
     ) -> Result<std::collections::BTreeSet<String>, String> {
-        let mut c = Client::connect(&[self.endpoint(id)], CLIENT_OPTIONS)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut c = self.try_connect(&[self.endpoint(id)]).await?;
         let options = client::GetOptions::new()
             .with_prefix()
             .with_serializable()
@@ -756,17 +778,13 @@ impl Cluster {
     /// `Maintenance.Status` of `id` (an error, not a panic, when `id` is
     /// down: callers poll it).
     pub async fn status(&self, id: NodeId) -> Result<StatusResponse, String> {
-        let mut client = Client::connect(&[self.endpoint(id)], CLIENT_OPTIONS)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut client = self.try_connect(&[self.endpoint(id)]).await?;
         client.status().await.map_err(|e| e.to_string())
     }
 
     /// `Maintenance.HashKV` of `id` at `revision` (0: its latest).
     pub async fn hash_kv(&self, id: NodeId, revision: i64) -> Result<HashKvResponse, String> {
-        let mut client = Client::connect(&[self.endpoint(id)], CLIENT_OPTIONS)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut client = self.try_connect(&[self.endpoint(id)]).await?;
         client.hash_kv(revision).await.map_err(|e| e.to_string())
     }
 

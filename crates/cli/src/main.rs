@@ -86,6 +86,20 @@ struct ServeArgs {
     /// Cluster id: decimal, or hexadecimal with 0x (0: derived from --initial-cluster).
     #[arg(long, value_parser = parse_id)]
     cluster_id: Option<u64>,
+    /// TLS on the client port: the certificate it serves (PEM; with --key-file and
+    /// --trusted-ca-file).
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// The private key of --cert-file (PEM).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates chain to; members also verify each
+    /// other's client port with it.
+    #[arg(long)]
+    trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate that chains to --trusted-ca-file.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    client_cert_auth: Option<bool>,
     /// Length of a Raft tick, ms.
     #[arg(long)]
     tick_interval_ms: Option<u64>,
@@ -228,6 +242,8 @@ fn serve_default(id: &str) -> Option<String> {
         "initial_cluster_clients" => cluster(&n.initial_cluster_clients),
         "initial_cluster_state" => value_name(&n.initial_cluster_state),
         "cluster_id" => n.cluster_id.to_string(),
+        "cert_file" | "key_file" | "trusted_ca_file" => "none (plaintext)".into(),
+        "client_cert_auth" => n.client_cert_auth.to_string(),
         "tick_interval_ms" => n.tick_interval_ms.to_string(),
         "election_ticks_min" => n.election_ticks_min.to_string(),
         "election_ticks_max" => n.election_ticks_max.to_string(),
@@ -300,6 +316,7 @@ impl ServeArgs {
             listen_snapshot,
             initial_cluster_state,
             cluster_id,
+            client_cert_auth,
             tick_interval_ms,
             election_ticks_min,
             election_ticks_max,
@@ -327,6 +344,15 @@ impl ServeArgs {
             wal_backend,
             wal_segment_size,
         );
+        for (flag, field) in [
+            (&self.cert_file, &mut cfg.cert_file),
+            (&self.key_file, &mut cfg.key_file),
+            (&self.trusted_ca_file, &mut cfg.trusted_ca_file),
+        ] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
         if let Some(m) = self.listen_metrics {
             cfg.listen_metrics = Some(m);
         }
@@ -454,8 +480,9 @@ fn status(args: &StatusArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let tls = args.tls.client().map_err(|e| e.to_string())?;
     let rows = rt
-        .block_on(skiff::bench::status(&args.endpoints))
+        .block_on(skiff::bench::status(&args.endpoints, &tls))
         .map_err(|e| e.to_string())?;
     skiff::bench::print_status_table(&rows);
     Ok(())
@@ -468,8 +495,9 @@ fn check(cmd: &CheckCmd) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let tls = args.tls.client().map_err(|e| e.to_string())?;
     let found = rt
-        .block_on(skiff::bench::check_consistency(&args.endpoints))
+        .block_on(skiff::bench::check_consistency(&args.endpoints, &tls))
         .map_err(|e| e.to_string())?;
     print!("{}", found.report());
     if found.consistent() {

@@ -278,7 +278,12 @@ async fn load_names_an_unreachable_endpoint() {
 async fn status_reports_members_and_unreachable_rows() {
     let good = serve(FakeEtcd::new(0)).await;
     let bad = closed_port().await;
-    let rows = status(&[good.clone(), bad.clone()]).await.expect("status");
+    let rows = status(
+        &[good.clone(), bad.clone()],
+        &skiff_kv::tls::ClientTls::plaintext(),
+    )
+    .await
+    .expect("status");
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].endpoint, format!("http://{good}"));
     let member = rows[0].reply.as_ref().expect("fake answers");

@@ -35,6 +35,7 @@ use crate::pb::etcdserverpb::{
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::store::{validate_request, write_cost, KvError};
+use crate::tls::{ClientTls, MemberTls};
 use crate::watch::Hub;
 
 mod alarm;
@@ -52,14 +53,15 @@ pub const GRPC_MESSAGE_BYTES_MAX: usize = 2 << 20;
 /// How often a `physical` Compact looks whether the removal is done.
 pub const COMPACT_POLL: Duration = Duration::from_millis(10);
 
-/// Starts the gRPC server on `addr`; returns the bound address. It stops
-/// when `stop` fires.
+/// Starts the gRPC server on `addr` (TLS per `tls`); returns the bound
+/// address. It stops when `stop` fires.
 pub async fn serve(
     node: NodeHandle<KvMachine>,
     hub: Hub,
     lessor: Lessor,
     quota: Arc<Quota>,
     addr: SocketAddr,
+    tls: MemberTls,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<SocketAddr, String> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -73,12 +75,17 @@ pub async fn serve(
         lessor,
         forwarders: Arc::default(),
         quota,
+        forward_tls: tls.client,
     };
     tokio::spawn(cluster::publish_client_urls(api.clone()));
     tokio::spawn(alarm::watch_disk_space(api.clone()));
     let api = std::sync::Arc::new(api);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(config) = tls.server {
+        builder = builder.tls_config(config).map_err(|e| e.to_string())?;
+    }
+    let server = builder
         .add_service(
             KvServer::from_arc(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
@@ -114,6 +121,8 @@ struct Api {
     forwarders: Arc<lease::Forwarders>,
     /// This member's space quota (see `alarm::check_space`).
     quota: Arc<Quota>,
+    /// How this member calls the other members' client ports.
+    forward_tls: ClientTls,
 }
 
 fn kv_status(e: &KvError) -> Status {
@@ -138,6 +147,21 @@ fn status_of(e: RequestError) -> Status {
 }
 
 impl Api {
+    /// An endpoint for another member's client port at `addr`, over TLS
+    /// when this member's port serves TLS.
+    fn member_endpoint(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<tonic::transport::Endpoint, Status> {
+        Ok(self
+            .forward_tls
+            .endpoint(&addr.to_string())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(timeout)
+            .timeout(self.node.config().request_timeout()))
+    }
+
     fn header(&self, revision: i64) -> Option<ResponseHeader> {
         let s = self.node.status();
         Some(ResponseHeader {

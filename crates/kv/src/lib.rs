@@ -19,6 +19,7 @@ pub mod lease;
 pub mod machine;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod watch;
 
 /// The etcd v3 API subset, generated from `proto/` at build time.

@@ -59,6 +59,7 @@ const VIEW_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`start`] with options.
 pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError> {
     let addr = cfg.listen_client;
+    let tls = crate::tls::MemberTls::load(&cfg)?;
     let machine = KvMachine::with_quota(opts.quota_backend_bytes);
     let quota = machine.quota().clone();
     let hub = machine.hub().clone();
@@ -101,6 +102,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
     let lessor_task = node.runtime().spawn(lessor.clone().run());
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let tls_on = tls.server.is_some();
     let bound = node
         .runtime()
         .block_on(crate::api::serve(
@@ -109,6 +111,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
             lessor,
             quota,
             addr,
+            tls,
             stop_rx,
         ))
         .map_err(|reason| StartError::Listen {
@@ -116,7 +119,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
             addr,
             reason,
         })?;
-    tracing::info!(id, client = %bound, "etcd API serving");
+    tracing::info!(id, client = %bound, tls = tls_on, "etcd API serving");
     node.on_shutdown(move || {
         let _ = stop_tx.send(());
         lessor_task.abort();

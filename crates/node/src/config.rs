@@ -53,6 +53,74 @@ pub enum ClusterState {
     Existing,
 }
 
+/// A port's TLS files, checked by [`NodeConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate (chain) this member presents, PEM.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// CA certificates the other side's certificate must chain to, PEM
+    /// (required: members verify each other with it).
+    pub trusted_ca: PathBuf,
+    /// Whether the other side must present a certificate.
+    pub cert_auth: bool,
+}
+
+impl TlsFiles {
+    /// `fields` names (cert, key, CA, auth) for errors.
+    fn check(
+        fields: [&str; 4],
+        cert: &Option<PathBuf>,
+        key: &Option<PathBuf>,
+        ca: &Option<PathBuf>,
+        auth: bool,
+    ) -> Result<Option<TlsFiles>, ConfigError> {
+        let [cert_field, key_field, ca_field, auth_field] = fields;
+        let (cert, key) = match (cert, key) {
+            (None, None) => {
+                if auth {
+                    return bad(
+                        auth_field,
+                        format!("needs TLS: set {cert_field} and {key_field}"),
+                    );
+                }
+                if ca.is_some() {
+                    return bad(
+                        ca_field,
+                        format!("needs TLS: set {cert_field} and {key_field}"),
+                    );
+                }
+                return Ok(None);
+            }
+            (Some(_), None) => return bad(key_field, format!("must be set with {cert_field}")),
+            (None, Some(_)) => return bad(cert_field, format!("must be set with {key_field}")),
+            (Some(c), Some(k)) => (c, k),
+        };
+        if ca.is_none() {
+            return bad(
+                ca_field,
+                format!(
+                    "must be set with {cert_field}: the CA the members' certificates chain to \
+                     (members verify each other with it)"
+                ),
+            );
+        }
+        let ca = ca.as_ref().expect("checked above");
+        for (field, path) in [(cert_field, cert), (key_field, key), (ca_field, ca)] {
+            if let Err(e) = std::fs::metadata(path) {
+                return bad(field, format!("cannot read {}: {e}", path.display()));
+            }
+        }
+        Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            trusted_ca: ca.clone(),
+            cert_auth: auth,
+        }))
+    }
+}
+
 /// Parses a node or cluster id: decimal, or hexadecimal with `0x` (as
 /// etcdctl prints ids).
 pub fn parse_id(s: &str) -> Result<u64, String> {
@@ -95,6 +163,20 @@ pub struct NodeConfig {
     /// `new` bootstraps a cluster of `initial_cluster`; `existing` joins a
     /// cluster this node was added to with MemberAdd.
     pub initial_cluster_state: ClusterState,
+
+    // ---- TLS (etcd's flag names). Paths to PEM files.
+    /// The certificate the client port serves (with `key_file`); the
+    /// client port speaks TLS only when it is set.
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// CA certificates that client certificates must chain to; also the
+    /// roots this member trusts when it calls another member's client port
+    /// (requests forwarded to the leader).
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate that chains to
+    /// `trusted_ca_file`.
+    pub client_cert_auth: bool,
 
     // ---- Raft timing.
     pub tick_interval_ms: u64,
@@ -176,6 +258,10 @@ impl Default for NodeConfig {
             initial_cluster_clients: BTreeMap::new(),
             cluster_id: 0,
             initial_cluster_state: ClusterState::New,
+            cert_file: None,
+            key_file: None,
+            trusted_ca_file: None,
+            client_cert_auth: false,
             tick_interval_ms: 10,
             election_ticks_min: 30,
             election_ticks_max: 60,
@@ -214,7 +300,8 @@ where
     parse_cluster(&s).map_err(serde::de::Error::custom)
 }
 
-/// Parses `1=127.0.0.1:2380,2=...` (an `http://` prefix is accepted).
+/// Parses `1=127.0.0.1:2380,2=...` (an `http://` or `https://` prefix is
+/// accepted: whether a port speaks TLS is this member's own setting).
 pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -227,7 +314,11 @@ pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
             return Err(format!("node ids start at 1 (`{part}`)"));
         }
         let addr = addr.trim();
-        let addr = addr.strip_prefix("http://").unwrap_or(addr);
+        let addr = addr
+            .strip_prefix("http://")
+            .or_else(|| addr.strip_prefix("https://"))
+            .unwrap_or(addr);
+        let addr = addr.strip_suffix('/').unwrap_or(addr);
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| format!("`{addr}` in `{part}` is not host:port: {e}"))?;
@@ -336,6 +427,7 @@ impl NodeConfig {
                  prints it)",
             );
         }
+        self.client_tls_files()?;
         if self.tick_interval_ms == 0 {
             return bad("tick_interval_ms", "must be at least 1");
         }
@@ -374,6 +466,24 @@ impl NodeConfig {
     }
 
     /// The Raft core's configuration.
+    /// The client port's TLS files, `None` when it serves plaintext.
+    /// Checks that they go together (a certificate needs its key; client
+    /// certificate authentication needs TLS and a CA) and exist.
+    pub fn client_tls_files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        TlsFiles::check(
+            [
+                "cert_file",
+                "key_file",
+                "trusted_ca_file",
+                "client_cert_auth",
+            ],
+            &self.cert_file,
+            &self.key_file,
+            &self.trusted_ca_file,
+            self.client_cert_auth,
+        )
+    }
+
     pub fn raft_config(&self) -> skiff_raft::Config {
         // A joining node learns its membership from the leader's log.
         let voters = match self.initial_cluster_state {
@@ -449,6 +559,40 @@ mod tests {
         assert!(parse_cluster("1=nowhere")
             .unwrap_err()
             .contains("host:port"));
+    }
+
+    #[test]
+    fn tls_files_go_together_and_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.pem");
+        std::fs::write(&file, "x").unwrap();
+        let some = || Some(file.clone());
+        let field = |c: NodeConfig| c.validate().unwrap_err().field;
+        let mut c = three();
+        c.validate().unwrap();
+        assert_eq!(c.client_tls_files().unwrap(), None);
+        c.cert_file = some();
+        assert_eq!(field(c.clone()), "key_file");
+        c.key_file = some();
+        assert_eq!(field(c.clone()), "trusted_ca_file");
+        c.trusted_ca_file = some();
+        c.validate().unwrap();
+        assert!(!c.client_tls_files().unwrap().unwrap().cert_auth);
+        c.client_cert_auth = true;
+        assert!(c.client_tls_files().unwrap().unwrap().cert_auth);
+        c.key_file = Some(dir.path().join("missing.pem"));
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "key_file");
+        assert!(e.reason.contains("missing.pem"), "{e}");
+        let mut c = three();
+        c.client_cert_auth = true;
+        assert_eq!(field(c), "client_cert_auth");
+        let mut c = three();
+        c.key_file = some();
+        assert_eq!(field(c), "cert_file");
+        let mut c = three();
+        c.trusted_ca_file = some();
+        assert_eq!(field(c), "trusted_ca_file");
     }
 
     #[test]

@@ -10,9 +10,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use skiff_kv::tls::ClientTls;
 
-use super::{error_chain, normalize_endpoint, BenchError};
+use super::{connect, normalize_all, BenchError, TlsArgs};
 use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use skiff_kv::pb::etcdserverpb::{HashKvRequest, StatusRequest};
 
@@ -25,6 +25,8 @@ pub struct CheckArgs {
     /// Client endpoints of every member, comma separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// One member's hash.
@@ -114,19 +116,18 @@ impl Consistency {
     }
 }
 
-async fn client(endpoint: &str) -> Result<MaintenanceClient<tonic::transport::Channel>, String> {
-    let channel = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| error_chain(&e))?
-        .connect_timeout(CHECK_TIMEOUT)
-        .timeout(CHECK_TIMEOUT)
-        .connect()
+async fn client(
+    endpoint: &str,
+    tls: &ClientTls,
+) -> Result<MaintenanceClient<tonic::transport::Channel>, String> {
+    let channel = connect(endpoint, tls, CHECK_TIMEOUT)
         .await
-        .map_err(|e| format!("unreachable: {}", error_chain(&e)))?;
+        .map_err(|e| format!("unreachable: {e}"))?;
     Ok(MaintenanceClient::new(channel))
 }
 
-async fn hash_at(endpoint: &str, revision: i64) -> Result<MemberHash, String> {
-    let r = client(endpoint)
+async fn hash_at(endpoint: &str, tls: &ClientTls, revision: i64) -> Result<MemberHash, String> {
+    let r = client(endpoint, tls)
         .await?
         .hash_kv(HashKvRequest { revision })
         .await
@@ -140,23 +141,27 @@ async fn hash_at(endpoint: &str, revision: i64) -> Result<MemberHash, String> {
 }
 
 /// Hashes every member at one revision (see the module docs).
-pub async fn check_consistency(endpoints: &[String]) -> Result<Consistency, BenchError> {
+pub async fn check_consistency(
+    endpoints: &[String],
+    tls: &ClientTls,
+) -> Result<Consistency, BenchError> {
     if endpoints.is_empty() {
         return Err(BenchError::NoEndpoints);
     }
-    let endpoints = endpoints
-        .iter()
-        .map(|e| normalize_endpoint(e))
-        .collect::<Result<Vec<_>, _>>()?;
+    let endpoints = normalize_all(endpoints, tls)?;
     let mut revision = None;
     let mut why = Vec::new();
     for e in &endpoints {
-        let status = match client(e).await {
-            Ok(mut c) => c
+        let asked = async {
+            client(e, tls)
+                .await?
                 .status(StatusRequest {})
                 .await
-                .map_err(|s| s.message().to_string()),
-            Err(w) => Err(w),
+                .map_err(|s| s.message().to_string())
+        };
+        let status = match tokio::time::timeout(CHECK_TIMEOUT, asked).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
         };
         match status {
             Ok(s) => {
@@ -175,8 +180,9 @@ pub async fn check_consistency(endpoints: &[String]) -> Result<Consistency, Benc
     let mut calls = tokio::task::JoinSet::new();
     for (i, e) in endpoints.iter().enumerate() {
         let e = e.clone();
+        let tls = tls.clone();
         calls.spawn(async move {
-            let r = match tokio::time::timeout(CHECK_TIMEOUT, hash_at(&e, revision)).await {
+            let r = match tokio::time::timeout(CHECK_TIMEOUT, hash_at(&e, &tls, revision)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
             };

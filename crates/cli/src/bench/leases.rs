@@ -14,9 +14,8 @@ use std::time::Instant;
 use skiff_kv::pb::etcdserverpb::lease_client::LeaseClient;
 use skiff_kv::pb::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
-use super::{error_chain, BenchArgs, BenchError};
+use super::{connect, normalize_all, BenchArgs, BenchError, CONNECT_TIMEOUT};
 
 /// Keepalive streams open at once.
 pub const KEEPALIVE_STREAMS: usize = 16;
@@ -26,20 +25,6 @@ const GRANTS_IN_FLIGHT: usize = 128;
 const STREAM_QUEUE: usize = 256;
 /// TTL of the leases granted: longer than any run.
 const LEASE_TTL_S: i64 = 3600;
-
-async fn connect(endpoint: &str) -> Result<Channel, BenchError> {
-    tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| BenchError::Connect {
-            endpoint: endpoint.to_string(),
-            reason: e.to_string(),
-        })?
-        .connect()
-        .await
-        .map_err(|e| BenchError::Connect {
-            endpoint: endpoint.to_string(),
-            reason: error_chain(&e),
-        })
-}
 
 /// What the run measured.
 #[derive(Debug)]
@@ -70,9 +55,10 @@ impl LeaseReport {
 }
 
 pub async fn run_leases(args: &BenchArgs, endpoints: &[String]) -> Result<LeaseReport, BenchError> {
+    let tls = args.tls.client()?;
     let mut channels = Vec::new();
-    for e in endpoints {
-        channels.push(connect(e).await?);
+    for e in normalize_all(endpoints, &tls)? {
+        channels.push(connect(&e, &tls, CONNECT_TIMEOUT).await?);
     }
     // Grant.
     let started = Instant::now();

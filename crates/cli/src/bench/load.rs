@@ -12,11 +12,11 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::report::LoadReport;
 use super::{
-    error_chain, normalize_endpoint, BenchArgs, BenchError, CONNECT_TIMEOUT, NO_SUCCESS_LIMIT,
+    connect, normalize_all, BenchArgs, BenchError, CONNECT_TIMEOUT, NO_SUCCESS_LIMIT,
     REQUEST_TIMEOUT,
 };
 use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
@@ -48,14 +48,12 @@ pub async fn run_load(args: &BenchArgs, endpoints: &[String]) -> Result<LoadRepo
     if endpoints.is_empty() {
         return Err(BenchError::NoEndpoints);
     }
-    let endpoints = endpoints
-        .iter()
-        .map(|e| normalize_endpoint(e))
-        .collect::<Result<Vec<_>, _>>()?;
+    let tls = args.tls.client()?;
+    let endpoints = normalize_all(endpoints, &tls)?;
 
     let mut channels = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        channels.push(connect(&endpoints[i % endpoints.len()]).await?);
+        channels.push(connect(&endpoints[i % endpoints.len()], &tls, CONNECT_TIMEOUT).await?);
     }
 
     let warmup = args.warmup_time();
@@ -134,25 +132,6 @@ pub async fn run_load(args: &BenchArgs, endpoints: &[String]) -> Result<LoadRepo
         .filter(|_| writes > 0)
         .map(|c| c.as_secs_f64() * 1e6 / writes as f64);
     Ok(report)
-}
-
-async fn connect(endpoint: &str) -> Result<Channel, BenchError> {
-    let connect_error = |reason: String| BenchError::Connect {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    let builder = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| connect_error(error_chain(&e)))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
-    match tokio::time::timeout(CONNECT_TIMEOUT, builder.connect()).await {
-        Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => Err(connect_error(error_chain(&e))),
-        Err(_) => Err(connect_error(format!(
-            "timed out after {} s",
-            CONNECT_TIMEOUT.as_secs()
-        ))),
-    }
 }
 
 /// Wakes every TICK until the window ends: updates the progress bar and

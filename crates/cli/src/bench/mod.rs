@@ -32,6 +32,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use skiff_kv::tls::ClientTls;
+use tonic::transport::Channel;
 
 pub use ceiling::CeilingServer;
 pub use check::{check_consistency, CheckArgs, Consistency, MemberHash};
@@ -137,6 +139,77 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0, conflicts_with_all = ["ceiling", "watchers"])]
     #[serde(default)]
     pub leases: usize,
+    #[command(flatten)]
+    #[serde(default)]
+    pub tls: TlsArgs,
+}
+
+/// TLS to the client ports (etcdctl's flag names). With none, plaintext.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsArgs {
+    /// CA certificates (PEM) the servers' certificates chain to: connect with TLS
+    /// (endpoints given as host:port then mean https://).
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM) to present, with --key (for --client-cert-auth servers).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client these flags describe (reads the files).
+    pub fn client(&self) -> Result<ClientTls, BenchError> {
+        ClientTls::from_files(
+            self.cacert.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+        )
+        .map_err(|e| BenchError::Tls(e.to_string()))
+    }
+
+    /// Whether any TLS flag was given.
+    pub fn given(&self) -> bool {
+        self.cacert.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
+/// Normalizes `endpoints` for a client that uses TLS or not.
+pub(crate) fn normalize_all(
+    endpoints: &[String],
+    tls: &ClientTls,
+) -> Result<Vec<String>, BenchError> {
+    endpoints
+        .iter()
+        .map(|e| normalize_endpoint(e, tls.is_tls()))
+        .collect()
+}
+
+/// Opens a connection to `endpoint` (normalized) within `timeout`.
+pub(crate) async fn connect(
+    endpoint: &str,
+    tls: &ClientTls,
+    timeout: Duration,
+) -> Result<Channel, BenchError> {
+    let connect_error = |reason: String| BenchError::Connect {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let builder = tls
+        .endpoint(endpoint)
+        .map_err(|e| connect_error(e.to_string()))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    match tokio::time::timeout(timeout, builder.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(connect_error(error_chain(&e))),
+        Err(_) => Err(connect_error(format!(
+            "timed out after {:.1} s",
+            timeout.as_secs_f64()
+        ))),
+    }
 }
 
 impl Default for BenchArgs {
@@ -159,6 +232,7 @@ impl Default for BenchArgs {
             watchers: 0,
             watchers_on_one_member: false,
             leases: 0,
+            tls: TlsArgs::default(),
         }
     }
 }
@@ -242,8 +316,14 @@ impl BenchArgs {
                 ),
             );
         }
+        if self.tls.given() && self.endpoints.is_empty() {
+            return bad(
+                "cacert",
+                "TLS options need --endpoints (the embedded cluster serves plaintext)".into(),
+            );
+        }
         for endpoint in &self.endpoints {
-            normalize_endpoint(endpoint)?;
+            normalize_endpoint(endpoint, self.tls.cacert.is_some())?;
         }
         Ok(())
     }
@@ -271,10 +351,13 @@ pub enum BenchError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The TLS options cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Could not open a connection to an endpoint.
     #[error("cannot connect to {endpoint}: {reason}")]
     Connect {
-        /// The normalized endpoint (http://host:port).
+        /// The normalized endpoint (http(s)://host:port).
         endpoint: String,
         /// The error chain, or the timeout.
         reason: String,
@@ -319,9 +402,11 @@ pub enum BenchError {
     Task(String),
 }
 
-/// Turns `host:port` or `http://host:port[/]` into `http://host:port`.
-/// TLS (`https://`) is not supported by this client.
-pub fn normalize_endpoint(endpoint: &str) -> Result<String, BenchError> {
+/// Turns `host:port`, `http://host:port[/]` or `https://host:port[/]` into
+/// `scheme://host:port`: a bare `host:port` takes `https` when `tls`.
+/// Refused: `https://` without TLS (no CA to verify with: --cacert) and
+/// `http://` with it.
+pub fn normalize_endpoint(endpoint: &str, tls: bool) -> Result<String, BenchError> {
     let bad = |reason: &str| BenchError::BadEndpoint {
         endpoint: endpoint.to_string(),
         reason: reason.to_string(),
@@ -330,13 +415,26 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, BenchError> {
     if trimmed.is_empty() {
         return Err(bad("empty (check for a stray comma)"));
     }
-    if trimmed.starts_with("https://") {
-        return Err(bad("TLS is not supported; use http:// or host:port"));
-    }
-    let authority = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    let (scheme, authority) = if let Some(rest) = trimmed.strip_prefix("https://") {
+        if !tls {
+            return Err(bad(
+                "https:// needs --cacert (the CA the server's certificate chains to)",
+            ));
+        }
+        ("https", rest)
+    } else if let Some(rest) = trimmed.strip_prefix("http://") {
+        if tls {
+            return Err(bad("TLS options were given: use https:// or host:port"));
+        }
+        ("http", rest)
+    } else if tls {
+        ("https", trimmed)
+    } else {
+        ("http", trimmed)
+    };
     let authority = authority.strip_suffix('/').unwrap_or(authority);
     if authority.contains("://") || authority.contains('/') {
-        return Err(bad("expected host:port or http://host:port"));
+        return Err(bad("expected host:port or http(s)://host:port"));
     }
     let Some((host, port)) = authority.rsplit_once(':') else {
         return Err(bad("missing :port"));
@@ -348,7 +446,7 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, BenchError> {
         Ok(p) if p > 0 => {}
         _ => return Err(bad("port must be a number in 1..=65535")),
     }
-    Ok(format!("http://{authority}"))
+    Ok(format!("{scheme}://{authority}"))
 }
 
 /// Runs the load, prints the table and the `RESULT` line to stdout, and
@@ -622,27 +720,33 @@ mod tests {
     #[test]
     fn endpoints_are_normalized_or_rejected_by_name() {
         assert_eq!(
-            normalize_endpoint("127.0.0.1:2379").unwrap(),
+            normalize_endpoint("127.0.0.1:2379", false).unwrap(),
             "http://127.0.0.1:2379"
         );
         assert_eq!(
-            normalize_endpoint("http://localhost:2379/").unwrap(),
+            normalize_endpoint("http://localhost:2379/", false).unwrap(),
             "http://localhost:2379"
         );
         assert_eq!(
-            normalize_endpoint("[::1]:2379").unwrap(),
+            normalize_endpoint("[::1]:2379", false).unwrap(),
             "http://[::1]:2379"
         );
-        for bad in [
-            "",
-            "localhost",
-            ":2379",
-            "host:0",
-            "host:x",
-            "https://h:1",
-            "h:1/path",
-        ] {
-            match normalize_endpoint(bad) {
+        assert_eq!(
+            normalize_endpoint("127.0.0.1:2379", true).unwrap(),
+            "https://127.0.0.1:2379"
+        );
+        assert_eq!(
+            normalize_endpoint("https://localhost:2379/", true).unwrap(),
+            "https://localhost:2379"
+        );
+        for (bad, tls) in [("https://h:1", false), ("http://h:1", true)] {
+            match normalize_endpoint(bad, tls) {
+                Err(BenchError::BadEndpoint { endpoint, .. }) => assert_eq!(endpoint, bad),
+                other => panic!("{bad:?}: expected BadEndpoint, got {other:?}"),
+            }
+        }
+        for bad in ["", "localhost", ":2379", "host:0", "host:x", "h:1/path"] {
+            match normalize_endpoint(bad, false) {
                 Err(BenchError::BadEndpoint { endpoint, .. }) => assert_eq!(endpoint, bad),
                 other => panic!("{bad:?}: expected BadEndpoint, got {other:?}"),
             }

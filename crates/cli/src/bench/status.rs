@@ -5,10 +5,10 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use skiff_kv::tls::ClientTls;
 use tokio::task::JoinSet;
-use tonic::transport::Endpoint;
 
-use super::{error_chain, normalize_endpoint, BenchError};
+use super::{connect, normalize_all, BenchError, TlsArgs};
 use skiff_kv::pb::etcdserverpb::alarm_request::AlarmAction;
 use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use skiff_kv::pb::etcdserverpb::{AlarmRequest, AlarmType, StatusRequest};
@@ -22,6 +22,8 @@ pub struct StatusArgs {
     /// Client endpoints, comma separated (host:port or http://host:port).
     #[arg(long, value_delimiter = ',', required = true)]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// One member as it answered (etcd's StatusResponse fields).
@@ -77,19 +79,20 @@ pub struct MemberStatus {
 /// Calls Maintenance.Status on every endpoint concurrently, each bounded by
 /// [`STATUS_TIMEOUT`]. Rows come back in the order of `endpoints`. Fails
 /// only on an empty list or an endpoint that cannot be parsed.
-pub async fn status(endpoints: &[String]) -> Result<Vec<MemberStatus>, BenchError> {
+pub async fn status(
+    endpoints: &[String],
+    tls: &ClientTls,
+) -> Result<Vec<MemberStatus>, BenchError> {
     if endpoints.is_empty() {
         return Err(BenchError::NoEndpoints);
     }
-    let endpoints = endpoints
-        .iter()
-        .map(|e| normalize_endpoint(e))
-        .collect::<Result<Vec<_>, _>>()?;
+    let endpoints = normalize_all(endpoints, tls)?;
     let mut calls = JoinSet::new();
     for (i, endpoint) in endpoints.iter().enumerate() {
         let endpoint = endpoint.clone();
+        let tls = tls.clone();
         calls.spawn(async move {
-            let reply = match tokio::time::timeout(STATUS_TIMEOUT, ask(&endpoint)).await {
+            let reply = match tokio::time::timeout(STATUS_TIMEOUT, ask(&endpoint, &tls)).await {
                 Ok(reply) => reply,
                 Err(_) => Err(format!(
                     "no answer within {} s",
@@ -110,13 +113,10 @@ pub async fn status(endpoints: &[String]) -> Result<Vec<MemberStatus>, BenchErro
         .collect())
 }
 
-async fn ask(endpoint: &str) -> Result<MemberState, String> {
-    let channel = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| error_chain(&e))?
-        .connect_timeout(STATUS_TIMEOUT)
-        .connect()
+async fn ask(endpoint: &str, tls: &ClientTls) -> Result<MemberState, String> {
+    let channel = connect(endpoint, tls, STATUS_TIMEOUT)
         .await
-        .map_err(|e| format!("unreachable: {}", error_chain(&e)))?;
+        .map_err(|e| format!("unreachable: {e}"))?;
     let mut request = tonic::Request::new(StatusRequest {});
     request.set_timeout(STATUS_TIMEOUT);
     let mut client = MaintenanceClient::new(channel);

@@ -19,7 +19,7 @@ use skiff_kv::pb::etcdserverpb::watch_request::RequestUnion;
 use skiff_kv::pb::etcdserverpb::{WatchCreateRequest, WatchRequest};
 use tokio::sync::mpsc;
 
-use super::{error_chain, run_load, BenchArgs, BenchError, LoadReport};
+use super::{connect, normalize_all, run_load, BenchArgs, BenchError, LoadReport, CONNECT_TIMEOUT};
 
 /// Watchers on one gRPC watch stream.
 pub const WATCHERS_PER_STREAM: usize = 1000;
@@ -57,6 +57,8 @@ async fn open_watchers(
     args: &BenchArgs,
     endpoints: &[String],
 ) -> Result<(Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>), BenchError> {
+    let tls = args.tls.client()?;
+    let endpoints = normalize_all(endpoints, &tls)?;
     let events = Arc::new(AtomicU64::new(0));
     let created = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -67,17 +69,7 @@ async fn open_watchers(
         } else {
             &endpoints[s % endpoints.len()]
         };
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .map_err(|e| BenchError::Connect {
-                endpoint: endpoint.clone(),
-                reason: e.to_string(),
-            })?
-            .connect()
-            .await
-            .map_err(|e| BenchError::Connect {
-                endpoint: endpoint.clone(),
-                reason: error_chain(&e),
-            })?;
+        let channel = connect(endpoint, &tls, CONNECT_TIMEOUT).await?;
         let (tx, rx) = mpsc::channel(WATCHERS_PER_STREAM);
         let first = s * WATCHERS_PER_STREAM;
         let last = (first + WATCHERS_PER_STREAM).min(args.watchers);

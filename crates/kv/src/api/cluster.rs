@@ -79,10 +79,7 @@ impl Api {
                  the leader"
             ))
         })?;
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(self.node.config().request_timeout())
+        self.member_endpoint(addr, CONNECT_TIMEOUT)?
             .connect()
             .await
             .map_err(|e| {

@@ -79,10 +79,7 @@ impl Api {
         if let Some(c) = self.forwarders.clients.lock().expect("lock").get(&addr) {
             return Ok(c.clone());
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(self.node.config().request_timeout());
+        let endpoint = self.member_endpoint(addr, CONNECT_TIMEOUT)?;
         let channel = endpoint.connect().await.map_err(|e| {
             Status::unavailable(format!("etcdserver: cannot reach leader {leader}: {e}"))
         })?;
