@@ -197,6 +197,17 @@ struct ServeArgs {
     /// NOSPACE alarm (etcd's --quota-backend-bytes; 0: the default).
     #[arg(long)]
     quota_backend_bytes: Option<u64>,
+    /// Automatic compaction of the history: `periodic` (keep --auto-compaction-retention of
+    /// time) or `revision` (keep that many revisions), as etcd.
+    #[arg(long, value_parser = ["periodic", "revision"])]
+    auto_compaction_mode: Option<String>,
+    /// What auto-compaction keeps: for `periodic` a duration (1h, 30m, 90s) or a number of
+    /// hours, for `revision` a number of revisions; 0 turns it off.
+    #[arg(long)]
+    auto_compaction_retention: Option<String>,
+    /// How often, ms, the `revision` auto-compaction mode looks (etcd's 5 minutes).
+    #[arg(long)]
+    auto_compaction_check_interval_ms: Option<u64>,
 }
 
 /// The name `--help` shows for `v`.
@@ -273,6 +284,11 @@ fn serve_default(id: &str) -> Option<String> {
         "watch_progress_notify_interval_ms" => kv.watch_progress_interval.as_millis().to_string(),
         "lease_checkpoint_interval_ms" => kv.lease_checkpoint_interval.as_millis().to_string(),
         "quota_backend_bytes" => kv.quota_backend_bytes.to_string(),
+        "auto_compaction_mode" => "periodic".into(),
+        "auto_compaction_retention" => "0 (off)".into(),
+        "auto_compaction_check_interval_ms" => {
+            kv.revision_compaction_interval.as_millis().to_string()
+        }
         _ => return None,
     })
 }
@@ -404,6 +420,19 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     if let Some(bytes) = args.quota_backend_bytes {
         // 0: the default, as etcd's flag.
         kv.quota_backend_bytes = bytes;
+    }
+    if let Some(retention) = &args.auto_compaction_retention {
+        let mode = args.auto_compaction_mode.as_deref().unwrap_or("periodic");
+        kv.auto_compaction = skiff_kv::compactor::AutoCompaction::parse(mode, retention)
+            .map_err(|e| format!("invalid --auto-compaction-retention: {e}"))?;
+    } else if args.auto_compaction_mode.is_some() {
+        return Err("--auto-compaction-mode needs --auto-compaction-retention".into());
+    }
+    if let Some(ms) = args.auto_compaction_check_interval_ms {
+        if ms == 0 {
+            return Err("--auto-compaction-check-interval-ms must be at least 1".into());
+        }
+        kv.revision_compaction_interval = std::time::Duration::from_millis(ms);
     }
     let node = skiff_kv::server::start_with(cfg, kv).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -15,6 +15,7 @@
 //! WAL or the transport.
 
 pub mod api;
+pub mod compactor;
 pub mod lease;
 pub mod machine;
 pub mod server;

@@ -7,6 +7,8 @@ use skiff_node::{Node, StartError};
 
 use std::time::Duration;
 
+use crate::compactor::{AutoCompaction, REVISION_CHECK_INTERVAL};
+
 use crate::lease::{Lessor, CHECKPOINT_INTERVAL_DEFAULT};
 use crate::machine::{KvMachine, KvQuery, KvQueryResponse, QUOTA_BYTES_DEFAULT};
 use crate::watch::{ViewSource, PROGRESS_INTERVAL_DEFAULT};
@@ -41,6 +43,12 @@ pub struct KvOptions {
     /// `--quota-backend-bytes`). 0: the default, etcd's 2 GiB
     /// ([`QUOTA_BYTES_DEFAULT`]); `u64::MAX`: no quota.
     pub quota_backend_bytes: u64,
+    /// Automatic compaction of the history (etcd's
+    /// `--auto-compaction-mode` and `--auto-compaction-retention`).
+    pub auto_compaction: AutoCompaction,
+    /// How often the `revision` auto-compaction mode looks (etcd's 5
+    /// minutes).
+    pub revision_compaction_interval: Duration,
 }
 
 impl Default for KvOptions {
@@ -49,6 +57,8 @@ impl Default for KvOptions {
             watch_progress_interval: PROGRESS_INTERVAL_DEFAULT,
             lease_checkpoint_interval: CHECKPOINT_INTERVAL_DEFAULT,
             quota_backend_bytes: QUOTA_BYTES_DEFAULT,
+            auto_compaction: AutoCompaction::Off,
+            revision_compaction_interval: REVISION_CHECK_INTERVAL,
         }
     }
 }
@@ -100,6 +110,15 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
         lease_notes,
     );
     let lessor_task = node.runtime().spawn(lessor.clone().run());
+    if opts.auto_compaction != AutoCompaction::Off {
+        tracing::info!(id, policy = ?opts.auto_compaction, "auto-compaction on");
+    }
+    let compactor_task = node.runtime().spawn(crate::compactor::run(
+        node.handle().clone(),
+        hub.clone(),
+        opts.auto_compaction,
+        opts.revision_compaction_interval,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let tls_on = tls.server.is_some();
@@ -123,6 +142,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
     node.on_shutdown(move || {
         let _ = stop_tx.send(());
         lessor_task.abort();
+        compactor_task.abort();
         hub.stop();
         let _ = dispatcher.join();
     });
