@@ -54,8 +54,26 @@ impl Pki {
     /// A certificate with common name `cn` for `sans` (IP addresses or
     /// DNS names), usable by servers and clients, signed by this CA.
     pub fn issue(&self, cn: &str, sans: &[&str]) -> CertFiles {
+        self.issue_with(cn, sans, |_| {})
+    }
+
+    /// [`Pki::issue`], but valid only in 2000: expired.
+    pub fn issue_expired(&self, cn: &str, sans: &[&str]) -> CertFiles {
+        self.issue_with(cn, sans, |p| {
+            p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        })
+    }
+
+    fn issue_with(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> CertFiles {
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("certificate params");
+        adjust(&mut params);
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

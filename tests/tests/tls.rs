@@ -4,8 +4,8 @@
 //! serves clients that present a certificate of its CA, over any member
 //! (requests a follower forwards to the leader's client port go over TLS
 //! too), and refuses, without harm to the cluster, a plaintext client, a
-//! client without a certificate, one whose certificate another CA signed,
-//! and one that does not trust the members' CA. Then the same through
+//! client without a certificate, one whose certificate another CA signed or
+//! has expired, and one that does not trust the members' CA. Then the same through
 //! etcdctl (skipped, saying why, where it is absent) and `skiff status` /
 //! `skiff check consistency`.
 
@@ -63,6 +63,7 @@ async fn the_client_port_serves_tls_and_refuses_who_it_must() {
     let client = pki.issue("client", &["127.0.0.1"]);
     let rogue = Pki::new(dir.path(), "rogue");
     let rogue_client = rogue.issue("client", &["127.0.0.1"]);
+    let expired = pki.issue_expired("expired", &["127.0.0.1"]);
 
     let cluster = tls_cluster(&pki, &member, &client);
     let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
@@ -104,6 +105,15 @@ async fn the_client_port_serves_tls_and_refuses_who_it_must() {
     .expect("TLS");
     let why = put_error(&https, foreign).await;
     assert!(why.is_some(), "a certificate of another CA was accepted");
+    // Refused: an expired certificate of the right CA.
+    let stale = ClientTls::from_files(
+        Some(&pki.ca_file()),
+        Some(&expired.cert),
+        Some(&expired.key),
+    )
+    .expect("TLS");
+    let why = put_error(&https, stale).await;
+    assert!(why.is_some(), "an expired certificate was accepted");
     // Refused by the client: it does not trust the members' CA.
     let distrustful = ClientTls::from_files(
         Some(&rogue.ca_file()),
