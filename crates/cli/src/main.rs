@@ -52,7 +52,7 @@ enum CheckCmd {
 #[command(mut_args = with_default_in_help)]
 struct ServeArgs {
     /// TOML file with the node's settings: the flags below, `-` written `_`, except the KV
-    /// ones (watch, lease, quota).
+    /// ones (watch, lease, quota, auto-compaction).
     #[arg(long)]
     config: Option<PathBuf>,
     /// This member's id: decimal, or hexadecimal with 0x (as etcdctl prints it).
