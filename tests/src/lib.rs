@@ -315,6 +315,8 @@ pub struct ClusterOptions {
     /// two members (see [`nemesis::Firewall`]). Client and metrics
     /// addresses stay on 127.0.0.1.
     pub peer_ip_prefix: Option<(u8, u8)>,
+    /// Extra `skiff serve` flags of one member, after `args`.
+    pub member_args: BTreeMap<NodeId, Vec<String>>,
     /// How the harness's own clients (status, waits, [`Cluster::client`])
     /// reach the members: TLS when they serve it (`--cert-file` among
     /// `args`), and then endpoints are `https://`.
@@ -328,6 +330,7 @@ impl Default for ClusterOptions {
             wal_segment_bytes: WAL_SEGMENT_BYTES,
             args: Vec::new(),
             peer_ip_prefix: None,
+            member_args: BTreeMap::new(),
             client_tls: ClientTls::plaintext(),
         }
     }
@@ -543,6 +546,14 @@ impl Cluster {
             self.options.wal_segment_bytes.to_string(),
         ];
         args.extend(self.options.args.iter().cloned());
+        args.extend(
+            self.options
+                .member_args
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
         args.extend(m.extra_args.iter().cloned());
         args
     }
@@ -662,6 +673,11 @@ impl Cluster {
     /// The IP of `id`'s peer address.
     pub fn peer_ip(&self, id: NodeId) -> std::net::IpAddr {
         self.member(id).peer.ip()
+    }
+
+    /// `id`'s peer address (Raft messages).
+    pub fn peer_addr(&self, id: NodeId) -> SocketAddr {
+        self.member(id).peer
     }
 
     /// The directory holding every member's data directory and log.

@@ -265,4 +265,186 @@ fn bad_tls_files_stop_the_start_with_a_clear_error() {
         &ca,
     ]);
     assert!(why.contains("missing.pem"), "{why}");
+    // The peer ports' files: the same checks, under the peer flags' names.
+    let why = serve(&["--peer-cert-file", &cert, "--peer-trusted-ca-file", &ca]);
+    assert!(why.contains("peer-key-file"), "{why}");
+    let why = serve(&[
+        "--peer-cert-file",
+        &bad,
+        "--peer-key-file",
+        &key,
+        "--peer-trusted-ca-file",
+        &ca,
+    ]);
+    assert!(why.contains("not.pem"), "{why}");
+}
+
+/// The peer IP of member `id` in [`peer_tls_cluster`]: its own loopback
+/// address, so that its certificate names it alone.
+const PEER_IP_PREFIX: (u8, u8) = (0, 17);
+
+fn member_peer_ip(id: NodeId) -> String {
+    format!("127.{}.{}.{id}", PEER_IP_PREFIX.0, PEER_IP_PREFIX.1)
+}
+
+/// A 3-node cluster whose peer and snapshot ports speak TLS with
+/// `--peer-client-cert-auth`: member `id` presents a certificate naming its
+/// own peer IP (and 127.0.0.1, where its snapshot port listens).
+fn peer_tls_cluster(pki: &Pki, extra: &[(&str, &str)]) -> Cluster {
+    let mut options = ClusterOptions {
+        peer_ip_prefix: Some(PEER_IP_PREFIX),
+        ..ClusterOptions::default()
+    };
+    for id in 1..=3 {
+        let ip = member_peer_ip(id);
+        let cert = pki.issue(&format!("member-{id}"), &[&ip, "127.0.0.1"]);
+        options.member_args.insert(
+            id,
+            vec![
+                "--peer-cert-file".into(),
+                cert.cert.display().to_string(),
+                "--peer-key-file".into(),
+                cert.key.display().to_string(),
+            ],
+        );
+    }
+    let mut options = options
+        .arg("--peer-trusted-ca-file", pki.ca_file().display())
+        .arg("--peer-client-cert-auth", "true");
+    for (flag, value) in extra {
+        options = options.arg(flag, value);
+    }
+    Cluster::start(options)
+}
+
+/// Opens a peer connection to `addr` as `from` (TLS with `tls`, or
+/// plaintext) and sends a Hello: whether the member answered with its own.
+async fn peer_hello_answered(
+    addr: std::net::SocketAddr,
+    tls: Option<&skiff_net::tls::PeerTls>,
+    cluster_id: u64,
+    from: NodeId,
+    to: NodeId,
+) -> bool {
+    use skiff_net::tls::PeerStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut stream = match tls {
+            None => PeerStream::Plain(tcp),
+            Some(tls) => tls.connect(addr.ip(), tcp).await?,
+        };
+        let hello = skiff_net::Hello {
+            cluster_id,
+            from,
+            to,
+            channel: skiff_net::Channel::Raft,
+        };
+        let mut buf = bytes::BytesMut::new();
+        skiff_net::encode_hello_frame(&skiff_net::FrameEncoder::new(1024), &hello, &mut buf)
+            .map_err(std::io::Error::other)?;
+        stream.write_all(&buf).await?;
+        stream.flush().await?;
+        // A Hello frame back, not just bytes: a TLS port answers a
+        // plaintext client with an alert record before it closes.
+        let mut reply = [0u8; 64];
+        let n = stream.read(&mut reply).await?;
+        Ok::<bool, std::io::Error>(reply[..n].starts_with(&skiff_net::FRAME_MAGIC))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_ports_speak_tls_and_let_only_members_in() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(dir.path(), "peers");
+    let rogue = Pki::new(dir.path(), "rogue");
+    let mut cluster = peer_tls_cluster(
+        &pki,
+        &[
+            ("--snapshot-entries", "200"),
+            ("--snapshot-catchup-entries", "20"),
+        ],
+    );
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let mut c = cluster.client(leader).await;
+    c.put("before", "1", None)
+        .await
+        .expect("put over TLS peers");
+    let cluster_id = cluster
+        .status(leader)
+        .await
+        .expect("status")
+        .header
+        .expect("header")
+        .cluster_id;
+
+    // Raw peer connections to member 1, each claiming to be member 3.
+    let target = 1;
+    let addr = cluster.peer_addr(target);
+    let files = |cert: &CertFiles, ca: &Path| skiff_net::tls::PeerTlsFiles {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        trusted_ca: ca.to_path_buf(),
+        client_cert_auth: true,
+    };
+    let as_member = |id: NodeId| {
+        let cert = pki.issue(&format!("probe-{id}"), &[&member_peer_ip(id)]);
+        skiff_net::tls::PeerTls::from_files(&files(&cert, &pki.ca_file())).expect("peer TLS")
+    };
+    // The positive control: member 3's own name gets an answer.
+    assert!(
+        peer_hello_answered(addr, Some(&as_member(3)), cluster_id, 3, target).await,
+        "a certificate naming member 3 was refused as member 3"
+    );
+    // Refused: plaintext.
+    assert!(!peer_hello_answered(addr, None, cluster_id, 3, target).await);
+    // Refused: a certificate of another CA.
+    let foreign = rogue.issue("intruder", &[&member_peer_ip(3)]);
+    let foreign =
+        skiff_net::tls::PeerTls::from_files(&files(&foreign, &pki.ca_file())).expect("peer TLS");
+    assert!(!peer_hello_answered(addr, Some(&foreign), cluster_id, 3, target).await);
+    // Refused: the right CA, but the certificate of member 2 claiming 3.
+    assert!(
+        !peer_hello_answered(addr, Some(&as_member(2)), cluster_id, 3, target).await,
+        "member 2's certificate was accepted as member 3"
+    );
+    skiff_tests::poll_until(
+        &format!("member {target} to log why it refused the impostor"),
+        Duration::from_secs(10),
+        || async { cluster.log(target).contains("does not name").then_some(()) },
+    )
+    .await;
+
+    // The cluster still serves, and a member far behind catches up by a
+    // snapshot streamed over TLS.
+    let lagging = cluster
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    cluster.kill(lagging);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let mut c = cluster.client(leader).await;
+    for i in 0..600 {
+        c.put(format!("k{i}"), "v", None).await.expect("put");
+    }
+    cluster.restart(lagging);
+    let cluster = &cluster;
+    skiff_tests::poll_until(
+        "the restarted member to catch up over TLS",
+        Duration::from_secs(60),
+        || async move {
+            let keys = cluster.keys_with_prefix(lagging, "k599").await.ok()?;
+            (!keys.is_empty()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        cluster.log(lagging).contains("snapshot fetched"),
+        "member {lagging} caught up without a snapshot: the test did not cover snapshot TLS"
+    );
 }

@@ -100,6 +100,20 @@ struct ServeArgs {
     /// Refuse clients without a certificate that chains to --trusted-ca-file.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     client_cert_auth: Option<bool>,
+    /// TLS on the peer and snapshot ports: the certificate (PEM) this member presents on
+    /// both sides of every connection; it must name the member's peer IP address.
+    #[arg(long)]
+    peer_cert_file: Option<PathBuf>,
+    /// The private key of --peer-cert-file (PEM).
+    #[arg(long)]
+    peer_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) the members' peer certificates chain to.
+    #[arg(long)]
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Refuse peers without a certificate of --peer-trusted-ca-file, and a Raft connection
+    /// whose certificate does not name the peer address of the member it claims to be.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    peer_client_cert_auth: Option<bool>,
     /// Length of a Raft tick, ms.
     #[arg(long)]
     tick_interval_ms: Option<u64>,
@@ -253,8 +267,14 @@ fn serve_default(id: &str) -> Option<String> {
         "initial_cluster_clients" => cluster(&n.initial_cluster_clients),
         "initial_cluster_state" => value_name(&n.initial_cluster_state),
         "cluster_id" => n.cluster_id.to_string(),
-        "cert_file" | "key_file" | "trusted_ca_file" => "none (plaintext)".into(),
+        "cert_file"
+        | "key_file"
+        | "trusted_ca_file"
+        | "peer_cert_file"
+        | "peer_key_file"
+        | "peer_trusted_ca_file" => "none (plaintext)".into(),
         "client_cert_auth" => n.client_cert_auth.to_string(),
+        "peer_client_cert_auth" => n.peer_client_cert_auth.to_string(),
         "tick_interval_ms" => n.tick_interval_ms.to_string(),
         "election_ticks_min" => n.election_ticks_min.to_string(),
         "election_ticks_max" => n.election_ticks_max.to_string(),
@@ -333,6 +353,7 @@ impl ServeArgs {
             initial_cluster_state,
             cluster_id,
             client_cert_auth,
+            peer_client_cert_auth,
             tick_interval_ms,
             election_ticks_min,
             election_ticks_max,
@@ -364,6 +385,9 @@ impl ServeArgs {
             (&self.cert_file, &mut cfg.cert_file),
             (&self.key_file, &mut cfg.key_file),
             (&self.trusted_ca_file, &mut cfg.trusted_ca_file),
+            (&self.peer_cert_file, &mut cfg.peer_cert_file),
+            (&self.peer_key_file, &mut cfg.peer_key_file),
+            (&self.peer_trusted_ca_file, &mut cfg.peer_trusted_ca_file),
         ] {
             if flag.is_some() {
                 field.clone_from(flag);

@@ -39,6 +39,7 @@ pub mod codec;
 pub mod frame;
 pub mod heap;
 pub mod snapshot;
+pub mod tls;
 pub mod transport;
 
 pub use crate::codec::{

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use skiff_net::tls::PeerTlsFiles;
 use skiff_raft::NodeId;
 
 /// A configuration error; `field` names the offending field or flag.
@@ -177,6 +178,19 @@ pub struct NodeConfig {
     /// Refuse clients without a certificate that chains to
     /// `trusted_ca_file`.
     pub client_cert_auth: bool,
+    /// The certificate this member presents on the peer and snapshot ports,
+    /// both when it accepts and when it connects (with `peer_key_file`);
+    /// those ports speak TLS only when it is set. It must name the
+    /// member's peer and snapshot IP addresses.
+    pub peer_cert_file: Option<PathBuf>,
+    /// The private key of `peer_cert_file`.
+    pub peer_key_file: Option<PathBuf>,
+    /// CA certificates the other members' peer certificates chain to.
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Refuse peers without a certificate of `peer_trusted_ca_file`, and
+    /// refuse a Raft connection whose certificate does not name the peer
+    /// address of the member it claims to be.
+    pub peer_client_cert_auth: bool,
 
     // ---- Raft timing.
     pub tick_interval_ms: u64,
@@ -262,6 +276,10 @@ impl Default for NodeConfig {
             key_file: None,
             trusted_ca_file: None,
             client_cert_auth: false,
+            peer_cert_file: None,
+            peer_key_file: None,
+            peer_trusted_ca_file: None,
+            peer_client_cert_auth: false,
             tick_interval_ms: 10,
             election_ticks_min: 30,
             election_ticks_max: 60,
@@ -428,6 +446,7 @@ impl NodeConfig {
             );
         }
         self.client_tls_files()?;
+        self.peer_tls_files()?;
         if self.tick_interval_ms == 0 {
             return bad("tick_interval_ms", "must be at least 1");
         }
@@ -482,6 +501,29 @@ impl NodeConfig {
             &self.trusted_ca_file,
             self.client_cert_auth,
         )
+    }
+
+    /// The peer and snapshot ports' TLS files, `None` when they speak
+    /// plaintext; checked as [`NodeConfig::client_tls_files`].
+    pub fn peer_tls_files(&self) -> Result<Option<PeerTlsFiles>, ConfigError> {
+        let files = TlsFiles::check(
+            [
+                "peer_cert_file",
+                "peer_key_file",
+                "peer_trusted_ca_file",
+                "peer_client_cert_auth",
+            ],
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+            self.peer_client_cert_auth,
+        )?;
+        Ok(files.map(|f| PeerTlsFiles {
+            cert: f.cert,
+            key: f.key,
+            trusted_ca: f.trusted_ca,
+            client_cert_auth: f.cert_auth,
+        }))
     }
 
     pub fn raft_config(&self) -> skiff_raft::Config {
@@ -593,6 +635,21 @@ mod tests {
         let mut c = three();
         c.trusted_ca_file = some();
         assert_eq!(field(c), "trusted_ca_file");
+        // The peer ports' files are checked the same way, under their names.
+        let mut c = three();
+        c.peer_cert_file = some();
+        assert_eq!(field(c.clone()), "peer_key_file");
+        c.peer_key_file = some();
+        assert_eq!(field(c.clone()), "peer_trusted_ca_file");
+        c.peer_trusted_ca_file = some();
+        c.peer_client_cert_auth = true;
+        c.validate().unwrap();
+        let peer = c.peer_tls_files().unwrap().unwrap();
+        assert!(peer.client_cert_auth);
+        assert_eq!(c.client_tls_files().unwrap(), None);
+        let mut c = three();
+        c.peer_client_cert_auth = true;
+        assert_eq!(field(c), "peer_client_cert_auth");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use skiff_net::tls::PeerTls;
 use skiff_net::{
     fetch_snapshot, Channel, FetchOptions, Hello, Inbox, ServerOptions, SnapshotFiles,
     SnapshotServer, TcpConfig, TcpTransport,
@@ -330,6 +331,16 @@ impl<S: StateMachine> Node<S> {
     /// installed into it ([`StateMachine::install`]).
     pub fn start(cfg: NodeConfig, initial: S) -> Result<Node<S>, StartError> {
         cfg.validate()?;
+        // Read before anything is opened: a bad file stops the start here.
+        let peer_tls = match cfg.peer_tls_files()? {
+            None => None,
+            Some(files) => Some(PeerTls::from_files(&files).map_err(|e| {
+                StartError::Config(ConfigError {
+                    field: "peer_cert_file".into(),
+                    reason: e.to_string(),
+                })
+            })?),
+        };
         let data_dir = cfg.data_dir.clone();
         let wal_dir = data_dir.join("wal");
         let snap_dir = data_dir.join("snap");
@@ -396,6 +407,7 @@ impl<S: StateMachine> Node<S> {
             .build()
             .map_err(StartError::Runtime)?;
         let mut tcp = TcpConfig::new(cluster_id, cfg.id, cfg.listen_peer);
+        tcp.tls = peer_tls.clone();
         for (&id, &addr) in &cfg.initial_cluster {
             if id != cfg.id {
                 tcp = tcp.with_peer(id, addr);
@@ -419,7 +431,10 @@ impl<S: StateMachine> Node<S> {
                 SnapshotServer::serve(
                     listener,
                     snapshots.clone(),
-                    ServerOptions::new(cluster_id, cfg.id),
+                    ServerOptions {
+                        tls: peer_tls.clone(),
+                        ..ServerOptions::new(cluster_id, cfg.id)
+                    },
                 )
                 .map_err(|e| e.to_string())
             })
@@ -471,6 +486,7 @@ impl<S: StateMachine> Node<S> {
                     streams: cfg.snapshot_streams,
                     chunk_bytes: cfg.snapshot_chunk_bytes,
                     local_ip: skiff_net::source_ip_for(cfg.listen_peer),
+                    tls: peer_tls,
                     ..FetchOptions::default()
                 },
                 fetching: Arc::new(std::sync::Mutex::new(BTreeMap::new())),

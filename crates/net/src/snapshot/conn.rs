@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::SnapshotError;
 use crate::frame::{Frame, FrameDecoder, FrameEncoder};
+use crate::tls::PeerStream;
 use crate::WireError;
 
 /// Below this much free room in the read buffer, room is reserved before
@@ -20,7 +20,7 @@ use crate::WireError;
 const READ_SPARE_MIN: usize = 64;
 
 pub(crate) struct Conn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: PeerStream,
     pub(crate) peer: SocketAddr,
     /// Received bytes not yet cut into frames. Bound: one frame
     /// (`dec.frame_bytes_max()`) plus `read_reserve`.
@@ -37,7 +37,7 @@ impl Conn {
     /// A connection receiving frames of at most `recv_frame_max` bytes and
     /// sending frames of at most `send_frame_max`.
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: PeerStream,
         peer: SocketAddr,
         recv_frame_max: usize,
         send_frame_max: usize,
@@ -118,9 +118,14 @@ impl Conn {
             source,
         })?;
         let peer = self.peer;
-        within(limit, peer, what, self.stream.write_all(&self.wbuf))
-            .await?
-            .map_err(|source| SnapshotError::Connection { peer, what, source })
+        within(
+            limit,
+            peer,
+            what,
+            write_flushed(&mut self.stream, &self.wbuf),
+        )
+        .await?
+        .map_err(|source| SnapshotError::Connection { peer, what, source })
     }
 
     pub(crate) fn error(&self, what: &'static str, source: io::Error) -> SnapshotError {
@@ -141,6 +146,14 @@ impl Conn {
 
 /// Runs `fut` for at most `limit`; past it, a `TimedOut` connection error
 /// saying what was awaited.
+/// Writes `bytes` and flushes them (a TLS session buffers its records
+/// until flushed; a plain socket has nothing to flush).
+pub(crate) async fn write_flushed(stream: &mut PeerStream, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// `fut` within `limit`, or a timed-out connection error.
 pub(crate) async fn within<T>(
     limit: Duration,
     peer: SocketAddr,

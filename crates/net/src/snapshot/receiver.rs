@@ -32,6 +32,7 @@ use super::{
 };
 use crate::codec::{encode_hello_frame, Channel, Hello};
 use crate::frame::{FrameType, FRAME_HEADER_LEN};
+use crate::tls::PeerStream;
 
 /// Largest frame a receiver sends (a request).
 const SEND_FRAME_MAX: usize = 128;
@@ -73,6 +74,9 @@ pub struct FetchOptions {
     /// Source address of the connections to the sender (see
     /// [`crate::TcpConfig::local_ip`]); `None` lets the kernel choose.
     pub local_ip: Option<std::net::IpAddr>,
+    /// TLS to the sender (it must present a certificate naming the address
+    /// dialled); plaintext when `None`.
+    pub tls: Option<crate::tls::PeerTls>,
 }
 
 impl Default for FetchOptions {
@@ -89,6 +93,7 @@ impl Default for FetchOptions {
             chunk_retries_max: 8,
             snapshot_bytes_max: 1 << 40,
             local_ip: None,
+            tls: None,
         }
     }
 }
@@ -484,6 +489,21 @@ async fn connect(t: &Transfer) -> Result<Conn, SnapshotError> {
             what: "setting TCP_NODELAY",
             source,
         })?;
+    let stream = match &t.opts.tls {
+        None => PeerStream::Plain(stream),
+        Some(tls) => within(
+            limit,
+            peer,
+            "the TLS handshake",
+            tls.connect(peer.ip(), stream),
+        )
+        .await?
+        .map_err(|source| SnapshotError::Connection {
+            peer,
+            what: "the TLS handshake",
+            source,
+        })?,
+    };
     let frame_max = FRAME_HEADER_LEN + CHUNK_PREFIX_LEN + t.opts.chunk_bytes as usize;
     let mut conn = Conn::new(stream, peer, frame_max, SEND_FRAME_MAX, RECV_READ_RESERVE);
     let hello = t.hello;

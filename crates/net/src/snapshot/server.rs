@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use super::conn::{within, Conn};
+use super::conn::{within, write_flushed, Conn};
 use super::wire::{
     AckStatus, ChunkHeader, ChunkRequest, SnapshotAck, ACK_BODY_LEN, CHUNK_CRC_OFFSET,
     CHUNK_PREFIX_LEN, REQUEST_BODY_LEN,
@@ -37,6 +37,7 @@ use super::wire::{
 use super::{blocking, Refusal, SnapshotError, SnapshotMeta, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN};
 use crate::codec::{encode_hello_frame, Channel, Hello, HELLO_BODY_LEN};
 use crate::frame::{FrameEncoder, FrameType, FRAME_HEADER_LEN};
+use crate::tls::{PeerStream, PeerTls};
 
 /// Largest frame a receiver sends (a request, an ack, a Hello).
 const SMALL_FRAME_MAX: usize =
@@ -146,6 +147,9 @@ pub struct ServerOptions {
     /// For one file operation (open, one chunk's read).
     pub disk_timeout: Duration,
     pub faults: ServerFaults,
+    /// TLS on every connection (the handshake within `handshake_timeout`,
+    /// before any frame); plaintext when `None`.
+    pub tls: Option<PeerTls>,
 }
 
 impl ServerOptions {
@@ -160,6 +164,7 @@ impl ServerOptions {
             io_timeout: Duration::from_secs(30),
             disk_timeout: Duration::from_secs(30),
             faults: ServerFaults::default(),
+            tls: None,
         }
     }
 
@@ -314,7 +319,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     }
                     Err(_) => {
                         shared.counters.connections_busy.fetch_add(1, Ordering::Relaxed);
-                        refuse_busy(&stream, peer);
+                        if shared.opts.tls.is_none() {
+                            refuse_busy(&stream, peer);
+                        }
+                        // Under TLS no frame can go before the handshake:
+                        // the connection is just closed (the receiver
+                        // retries it like a broken one).
                     }
                 },
                 Err(e) => {
@@ -366,15 +376,29 @@ struct Open {
     file: Arc<File>,
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), SnapshotError> {
+async fn serve(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), SnapshotError> {
     let opts = &shared.opts;
-    stream
-        .set_nodelay(true)
+    tcp.set_nodelay(true)
         .map_err(|e| SnapshotError::Connection {
             peer,
             what: "setting TCP_NODELAY",
             source: e,
         })?;
+    let stream = match &opts.tls {
+        None => PeerStream::Plain(tcp),
+        Some(tls) => within(
+            opts.handshake_timeout,
+            peer,
+            "the TLS handshake",
+            tls.accept(tcp),
+        )
+        .await?
+        .map_err(|source| SnapshotError::Connection {
+            peer,
+            what: "the TLS handshake",
+            source,
+        })?,
+    };
     let chunk_frame_max = FRAME_HEADER_LEN + CHUNK_PREFIX_LEN + opts.chunk_bytes_max as usize;
     let mut conn = Conn::new(
         stream,
@@ -583,7 +607,7 @@ async fn serve_chunk(
         shared.opts.io_timeout,
         peer,
         "writing a chunk",
-        conn.stream.write_all(&buf),
+        write_flushed(&mut conn.stream, &buf),
     )
     .await?
     .map_err(|e| conn.error("writing a chunk", e))?;

@@ -86,6 +86,9 @@ pub struct TcpConfig {
     /// closes its connection (logged with the messages lost): the node has
     /// stopped taking messages.
     pub inbox_stall_timeout: Duration,
+    /// TLS on every connection (both sides), with the peer identity check
+    /// when it requires client certificates; plaintext when `None`.
+    pub tls: Option<crate::tls::PeerTls>,
 }
 
 impl TcpConfig {
@@ -112,6 +115,7 @@ impl TcpConfig {
             keepalive_interval: Duration::from_secs(1),
             read_idle_timeout: Duration::from_secs(10),
             inbox_stall_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use skiff_raft::NodeId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::metrics::{add, Counters};
 use crate::codec::{encode_hello_frame, Channel, Hello, HELLO_BODY_LEN};
@@ -73,22 +72,23 @@ pub(crate) enum ConnError {
 }
 
 /// Appends our Hello to `stream`.
-pub(crate) async fn write_hello(
-    stream: &mut TcpStream,
+pub(crate) async fn write_hello<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     hello: &Hello,
     counters: &Counters,
 ) -> Result<(), ConnError> {
     let mut buf = BytesMut::with_capacity(HELLO_FRAME_LEN);
     let len = encode_hello_frame(&FrameEncoder::new(HELLO_FRAME_LEN), hello, &mut buf)?;
     stream.write_all(&buf).await?;
+    stream.flush().await?;
     add(&counters.bytes_sent, len as u64);
     Ok(())
 }
 
 /// Reads the peer's Hello, the first frame on a connection. Bytes read past
 /// it stay in `buf` (a connector may pipeline frames behind its Hello).
-pub(crate) async fn read_hello(
-    stream: &mut TcpStream,
+pub(crate) async fn read_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     counters: &Counters,
 ) -> Result<Hello, ConnError> {

@@ -27,6 +27,7 @@ use super::metrics::{add, inc};
 use super::tcp::{stopped, Shared};
 use crate::codec::{decode_messages, Channel, Hello};
 use crate::frame::{FrameDecoder, FrameType};
+use crate::tls::PeerStream;
 use crate::WireError;
 
 /// Pause after a failed `accept` (usually out of file descriptors), so that
@@ -78,24 +79,37 @@ pub(crate) async fn accept_loop(
 /// (one of `inbound_connections_max`) until it ends.
 async fn serve(
     shared: Arc<Shared>,
-    mut stream: TcpStream,
+    tcp: TcpStream,
     addr: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
     let cfg = &shared.cfg;
     let mut shutdown = shared.shutdown.subscribe();
     let mut buf = BytesMut::with_capacity(cfg.read_chunk_bytes);
+    // TLS first (when on), then the Hellos: all within the handshake
+    // timeout, and no frame is read before the peer authenticated.
+    let opened = async {
+        tcp.set_nodelay(true)?;
+        let mut stream = match &cfg.tls {
+            None => PeerStream::Plain(tcp),
+            Some(tls) => tls.accept(tcp).await.map_err(|e| ConnError::Refused {
+                reason: format!("TLS handshake: {e}"),
+            })?,
+        };
+        let hello = handshake(&shared, &mut stream, &mut buf).await?;
+        Ok::<_, ConnError>((stream, hello))
+    };
     let handshake = tokio::select! {
         biased;
         () = stopped(&mut shutdown) => return,
-        r = tokio::time::timeout(cfg.handshake_timeout, handshake(&shared, &mut stream, &mut buf)) => {
+        r = tokio::time::timeout(cfg.handshake_timeout, opened) => {
             r.unwrap_or(Err(ConnError::Timeout {
                 what: "the peer's Hello",
                 after: cfg.handshake_timeout,
             }))
         }
     };
-    let hello = match handshake {
+    let (mut stream, hello) = match handshake {
         Ok(hello) => hello,
         Err(error) => {
             inc(&shared.counters.connections_rejected);
@@ -145,16 +159,33 @@ async fn serve(
     }
 }
 
-/// Reads and checks the peer's Hello, then answers with ours.
+/// Reads and checks the peer's Hello (with peer TLS, also that the
+/// connection's certificate is the claimed member's), then answers with
+/// ours.
 async fn handshake(
     shared: &Shared,
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     buf: &mut BytesMut,
 ) -> Result<Hello, ConnError> {
     let cfg = &shared.cfg;
     let hello = read_hello(stream, buf, &shared.counters).await?;
     check_hello(&hello, cfg.cluster_id, cfg.id, None)?;
-    stream.set_nodelay(true)?;
+    if let Some(tls) = &cfg.tls {
+        if tls.client_cert_auth() {
+            let Some(claimed) = shared.peer_addr(hello.from) else {
+                return Err(ConnError::Refused {
+                    reason: format!(
+                        "node {} is not a known member: its certificate cannot be checked",
+                        hello.from
+                    ),
+                });
+            };
+            tls.check_identity(stream, claimed.ip())
+                .map_err(|reason| ConnError::Refused {
+                    reason: format!("node {}: {reason}", hello.from),
+                })?;
+        }
+    }
     let ours = Hello {
         cluster_id: cfg.cluster_id,
         from: cfg.id,
@@ -168,7 +199,7 @@ async fn handshake(
 /// Reads frames from `peer` into the inbox until the connection ends.
 async fn read_loop(
     shared: &Shared,
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     mut buf: BytesMut,
     peer: NodeId,
     shutdown: &mut watch::Receiver<bool>,

@@ -17,9 +17,10 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+
+use crate::tls::PeerStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, Instant};
 
@@ -73,13 +74,30 @@ pub(crate) async fn run_peer(
                 // A send that saw the last connection up just before it
                 // broke may have queued since the drain: stale, drop it.
                 let mut lost = drain(&mut queue);
-                let (rd, wr) = stream.into_split();
-                let wr = Arc::new(wr);
+                // Plaintext: the write side is shared with the direct path.
+                // TLS: a session's writes go through this task alone.
+                let (rd, mut wr, direct) = match stream {
+                    PeerStream::Plain(tcp) => {
+                        let (rd, wr) = tcp.into_split();
+                        let wr = Arc::new(wr);
+                        (
+                            PeerRead::Plain(rd),
+                            PeerWrite::Plain(Arc::clone(&wr)),
+                            Some(wr),
+                        )
+                    }
+                    tls => {
+                        let (rd, wr) = tokio::io::split(tls);
+                        (PeerRead::Tls(rd), PeerWrite::Tls(wr), None)
+                    }
+                };
                 // Before sends see the link up: nothing queued, nothing owed.
-                slot.direct().reset(Some(Arc::clone(&wr)));
+                slot.direct().reset(direct);
                 slot.set_connected(true);
-                let end =
-                    write_loop(&shared, &slot, rd, &wr, &mut queue, &mut stop, &mut lost).await;
+                let end = write_loop(
+                    &shared, &slot, rd, &mut wr, &mut queue, &mut stop, &mut lost,
+                )
+                .await;
                 slot.set_connected(false);
                 lost += drain(&mut queue);
                 slot.direct().reset(None);
@@ -164,9 +182,9 @@ pub(crate) async fn run_peer(
 
 /// Opens a connection to the peer and exchanges Hellos, each step within
 /// its timeout.
-async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<TcpStream, ConnError> {
+async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<PeerStream, ConnError> {
     let cfg = &shared.cfg;
-    let mut stream = tokio::time::timeout(
+    let tcp = tokio::time::timeout(
         cfg.connect_timeout,
         crate::connect_from(slot.addr, cfg.local_ip),
     )
@@ -176,7 +194,19 @@ async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<TcpStream, ConnErro
         after: cfg.connect_timeout,
     })??;
     // Frames are coalesced here; Nagle would only add latency.
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut stream = match &cfg.tls {
+        None => PeerStream::Plain(tcp),
+        Some(tls) => tokio::time::timeout(cfg.handshake_timeout, tls.connect(slot.addr.ip(), tcp))
+            .await
+            .map_err(|_| ConnError::Timeout {
+                what: "the TLS handshake",
+                after: cfg.handshake_timeout,
+            })?
+            .map_err(|e| ConnError::Refused {
+                reason: format!("TLS handshake: {e}"),
+            })?,
+    };
     let hello = Hello {
         cluster_id: cfg.cluster_id,
         from: cfg.id,
@@ -206,8 +236,8 @@ async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<TcpStream, ConnErro
 async fn write_loop(
     shared: &Shared,
     slot: &PeerSlot,
-    mut rd: OwnedReadHalf,
-    wr: &OwnedWriteHalf,
+    mut rd: PeerRead,
+    wr: &mut PeerWrite,
     queue: &mut mpsc::Receiver<Queued>,
     stop: &mut watch::Receiver<bool>,
     lost: &mut usize,
@@ -343,7 +373,7 @@ async fn write_loop(
 /// nothing in hand.
 async fn write_frame(
     shared: &Shared,
-    wr: &OwnedWriteHalf,
+    wr: &mut PeerWrite,
     frame: &[u8],
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<End>, ConnError> {
@@ -351,7 +381,7 @@ async fn write_frame(
     tokio::select! {
         biased;
         () = stopped(stop) => Ok(Some(End::Stopped)),
-        r = tokio::time::timeout(after, write_all(wr, frame)) => match r {
+        r = tokio::time::timeout(after, wr.write_all(frame)) => match r {
             Ok(Ok(())) => Ok(None),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(ConnError::Timeout { what: "a frame to be written", after }),
@@ -370,6 +400,41 @@ async fn write_all(wr: &OwnedWriteHalf, mut bytes: &[u8]) -> std::io::Result<()>
         }
     }
     Ok(())
+}
+
+/// The read side of an outbound connection (only its close is expected).
+enum PeerRead {
+    Plain(OwnedReadHalf),
+    Tls(ReadHalf<PeerStream>),
+}
+
+impl PeerRead {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            PeerRead::Plain(rd) => rd.read(buf).await,
+            PeerRead::Tls(rd) => rd.read(buf).await,
+        }
+    }
+}
+
+/// The write side of an outbound connection.
+enum PeerWrite {
+    /// Shared with the direct path of `send_batch`.
+    Plain(Arc<OwnedWriteHalf>),
+    Tls(WriteHalf<PeerStream>),
+}
+
+impl PeerWrite {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            PeerWrite::Plain(wr) => write_all(wr, bytes).await,
+            PeerWrite::Tls(wr) => {
+                wr.write_all(bytes).await?;
+                // The session buffers records: push them to the socket.
+                wr.flush().await
+            }
+        }
+    }
 }
 
 /// Empties the queue; returns how many messages were in it.

@@ -664,6 +664,11 @@ impl Shared {
         self.shutdown.send_replace(true);
     }
 
+    /// The peer address of member `id`, if it is a peer.
+    pub(crate) fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
+        self.peers_read().get(&id).map(|slot| slot.addr)
+    }
+
     /// A sender into the inbox, for a new reader; `None` once shut down.
     pub(crate) fn inbox_sender(&self) -> Option<mpsc::Sender<Message>> {
         lock(&self.inbox_tx).clone()
