@@ -6,8 +6,13 @@
 //! too), and refuses, without harm to the cluster, a plaintext client, a
 //! client without a certificate, one whose certificate another CA signed or
 //! has expired, and one that does not trust the members' CA. Then the same through
-//! etcdctl (skipped, saying why, where it is absent) and `skiff status` /
-//! `skiff check consistency`.
+//! etcdctl (skipped, saying why, where it is absent) and `skiff status`,
+//! `skiff check consistency` and `skiff bench`.
+//!
+//! On the peer and snapshot ports: a cluster with `--peer-client-cert-auth`
+//! lets in only connections whose certificate (of its CA) names the member
+//! they claim to be, and a member restarted with a new certificate catches
+//! up by a snapshot streamed over TLS.
 
 use std::path::Path;
 use std::process::Command;
@@ -161,6 +166,26 @@ async fn the_client_port_serves_tls_and_refuses_who_it_must() {
         out.status.success(),
         "skiff check consistency over TLS: {}{}",
         String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut args = vec![
+        "bench",
+        "--endpoints",
+        &endpoints,
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--clients",
+        "2",
+        "--no-progress",
+    ];
+    args.extend(tls_flags);
+    let out = cluster.skiff(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("RESULT"),
+        "skiff bench over TLS: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let out = cluster.skiff(&["status", "--endpoints", &endpoints]);
@@ -419,8 +444,8 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
     )
     .await;
 
-    // The cluster still serves, and a member far behind catches up by a
-    // snapshot streamed over TLS.
+    // The cluster still serves, and a member far behind, restarted with a
+    // new certificate, catches up by a snapshot streamed over TLS.
     let lagging = cluster
         .ids()
         .into_iter()
@@ -432,6 +457,17 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
     for i in 0..600 {
         c.put(format!("k{i}"), "v", None).await.expect("put");
     }
+    // It comes back with a new certificate of the same CA (a rotation:
+    // new files at the same paths, a new key).
+    let before = std::fs::read(dir.path().join(format!("peers-member-{lagging}.pem")))
+        .expect("the member's certificate");
+    pki.issue(
+        &format!("member-{lagging}"),
+        &[&member_peer_ip(lagging), "127.0.0.1"],
+    );
+    let after = std::fs::read(dir.path().join(format!("peers-member-{lagging}.pem")))
+        .expect("the new certificate");
+    assert_ne!(before, after, "the certificate was not replaced");
     cluster.restart(lagging);
     let cluster = &cluster;
     skiff_tests::poll_until(
