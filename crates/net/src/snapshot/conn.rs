@@ -153,6 +153,18 @@ pub(crate) async fn write_flushed(stream: &mut PeerStream, bytes: &[u8]) -> io::
     stream.flush().await
 }
 
+/// A TLS handshake (either side) within `limit`.
+pub(crate) async fn tls_handshake(
+    limit: Duration,
+    peer: SocketAddr,
+    handshake: impl Future<Output = io::Result<PeerStream>>,
+) -> Result<PeerStream, SnapshotError> {
+    let what = "the TLS handshake";
+    within(limit, peer, what, handshake)
+        .await?
+        .map_err(|source| SnapshotError::Connection { peer, what, source })
+}
+
 /// `fut` within `limit`, or a timed-out connection error.
 pub(crate) async fn within<T>(
     limit: Duration,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::conn::{within, Conn};
+use super::conn::{tls_handshake, within, Conn};
 use super::table::ChunkTable;
 use super::wire::{AckStatus, ChunkHeader, ChunkRequest, SnapshotAck, CHUNK_PREFIX_LEN};
 use super::{
@@ -491,18 +491,7 @@ async fn connect(t: &Transfer) -> Result<Conn, SnapshotError> {
         })?;
     let stream = match &t.opts.tls {
         None => PeerStream::Plain(stream),
-        Some(tls) => within(
-            limit,
-            peer,
-            "the TLS handshake",
-            tls.connect(peer.ip(), stream),
-        )
-        .await?
-        .map_err(|source| SnapshotError::Connection {
-            peer,
-            what: "the TLS handshake",
-            source,
-        })?,
+        Some(tls) => tls_handshake(limit, peer, tls.connect(peer.ip(), stream)).await?,
     };
     let frame_max = FRAME_HEADER_LEN + CHUNK_PREFIX_LEN + t.opts.chunk_bytes as usize;
     let mut conn = Conn::new(stream, peer, frame_max, SEND_FRAME_MAX, RECV_READ_RESERVE);

@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use super::conn::{within, write_flushed, Conn};
+use super::conn::{tls_handshake, within, write_flushed, Conn};
 use super::wire::{
     AckStatus, ChunkHeader, ChunkRequest, SnapshotAck, ACK_BODY_LEN, CHUNK_CRC_OFFSET,
     CHUNK_PREFIX_LEN, REQUEST_BODY_LEN,
@@ -386,18 +386,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), 
         })?;
     let stream = match &opts.tls {
         None => PeerStream::Plain(tcp),
-        Some(tls) => within(
-            opts.handshake_timeout,
-            peer,
-            "the TLS handshake",
-            tls.accept(tcp),
-        )
-        .await?
-        .map_err(|source| SnapshotError::Connection {
-            peer,
-            what: "the TLS handshake",
-            source,
-        })?,
+        Some(tls) => tls_handshake(opts.handshake_timeout, peer, tls.accept(tcp)).await?,
     };
     let chunk_frame_max = FRAME_HEADER_LEN + CHUNK_PREFIX_LEN + opts.chunk_bytes_max as usize;
     let mut conn = Conn::new(
