@@ -8,6 +8,8 @@
 //! * [`watch`]: each member's watchers: the feed from apply, the
 //!   dispatcher thread, synced and catching-up watchers;
 //! * [`lease`]: the lessor, the leader's clock for lease expiry;
+//! * [`compactor`]: automatic compaction (etcd's `--auto-compaction-*`);
+//! * [`tls`]: TLS on the client port, server and client sides;
 //! * [`api`]: the etcd v3 gRPC services over a node's handle;
 //! * [`server`]: a member = a node + the API; an embedded cluster of them.
 //!

@@ -15,6 +15,8 @@
 //!   through and the [`Inbox`] it receives them from; [`TcpTransport`] (one
 //!   pipelined, coalescing connection per peer, reconnects with backoff) and
 //!   [`SimNetwork`] (a seeded simulated network for tests).
+//! * [`tls`]: TLS on peer and snapshot connections ([`tls::PeerTls`],
+//!   [`tls::PeerStream`]) and the check that a peer is the member it claims;
 //! * [`snapshot`]: snapshot streaming — the bodies of the snapshot frames,
 //!   the [`SnapshotServer`] that serves chunks of snapshot files, and
 //!   [`fetch_snapshot`], which pulls one over parallel connections into a

@@ -188,21 +188,6 @@ pub enum PeerStream {
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-impl PeerStream {
-    /// The TCP connection underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            PeerStream::Plain(s) => s,
-            PeerStream::Client(s) => s.get_ref().0,
-            PeerStream::Server(s) => s.get_ref().0,
-        }
-    }
-
-    pub fn is_tls(&self) -> bool {
-        !matches!(self, PeerStream::Plain(_))
-    }
-}
-
 impl AsyncRead for PeerStream {
     fn poll_read(
         self: Pin<&mut Self>,
