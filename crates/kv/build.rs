@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "proto/rpc.proto",
             "proto/kv.proto",
+            "proto/auth.proto",
             "proto/v3lock.proto",
             "proto/v3election.proto",
         ],

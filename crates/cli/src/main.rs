@@ -222,6 +222,14 @@ struct ServeArgs {
     /// How often, ms, the `revision` auto-compaction mode looks (etcd's 5 minutes).
     #[arg(long)]
     auto_compaction_check_interval_ms: Option<u64>,
+    /// How long an auth token (from Authenticate) stays valid, seconds (etcd's
+    /// --auth-token-ttl).
+    #[arg(long)]
+    auth_token_ttl: Option<u64>,
+    /// bcrypt cost of the password hashes this member makes, 4 ..= 31 (etcd's
+    /// --bcrypt-cost).
+    #[arg(long)]
+    bcrypt_cost: Option<u32>,
 }
 
 /// The name `--help` shows for `v`.
@@ -309,6 +317,8 @@ fn serve_default(id: &str) -> Option<String> {
         "auto_compaction_check_interval_ms" => {
             kv.revision_compaction_interval.as_millis().to_string()
         }
+        "auth_token_ttl" => kv.auth.token_ttl.as_secs().to_string(),
+        "bcrypt_cost" => kv.auth.bcrypt_cost.to_string(),
         _ => return None,
     })
 }
@@ -457,6 +467,18 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
             return Err("--auto-compaction-check-interval-ms must be at least 1".into());
         }
         kv.revision_compaction_interval = std::time::Duration::from_millis(ms);
+    }
+    if let Some(secs) = args.auth_token_ttl {
+        if secs == 0 {
+            return Err("--auth-token-ttl must be at least 1".into());
+        }
+        kv.auth.token_ttl = std::time::Duration::from_secs(secs);
+    }
+    if let Some(cost) = args.bcrypt_cost {
+        if !(4..=31).contains(&cost) {
+            return Err(format!("--bcrypt-cost must be 4 ..= 31, not {cost}"));
+        }
+        kv.auth.bcrypt_cost = cost;
     }
     let node = skiff_kv::server::start_with(cfg, kv).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));

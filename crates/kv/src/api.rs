@@ -19,8 +19,9 @@ use tonic::{Request, Response, Status};
 
 use crate::lease::Lessor;
 use crate::machine::{
-    KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse, Quota, StoreStatus,
+    AuthView, KvCommand, KvMachine, KvQuery, KvQueryResponse, KvResponse, Quota, StoreStatus,
 };
+use crate::pb::etcdserverpb::auth_server::AuthServer;
 use crate::pb::etcdserverpb::cluster_server::ClusterServer;
 use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
 use crate::pb::etcdserverpb::lease_server::LeaseServer;
@@ -34,11 +35,14 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
+use crate::store::auth::PermKind;
 use crate::store::{validate_request, write_cost, KvError};
 use crate::tls::{ClientTls, MemberTls};
 use crate::watch::Hub;
+pub use auth::AuthOptions;
 
 mod alarm;
+pub mod auth;
 pub mod backup;
 mod cluster;
 mod lease;
@@ -53,22 +57,40 @@ pub const GRPC_MESSAGE_BYTES_MAX: usize = 2 << 20;
 /// How often a `physical` Compact looks whether the removal is done.
 pub const COMPACT_POLL: Duration = Duration::from_millis(10);
 
+/// What the API serves from besides the node: the member's services and
+/// shared state kept beside its state machine.
+pub struct ServeParts {
+    pub hub: Hub,
+    pub lessor: Lessor,
+    pub quota: Arc<Quota>,
+    pub auth_view: Arc<AuthView>,
+    pub auth_options: AuthOptions,
+}
+
 /// Starts the gRPC server on `addr` (TLS per `tls`); returns the bound
 /// address. It stops when `stop` fires.
 pub async fn serve(
     node: NodeHandle<KvMachine>,
-    hub: Hub,
-    lessor: Lessor,
-    quota: Arc<Quota>,
+    parts: ServeParts,
     addr: SocketAddr,
     tls: MemberTls,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<SocketAddr, String> {
+    let ServeParts {
+        hub,
+        lessor,
+        quota,
+        auth_view,
+        auth_options,
+    } = parts;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| e.to_string())?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let client_cert_auth = node.config().client_cert_auth && tls.server.is_some();
     let api = Api {
+        auth: Arc::new(auth::AuthGate::new(auth_view, auth_options)),
+        client_cert_auth,
         node,
         hub,
         next_stream: Arc::new(AtomicU64::new(0)),
@@ -96,6 +118,7 @@ pub async fn serve(
         .add_service(LockServer::from_arc(api.clone()))
         .add_service(ElectionServer::from_arc(api.clone()))
         .add_service(ClusterServer::from_arc(api.clone()))
+        .add_service(AuthServer::from_arc(api.clone()))
         .add_service(MaintenanceServer::from_arc(api))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop.await;
@@ -123,6 +146,10 @@ struct Api {
     quota: Arc<Quota>,
     /// How this member calls the other members' client ports.
     forward_tls: ClientTls,
+    /// The auth state as applied, token and password settings.
+    auth: Arc<auth::AuthGate>,
+    /// Whether a verified client certificate's common name names the user.
+    client_cert_auth: bool,
 }
 
 fn kv_status(e: &KvError) -> Status {
@@ -182,14 +209,41 @@ impl Api {
             .map_err(|e| kv_status(&e))
     }
 
-    /// Proposes `op` and returns its response with a full header.
+    /// Proposes `cmd` asked by a client as `user` ("": none): apply
+    /// checks that `user` may (when auth is on).
+    async fn propose_as(&self, user: &str, cmd: KvCommand) -> Result<KvResponse, Status> {
+        self.propose(KvCommand::From {
+            user: user.to_string(),
+            command: Box::new(cmd),
+        })
+        .await
+    }
+
+    /// Proposes `op` (made by this member on behalf of a client it
+    /// checked) and returns its response with a full header.
     async fn write(&self, op: RequestOp) -> Result<OpResponse, Status> {
+        self.write_as(None, op).await
+    }
+
+    /// Proposes `op` as asked by `user` (None: by this member), checked
+    /// against the user's permissions here and again at apply.
+    async fn write_as(&self, user: Option<&str>, op: RequestOp) -> Result<OpResponse, Status> {
         validate_request(&op).map_err(|e| kv_status(&e))?;
+        if let Some(user) = user {
+            self.auth_state()
+                .check_op(user, &op, &|_| Vec::new())
+                .map_err(|e| kv_status(&e))?;
+        }
         self.check_space(write_cost(&op)).await?;
         let mut leases = Vec::new();
         put_leases(&op, &mut leases);
         self.check_leases(&leases).await?;
-        let KvResponse::Op(r) = self.propose(KvCommand::Op(op)).await? else {
+        let cmd = KvCommand::Op(op);
+        let response = match user {
+            Some(user) => self.propose_as(user, cmd).await?,
+            None => self.propose(cmd).await?,
+        };
+        let KvResponse::Op(r) = response else {
             return Err(unexpected());
         };
         let mut r = r
@@ -254,16 +308,21 @@ fn unexpected() -> Status {
 #[tonic::async_trait]
 impl Kv for Api {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let user = self.user_of(&req).await?;
         let req = req.into_inner();
+        self.auth_state()
+            .check_range(&user, &req.key, &req.range_end, PermKind::Read)
+            .map_err(|e| kv_status(&e))?;
         let linearizable = !req.serializable;
         self.query_range(req, linearizable).await.map(Response::new)
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let user = self.user_of(&req).await?;
         let op = RequestOp {
             request: Some(Op::RequestPut(req.into_inner())),
         };
-        match self.write(op).await? {
+        match self.write_as(Some(&user), op).await? {
             OpResponse::ResponsePut(p) => Ok(Response::new(p)),
             _ => Err(unexpected()),
         }
@@ -273,20 +332,22 @@ impl Kv for Api {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let user = self.user_of(&req).await?;
         let op = RequestOp {
             request: Some(Op::RequestDeleteRange(req.into_inner())),
         };
-        match self.write(op).await? {
+        match self.write_as(Some(&user), op).await? {
             OpResponse::ResponseDeleteRange(p) => Ok(Response::new(p)),
             _ => Err(unexpected()),
         }
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let user = self.user_of(&req).await?;
         let op = RequestOp {
             request: Some(Op::RequestTxn(req.into_inner())),
         };
-        match self.write(op).await? {
+        match self.write_as(Some(&user), op).await? {
             OpResponse::ResponseTxn(p) => Ok(Response::new(p)),
             _ => Err(unexpected()),
         }
@@ -300,11 +361,15 @@ impl Kv for Api {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let user = self.require_user(&req).await?;
         let req = req.into_inner();
         let KvResponse::Compacted { revision } = self
-            .propose(KvCommand::Compact {
-                revision: req.revision,
-            })
+            .propose_as(
+                &user,
+                KvCommand::Compact {
+                    revision: req.revision,
+                },
+            )
             .await?
         else {
             return Err(unexpected());

@@ -49,6 +49,9 @@ pub struct KvOptions {
     /// How often the `revision` auto-compaction mode looks (etcd's 5
     /// minutes).
     pub revision_compaction_interval: Duration,
+    /// Token lifetime and password hashing cost (etcd's
+    /// `--auth-token-ttl`, `--bcrypt-cost`).
+    pub auth: crate::api::AuthOptions,
 }
 
 impl Default for KvOptions {
@@ -59,6 +62,7 @@ impl Default for KvOptions {
             quota_backend_bytes: QUOTA_BYTES_DEFAULT,
             auto_compaction: AutoCompaction::Off,
             revision_compaction_interval: REVISION_CHECK_INTERVAL,
+            auth: crate::api::AuthOptions::default(),
         }
     }
 }
@@ -75,6 +79,7 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
     let hub = machine.hub().clone();
     let counters = machine.counters().clone();
     let lease_notes = machine.lease_notes().clone();
+    let auth_view = machine.auth_view().clone();
     let mut node = Node::start(cfg, machine)?;
     let id = node.handle().id();
     tracing::info!(
@@ -126,9 +131,13 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
         .runtime()
         .block_on(crate::api::serve(
             node.handle().clone(),
-            hub.clone(),
-            lessor,
-            quota,
+            crate::api::ServeParts {
+                hub: hub.clone(),
+                lessor,
+                quota,
+                auth_view,
+                auth_options: opts.auth,
+            },
             addr,
             tls,
             stop_rx,

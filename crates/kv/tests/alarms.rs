@@ -142,10 +142,25 @@ fn reseal(bytes: &mut [u8]) {
     bytes[n..].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Where the alarm count of a v4 snapshot starts: before the trailer and
-/// the alarms.
+/// The auth section of a store whose auth was never used: its length
+/// (4), enabled (1), revision (8), three empty counts (12).
+const AUTH_SECTION_EMPTY: usize = 4 + 1 + 8 + 12;
+
+/// Where the alarm count of a v5 snapshot whose auth was never used
+/// starts: before the trailer, the auth section and the alarms.
 fn alarm_count_at(bytes: &[u8], alarms: usize) -> usize {
-    bytes.len() - 4 - 9 * alarms - 8
+    bytes.len() - 4 - AUTH_SECTION_EMPTY - 9 * alarms - 8
+}
+
+/// A v5 snapshot whose auth was never used, as v4 wrote it (no auth
+/// section).
+fn as_v4(v5: &[u8]) -> Vec<u8> {
+    let n = v5.len() - 4 - AUTH_SECTION_EMPTY;
+    let mut v4 = v5[..n].to_vec();
+    v4.extend_from_slice(&[0; 4]);
+    v4[8] = 4;
+    reseal(&mut v4);
+    v4
 }
 
 // ---------------------------------------------------------------------------
@@ -327,7 +342,7 @@ fn snapshots_carry_alarms() {
     h.raise(2, NOSPACE);
     let bytes = snapshot_of(&h.store);
     assert_eq!(bytes[8], SNAPSHOT_VERSION);
-    assert_eq!(SNAPSHOT_VERSION, 4);
+    assert_eq!(SNAPSHOT_VERSION, 5);
     let back = read(&bytes).unwrap();
     back.check_invariants();
     assert_eq!(back, h.store);
@@ -365,9 +380,11 @@ fn a_v3_snapshot_is_read_as_one_without_alarms() {
     h.apply(&put("b", "2")).unwrap();
     h.apply(&del("a", "")).unwrap();
     assert_eq!(h.at(|s, i| s.lease_grant(i, 9, 30)), Ok(()));
-    let v4 = snapshot_of(&h.store);
+    let v5 = snapshot_of(&h.store);
+    let v4 = as_v4(&v5);
+    assert_eq!(read(&v4).unwrap(), h.store, "a v4 snapshot reads back");
     // v3 = v4 without the (empty) alarm table.
-    let at = alarm_count_at(&v4, 0);
+    let at = v4.len() - 4 - 8;
     assert_eq!(&v4[at..at + 8], &0u64.to_le_bytes());
     let mut v3 = v4[..at].to_vec();
     v3.extend_from_slice(&[0; 4]);
@@ -379,7 +396,7 @@ fn a_v3_snapshot_is_read_as_one_without_alarms() {
     assert_eq!(back.alarms().count(), 0);
     assert!(back.lease(9).is_some());
     // Written back in the current format.
-    assert_eq!(snapshot_of(&back), v4);
+    assert_eq!(snapshot_of(&back), v5);
 
     // A v3 snapshot with an alarm table appended is not a v3 snapshot.
     let mut longer = v3.clone();
@@ -439,7 +456,7 @@ fn forged_alarm_tables_are_refused() {
             "a huge count",
             Box::new(move |s| s[count..count + 8].copy_from_slice(&u64::MAX.to_le_bytes())),
         ),
-        ("version 5", Box::new(|s| s[8] = 5)),
+        ("version 6", Box::new(|s| s[8] = 6)),
     ];
     for (what, edit) in edits {
         let mut bytes = good.clone();

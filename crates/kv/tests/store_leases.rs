@@ -1029,8 +1029,9 @@ fn compaction_does_not_touch_leases() {
     round_trip(&h.store);
 }
 
-/// Byte offsets of the parts of a snapshot (v4: v3 and an alarm count
-/// before the trailer; these tests hold no alarms).
+/// Byte offsets of the parts of a snapshot (v5: v3, an alarm count and an
+/// auth section before the trailer; these tests hold no alarms and never
+/// use auth).
 struct Layout {
     /// Start of each record (at its kind byte) and its key_len.
     records: Vec<(usize, u32)>,
@@ -1050,7 +1051,7 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 }
 
 fn layout(bytes: &[u8]) -> Layout {
-    assert_eq!(bytes[8], 4, "a v4 snapshot");
+    assert_eq!(bytes[8], 5, "a v5 snapshot");
     let mut at = HEADER;
     let mut records = Vec::new();
     while bytes[at] != 0 {
@@ -1109,8 +1110,13 @@ fn a_v2_snapshot_is_read_as_one_without_leases() {
     h.compact(3).unwrap();
     let v3 = snapshot_of(&h.store);
     let v2 = to_v2(&v3);
-    // No lease fields, no lease count, no alarm count.
-    assert_eq!(v2.len(), v3.len() - 8 * layout(&v3).records.len() - 16);
+    // No lease fields, no lease count, no alarm count, no auth section
+    // (length, enabled, revision, three counts).
+    let auth_section = 4 + 1 + 8 + 12;
+    assert_eq!(
+        v2.len(),
+        v3.len() - 8 * layout(&v3).records.len() - 16 - auth_section
+    );
     let back = read(&v2).unwrap();
     back.check_invariants();
     assert_eq!(back, h.store);

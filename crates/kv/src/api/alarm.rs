@@ -58,7 +58,11 @@ fn member(a: Alarm) -> AlarmMember {
 ///   does nothing (as etcd);
 /// * DEACTIVATE disarms it and answers the alarm disarmed, none when it
 ///   was not active (`etcdctl alarm disarm` lists, then disarms each).
-pub(super) async fn alarm(api: &Api, req: AlarmRequest) -> Result<Response<AlarmResponse>, Status> {
+pub(super) async fn alarm(
+    api: &Api,
+    user: &str,
+    req: AlarmRequest,
+) -> Result<Response<AlarmResponse>, Status> {
     let action = AlarmAction::try_from(req.action).map_err(|_| {
         Status::invalid_argument(format!("etcdserver: unknown alarm action {}", req.action))
     })?;
@@ -83,7 +87,10 @@ pub(super) async fn alarm(api: &Api, req: AlarmRequest) -> Result<Response<Alarm
                 member: req.member_id,
                 kind,
             };
-            match api.propose(cmd).await? {
+            api.auth_state()
+                .check_admin(user)
+                .map_err(|e| super::kv_status(&e))?;
+            match api.propose_as(user, cmd).await? {
                 KvResponse::Alarm(a) => a.into_iter().collect(),
                 _ => return Err(unexpected()),
             }

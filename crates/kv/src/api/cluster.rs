@@ -203,6 +203,7 @@ impl Cluster for Api {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.require_admin(&req).await?;
         let req = req.into_inner();
         self.check_peer_urls(&req.peer_ur_ls, None)?;
         let m = self.node.membership();
@@ -237,6 +238,7 @@ impl Cluster for Api {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.require_admin(&req).await?;
         let req = req.into_inner();
         self.known_member(req.id)?;
         match self.change(MembershipChange::Remove(req.id), None).await? {
@@ -258,6 +260,7 @@ impl Cluster for Api {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.require_admin(&req).await?;
         let req = req.into_inner();
         let m = self.known_member(req.id)?;
         let mut info = members::member_info(&m, self.node.config(), req.id);
@@ -292,6 +295,7 @@ impl Cluster for Api {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.require_admin(&req).await?;
         let req = req.into_inner();
         let m = self.known_member(req.id)?;
         if !m.learners.contains(&req.id) {

@@ -143,11 +143,12 @@ impl Api {
     async fn forward_keepalives(
         &self,
         tx: mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
+        token: &Option<String>,
     ) -> Result<mpsc::Sender<LeaseKeepAliveRequest>, Status> {
         let mut client = self.leader_lease_client().await?;
         let (up_tx, up_rx) = mpsc::channel(KEEPALIVE_QUEUE);
         let mut responses = client
-            .lease_keep_alive(ReceiverStream::new(up_rx))
+            .lease_keep_alive(with_token(ReceiverStream::new(up_rx), token))
             .await?
             .into_inner();
         tokio::spawn(async move {
@@ -160,6 +161,36 @@ impl Api {
             }
         });
         Ok(up_tx)
+    }
+
+    /// The keys attached to lease `id` on this member (none when it is
+    /// not held).
+    async fn lease_keys(&self, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
+        match self
+            .node
+            .query(KvQuery::Lease { id, keys: true }, false)
+            .await
+        {
+            Ok(KvQueryResponse::Lease(l)) => Ok(l.map(|l| l.keys).unwrap_or_default()),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(status_of(e)),
+        }
+    }
+
+    /// Refuses a keepalive (`write`) or a TimeToLive of lease `id` unless
+    /// `user` may write (read) every key attached to it.
+    async fn check_lease_access(&self, user: &str, id: i64, write: bool) -> Result<(), Status> {
+        let state = self.auth_state();
+        if !state.enabled() || state.check_admin(user).is_ok() {
+            return state.check_user(user).map_err(|e| kv_status(&e));
+        }
+        let keys = self.lease_keys(id).await?;
+        if write {
+            state.check_lease_keys(user, &keys)
+        } else {
+            state.check_lease_reads(user, &keys)
+        }
+        .map_err(|e| kv_status(&e))
     }
 
     /// Refuses a request naming a lease this member does not hold, before
@@ -187,12 +218,14 @@ impl Lease for Api {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let user = self.require_user(&request).await?;
+        let token = super::auth::token_of(&request);
         let req = request.into_inner();
         // Space first, on the member asked (as etcd's quotaLeaseServer).
         self.check_space(LEASE_COST_BYTES).await?;
         if !self.leading() {
             let mut client = self.leader_lease_client().await?;
-            let granted = client.lease_grant(req).await?;
+            let granted = client.lease_grant(with_token(req, &token)).await?;
             // The leader applied the grant; a Put or Lock with the lease
             // sent here next is checked against this member's state, so
             // answer once this member applied it too (a read index is at
@@ -215,18 +248,17 @@ impl Lease for Api {
             req.id
         };
         let ttl = req.ttl.max(self.lessor.min_ttl());
-        match self.node.propose(KvCommand::LeaseGrant { id, ttl }).await {
-            Ok(Ok(KvResponse::LeaseGranted { revision })) => {
-                Ok(Response::new(LeaseGrantResponse {
-                    header: self.header(revision),
-                    id,
-                    ttl,
-                    error: String::new(),
-                }))
-            }
-            Ok(Ok(_)) => Err(unexpected()),
-            Ok(Err(e)) => Err(kv_status(&e)),
-            Err(e) => Err(status_of(e)),
+        match self
+            .propose_as(&user, KvCommand::LeaseGrant { id, ttl })
+            .await?
+        {
+            KvResponse::LeaseGranted { revision } => Ok(Response::new(LeaseGrantResponse {
+                header: self.header(revision),
+                id,
+                ttl,
+                error: String::new(),
+            })),
+            _ => Err(unexpected()),
         }
     }
 
@@ -234,17 +266,18 @@ impl Lease for Api {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let user = self.user_of(&request).await?;
         let id = request.into_inner().id;
-        match self.node.propose(KvCommand::LeaseRevoke { id }).await {
-            // The leader's lessor hears of it from apply.
-            Ok(Ok(KvResponse::LeaseRevoked { revision })) => {
-                Ok(Response::new(LeaseRevokeResponse {
-                    header: self.header(revision),
-                }))
-            }
-            Ok(Ok(_)) => Err(unexpected()),
-            Ok(Err(e)) => Err(kv_status(&e)),
-            Err(e) => Err(status_of(e)),
+        self.check_lease_access(&user, id, true).await?;
+        // The leader's lessor hears of it from apply.
+        match self
+            .propose_as(&user, KvCommand::LeaseRevoke { id })
+            .await?
+        {
+            KvResponse::LeaseRevoked { revision } => Ok(Response::new(LeaseRevokeResponse {
+                header: self.header(revision),
+            })),
+            _ => Err(unexpected()),
         }
     }
 
@@ -254,6 +287,8 @@ impl Lease for Api {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
+        let user = self.user_of(&request).await?;
+        let token = super::auth::token_of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(KEEPALIVE_QUEUE);
         let api = self.clone();
@@ -270,6 +305,10 @@ impl Lease for Api {
                         break;
                     }
                 };
+                if let Err(status) = api.check_lease_access(&user, req.id, true).await {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
                 let reply = match api.renew_here(req.id).await {
                     Ok(Some(ttl)) => {
                         upstream = None;
@@ -282,7 +321,7 @@ impl Lease for Api {
                     Ok(None) => {
                         let up = match upstream.take().filter(|u| !u.is_closed()) {
                             Some(up) => Ok(up),
-                            None => api.forward_keepalives(tx.clone()).await,
+                            None => api.forward_keepalives(tx.clone(), &token).await,
                         };
                         match up {
                             Ok(up) if up.send(req).await.is_ok() => {
@@ -310,11 +349,14 @@ impl Lease for Api {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let user = self.user_of(&request).await?;
+        let token = super::auth::token_of(&request);
         let req = request.into_inner();
+        self.check_lease_access(&user, req.id, false).await?;
         let lessor = self.lessor.clone();
         let Some(left) = self.lessor_ready(|| lessor.remaining(req.id)).await? else {
             let mut client = self.leader_lease_client().await?;
-            return client.lease_time_to_live(req).await;
+            return client.lease_time_to_live(with_token(req, &token)).await;
         };
         let lease = match self
             .node
@@ -346,15 +388,34 @@ impl Lease for Api {
 
     async fn lease_leases(
         &self,
-        _request: Request<LeaseLeasesRequest>,
+        request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let user = self.user_of(&request).await?;
         match self.node.query(KvQuery::Leases, true).await {
-            Ok(KvQueryResponse::Leases(all)) => Ok(Response::new(LeaseLeasesResponse {
-                header: self.lease_header(),
-                leases: all.into_iter().map(|(id, ..)| LeaseStatus { id }).collect(),
-            })),
+            Ok(KvQueryResponse::Leases(all)) => {
+                for (id, ..) in &all {
+                    self.check_lease_access(&user, *id, false).await?;
+                }
+                Ok(Response::new(LeaseLeasesResponse {
+                    header: self.lease_header(),
+                    leases: all.into_iter().map(|(id, ..)| LeaseStatus { id }).collect(),
+                }))
+            }
             Ok(_) => Err(unexpected()),
             Err(e) => Err(status_of(e)),
         }
     }
+}
+
+/// `msg` as a request to the leader carrying the caller's token (tokens
+/// are valid on every member).
+fn with_token<T>(msg: T, token: &Option<String>) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(value) = token
+        .as_deref()
+        .and_then(|t| tonic::metadata::MetadataValue::try_from(t).ok())
+    {
+        req.metadata_mut().insert("token", value);
+    }
+    req
 }

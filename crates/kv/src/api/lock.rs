@@ -17,7 +17,7 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{unexpected, Api};
+use super::{kv_status, unexpected, Api};
 use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::request_op::Request as Op;
@@ -35,6 +35,7 @@ use crate::pb::v3electionpb::{
 };
 use crate::pb::v3lockpb::lock_server::Lock;
 use crate::pb::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
+use crate::store::auth::PermKind;
 use crate::watch::{Command, Hub, CONTROL_RESPONSES_MAX};
 
 /// Responses queued for an internal watcher.
@@ -278,8 +279,10 @@ impl Api {
 #[tonic::async_trait]
 impl Lock for Api {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let user = self.user_of(&request).await?;
         let req = request.into_inner();
         let prefix = prefix_of(&req.name);
+        self.check_under(&user, &prefix, true)?;
         let key = holder_key(&req.name, req.lease);
         let (my_rev, _) = self.enqueue(&key, req.lease, Bytes::new()).await?;
         let rev = self.wait_turn(&prefix, my_rev).await?;
@@ -293,7 +296,9 @@ impl Lock for Api {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        let user = self.user_of(&request).await?;
         let key = request.into_inner().key;
+        self.check_key(&user, &key)?;
         let r = self
             .write(op(Op::RequestDeleteRange(DeleteRangeRequest {
                 key,
@@ -316,8 +321,10 @@ impl Election for Api {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let user = self.user_of(&request).await?;
         let req = request.into_inner();
         let prefix = prefix_of(&req.name);
+        self.check_under(&user, &prefix, true)?;
         let key = holder_key(&req.name, req.lease);
         let (my_rev, existing) = self.enqueue(&key, req.lease, req.value.clone()).await?;
         if existing.is_some_and(|v| v != req.value) {
@@ -341,10 +348,12 @@ impl Election for Api {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let user = self.user_of(&request).await?;
         let req = request.into_inner();
         let leader = req
             .leader
             .ok_or_else(|| Status::invalid_argument("election: missing leader key"))?;
+        self.check_key(&user, &leader.key)?;
         let header = self
             .proclaim_value(&leader.key, leader.rev, leader.lease, req.value)
             .await?;
@@ -355,7 +364,9 @@ impl Election for Api {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        let user = self.user_of(&request).await?;
         let prefix = prefix_of(&request.into_inner().name);
+        self.check_under(&user, &prefix, false)?;
         let (kv, rev) = self.oldest(&prefix).await?;
         let kv = kv.ok_or_else(no_leader)?;
         Ok(Response::new(LeaderResponse {
@@ -370,7 +381,9 @@ impl Election for Api {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<ObserveStream>, Status> {
+        let user = self.user_of(&request).await?;
         let prefix = prefix_of(&request.into_inner().name);
+        self.check_under(&user, &prefix, false)?;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         let api = self.clone();
         tokio::spawn(async move {
@@ -413,10 +426,12 @@ impl Election for Api {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let user = self.user_of(&request).await?;
         let leader = request
             .into_inner()
             .leader
             .ok_or_else(|| Status::invalid_argument("election: missing leader key"))?;
+        self.check_key(&user, &leader.key)?;
         let r = self
             .txn(TxnRequest {
                 compare: vec![create_revision_is(&leader.key, leader.rev)],
@@ -434,6 +449,33 @@ impl Election for Api {
 }
 
 impl Api {
+    /// Refuses unless `user` may read (and, with `write`, write) every key
+    /// under `prefix`: what a lock or an election on it touches. Its
+    /// writes are then made by this member on the user's behalf.
+    fn check_under(&self, user: &str, prefix: &[u8], write: bool) -> Result<(), Status> {
+        let state = self.auth_state();
+        let end = prefix_end(prefix);
+        state
+            .check_range(user, prefix, &end, PermKind::Read)
+            .and_then(|()| {
+                if write {
+                    state.check_range(user, prefix, &end, PermKind::Write)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| kv_status(&e))
+    }
+
+    /// Refuses unless `user` may read and write `key` (a holder's key).
+    fn check_key(&self, user: &str, key: &[u8]) -> Result<(), Status> {
+        let state = self.auth_state();
+        state
+            .check_range(user, key, &[], PermKind::Read)
+            .and_then(|()| state.check_range(user, key, &[], PermKind::Write))
+            .map_err(|e| kv_status(&e))
+    }
+
     /// Puts the leader's new value, only while `key` is still the one
     /// created at `rev` (else not leader).
     async fn proclaim_value(

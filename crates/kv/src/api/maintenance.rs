@@ -17,7 +17,8 @@ impl Maintenance for Api {
     type SnapshotStream = super::backup::SnapshotStream;
 
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        super::alarm::alarm(self, req.into_inner()).await
+        let user = self.user_of(&req).await?;
+        super::alarm::alarm(self, &user, req.into_inner()).await
     }
 
     /// Succeeds at once, doing nothing: etcd's Defragment rewrites its
@@ -29,8 +30,9 @@ impl Maintenance for Api {
     /// defragment, so the answer is a truthful success.
     async fn defragment(
         &self,
-        _req: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.require_admin(&req).await?;
         let store = self.store_status().await?;
         Ok(Response::new(DefragmentResponse {
             header: self.header(store.revision),
@@ -49,7 +51,8 @@ impl Maintenance for Api {
     /// also differs between members that applied different numbers of
     /// entries, no-ops included. The store is frozen on the loop (O(1)) and
     /// hashed on a blocking thread (O(state)).
-    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.require_admin(&req).await?;
         let view = match self.node.query(KvQuery::View, false).await {
             Ok(KvQueryResponse::View(view)) => view,
             Ok(_) => return Err(unexpected()),
@@ -73,6 +76,7 @@ impl Maintenance for Api {
         &self,
         req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.require_admin(&req).await?;
         super::backup::snapshot(self, req.into_inner()).await
     }
 
@@ -80,6 +84,7 @@ impl Maintenance for Api {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.require_admin(&req).await?;
         super::cluster::move_leader(self, req.into_inner()).await
     }
 
@@ -115,6 +120,7 @@ impl Maintenance for Api {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.require_admin(&req).await?;
         let revision = req.into_inner().revision;
         match self.node.query(KvQuery::HashKv { revision }, true).await {
             Ok(KvQueryResponse::HashKv(Ok((hash, compact_revision, hash_revision)), current)) => {

@@ -17,6 +17,7 @@ use super::Api;
 use crate::pb::etcdserverpb::watch_request::RequestUnion;
 use crate::pb::etcdserverpb::watch_server::Watch;
 use crate::pb::etcdserverpb::{WatchRequest, WatchResponse};
+use crate::store::auth::PermKind;
 use crate::watch::{Command, CommandError, CONTROL_RESPONSES_MAX, STREAM_RESPONSES_MAX};
 
 /// Responses between the stream's forwarder and gRPC's writer.
@@ -39,6 +40,7 @@ impl Watch for Api {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        let user = self.user_of(&request).await?;
         let mut inbound = request.into_inner();
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (events_tx, mut events_rx) = mpsc::channel(STREAM_RESPONSES_MAX);
@@ -54,6 +56,7 @@ impl Watch for Api {
         // Requests → dispatcher, while the client sends.
         let hub = self.hub.clone();
         let errors = out_tx.clone();
+        let auth = self.auth.view.clone();
         tokio::spawn(async move {
             let result: Result<(), Status> = async {
                 while let Some(req) = inbound.message().await? {
@@ -62,6 +65,24 @@ impl Watch for Api {
                             let Ok(reply) = control_tx.clone().reserve_owned().await else {
                                 break;
                             };
+                            // As etcd: checked when created, answered
+                            // created and cancelled when not allowed.
+                            let allowed = auth.get().check_range(
+                                &user,
+                                &req.key,
+                                &req.range_end,
+                                PermKind::Read,
+                            );
+                            if let Err(e) = allowed {
+                                reply.send(WatchResponse {
+                                    watch_id: -1,
+                                    created: true,
+                                    canceled: true,
+                                    cancel_reason: e.to_string(),
+                                    ..Default::default()
+                                });
+                                continue;
+                            }
                             Command::Create { stream, req, reply }
                         }
                         Some(RequestUnion::CancelRequest(c)) => {

@@ -66,7 +66,7 @@
 //! (physical compaction, the logical view and HashKV), `validate` (the
 //! request checks shared by the proposer and `apply`), `snapshot` (the
 //! snapshot format), `alarm` (the replicated alarms and what NOSPACE
-//! refuses).
+//! refuses), `auth` (users, roles, permissions and tokens).
 
 use bytes::Bytes;
 
@@ -74,6 +74,7 @@ use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RequestOp, ResponseOp
 use crate::pb::mvccpb::{Event, KeyValue};
 
 mod alarm;
+pub mod auth;
 mod compact;
 mod events;
 mod exec;
@@ -156,6 +157,41 @@ pub enum KvError {
     /// (or, refused before proposing, that would take it over its quota).
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    // Authentication and authorization (etcd's `rpctypes` messages).
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
 }
 
 /// The gRPC status code of a [`KvError`], without depending on tonic; the
@@ -165,9 +201,11 @@ pub enum KvError {
 pub enum GrpcCode {
     InvalidArgument = 3,
     NotFound = 5,
+    PermissionDenied = 7,
     ResourceExhausted = 8,
     FailedPrecondition = 9,
     OutOfRange = 11,
+    Unauthenticated = 16,
 }
 
 impl GrpcCode {
@@ -194,6 +232,23 @@ impl KvError {
             KvError::LeaseNotFound => GrpcCode::NotFound,
             KvError::Compacted | KvError::FutureRevision => GrpcCode::OutOfRange,
             KvError::NoSpace => GrpcCode::ResourceExhausted,
+            KvError::UserEmpty
+            | KvError::RoleEmpty
+            | KvError::AuthFailed
+            | KvError::PermissionNotGiven
+            | KvError::InvalidAuthMgmt
+            | KvError::AuthOldRevision => GrpcCode::InvalidArgument,
+            KvError::RootUserNotExist
+            | KvError::RootRoleNotExist
+            | KvError::UserAlreadyExist
+            | KvError::UserNotFound
+            | KvError::RoleAlreadyExist
+            | KvError::RoleNotFound
+            | KvError::RoleNotGranted
+            | KvError::PermissionNotGranted
+            | KvError::AuthNotEnabled => GrpcCode::FailedPrecondition,
+            KvError::PermissionDenied => GrpcCode::PermissionDenied,
+            KvError::InvalidAuthToken => GrpcCode::Unauthenticated,
         }
     }
 }
@@ -394,6 +449,9 @@ pub struct KvStore {
     leases: Leases,
     /// The active alarms.
     alarms: alarm::Alarms,
+    /// Users, roles, tokens; shared with frozen views and with the API
+    /// (copied on change).
+    auth: std::sync::Arc<auth::AuthState>,
 }
 
 /// Leases by id: a persistent map, so that a frozen view shares it.
@@ -460,6 +518,7 @@ pub struct StoreView {
     history: History,
     leases: Leases,
     alarms: alarm::Alarms,
+    auth: std::sync::Arc<auth::AuthState>,
     revision: i64,
     compact_revision: i64,
     applied_index: u64,
@@ -486,6 +545,7 @@ impl PartialEq for KvStore {
             && self.stats.keys == other.stats.keys
             && self.leases == other.leases
             && self.alarms == other.alarms
+            && self.auth == other.auth
             && compact::logical(&self.history, self.compact_revision)
                 .eq(compact::logical(&other.history, other.compact_revision))
     }
@@ -507,6 +567,7 @@ impl KvStore {
             events: None,
             leases: Leases::new(),
             alarms: alarm::Alarms::new(),
+            auth: std::sync::Arc::default(),
         }
     }
 
@@ -648,12 +709,28 @@ impl KvStore {
         ))
     }
 
+    /// The auth state (shared: an O(1) clone).
+    pub fn auth(&self) -> &std::sync::Arc<auth::AuthState> {
+        &self.auth
+    }
+
+    /// Applies an auth change from the log entry at `index` (see
+    /// [`auth::AuthState::apply`]). Changes no revision of the keyspace.
+    pub fn auth_apply(&mut self, index: u64, change: &auth::AuthChange) -> Result<(), KvError> {
+        self.advance_applied(index);
+        let mut next = (*self.auth).clone();
+        next.apply(change)?;
+        self.auth = std::sync::Arc::new(next);
+        Ok(())
+    }
+
     /// An O(1) frozen copy for snapshots.
     pub fn freeze(&self) -> StoreView {
         StoreView {
             history: self.history.clone(),
             leases: self.leases.clone(),
             alarms: self.alarms.clone(),
+            auth: self.auth.clone(),
             revision: self.revision,
             compact_revision: self.compact_revision,
             applied_index: self.applied_index,

@@ -4,9 +4,10 @@
 //! ```text
 //! header (33 bytes)
 //!   magic            [u8; 8] = "SKIFFKV\0"
-//!   version          u8      = 4 (3: written before alarms, read as a
-//!                            snapshot without alarms; 2: written before
-//!                            leases, read without leases and alarms)
+//!   version          u8      = 5 (4: written before auth, read with auth
+//!                            off and empty; 3: written before alarms, read
+//!                            as a snapshot without alarms; 2: written
+//!                            before leases, read without leases and alarms)
 //!   applied_index    u64     last Raft index applied
 //!   revision         i64     store revision (>= 1)
 //!   compact_revision i64     0 ..= revision (0: never compacted)
@@ -40,6 +41,13 @@
 //!   alarm × alarm_count, (member, kind) strictly ascending
 //!     member         u64     the member that raised it
 //!     kind           u8      1: NOSPACE, 2: CORRUPT (etcd's AlarmType)
+//! auth (absent before v5)
+//!   auth_len         u32     <= AUTH_SECTION_BYTES_MAX
+//!   auth             [u8; auth_len]  `AuthState::encode`: enabled u8,
+//!                            revision u64, users (name, password hash,
+//!                            roles), roles (name, permissions), tokens
+//!                            (token, user, expiry); counts u32, strings
+//!                            u32-length-prefixed
 //! trailer
 //!   crc32c           u32     over every byte before it
 //! ```
@@ -68,7 +76,9 @@ use super::{
 };
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SKIFFKV\0";
-pub const SNAPSHOT_VERSION: u8 = 4;
+pub const SNAPSHOT_VERSION: u8 = 5;
+/// The version before auth, still read.
+const SNAPSHOT_VERSION_NO_AUTH: u8 = 4;
 /// The version before alarms, still read.
 const SNAPSHOT_VERSION_NO_ALARMS: u8 = 3;
 /// The version before leases, still read.
@@ -116,7 +126,8 @@ pub enum SnapshotError {
     BadMagic,
     #[error(
         "snapshot format version {0} is not known (expected {SNAPSHOT_VERSION}, \
-         {SNAPSHOT_VERSION_NO_ALARMS} or {SNAPSHOT_VERSION_NO_LEASES})"
+         {SNAPSHOT_VERSION_NO_AUTH}, {SNAPSHOT_VERSION_NO_ALARMS} or \
+         {SNAPSHOT_VERSION_NO_LEASES})"
     )]
     UnsupportedVersion(u8),
     #[error("snapshot corrupt at offset {offset}: {reason}")]
@@ -256,6 +267,14 @@ impl StoreView {
             buf.extend_from_slice(&alarm.member.to_le_bytes());
             buf.push(alarm.kind.as_u8());
         }
+        let at = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        self.auth.encode(&mut buf);
+        let auth_len = buf.len() - at - 4;
+        if auth_len > super::auth::AUTH_SECTION_BYTES_MAX {
+            return Err(io::Error::other("auth state over AUTH_SECTION_BYTES_MAX"));
+        }
+        buf[at..at + 4].copy_from_slice(&(auth_len as u32).to_le_bytes());
         out.write_all(&buf)?;
         let (crc, bytes) = (out.crc, out.bytes);
         w.write_all(&crc.to_le_bytes())?;
@@ -312,6 +331,7 @@ impl KvStore {
         let [version] = fields.take::<1>();
         if ![
             SNAPSHOT_VERSION,
+            SNAPSHOT_VERSION_NO_AUTH,
             SNAPSHOT_VERSION_NO_ALARMS,
             SNAPSHOT_VERSION_NO_LEASES,
         ]
@@ -320,7 +340,8 @@ impl KvStore {
             return Err(SnapshotError::UnsupportedVersion(version));
         }
         let with_leases = version >= SNAPSHOT_VERSION_NO_ALARMS;
-        let with_alarms = version >= SNAPSHOT_VERSION;
+        let with_alarms = version >= SNAPSHOT_VERSION_NO_AUTH;
+        let with_auth = version >= SNAPSHOT_VERSION;
         let record_header_bytes = if with_leases {
             RECORD_HEADER_BYTES
         } else {
@@ -482,6 +503,18 @@ impl KvStore {
                 alarms.insert(alarm);
             }
         }
+        let mut auth = super::auth::AuthState::default();
+        if with_auth {
+            let mut len = [0u8; 4];
+            input.read(&mut len, "auth length")?;
+            let len = u32::from_le_bytes(len) as usize;
+            if len > super::auth::AUTH_SECTION_BYTES_MAX {
+                return Err(input.corrupt("auth section over AUTH_SECTION_BYTES_MAX"));
+            }
+            let mut raw = vec![0u8; len];
+            input.read(&mut raw, "auth state")?;
+            auth = super::auth::AuthState::decode(&raw).map_err(|reason| input.corrupt(reason))?;
+        }
         let computed = input.crc;
         let mut trailer = [0u8; 4];
         input.read_raw(&mut trailer, "checksum")?;
@@ -509,6 +542,7 @@ impl KvStore {
         }
         store.leases = leases;
         store.alarms = alarms;
+        store.auth = std::sync::Arc::new(auth);
         store.history = history;
         store.revision = revision;
         store.compact_revision = compact_revision;
