@@ -500,6 +500,73 @@ async fn permissions_tokens_and_their_boundaries() {
         "expired token",
     );
 
+    // The command line logs in with --user.
+    let endpoints = cluster.endpoints().join(",");
+    let bench = |user: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--endpoints",
+            &endpoints,
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--clients",
+            "2",
+            "--no-progress",
+        ];
+        args.extend(user);
+        cluster.skiff(&args)
+    };
+    let out = bench(&["--user", "root:rootpw"]);
+    assert!(
+        out.status.success(),
+        "skiff bench --user root: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bench(&[]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("user name is empty"),
+        "anonymous skiff bench wrote with auth on: {text}"
+    );
+    let out = bench(&["--user", "root:nope"]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("authentication failed"),
+        "skiff bench with a wrong password: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cluster.skiff(&[
+        "check",
+        "consistency",
+        "--endpoints",
+        &endpoints,
+        "--user",
+        "root",
+        "--password",
+        "rootpw",
+    ]);
+    assert!(
+        out.status.success(),
+        "skiff check consistency --user root: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cluster.skiff(&[
+        "status",
+        "--endpoints",
+        &endpoints,
+        "--user",
+        "alice:alicepw",
+    ]);
+    assert!(
+        out.status.success(),
+        "skiff status --user alice: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Auth off again: anyone may.
     root.auth()
         .auth_disable(root.req(AuthDisableRequest {}))

@@ -555,9 +555,11 @@ fn status(args: &StatusArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let tls = args.tls.client().map_err(|e| e.to_string())?;
+    let access = rt
+        .block_on(args.tls.access(&args.endpoints))
+        .map_err(|e| e.to_string())?;
     let rows = rt
-        .block_on(skiff::bench::status(&args.endpoints, &tls))
+        .block_on(skiff::bench::status(&args.endpoints, &access))
         .map_err(|e| e.to_string())?;
     skiff::bench::print_status_table(&rows);
     Ok(())
@@ -570,9 +572,11 @@ fn check(cmd: &CheckCmd) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let tls = args.tls.client().map_err(|e| e.to_string())?;
+    let access = rt
+        .block_on(args.tls.access(&args.endpoints))
+        .map_err(|e| e.to_string())?;
     let found = rt
-        .block_on(skiff::bench::check_consistency(&args.endpoints, &tls))
+        .block_on(skiff::bench::check_consistency(&args.endpoints, &access))
         .map_err(|e| e.to_string())?;
     print!("{}", found.report());
     if found.consistent() {

@@ -280,7 +280,7 @@ async fn status_reports_members_and_unreachable_rows() {
     let bad = closed_port().await;
     let rows = status(
         &[good.clone(), bad.clone()],
-        &skiff_kv::tls::ClientTls::plaintext(),
+        &skiff::bench::Access::anonymous(skiff_kv::tls::ClientTls::plaintext()),
     )
     .await
     .expect("status");

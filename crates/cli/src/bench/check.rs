@@ -10,9 +10,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use skiff_kv::tls::ClientTls;
+use super::Access;
 
-use super::{connect, normalize_all, BenchError, TlsArgs};
+use super::{connect, normalize_all, BenchError, ClientArgs};
 use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use skiff_kv::pb::etcdserverpb::{HashKvRequest, StatusRequest};
 
@@ -26,7 +26,7 @@ pub struct CheckArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     pub endpoints: Vec<String>,
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub tls: ClientArgs,
 }
 
 /// One member's hash.
@@ -116,18 +116,15 @@ impl Consistency {
     }
 }
 
-async fn client(
-    endpoint: &str,
-    tls: &ClientTls,
-) -> Result<MaintenanceClient<tonic::transport::Channel>, String> {
-    let channel = connect(endpoint, tls, CHECK_TIMEOUT)
+async fn client(endpoint: &str, access: &Access) -> Result<MaintenanceClient<super::Conn>, String> {
+    let channel = connect(endpoint, access, CHECK_TIMEOUT)
         .await
         .map_err(|e| format!("unreachable: {e}"))?;
     Ok(MaintenanceClient::new(channel))
 }
 
-async fn hash_at(endpoint: &str, tls: &ClientTls, revision: i64) -> Result<MemberHash, String> {
-    let r = client(endpoint, tls)
+async fn hash_at(endpoint: &str, access: &Access, revision: i64) -> Result<MemberHash, String> {
+    let r = client(endpoint, access)
         .await?
         .hash_kv(HashKvRequest { revision })
         .await
@@ -143,17 +140,17 @@ async fn hash_at(endpoint: &str, tls: &ClientTls, revision: i64) -> Result<Membe
 /// Hashes every member at one revision (see the module docs).
 pub async fn check_consistency(
     endpoints: &[String],
-    tls: &ClientTls,
+    access: &Access,
 ) -> Result<Consistency, BenchError> {
     if endpoints.is_empty() {
         return Err(BenchError::NoEndpoints);
     }
-    let endpoints = normalize_all(endpoints, tls)?;
+    let endpoints = normalize_all(endpoints, &access.tls)?;
     let mut revision = None;
     let mut why = Vec::new();
     for e in &endpoints {
         let asked = async {
-            client(e, tls)
+            client(e, access)
                 .await?
                 .status(StatusRequest {})
                 .await
@@ -180,9 +177,10 @@ pub async fn check_consistency(
     let mut calls = tokio::task::JoinSet::new();
     for (i, e) in endpoints.iter().enumerate() {
         let e = e.clone();
-        let tls = tls.clone();
+        let access = access.clone();
         calls.spawn(async move {
-            let r = match tokio::time::timeout(CHECK_TIMEOUT, hash_at(&e, &tls, revision)).await {
+            let r = match tokio::time::timeout(CHECK_TIMEOUT, hash_at(&e, &access, revision)).await
+            {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
             };

@@ -55,10 +55,10 @@ impl LeaseReport {
 }
 
 pub async fn run_leases(args: &BenchArgs, endpoints: &[String]) -> Result<LeaseReport, BenchError> {
-    let tls = args.tls.client()?;
+    let access = args.tls.access(endpoints).await?;
     let mut channels = Vec::new();
-    for e in normalize_all(endpoints, &tls)? {
-        channels.push(connect(&e, &tls, CONNECT_TIMEOUT).await?);
+    for e in normalize_all(endpoints, &access.tls)? {
+        channels.push(connect(&e, &access, CONNECT_TIMEOUT).await?);
     }
     // Grant.
     let started = Instant::now();

@@ -12,7 +12,6 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use super::report::LoadReport;
 use super::{
@@ -48,12 +47,12 @@ pub async fn run_load(args: &BenchArgs, endpoints: &[String]) -> Result<LoadRepo
     if endpoints.is_empty() {
         return Err(BenchError::NoEndpoints);
     }
-    let tls = args.tls.client()?;
-    let endpoints = normalize_all(endpoints, &tls)?;
+    let access = args.tls.access(endpoints).await?;
+    let endpoints = normalize_all(endpoints, &access.tls)?;
 
     let mut channels = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        channels.push(connect(&endpoints[i % endpoints.len()], &tls, CONNECT_TIMEOUT).await?);
+        channels.push(connect(&endpoints[i % endpoints.len()], &access, CONNECT_TIMEOUT).await?);
     }
 
     let warmup = args.warmup_time();
@@ -230,7 +229,7 @@ struct TaskResult {
 }
 
 struct Worker {
-    client: KvClient<Channel>,
+    client: KvClient<super::Conn>,
     rng: XorShift,
     key_space: u64,
     value: Bytes,

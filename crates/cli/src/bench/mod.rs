@@ -32,6 +32,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use skiff_kv::pb::etcdserverpb::auth_client::AuthClient;
+use skiff_kv::pb::etcdserverpb::AuthenticateRequest;
 use skiff_kv::tls::ClientTls;
 use tonic::transport::Channel;
 
@@ -141,12 +143,13 @@ pub struct BenchArgs {
     pub leases: usize,
     #[command(flatten)]
     #[serde(default)]
-    pub tls: TlsArgs,
+    pub tls: ClientArgs,
 }
 
-/// TLS to the client ports (etcdctl's flag names). With none, plaintext.
+/// How to reach the client ports: TLS and credentials (etcdctl's flag
+/// names). With none, plaintext and anonymous.
 #[derive(clap::Args, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TlsArgs {
+pub struct ClientArgs {
     /// CA certificates (PEM) the servers' certificates chain to: connect with TLS
     /// (endpoints given as host:port then mean https://).
     #[arg(long)]
@@ -157,9 +160,49 @@ pub struct TlsArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
+    /// User for authentication, `name` or `name:password` (etcdctl's --user): one token
+    /// is obtained and sent with every request.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Password of --user (instead of `name:password`).
+    #[arg(long, requires = "user")]
+    pub password: Option<String>,
 }
 
-impl TlsArgs {
+/// A token sent with every request (gRPC metadata `token`), when logged in.
+#[derive(Debug, Clone, Default)]
+pub struct AddToken(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut().insert("token", token.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connection to a member that sends the token of its [`Access`].
+pub type Conn = tonic::service::interceptor::InterceptedService<Channel, AddToken>;
+
+/// What a command connects with: TLS (or not) and a token (or none).
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub tls: ClientTls,
+    pub token: AddToken,
+}
+
+impl Access {
+    /// Plaintext or TLS, anonymous.
+    pub fn anonymous(tls: ClientTls) -> Access {
+        Access {
+            tls,
+            token: AddToken::default(),
+        }
+    }
+}
+
+impl ClientArgs {
     /// The client these flags describe (reads the files).
     pub fn client(&self) -> Result<ClientTls, BenchError> {
         ClientTls::from_files(
@@ -174,7 +217,61 @@ impl TlsArgs {
     pub fn given(&self) -> bool {
         self.cacert.is_some() || self.cert.is_some() || self.key.is_some()
     }
+
+    /// TLS per the flags and, with --user, a token from Authenticate on the
+    /// first of `endpoints` that answers.
+    pub async fn access(&self, endpoints: &[String]) -> Result<Access, BenchError> {
+        let mut access = Access::anonymous(self.client()?);
+        let Some(user) = &self.user else {
+            return Ok(access);
+        };
+        let (name, password) = match (user.split_once(':'), &self.password) {
+            (Some((name, password)), None) => (name.to_string(), password.to_string()),
+            (None, Some(password)) => (user.clone(), password.clone()),
+            _ => {
+                return Err(BenchError::Auth(
+                    "--user needs a password: --user name:password or --password".into(),
+                ))
+            }
+        };
+        let mut last = String::from("no endpoint given");
+        for e in normalize_all(endpoints, &access.tls)? {
+            let channel = match connect_channel(&e, &access.tls, LOGIN_TIMEOUT).await {
+                Ok(c) => c,
+                Err(err) => {
+                    last = err.to_string();
+                    continue;
+                }
+            };
+            let request = AuthenticateRequest {
+                name: name.clone(),
+                password: password.clone(),
+            };
+            match AuthClient::new(channel).authenticate(request).await {
+                Ok(r) => {
+                    let token = r.into_inner().token;
+                    let value = token
+                        .parse()
+                        .map_err(|_| BenchError::Auth("the token is not ASCII".into()))?;
+                    access.token = AddToken(Some(value));
+                    return Ok(access);
+                }
+                // A refusal is the cluster's answer: another member would
+                // say the same.
+                Err(s) if s.code() != tonic::Code::Unavailable => {
+                    return Err(BenchError::Auth(format!("{e}: {}", s.message())))
+                }
+                Err(s) => last = format!("{e}: {}", s.message()),
+            }
+        }
+        Err(BenchError::Auth(format!(
+            "could not authenticate {name}: {last}"
+        )))
+    }
 }
+
+/// Bound on connecting and authenticating for the token.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Normalizes `endpoints` for a client that uses TLS or not.
 pub(crate) fn normalize_all(
@@ -187,8 +284,21 @@ pub(crate) fn normalize_all(
         .collect()
 }
 
-/// Opens a connection to `endpoint` (normalized) within `timeout`.
+/// Opens a connection to `endpoint` (normalized) within `timeout` that
+/// sends `access`'s token.
 pub(crate) async fn connect(
+    endpoint: &str,
+    access: &Access,
+    timeout: Duration,
+) -> Result<Conn, BenchError> {
+    let channel = connect_channel(endpoint, &access.tls, timeout).await?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        access.token.clone(),
+    ))
+}
+
+async fn connect_channel(
     endpoint: &str,
     tls: &ClientTls,
     timeout: Duration,
@@ -232,7 +342,7 @@ impl Default for BenchArgs {
             watchers: 0,
             watchers_on_one_member: false,
             leases: 0,
-            tls: TlsArgs::default(),
+            tls: ClientArgs::default(),
         }
     }
 }
@@ -354,6 +464,9 @@ pub enum BenchError {
     /// The TLS options cannot be used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// --user could not log in.
+    #[error("authentication: {0}")]
+    Auth(String),
     /// Could not open a connection to an endpoint.
     #[error("cannot connect to {endpoint}: {reason}")]
     Connect {

@@ -5,10 +5,10 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use skiff_kv::tls::ClientTls;
+use super::Access;
 use tokio::task::JoinSet;
 
-use super::{connect, normalize_all, BenchError, TlsArgs};
+use super::{connect, normalize_all, BenchError, ClientArgs};
 use skiff_kv::pb::etcdserverpb::alarm_request::AlarmAction;
 use skiff_kv::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use skiff_kv::pb::etcdserverpb::{AlarmRequest, AlarmType, StatusRequest};
@@ -23,7 +23,7 @@ pub struct StatusArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     pub endpoints: Vec<String>,
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub tls: ClientArgs,
 }
 
 /// One member as it answered (etcd's StatusResponse fields).
@@ -81,18 +81,18 @@ pub struct MemberStatus {
 /// only on an empty list or an endpoint that cannot be parsed.
 pub async fn status(
     endpoints: &[String],
-    tls: &ClientTls,
+    access: &Access,
 ) -> Result<Vec<MemberStatus>, BenchError> {
     if endpoints.is_empty() {
         return Err(BenchError::NoEndpoints);
     }
-    let endpoints = normalize_all(endpoints, tls)?;
+    let endpoints = normalize_all(endpoints, &access.tls)?;
     let mut calls = JoinSet::new();
     for (i, endpoint) in endpoints.iter().enumerate() {
         let endpoint = endpoint.clone();
-        let tls = tls.clone();
+        let access = access.clone();
         calls.spawn(async move {
-            let reply = match tokio::time::timeout(STATUS_TIMEOUT, ask(&endpoint, &tls)).await {
+            let reply = match tokio::time::timeout(STATUS_TIMEOUT, ask(&endpoint, &access)).await {
                 Ok(reply) => reply,
                 Err(_) => Err(format!(
                     "no answer within {} s",
@@ -113,8 +113,8 @@ pub async fn status(
         .collect())
 }
 
-async fn ask(endpoint: &str, tls: &ClientTls) -> Result<MemberState, String> {
-    let channel = connect(endpoint, tls, STATUS_TIMEOUT)
+async fn ask(endpoint: &str, access: &Access) -> Result<MemberState, String> {
+    let channel = connect(endpoint, access, STATUS_TIMEOUT)
         .await
         .map_err(|e| format!("unreachable: {e}"))?;
     let mut request = tonic::Request::new(StatusRequest {});

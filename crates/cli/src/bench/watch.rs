@@ -57,8 +57,8 @@ async fn open_watchers(
     args: &BenchArgs,
     endpoints: &[String],
 ) -> Result<(Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>), BenchError> {
-    let tls = args.tls.client()?;
-    let endpoints = normalize_all(endpoints, &tls)?;
+    let access = args.tls.access(endpoints).await?;
+    let endpoints = normalize_all(endpoints, &access.tls)?;
     let events = Arc::new(AtomicU64::new(0));
     let created = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -69,7 +69,7 @@ async fn open_watchers(
         } else {
             &endpoints[s % endpoints.len()]
         };
-        let channel = connect(endpoint, &tls, CONNECT_TIMEOUT).await?;
+        let channel = connect(endpoint, &access, CONNECT_TIMEOUT).await?;
         let (tx, rx) = mpsc::channel(WATCHERS_PER_STREAM);
         let first = s * WATCHERS_PER_STREAM;
         let last = (first + WATCHERS_PER_STREAM).min(args.watchers);
