@@ -1,7 +1,10 @@
 //! The etcd v3 gRPC API on top of a node running the [`KvMachine`]: KV
 //! (Range, Put, DeleteRange, Txn, Compact), Watch, Lease, Lock, Election,
-//! Cluster.MemberList and
-//! Maintenance.Status and HashKV.
+//! Cluster, Maintenance and Auth.
+//!
+//! With auth on, every request is checked against its caller's permissions
+//! (module `auth`): here before it is proposed or served, and a client's
+//! writes again at apply.
 //!
 //! Writes are proposed through Raft: on the leader directly, on a follower
 //! forwarded to the leader over the peer connection (Raft `Propose`), and

@@ -2,7 +2,8 @@
 //! [`skiff_node`] state machine, and its etcd v3 gRPC API.
 //!
 //! * [`store`]: the MVCC store (every key's versions by revision,
-//!   compaction, snapshots of a frozen view); deterministic, no I/O;
+//!   compaction, snapshots of a frozen view, the auth state: users, roles,
+//!   permissions, tokens); deterministic, no I/O;
 //! * [`machine`]: the store as a [`skiff_node::StateMachine`] (its
 //!   command format, queries, metrics);
 //! * [`watch`]: each member's watchers: the feed from apply, the
@@ -10,7 +11,8 @@
 //! * [`lease`]: the lessor, the leader's clock for lease expiry;
 //! * [`compactor`]: automatic compaction (etcd's `--auto-compaction-*`);
 //! * [`tls`]: TLS on the client port, server and client sides;
-//! * [`api`]: the etcd v3 gRPC services over a node's handle;
+//! * [`api`]: the etcd v3 gRPC services over a node's handle (Auth
+//!   included: who asks, and what each request needs);
 //! * [`server`]: a member = a node + the API; an embedded cluster of them.
 //!
 //! It sees `skiff-node` (and through it the Raft types it needs), never the

@@ -146,6 +146,11 @@ impl Api {
         }
         if self.client_cert_auth {
             if let Some(cn) = common_name(req) {
+                if cn.len() > crate::store::auth::NAME_BYTES_MAX {
+                    return Err(Status::invalid_argument(
+                        "etcdserver: the certificate's common name is too long for a user name",
+                    ));
+                }
                 return Ok(cn);
             }
         }
