@@ -54,12 +54,18 @@ impl Pki {
     /// A certificate with common name `cn` for `sans` (IP addresses or
     /// DNS names), usable by servers and clients, signed by this CA.
     pub fn issue(&self, cn: &str, sans: &[&str]) -> CertFiles {
-        self.issue_with(cn, sans, |_| {})
+        self.issue_with(cn, cn, sans, |_| {})
+    }
+
+    /// [`Pki::issue`], in files named after `file` instead of `cn`
+    /// (certificates that share a common name).
+    pub fn issue_named(&self, file: &str, cn: &str, sans: &[&str]) -> CertFiles {
+        self.issue_with(file, cn, sans, |_| {})
     }
 
     /// [`Pki::issue`], but valid only in 2000: expired.
     pub fn issue_expired(&self, cn: &str, sans: &[&str]) -> CertFiles {
-        self.issue_with(cn, sans, |p| {
+        self.issue_with(cn, cn, sans, |p| {
             p.not_before = rcgen::date_time_ymd(2000, 1, 1);
             p.not_after = rcgen::date_time_ymd(2001, 1, 1);
         })
@@ -67,6 +73,7 @@ impl Pki {
 
     fn issue_with(
         &self,
+        file: &str,
         cn: &str,
         sans: &[&str],
         adjust: impl FnOnce(&mut CertificateParams),
@@ -88,8 +95,8 @@ impl Pki {
             .signed_by(&key, &self.issuer)
             .expect("signed certificate");
         let files = CertFiles {
-            cert: self.dir.join(format!("{}-{cn}.pem", self.name)),
-            key: self.dir.join(format!("{}-{cn}-key.pem", self.name)),
+            cert: self.dir.join(format!("{}-{file}.pem", self.name)),
+            key: self.dir.join(format!("{}-{file}-key.pem", self.name)),
         };
         std::fs::write(&files.cert, cert.pem()).expect("write the certificate");
         std::fs::write(&files.key, key.serialize_pem()).expect("write the key");

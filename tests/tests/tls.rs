@@ -316,13 +316,20 @@ fn member_peer_ip(id: NodeId) -> String {
 /// `--peer-client-cert-auth`: member `id` presents a certificate naming its
 /// own peer IP (and 127.0.0.1, where its snapshot port listens).
 fn peer_tls_cluster(pki: &Pki, extra: &[(&str, &str)]) -> Cluster {
+    peer_tls_cluster_named(pki, None, extra)
+}
+
+/// [`peer_tls_cluster`], every member's certificate with common name `cn`
+/// when given (else `member-<id>`).
+fn peer_tls_cluster_named(pki: &Pki, cn: Option<&str>, extra: &[(&str, &str)]) -> Cluster {
     let mut options = ClusterOptions {
         peer_ip_prefix: Some(PEER_IP_PREFIX),
         ..ClusterOptions::default()
     };
     for id in 1..=3 {
         let ip = member_peer_ip(id);
-        let cert = pki.issue(&format!("member-{id}"), &[&ip, "127.0.0.1"]);
+        let file = format!("member-{id}");
+        let cert = pki.issue_named(&file, cn.unwrap_or(&file), &[&ip, "127.0.0.1"]);
         options.member_args.insert(
             id,
             vec![
@@ -415,6 +422,7 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
         key: cert.key.clone(),
         trusted_ca: ca.to_path_buf(),
         client_cert_auth: true,
+        allowed_cn: None,
     };
     let as_member = |id: NodeId| {
         let cert = pki.issue(&format!("probe-{id}"), &[&member_peer_ip(id)]);
@@ -482,5 +490,99 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
     assert!(
         cluster.log(lagging).contains("snapshot fetched"),
         "member {lagging} caught up without a snapshot: the test did not cover snapshot TLS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_cert_allowed_cn_lets_in_only_that_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(dir.path(), "peers");
+    let cluster = peer_tls_cluster_named(
+        &pki,
+        Some("skiff-peer"),
+        &[("--peer-cert-allowed-cn", "skiff-peer")],
+    );
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let mut c = cluster.client(leader).await;
+    c.put("k", "v", None)
+        .await
+        .expect("members with the allowed name replicate");
+    let cluster_id = cluster
+        .status(leader)
+        .await
+        .expect("status")
+        .header
+        .expect("header")
+        .cluster_id;
+    let target = 1;
+    let addr = cluster.peer_addr(target);
+    let probe = |file: &str, cn: &str| {
+        let cert = pki.issue_named(file, cn, &[&member_peer_ip(3)]);
+        skiff_net::tls::PeerTls::from_files(&skiff_net::tls::PeerTlsFiles {
+            cert: cert.cert,
+            key: cert.key,
+            trusted_ca: pki.ca_file(),
+            client_cert_auth: true,
+            allowed_cn: None,
+        })
+        .expect("peer TLS")
+    };
+    assert!(
+        peer_hello_answered(
+            addr,
+            Some(&probe("probe-ok", "skiff-peer")),
+            cluster_id,
+            3,
+            target
+        )
+        .await,
+        "the allowed name, member 3's address: refused"
+    );
+    assert!(
+        !peer_hello_answered(
+            addr,
+            Some(&probe("probe-bad", "intruder")),
+            cluster_id,
+            3,
+            target
+        )
+        .await,
+        "the cluster's CA and member 3's address but another name: accepted"
+    );
+    skiff_tests::poll_until(
+        &format!("member {target} to log why it refused the other name"),
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .log(target)
+                .contains("--peer-cert-allowed-cn")
+                .then_some(())
+        },
+    )
+    .await;
+    c.put("k", "still", None)
+        .await
+        .expect("the cluster still serves");
+
+    // A name without client certificate authentication is a configuration
+    // error that names the flag.
+    let out = cluster.skiff(&[
+        "serve",
+        "--id",
+        "1",
+        "--data-dir",
+        &dir.path().join("bad").display().to_string(),
+        "--initial-cluster",
+        "1=127.0.0.1:1",
+        "--listen-peer",
+        "127.0.0.1:1",
+        "--peer-cert-allowed-cn",
+        "x",
+    ]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("peer-cert-allowed-cn"),
+        "--peer-cert-allowed-cn without --peer-client-cert-auth: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

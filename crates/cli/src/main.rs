@@ -114,6 +114,10 @@ struct ServeArgs {
     /// whose certificate does not name the peer address of the member it claims to be.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     peer_client_cert_auth: Option<bool>,
+    /// With --peer-client-cert-auth: the common name every peer certificate must carry
+    /// (etcd's flag); other peers are refused after the handshake.
+    #[arg(long)]
+    peer_cert_allowed_cn: Option<String>,
     /// Length of a Raft tick, ms.
     #[arg(long)]
     tick_interval_ms: Option<u64>,
@@ -405,6 +409,10 @@ impl ServeArgs {
         }
         if let Some(m) = self.listen_metrics {
             cfg.listen_metrics = Some(m);
+        }
+        if self.peer_cert_allowed_cn.is_some() {
+            cfg.peer_cert_allowed_cn
+                .clone_from(&self.peer_cert_allowed_cn);
         }
         if let Some(c) = &self.initial_cluster {
             cfg.initial_cluster =

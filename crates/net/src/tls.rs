@@ -50,6 +50,9 @@ pub struct PeerTlsFiles {
     /// Refuse peers without a certificate of the CA, and check that an
     /// inbound connection's certificate names the member it claims to be.
     pub client_cert_auth: bool,
+    /// With `client_cert_auth`: the common name every inbound peer's
+    /// certificate must carry (etcd's `--peer-cert-allowed-cn`).
+    pub allowed_cn: Option<String>,
 }
 
 /// A member's peer TLS: how it accepts and how it connects.
@@ -58,6 +61,7 @@ pub struct PeerTls {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
     client_cert_auth: bool,
+    allowed_cn: Option<String>,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -137,6 +141,7 @@ impl PeerTls {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
             client_cert_auth: files.client_cert_auth,
+            allowed_cn: files.allowed_cn.clone(),
         })
     }
 
@@ -145,9 +150,28 @@ impl PeerTls {
         self.client_cert_auth
     }
 
-    /// The server side of the handshake on an accepted connection.
+    /// The server side of the handshake on an accepted connection; with
+    /// an allowed common name, a peer whose certificate carries another is
+    /// refused here, before any frame is read.
     pub async fn accept(&self, tcp: TcpStream) -> io::Result<PeerStream> {
         let tls = self.acceptor.accept(tcp).await?;
+        if let Some(allowed) = &self.allowed_cn {
+            let cn = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| common_name(c.as_ref()));
+            if cn.as_deref() != Some(allowed.as_str()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "peer certificate common name {cn:?} is not the allowed {allowed:?} \
+                         (--peer-cert-allowed-cn)"
+                    ),
+                ));
+            }
+        }
         Ok(PeerStream::Server(Box::new(tls)))
     }
 
@@ -179,6 +203,13 @@ impl PeerTls {
         rustls::client::verify_server_name(&parsed, &ServerName::from(claimed))
             .map_err(|e| format!("the certificate does not name {claimed}: {e}"))
     }
+}
+
+/// The subject common name of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// A peer or snapshot connection: plaintext or TLS (either side).

@@ -191,6 +191,11 @@ pub struct NodeConfig {
     /// refuse a Raft connection whose certificate does not name the peer
     /// address of the member it claims to be.
     pub peer_client_cert_auth: bool,
+    /// With `peer_client_cert_auth`: the common name every peer
+    /// certificate must carry (etcd's `--peer-cert-allowed-cn`); an
+    /// inbound peer or snapshot connection with another is closed after
+    /// the handshake, before any frame is read.
+    pub peer_cert_allowed_cn: Option<String>,
 
     // ---- Raft timing.
     pub tick_interval_ms: u64,
@@ -280,6 +285,7 @@ impl Default for NodeConfig {
             peer_key_file: None,
             peer_trusted_ca_file: None,
             peer_client_cert_auth: false,
+            peer_cert_allowed_cn: None,
             tick_interval_ms: 10,
             election_ticks_min: 30,
             election_ticks_max: 60,
@@ -518,11 +524,27 @@ impl NodeConfig {
             &self.peer_trusted_ca_file,
             self.peer_client_cert_auth,
         )?;
+        if let Some(cn) = &self.peer_cert_allowed_cn {
+            let reason = if cn.is_empty() {
+                Some("must not be empty")
+            } else if !self.peer_client_cert_auth {
+                Some("needs peer_client_cert_auth (peers must present certificates)")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(ConfigError {
+                    field: "peer_cert_allowed_cn".into(),
+                    reason: reason.into(),
+                });
+            }
+        }
         Ok(files.map(|f| PeerTlsFiles {
             cert: f.cert,
             key: f.key,
             trusted_ca: f.trusted_ca,
             client_cert_auth: f.cert_auth,
+            allowed_cn: self.peer_cert_allowed_cn.clone(),
         }))
     }
 
