@@ -27,6 +27,7 @@ use skiff_kv::pb::etcdserverpb::request_op::Request as Op;
 use skiff_kv::pb::etcdserverpb::watch_client::WatchClient;
 use skiff_kv::pb::etcdserverpb::watch_request::RequestUnion;
 use skiff_kv::pb::etcdserverpb::*;
+use skiff_tests::client::PutOptions;
 use skiff_tests::tls::Pki;
 use skiff_tests::{
     etcdctl_path, run_bounded, Client, ClientTls, Cluster, ClusterOptions, NodeId, CLIENT_OPTIONS,
@@ -711,6 +712,43 @@ async fn a_client_certificate_names_the_user() {
         .await
         .expect_err("alice (CN) writes b");
     assert!(err.to_string().contains("permission denied"), "{err}");
+    // Lease requests a follower forwards to the leader stay alice's (the
+    // follower has a token issued for her: a certificate cannot be
+    // forwarded).
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    let mut via_follower = Client::connect_with(
+        &[cluster.endpoint(follower)],
+        CLIENT_OPTIONS,
+        tls(&alice_cert),
+    )
+    .await
+    .expect("alice connects to a follower");
+    let lease = via_follower
+        .lease_grant(60, None)
+        .await
+        .expect("alice (CN) grants a lease through a follower")
+        .id;
+    via_follower
+        .put("a/leased", "x", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .expect("alice (CN) attaches a key");
+    let ttl = via_follower
+        .lease_time_to_live(lease, true)
+        .await
+        .expect("alice (CN) reads her lease through a follower");
+    assert_eq!(ttl.keys.len(), 1, "{ttl:?}");
+    let (_keeper, mut stream) = via_follower
+        .lease_keep_alive(lease)
+        .await
+        .expect("a keepalive stream through a follower");
+    let kept = stream
+        .message()
+        .await
+        .expect("alice (CN) keeps her lease alive through a follower")
+        .expect("a keepalive answer");
+    assert!(kept.ttl > 0, "{kept:?}");
+
     let mut as_root = Client::connect_with(&endpoints, CLIENT_OPTIONS, tls(&harness))
         .await
         .expect("root connects");

@@ -349,6 +349,17 @@ fn peer_tls_cluster_named(pki: &Pki, cn: Option<&str>, extra: &[(&str, &str)]) -
     Cluster::start(options)
 }
 
+/// The cluster id, as member `id` reports it.
+async fn cluster_id_of(cluster: &Cluster, id: NodeId) -> u64 {
+    cluster
+        .status(id)
+        .await
+        .expect("status")
+        .header
+        .expect("header")
+        .cluster_id
+}
+
 /// Opens a peer connection to `addr` as `from` (TLS with `tls`, or
 /// plaintext) and sends a Hello: whether the member answered with its own.
 async fn peer_hello_answered(
@@ -406,13 +417,7 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
     c.put("before", "1", None)
         .await
         .expect("put over TLS peers");
-    let cluster_id = cluster
-        .status(leader)
-        .await
-        .expect("status")
-        .header
-        .expect("header")
-        .cluster_id;
+    let cluster_id = cluster_id_of(&cluster, leader).await;
 
     // Raw peer connections to member 1, each claiming to be member 3.
     let target = 1;
@@ -507,13 +512,7 @@ async fn peer_cert_allowed_cn_lets_in_only_that_name() {
     c.put("k", "v", None)
         .await
         .expect("members with the allowed name replicate");
-    let cluster_id = cluster
-        .status(leader)
-        .await
-        .expect("status")
-        .header
-        .expect("header")
-        .cluster_id;
+    let cluster_id = cluster_id_of(&cluster, leader).await;
     let target = 1;
     let addr = cluster.peer_addr(target);
     let probe = |file: &str, cn: &str| {

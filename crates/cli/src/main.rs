@@ -285,6 +285,7 @@ fn serve_default(id: &str) -> Option<String> {
         | "peer_cert_file"
         | "peer_key_file"
         | "peer_trusted_ca_file" => "none (plaintext)".into(),
+        "peer_cert_allowed_cn" => "none (any name the peer CA signed)".into(),
         "client_cert_auth" => n.client_cert_auth.to_string(),
         "peer_client_cert_auth" => n.peer_client_cert_auth.to_string(),
         "tick_interval_ms" => n.tick_interval_ms.to_string(),

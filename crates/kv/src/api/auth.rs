@@ -62,9 +62,16 @@ impl Default for AuthOptions {
     }
 }
 
+/// Tokens this member keeps for users it forwards requests of, at most.
+pub const FORWARD_TOKENS_MAX: usize = 1024;
+
 /// What the API keeps for authentication.
 #[derive(Debug)]
 pub(super) struct AuthGate {
+    /// Tokens issued for users who named themselves by certificate, so
+    /// that a request forwarded to the leader carries who asked: by user,
+    /// (token, valid until). Bounded by [`FORWARD_TOKENS_MAX`].
+    forward_tokens: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
     pub(super) view: Arc<crate::machine::AuthView>,
     pub(super) options: AuthOptions,
     /// Bounds the bcrypt work ([`PASSWORD_CHECKS_MAX`]).
@@ -86,11 +93,23 @@ impl AuthGate {
         let dummy_hash =
             bcrypt::hash("skiff: no such user", options.bcrypt_cost).expect("a cost in 4..=31");
         AuthGate {
+            forward_tokens: std::sync::Mutex::default(),
             view,
             options,
             slots: tokio::sync::Semaphore::new(PASSWORD_CHECKS_MAX),
             dummy_hash,
         }
+    }
+}
+
+impl AuthGate {
+    /// Whether `password` matches `stored` (a bcrypt hash; None: no such
+    /// user, or one without a password). Blocking, and as slow either way:
+    /// without a hash it checks against the dummy one of the same cost.
+    fn verify(&self, stored: Option<&str>, password: &str) -> bool {
+        let hash = stored.unwrap_or(&self.dummy_hash);
+        let matches = bcrypt::verify(password, hash).unwrap_or(false);
+        matches && stored.is_some()
     }
 }
 
@@ -155,6 +174,54 @@ impl Api {
             }
         }
         Ok(String::new())
+    }
+
+    /// The token a request of `user` forwarded to the leader carries: the
+    /// caller's own (`token`), none with auth off or for no user, else (a
+    /// user named by its certificate, which cannot be forwarded) one issued
+    /// through the log for `user` and kept for reuse until half its TTL is
+    /// left.
+    pub(super) async fn forward_token(
+        &self,
+        user: &str,
+        token: Option<String>,
+    ) -> Result<Option<String>, Status> {
+        if token.is_some() || user.is_empty() || !self.auth_state().enabled() {
+            return Ok(token);
+        }
+        let now = now_ms();
+        let ttl_ms = self.auth.options.token_ttl.as_millis() as u64;
+        {
+            let kept = self
+                .auth
+                .forward_tokens
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some((t, until)) = kept.get(user) {
+                if *until > now + ttl_ms / 2 && self.auth_state().token_user(t, now) == Some(user) {
+                    return Ok(Some(t.clone()));
+                }
+            }
+        }
+        let token = random_token()?;
+        let change = AuthChange::Token {
+            user: user.to_string(),
+            token: token.clone(),
+            issued_ms: now,
+            expires_ms: now + ttl_ms,
+            checked_revision: self.auth_state().revision(),
+        };
+        self.auth_change("", change).await?;
+        let mut kept = self
+            .auth
+            .forward_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= FORWARD_TOKENS_MAX {
+            kept.clear();
+        }
+        kept.insert(user.to_string(), (token.clone(), now + ttl_ms));
+        Ok(Some(token))
     }
 
     /// Refuses `req` unless it comes from an administrator (auth off:
@@ -312,12 +379,11 @@ impl Auth for Api {
             return Err(status(KvError::AuthNotEnabled));
         }
         let stored = state.user(&name).and_then(|u| u.password.clone());
-        let known = stored.is_some();
-        let hash = stored.unwrap_or_else(|| self.auth.dummy_hash.clone());
+        let gate = self.auth.clone();
         let ok = self
-            .bcrypt(move || bcrypt::verify(password, &hash).unwrap_or(false))
+            .bcrypt(move || gate.verify(stored.as_deref(), &password))
             .await?;
-        if !(ok && known) {
+        if !ok {
             return Err(status(KvError::AuthFailed));
         }
         let token = random_token()?;
@@ -568,5 +634,50 @@ impl Auth for Api {
         Ok(Response::new(AuthRoleRevokePermissionResponse {
             header: self.header(revision),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The time of `f`, the median of five runs.
+    fn median_time(mut f: impl FnMut() -> bool) -> Duration {
+        let mut times: Vec<Duration> = (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                assert!(!f(), "a wrong password matched");
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[2]
+    }
+
+    #[test]
+    fn an_unknown_user_takes_as_long_as_a_wrong_password() {
+        let options = AuthOptions {
+            bcrypt_cost: 8,
+            ..AuthOptions::default()
+        };
+        let gate = AuthGate::new(Arc::default(), options);
+        let stored = bcrypt::hash("right", 8).unwrap();
+        assert!(gate.verify(Some(&stored), "right"));
+        let wrong = median_time(|| gate.verify(Some(&stored), "wrong"));
+        let unknown = median_time(|| gate.verify(None, "right"));
+        // Without the dummy hash an unknown user answers in microseconds,
+        // a bcrypt check of cost 8 takes milliseconds: a factor of 3 either
+        // way leaves room for a busy machine and none for that.
+        let ratio = unknown.as_secs_f64() / wrong.as_secs_f64();
+        assert!(
+            (1.0 / 3.0..=3.0).contains(&ratio),
+            "unknown user {unknown:?}, wrong password {wrong:?}"
+        );
+        // A hash of another cost would tell the two apart too.
+        assert!(
+            gate.dummy_hash.starts_with("$2b$08$"),
+            "{}",
+            gate.dummy_hash
+        );
     }
 }

@@ -225,6 +225,7 @@ impl Lease for Api {
         self.check_space(LEASE_COST_BYTES).await?;
         if !self.leading() {
             let mut client = self.leader_lease_client().await?;
+            let token = self.forward_token(&user, token).await?;
             let granted = client.lease_grant(with_token(req, &token)).await?;
             // The leader applied the grant; a Put or Lock with the lease
             // sent here next is checked against this member's state, so
@@ -321,7 +322,10 @@ impl Lease for Api {
                     Ok(None) => {
                         let up = match upstream.take().filter(|u| !u.is_closed()) {
                             Some(up) => Ok(up),
-                            None => api.forward_keepalives(tx.clone(), &token).await,
+                            None => match api.forward_token(&user, token.clone()).await {
+                                Ok(t) => api.forward_keepalives(tx.clone(), &t).await,
+                                Err(status) => Err(status),
+                            },
                         };
                         match up {
                             Ok(up) if up.send(req).await.is_ok() => {
@@ -356,6 +360,7 @@ impl Lease for Api {
         let lessor = self.lessor.clone();
         let Some(left) = self.lessor_ready(|| lessor.remaining(req.id)).await? else {
             let mut client = self.leader_lease_client().await?;
+            let token = self.forward_token(&user, token).await?;
             return client.lease_time_to_live(with_token(req, &token)).await;
         };
         let lease = match self
