@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use skiff_kv::pb::authpb::{permission::Type as PermType, Permission, UserAddOptions};
 use skiff_kv::pb::etcdserverpb::auth_client::AuthClient;
+use skiff_kv::pb::etcdserverpb::cluster_client::ClusterClient;
 use skiff_kv::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use skiff_kv::pb::etcdserverpb::kv_client::KvClient;
 use skiff_kv::pb::etcdserverpb::lease_client::LeaseClient;
@@ -933,4 +934,101 @@ async fn etcdctl_users_roles_and_permissions() {
     );
     ok(&["--user", "root:rootpw", "auth", "disable"]);
     ok(&["put", "anyone", "1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_with_auth_on() {
+    let mut cluster = auth_cluster(&[]);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    let anon = Conn::to(&cluster, follower).await;
+    set_up_users(&anon).await;
+    let cluster_id = cluster
+        .status(leader)
+        .await
+        .expect("status")
+        .header
+        .expect("header")
+        .cluster_id;
+    let addrs = cluster.new_member_addrs();
+    let add = || MemberAddRequest {
+        peer_ur_ls: vec![addrs.peer_url()],
+        is_learner: false,
+    };
+    let members = |c: &Conn| ClusterClient::new(c.channel.clone());
+    denied(
+        members(&anon).member_add(anon.req(add())).await,
+        Code::InvalidArgument,
+        "user name is empty",
+        "anonymous MemberAdd",
+    );
+    let alice = anon.login("alice", "alicepw").await.expect("alice logs in");
+    denied(
+        members(&alice).member_add(alice.req(add())).await,
+        Code::PermissionDenied,
+        "permission denied",
+        "MemberAdd by alice",
+    );
+    // Root, through a follower: forwarded to the leader with root's token.
+    let root = anon.login("root", "rootpw").await.expect("root logs in");
+    let added = members(&root)
+        .member_add(root.req(add()))
+        .await
+        .expect("MemberAdd by root through a follower")
+        .into_inner()
+        .member
+        .expect("the new member");
+    cluster.add_member_process(added.id, cluster_id, addrs);
+    // The new member publishes its client URL itself (a MemberUpdate made
+    // as root, forwarded to the leader).
+    let url = addrs.endpoint();
+    skiff_tests::poll_until(
+        "the new member's client URL in MemberList",
+        CATCH_UP_TIMEOUT,
+        || {
+            let root = root.clone();
+            let url = url.clone();
+            async move {
+                let list = members(&root)
+                    .member_list(root.req(MemberListRequest::default()))
+                    .await
+                    .ok()?
+                    .into_inner();
+                list.members
+                    .iter()
+                    .any(|m| m.id == added.id && m.client_ur_ls.contains(&url))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // MoveLeader through a follower, to the other follower.
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let via = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    let target = cluster
+        .ids()
+        .into_iter()
+        .find(|&i| i != leader && i != via && i != added.id)
+        .unwrap_or(added.id);
+    let mut through = Conn::to(&cluster, via).await;
+    through.token = root.token.clone();
+    MaintenanceClient::new(through.channel.clone())
+        .move_leader(through.req(MoveLeaderRequest { target_id: target }))
+        .await
+        .expect("MoveLeader by root through a follower");
+    let new_member = Conn::to(&cluster, added.id).await;
+    let alice_there = new_member
+        .login("alice", "alicepw")
+        .await
+        .expect("alice logs in on the new member");
+    alice_there
+        .put("a/new", "x")
+        .await
+        .expect("alice writes through the new member");
+    denied(
+        alice_there.put("b", "x").await,
+        Code::PermissionDenied,
+        "permission denied",
+        "alice writes b through the new member",
+    );
 }

@@ -320,6 +320,19 @@ impl Api {
     }
 }
 
+/// `msg` as a request to the leader carrying the caller's token (tokens
+/// are valid on every member).
+pub(super) fn with_token<T>(msg: T, token: &Option<String>) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(value) = token
+        .as_deref()
+        .and_then(|t| tonic::metadata::MetadataValue::try_from(t).ok())
+    {
+        req.metadata_mut().insert("token", value);
+    }
+    req
+}
+
 fn random_token() -> Result<String, Status> {
     use ring::rand::SecureRandom;
     let mut raw = [0u8; 16];

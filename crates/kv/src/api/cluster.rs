@@ -24,6 +24,7 @@ use crate::pb::etcdserverpb::{
     MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
     MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse,
 };
+use crate::store::auth::ROOT;
 
 /// How long a forward to the leader may take to connect.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -178,7 +179,19 @@ pub(super) async fn publish_client_urls(api: Api) {
             peer_ur_ls: info.peer_urls.clone(),
             client_ur_ls: vec![url.clone()],
         };
-        let result = match api.member_update(Request::new(req)).await {
+        // An update of the member's own: made as root (etcd makes its
+        // internal requests with a root token too).
+        let token = match api.forward_token(ROOT, None).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(member = me, error = %e.message(), "no root token yet");
+                continue;
+            }
+        };
+        let result = match api
+            .member_update(super::auth::with_token(req, &token))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => Err(e.message().to_string()),
         };
@@ -203,7 +216,8 @@ impl Cluster for Api {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        self.require_admin(&req).await?;
+        let user = self.require_admin(&req).await?;
+        let token = super::auth::token_of(&req);
         let req = req.into_inner();
         self.check_peer_urls(&req.peer_ur_ls, None)?;
         let m = self.node.membership();
@@ -229,7 +243,10 @@ impl Cluster for Api {
             }
             Err(leader) => {
                 let ch = self.leader_channel(leader).await?;
-                ClusterClient::new(ch).member_add(req).await
+                let token = self.forward_token(&user, token).await?;
+                ClusterClient::new(ch)
+                    .member_add(super::auth::with_token(req, &token))
+                    .await
             }
         }
     }
@@ -238,7 +255,8 @@ impl Cluster for Api {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.require_admin(&req).await?;
+        let user = self.require_admin(&req).await?;
+        let token = super::auth::token_of(&req);
         let req = req.into_inner();
         self.known_member(req.id)?;
         match self.change(MembershipChange::Remove(req.id), None).await? {
@@ -251,7 +269,10 @@ impl Cluster for Api {
             }
             Err(leader) => {
                 let ch = self.leader_channel(leader).await?;
-                ClusterClient::new(ch).member_remove(req).await
+                let token = self.forward_token(&user, token).await?;
+                ClusterClient::new(ch)
+                    .member_remove(super::auth::with_token(req, &token))
+                    .await
             }
         }
     }
@@ -260,7 +281,8 @@ impl Cluster for Api {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.require_admin(&req).await?;
+        let user = self.require_admin(&req).await?;
+        let token = super::auth::token_of(&req);
         let req = req.into_inner();
         let m = self.known_member(req.id)?;
         let mut info = members::member_info(&m, self.node.config(), req.id);
@@ -286,7 +308,10 @@ impl Cluster for Api {
             })),
             Err(leader) => {
                 let ch = self.leader_channel(leader).await?;
-                ClusterClient::new(ch).member_update(req).await
+                let token = self.forward_token(&user, token).await?;
+                ClusterClient::new(ch)
+                    .member_update(super::auth::with_token(req, &token))
+                    .await
             }
         }
     }
@@ -295,7 +320,8 @@ impl Cluster for Api {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.require_admin(&req).await?;
+        let user = self.require_admin(&req).await?;
+        let token = super::auth::token_of(&req);
         let req = req.into_inner();
         let m = self.known_member(req.id)?;
         if !m.learners.contains(&req.id) {
@@ -316,7 +342,10 @@ impl Cluster for Api {
             }
             Err(leader) => {
                 let ch = self.leader_channel(leader).await?;
-                ClusterClient::new(ch).member_promote(req).await
+                let token = self.forward_token(&user, token).await?;
+                ClusterClient::new(ch)
+                    .member_promote(super::auth::with_token(req, &token))
+                    .await
             }
         }
     }
@@ -337,6 +366,8 @@ impl Cluster for Api {
 /// a follower forwards it to the leader.
 pub(super) async fn move_leader(
     api: &Api,
+    user: &str,
+    token: Option<String>,
     req: MoveLeaderRequest,
 ) -> Result<Response<MoveLeaderResponse>, Status> {
     let m = api.node.membership();
@@ -357,7 +388,10 @@ pub(super) async fn move_leader(
         })),
         Err(RequestError::NotLeader { leader }) => {
             let ch = api.leader_channel(leader).await?;
-            MaintenanceClient::new(ch).move_leader(req).await
+            let token = api.forward_token(user, token).await?;
+            MaintenanceClient::new(ch)
+                .move_leader(super::auth::with_token(req, &token))
+                .await
         }
         Err(e) => Err(membership_status(e)),
     }

@@ -148,7 +148,7 @@ impl Api {
         let mut client = self.leader_lease_client().await?;
         let (up_tx, up_rx) = mpsc::channel(KEEPALIVE_QUEUE);
         let mut responses = client
-            .lease_keep_alive(with_token(ReceiverStream::new(up_rx), token))
+            .lease_keep_alive(super::auth::with_token(ReceiverStream::new(up_rx), token))
             .await?
             .into_inner();
         tokio::spawn(async move {
@@ -226,7 +226,9 @@ impl Lease for Api {
         if !self.leading() {
             let mut client = self.leader_lease_client().await?;
             let token = self.forward_token(&user, token).await?;
-            let granted = client.lease_grant(with_token(req, &token)).await?;
+            let granted = client
+                .lease_grant(super::auth::with_token(req, &token))
+                .await?;
             // The leader applied the grant; a Put or Lock with the lease
             // sent here next is checked against this member's state, so
             // answer once this member applied it too (a read index is at
@@ -361,7 +363,9 @@ impl Lease for Api {
         let Some(left) = self.lessor_ready(|| lessor.remaining(req.id)).await? else {
             let mut client = self.leader_lease_client().await?;
             let token = self.forward_token(&user, token).await?;
-            return client.lease_time_to_live(with_token(req, &token)).await;
+            return client
+                .lease_time_to_live(super::auth::with_token(req, &token))
+                .await;
         };
         let lease = match self
             .node
@@ -410,17 +414,4 @@ impl Lease for Api {
             Err(e) => Err(status_of(e)),
         }
     }
-}
-
-/// `msg` as a request to the leader carrying the caller's token (tokens
-/// are valid on every member).
-fn with_token<T>(msg: T, token: &Option<String>) -> Request<T> {
-    let mut req = Request::new(msg);
-    if let Some(value) = token
-        .as_deref()
-        .and_then(|t| tonic::metadata::MetadataValue::try_from(t).ok())
-    {
-        req.metadata_mut().insert("token", value);
-    }
-    req
 }

@@ -84,8 +84,9 @@ impl Maintenance for Api {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        self.require_admin(&req).await?;
-        super::cluster::move_leader(self, req.into_inner()).await
+        let user = self.require_admin(&req).await?;
+        let token = super::auth::token_of(&req);
+        super::cluster::move_leader(self, &user, token, req.into_inner()).await
     }
 
     async fn status(
