@@ -107,6 +107,7 @@ async fn propose(node: &NodeHandle<LockTable>, cmd: Command) -> Result<(Response
             Err(
                 RequestError::Busy(_)
                 | RequestError::Unavailable(_)
+                | RequestError::NotYet(_)
                 | RequestError::NotLeader { .. },
             ) => {
                 tokio::time::sleep(RETRY_PAUSE).await;

@@ -114,6 +114,12 @@ impl Error {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout { .. })
     }
+
+    /// Whether a member answered the request with an error (not a
+    /// connection failure, not a timeout).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::Status { status, .. } if !is_transport_error(status))
+    }
 }
 
 impl fmt::Display for Error {
@@ -276,7 +282,8 @@ impl Client {
                 },
             };
             self.fail_over();
-            if last_attempt || effects == Effects::Writes {
+            let sent = !matches!(&error, Error::Status { status, .. } if never_sent(status));
+            if last_attempt || (effects == Effects::Writes && sent) {
                 return Err(error);
             }
         }
@@ -532,6 +539,28 @@ fn kv_client(ch: Channel) -> KvClient<Channel> {
 fn is_transport_error(status: &tonic::Status) -> bool {
     use std::error::Error as _;
     status.source().is_some()
+}
+
+/// Whether a transport error says the request never reached the server: the
+/// connection was refused (a member that stopped), or the server refused
+/// the stream before processing it (HTTP/2 REFUSED_STREAM, after a
+/// graceful GOAWAY). Such a write is safe to send elsewhere.
+fn never_sent(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    let mut source = status.source();
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        let text = e.to_string();
+        if text.contains("refused stream") || text.contains("tcp connect error") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -39,6 +39,9 @@ struct WriteLog {
     acked: Vec<String>,
     /// Put attempts that returned an error (each was retried).
     failed: u64,
+    /// Of those, the ones a member answered with an error (not a lost
+    /// connection or a timeout).
+    refused: u64,
     /// The first errors, with when they happened.
     errors: Vec<String>,
     /// Longest time between two acknowledgements (or from the start to
@@ -146,6 +149,9 @@ async fn write_loop(
                 n += 1;
             }
             Err(e) => {
+                if e.is_refusal() {
+                    log.refused += 1;
+                }
                 note_error(&mut log, &failed, started, e.to_string());
                 client = None;
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -769,6 +775,14 @@ async fn rolling_sigterm_restart_under_load() {
         log.longest_gap < Duration::from_secs(5),
         "writes stalled for {:?} in a rolling restart",
         log.longest_gap
+    );
+    // A stopping member hands leadership over and answers the writes it
+    // took; a restarted one waits for a leader instead of refusing: no
+    // write is refused.
+    assert_eq!(
+        log.refused, 0,
+        "members refused writes in a rolling SIGTERM restart: {:?}",
+        log.errors
     );
     eprintln!(
         "rolling_sigterm_restart_under_load: {:.1} s",

@@ -170,7 +170,10 @@ async fn slot(
                     w.done.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e @ (RequestError::Busy(_) | RequestError::Unavailable(_))) => {
+            Err(
+                e
+                @ (RequestError::Busy(_) | RequestError::Unavailable(_) | RequestError::NotYet(_)),
+            ) => {
                 w.errors.fetch_add(1, Ordering::Relaxed);
                 last_error = Some(e.to_string());
                 tokio::time::sleep(Duration::from_millis(1)).await;

@@ -13,7 +13,7 @@
 //! `serializable`, which is served from this member's state at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,26 @@ mod watch;
 pub const API_VERSION: &str = "3.5.0";
 /// Largest gRPC message accepted (etcd's default request bound + framing).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 2 << 20;
+/// How long a proposal refused for a moment waits before it is sent again.
+pub const PROPOSE_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// Counts a proposal in flight (see [`ServeParts::inflight`]) while it
+/// lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// How often a `physical` Compact looks whether the removal is done.
 pub const COMPACT_POLL: Duration = Duration::from_millis(10);
 
@@ -68,6 +88,11 @@ pub struct ServeParts {
     pub quota: Arc<Quota>,
     pub auth_view: Arc<AuthView>,
     pub auth_options: AuthOptions,
+    /// Client proposals in flight on this member: a stopping member waits
+    /// for them (bounded) before its node stops.
+    pub inflight: Arc<AtomicUsize>,
+    /// Told when the server stopped (its connections closed after `stop`).
+    pub served: std::sync::mpsc::Sender<()>,
 }
 
 /// Starts the gRPC server on `addr` (TLS per `tls`); returns the bound
@@ -85,6 +110,8 @@ pub async fn serve(
         quota,
         auth_view,
         auth_options,
+        inflight,
+        served,
     } = parts;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -93,6 +120,7 @@ pub async fn serve(
     let client_cert_auth = node.config().client_cert_auth && tls.server.is_some();
     let api = Api {
         auth: Arc::new(auth::AuthGate::new(auth_view, auth_options)),
+        inflight,
         client_cert_auth,
         node,
         hub,
@@ -130,6 +158,7 @@ pub async fn serve(
         if let Err(e) = server.await {
             tracing::error!(error = %e, "gRPC server failed");
         }
+        let _ = served.send(());
     });
     Ok(local)
 }
@@ -153,6 +182,8 @@ struct Api {
     auth: Arc<auth::AuthGate>,
     /// Whether a verified client certificate's common name names the user.
     client_cert_auth: bool,
+    /// Client proposals in flight ([`ServeParts::inflight`]).
+    inflight: Arc<AtomicUsize>,
 }
 
 fn kv_status(e: &KvError) -> Status {
@@ -167,7 +198,7 @@ fn status_of(e: RequestError) -> Status {
         } => Status::unavailable(format!(
             "etcdserver: not leader (the leader is member {leader})"
         )),
-        RequestError::Unavailable(m) => Status::unavailable(m),
+        RequestError::Unavailable(m) | RequestError::NotYet(m) => Status::unavailable(m),
         RequestError::Busy(m) => {
             Status::resource_exhausted(format!("etcdserver: too many requests: {m}"))
         }
@@ -203,13 +234,24 @@ impl Api {
     }
 
     /// Proposes `cmd` (through the leader) and waits until it is applied
-    /// on this member.
+    /// on this member. A refusal that appended nothing and lasts a moment
+    /// (no leader known yet, leadership being handed over, a new leader
+    /// not ready) is retried every [`PROPOSE_RETRY_PAUSE`] until the
+    /// request timeout, as etcd waits for a leader: a client sees an
+    /// election or a hand-over as latency, not as an error.
     async fn propose(&self, cmd: KvCommand) -> Result<KvResponse, Status> {
-        self.node
-            .propose(cmd)
-            .await
-            .map_err(status_of)?
-            .map_err(|e| kv_status(&e))
+        let _inflight = InFlight::enter(&self.inflight);
+        let deadline = Instant::now() + self.node.config().request_timeout();
+        loop {
+            match self.node.propose(cmd.clone()).await {
+                Err(RequestError::NotLeader { leader: None } | RequestError::NotYet(_))
+                    if Instant::now() + PROPOSE_RETRY_PAUSE < deadline =>
+                {
+                    tokio::time::sleep(PROPOSE_RETRY_PAUSE).await;
+                }
+                r => return r.map_err(status_of)?.map_err(|e| kv_status(&e)),
+            }
+        }
     }
 
     /// Proposes `cmd` asked by a client as `user` ("": none): apply

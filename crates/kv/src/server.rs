@@ -67,6 +67,11 @@ impl Default for KvOptions {
     }
 }
 
+/// Longest a stopping member waits for the client proposals in flight.
+pub const DRAIN_MAX: Duration = Duration::from_secs(2);
+/// How often it looks.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+
 /// How long the watch dispatcher waits for a frozen view from the loop.
 const VIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -127,6 +132,8 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let tls_on = tls.server.is_some();
+    let inflight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (served_tx, served_rx) = std::sync::mpsc::channel();
     let bound = node
         .runtime()
         .block_on(crate::api::serve(
@@ -137,6 +144,8 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
                 quota,
                 auth_view,
                 auth_options: opts.auth,
+                inflight: inflight.clone(),
+                served: served_tx,
             },
             addr,
             tls,
@@ -149,7 +158,20 @@ pub fn start_with(cfg: NodeConfig, opts: KvOptions) -> Result<KvNode, StartError
         })?;
     tracing::info!(id, client = %bound, tls = tls_on, "etcd API serving");
     node.on_shutdown(move || {
+        // The client port stops taking connections and tells its clients
+        // to go elsewhere (HTTP/2 GOAWAY: a request that crosses it is
+        // refused unprocessed, safe to resend); the requests in flight
+        // finish while the node still runs. Bounded by DRAIN_MAX (streams
+        // such as watches keep their connections until then), so that a
+        // stopping member answers what it took.
         let _ = stop_tx.send(());
+        let drain_until = std::time::Instant::now() + DRAIN_MAX;
+        let _ = served_rx.recv_timeout(DRAIN_MAX);
+        while inflight.load(std::sync::atomic::Ordering::Acquire) > 0
+            && std::time::Instant::now() < drain_until
+        {
+            std::thread::sleep(DRAIN_POLL);
+        }
         lessor_task.abort();
         compactor_task.abort();
         hub.stop();

@@ -100,6 +100,11 @@ pub enum RequestError {
     Busy(String),
     #[error("the node stopped: {0}")]
     Stopped(String),
+    /// Refused before anything was appended, for a moment: leadership is
+    /// being handed over, or a new leader has not committed an entry of
+    /// its term yet. The same request is safe to send again shortly.
+    #[error("{0}")]
+    NotYet(String),
     /// The request cannot be done as asked (an invalid membership change,
     /// a transfer to a node that is not a voter).
     #[error("{0}")]
@@ -1179,6 +1184,8 @@ pub(crate) fn propose_error(e: skiff_raft::ProposeError) -> RequestError {
             leader: leader_hint,
         },
         skiff_raft::ProposeError::Backpressure { .. } => RequestError::Busy(e.to_string()),
+        skiff_raft::ProposeError::Transferring { .. }
+        | skiff_raft::ProposeError::LeaderNotReady => RequestError::NotYet(e.to_string()),
         other => RequestError::Unavailable(other.to_string()),
     }
 }
