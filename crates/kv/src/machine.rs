@@ -1059,7 +1059,9 @@ impl KvMachine {
         match command {
             KvCommand::Op(op) => auth.check_op(user, op, &lease_keys),
             KvCommand::Compact { .. } | KvCommand::LeaseGrant { .. } => auth.check_user(user),
-            KvCommand::LeaseRevoke { id } => auth.check_lease_keys(user, &lease_keys(*id)),
+            KvCommand::LeaseRevoke { id } => {
+                auth.check_lease(user, &lease_keys(*id), PermKind::Write)
+            }
             KvCommand::LeaseCheckpoint { .. } | KvCommand::Alarm { .. } => auth.check_admin(user),
             KvCommand::Auth(change) if change.needs_admin() => auth.check_admin(user),
             KvCommand::Auth(_) => Ok(()),

@@ -26,6 +26,7 @@ use crate::pb::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
+use crate::store::auth::PermKind;
 use crate::store::{KvError, LEASE_COST_BYTES, LEASE_TTL_MAX};
 
 /// Keepalive responses queued for one stream.
@@ -177,20 +178,17 @@ impl Api {
         }
     }
 
-    /// Refuses a keepalive (`write`) or a TimeToLive of lease `id` unless
-    /// `user` may write (read) every key attached to it.
-    async fn check_lease_access(&self, user: &str, id: i64, write: bool) -> Result<(), Status> {
+    /// Refuses a keepalive or revoke (`Write`) or a look at lease `id`
+    /// (`Read`) unless `user` may `want` every key attached to it.
+    async fn check_lease_access(&self, user: &str, id: i64, want: PermKind) -> Result<(), Status> {
         let state = self.auth_state();
         if !state.enabled() || state.check_admin(user).is_ok() {
             return state.check_user(user).map_err(|e| kv_status(&e));
         }
         let keys = self.lease_keys(id).await?;
-        if write {
-            state.check_lease_keys(user, &keys)
-        } else {
-            state.check_lease_reads(user, &keys)
-        }
-        .map_err(|e| kv_status(&e))
+        state
+            .check_lease(user, &keys, want)
+            .map_err(|e| kv_status(&e))
     }
 
     /// Refuses a request naming a lease this member does not hold, before
@@ -271,7 +269,7 @@ impl Lease for Api {
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let user = self.user_of(&request).await?;
         let id = request.into_inner().id;
-        self.check_lease_access(&user, id, true).await?;
+        self.check_lease_access(&user, id, PermKind::Write).await?;
         // The leader's lessor hears of it from apply.
         match self
             .propose_as(&user, KvCommand::LeaseRevoke { id })
@@ -308,7 +306,7 @@ impl Lease for Api {
                         break;
                     }
                 };
-                if let Err(status) = api.check_lease_access(&user, req.id, true).await {
+                if let Err(status) = api.check_lease_access(&user, req.id, PermKind::Write).await {
                     let _ = tx.send(Err(status)).await;
                     break;
                 }
@@ -358,7 +356,8 @@ impl Lease for Api {
         let user = self.user_of(&request).await?;
         let token = super::auth::token_of(&request);
         let req = request.into_inner();
-        self.check_lease_access(&user, req.id, false).await?;
+        self.check_lease_access(&user, req.id, PermKind::Read)
+            .await?;
         let lessor = self.lessor.clone();
         let Some(left) = self.lessor_ready(|| lessor.remaining(req.id)).await? else {
             let mut client = self.leader_lease_client().await?;
@@ -403,7 +402,7 @@ impl Lease for Api {
         match self.node.query(KvQuery::Leases, true).await {
             Ok(KvQueryResponse::Leases(all)) => {
                 for (id, ..) in &all {
-                    self.check_lease_access(&user, *id, false).await?;
+                    self.check_lease_access(&user, *id, PermKind::Read).await?;
                 }
                 Ok(Response::new(LeaseLeasesResponse {
                     header: self.lease_header(),

@@ -459,29 +459,16 @@ impl AuthState {
         }
     }
 
-    /// Whether `user` may revoke (or keep alive) a lease with `keys`.
-    pub fn check_lease_keys(&self, user: &str, keys: &[Bytes]) -> Result<(), KvError> {
-        if !self.enabled || self.is_root(user) {
-            return self.check_user(user);
-        }
+    /// Whether `user` may `want` every key attached to a lease: Write to
+    /// revoke it or keep it alive, Read to look at it (TimeToLive with
+    /// keys, Leases).
+    pub fn check_lease(&self, user: &str, keys: &[Bytes], want: PermKind) -> Result<(), KvError> {
         self.check_user(user)?;
-        for k in keys {
-            self.check_range(user, k, &[], PermKind::Write)?;
-        }
-        Ok(())
-    }
-
-    /// Whether `user` may read the keys of leases (TimeToLive with keys,
-    /// Leases).
-    pub fn check_lease_reads(&self, user: &str, keys: &[Bytes]) -> Result<(), KvError> {
         if !self.enabled || self.is_root(user) {
-            return self.check_user(user);
+            return Ok(());
         }
-        self.check_user(user)?;
-        for k in keys {
-            self.check_range(user, k, &[], PermKind::Read)?;
-        }
-        Ok(())
+        keys.iter()
+            .try_for_each(|k| self.check_range(user, k, &[], want))
     }
 
     /// Whether `user` has `role` (RoleGet of one's own role needs no root).
