@@ -35,7 +35,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -130,38 +129,10 @@ fn build_skiff() -> PathBuf {
     bin
 }
 
-/// A loopback address whose port was free a moment ago.
-///
-/// Ports come from below the kernel's ephemeral range, so that the clients'
-/// and peers' outgoing connections cannot take a port a node is about to
-/// bind again on restart. Falls back to an ephemeral port where that range
-/// is too small.
+/// A loopback address whose port was free a moment ago, from below the
+/// kernel's ephemeral range (see [`skiff_node::embedded::free_loopback_addr`]).
 pub fn free_addr() -> SocketAddr {
-    const LOW: u16 = 10_000;
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    if ephemeral_low > LOW + 2_000 {
-        let span = ephemeral_low - LOW;
-        // Spread concurrent test processes over the range.
-        let _ = NEXT.compare_exchange(
-            0,
-            (std::process::id() as u16).wrapping_mul(613) % span + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        for _ in 0..span {
-            let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
-            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
-                return l.local_addr().expect("a bound listener has an address");
-            }
-        }
-    }
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
+    skiff_node::embedded::free_loopback_addr().expect("a free loopback port")
 }
 
 /// A free port on loopback address `ip` (any of 127.0.0.0/8), from the

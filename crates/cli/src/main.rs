@@ -155,6 +155,10 @@ struct ServeArgs {
     /// and go).
     #[arg(long)]
     batch_linger_us: Option<u64>,
+    /// Committed entry bytes applied in one event-loop pass (one entry at least); the rest
+    /// follows in the next passes.
+    #[arg(long)]
+    apply_bytes_max: Option<usize>,
     /// Worker threads of the network runtime (client gRPC, peer transport, snapshot streams).
     #[arg(long)]
     io_threads: Option<usize>,
@@ -299,6 +303,7 @@ fn serve_default(id: &str) -> Option<String> {
         "batch_entries_max" => n.batch_entries_max.to_string(),
         "batch_bytes_max" => n.batch_bytes_max.to_string(),
         "batch_linger_us" => n.batch_linger_us.to_string(),
+        "apply_bytes_max" => n.apply_bytes_max.to_string(),
         "io_threads" => n.io_threads.to_string(),
         "inflight_max" => n.inflight_max.to_string(),
         "inflight_bytes_max" => n.inflight_bytes_max.to_string(),
@@ -380,6 +385,7 @@ impl ServeArgs {
             batch_entries_max,
             batch_bytes_max,
             batch_linger_us,
+            apply_bytes_max,
             io_threads,
             inflight_max,
             inflight_bytes_max,

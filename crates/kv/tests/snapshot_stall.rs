@@ -14,11 +14,19 @@
 //! Asserted over the phase:
 //! * no leader change: every member's `skiff_raft_term` and the leader are
 //!   the same at its end as at its start;
-//! * no member's loop had a pass as long as the heartbeat interval
+//! * no member's loop made a pass as long as the heartbeat interval
 //!   (`tick_interval_ms * heartbeat_ticks`) during the phase: a pass that
 //!   long delays a heartbeat, and one several times longer costs an
 //!   election. Read from `skiff_loop_passes_over_heartbeat_total` at the
-//!   phase's start and end. The longest pass since start
+//!   phase's start and end, less the passes that the scheduler made that
+//!   long (`skiff_loop_passes_over_heartbeat_cpu_wait_total`: the loop
+//!   thread sat runnable, waiting for a CPU, and the rest of the pass was
+//!   under a heartbeat). Three members, their snapshot threads and the
+//!   clients share this machine's CPUs (2 in CI), and the kernel may leave
+//!   a runnable thread waiting 100 ms there while it writes 600 MiB of
+//!   snapshots: such passes are printed, not failed. A snapshot written on
+//!   the loop, or a pass doing work in proportion to the state, is the
+//!   loop's own and fails. The longest pass since start
 //!   (`skiff_loop_pass_us`, quantile 1, which covers the loading too) is
 //!   printed beside it.
 //!
@@ -101,6 +109,8 @@ struct Sample {
     wal_submit_max_us: u64,
     /// Loop passes as long as a heartbeat interval, since start.
     over_heartbeat: u64,
+    /// Of them, passes made long by waiting for a CPU.
+    over_heartbeat_cpu_wait: u64,
 }
 
 fn sample(cluster: &EmbeddedCluster<KvMachine>, rt: &tokio::runtime::Runtime, id: u64) -> Sample {
@@ -114,6 +124,7 @@ fn sample(cluster: &EmbeddedCluster<KvMachine>, rt: &tokio::runtime::Runtime, id
         snapshot_write_max_us: metric(&text, "skiff_snapshot_write_us{quantile=\"1\"}"),
         wal_submit_max_us: metric(&text, "skiff_wal_submit_us{quantile=\"1\"}"),
         over_heartbeat: metric(&text, "skiff_loop_passes_over_heartbeat_total"),
+        over_heartbeat_cpu_wait: metric(&text, "skiff_loop_passes_over_heartbeat_cpu_wait_total"),
     }
 }
 
@@ -317,12 +328,15 @@ fn snapshots_of_a_large_state_do_not_stall_the_loop() {
         };
         println!(
             "node {id}: loop pass max: load {} us, phase {phase_max}; passes over a heartbeat: \
-             load {}, phase {}; longest WAL submit {} us; \
+             load {} ({} waiting for a CPU), phase {} ({} waiting for a CPU); \
+             longest WAL submit {} us; \
              snapshots taken {} -> {}; longest snapshot write {} ms; snapshot file {:.1} MiB; \
              term {} -> {}",
             b.loop_max_us,
             b.over_heartbeat,
+            b.over_heartbeat_cpu_wait,
             a.over_heartbeat - b.over_heartbeat,
+            a.over_heartbeat_cpu_wait - b.over_heartbeat_cpu_wait,
             a.wal_submit_max_us,
             b.taken,
             a.taken,
@@ -343,11 +357,12 @@ fn snapshots_of_a_large_state_do_not_stall_the_loop() {
             a.term, b.term,
             "node {id}: term moved during the snapshot phase"
         );
+        let own = (a.over_heartbeat - b.over_heartbeat)
+            - (a.over_heartbeat_cpu_wait - b.over_heartbeat_cpu_wait);
         assert_eq!(
-            a.over_heartbeat - b.over_heartbeat,
-            0,
-            "node {id}: loop passes of a heartbeat interval ({HEARTBEAT_US} us) or more \
-             during the snapshot phase (longest since start {} us)",
+            own, 0,
+            "node {id}: loop passes of a heartbeat interval ({HEARTBEAT_US} us) or more, not \
+             explained by waiting for a CPU, during the snapshot phase (longest since start {} us)",
             a.loop_max_us
         );
     }

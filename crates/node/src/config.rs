@@ -217,6 +217,12 @@ pub struct NodeConfig {
     /// How long the first proposal of a batch may wait for more; 0 takes
     /// what is queued and goes.
     pub batch_linger_us: u64,
+    /// Committed entry bytes the state machine applies in one loop pass
+    /// (one entry at least); the rest waits for the next passes, which
+    /// come at once. Bounds a pass when a large backlog commits at once (a
+    /// follower catching up, a burst of large writes) so heartbeats keep
+    /// going out.
+    pub apply_bytes_max: usize,
     /// AppendEntries in flight per follower.
     pub inflight_max: usize,
     /// Entry bytes in flight per follower.
@@ -297,6 +303,7 @@ impl Default for NodeConfig {
             batch_entries_max: 4096,
             batch_bytes_max: 4 << 20,
             batch_linger_us: 0,
+            apply_bytes_max: 1 << 20,
             io_threads: 2,
             inflight_max: 256,
             inflight_bytes_max: 64 << 20,
@@ -459,6 +466,7 @@ impl NodeConfig {
         let positive = [
             ("batch_entries_max", self.batch_entries_max),
             ("batch_bytes_max", self.batch_bytes_max),
+            ("apply_bytes_max", self.apply_bytes_max),
             ("requests_pending_max", self.requests_pending_max),
             ("snapshot_streams", self.snapshot_streams),
         ];

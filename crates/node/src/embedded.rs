@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use skiff_raft::{NodeId, Role};
@@ -25,8 +26,38 @@ pub struct EmbeddedCluster<S: StateMachine> {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// A free loopback port (bound, then released for the node to take).
-fn free_addr() -> std::io::Result<SocketAddr> {
+/// A loopback address whose port was free a moment ago (bound, then
+/// released for a node to take).
+///
+/// Ports come from below the kernel's ephemeral range, in turn from a
+/// point that depends on the process id, so that outgoing connections
+/// (clients', peers', other tests') cannot take a port between this
+/// choice and the node's bind, nor one a node binds again on restart, and
+/// two calls in one process never give the same port. Falls back to an
+/// ephemeral port where that range is too small.
+pub fn free_loopback_addr() -> std::io::Result<SocketAddr> {
+    const LOW: u16 = 10_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOW + 2_000 {
+        let span = ephemeral_low - LOW;
+        // Spread concurrent processes over the range.
+        let _ = NEXT.compare_exchange(
+            0,
+            (std::process::id() as u16).wrapping_mul(613) % span + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        for _ in 0..span {
+            let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr();
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
@@ -81,8 +112,8 @@ impl<S: StateMachine> EmbeddedCluster<S> {
         let mut peers = BTreeMap::new();
         let mut clients = BTreeMap::new();
         for id in 1..=n as NodeId {
-            peers.insert(id, free_addr().map_err(io)?);
-            clients.insert(id, free_addr().map_err(io)?);
+            peers.insert(id, free_loopback_addr().map_err(io)?);
+            clients.insert(id, free_loopback_addr().map_err(io)?);
         }
         let configs: Vec<NodeConfig> = (1..=n as NodeId)
             .map(|id| NodeConfig {

@@ -56,6 +56,7 @@ use tokio::sync::oneshot;
 
 use crate::command;
 use crate::config::NodeConfig;
+use crate::cpu_wait::CpuWait;
 use crate::queue::{QueueReceiver, QueueSender};
 use crate::state_machine::{Committed, SnapshotView, StateMachine};
 use crate::storage::{self, encode_membership};
@@ -71,7 +72,7 @@ mod wal_tickets;
 use self::metrics::Stages;
 pub use self::no_space::{NO_SPACE_RETRY, REWRITE_BYTES_MAX};
 pub use self::snapshots::SnapshotOffer;
-pub(crate) use self::snapshots::{file_crc, SnapshotWorker};
+pub(crate) use self::snapshots::{file_crc, lower_thread_priority, SnapshotWorker};
 use self::wal_tickets::{Durable, WalWaker};
 
 /// How often the loop looks at the data directory's free space: writes
@@ -314,6 +315,13 @@ pub struct EventLoop<S: StateMachine> {
     /// Propose batches waiting to become durable locally: (last index, when
     /// the oldest request of the batch was accepted, requests).
     submitted: VecDeque<(Index, Instant, u64)>,
+    /// Committed entries handed out by the core and not applied yet: at
+    /// most `apply_bytes_max` of them are applied per pass (see `apply`).
+    /// Bounded by what the core holds committed and unapplied (clones of
+    /// its entries: their payloads are shared).
+    to_apply: VecDeque<Entry>,
+    /// Entry bytes the apply stage may still take in this pass.
+    apply_budget: usize,
     /// Reused buffers of the apply stage.
     apply_batch: Vec<Committed>,
     apply_responses: Vec<S::Response>,
@@ -390,6 +398,8 @@ impl<S: StateMachine> EventLoop<S> {
             last_snapshot_index,
             sm_busy: true,
             submitted: VecDeque::new(),
+            to_apply: VecDeque::new(),
+            apply_budget: 0,
             apply_batch: Vec::new(),
             apply_responses: Vec::new(),
             stages: Stages::new(),
@@ -409,13 +419,17 @@ impl<S: StateMachine> EventLoop<S> {
         let mut reads: Vec<PendingRead<S>> = Vec::new();
         let mut queued: VecDeque<Input<S>> = VecDeque::new();
         let mut drained: Vec<Input<S>> = Vec::with_capacity(INPUTS_PER_DRAIN_MAX);
+        // This thread's wait for a CPU, read at most once a tick (at a
+        // pass's start) and at the end of a pass of a heartbeat or more.
+        let cpu_wait = CpuWait::for_this_thread();
+        let mut cpu_wait_mark: Option<(Instant, Duration)> = None;
         self.publish();
         self.check_space();
         let result = loop {
             // ---- 1. collect. Block (no spinning) until an input or the
             // next tick; with deferred state-machine work, do not block.
             if queued.is_empty() {
-                let deadline = if self.sm_busy {
+                let deadline = if self.sm_busy || !self.to_apply.is_empty() {
                     Instant::now()
                 } else {
                     next_tick
@@ -430,6 +444,10 @@ impl<S: StateMachine> EventLoop<S> {
                 }
             }
             let pass_started = Instant::now();
+            self.apply_budget = self.cfg.apply_bytes_max;
+            if cpu_wait_mark.is_none_or(|(at, _)| pass_started - at >= tick) {
+                cpu_wait_mark = cpu_wait.waited().map(|w| (pass_started, w));
+            }
             let mut stop = None;
             let mut batch_bytes = 0usize;
             let mut linger_until: Option<Instant> = None;
@@ -519,6 +537,16 @@ impl<S: StateMachine> EventLoop<S> {
                 .saturating_record(pass.as_micros().max(1) as u64);
             if pass >= heartbeat {
                 self.stages.passes_over_heartbeat += 1;
+                // What the thread waited for a CPU since the mark (at most a
+                // tick before the pass began): a lower bound of the pass's
+                // own time is what remains.
+                let waited = match (cpu_wait_mark, cpu_wait.waited()) {
+                    (Some((_, then)), Some(now)) => now.saturating_sub(then),
+                    _ => Duration::ZERO,
+                };
+                if pass.saturating_sub(waited) < heartbeat {
+                    self.stages.passes_over_heartbeat_cpu_wait += 1;
+                }
             }
         };
         self.stop(result.as_ref().err().cloned());
@@ -804,6 +832,8 @@ impl<S: StateMachine> EventLoop<S> {
 
     /// Dispatches every action of this pass, in order.
     fn dispatch(&mut self) -> Result<(), String> {
+        // What earlier passes left to apply goes first.
+        self.apply_some()?;
         loop {
             // Sends held for persists that are now durable leave first: a
             // persist completing (a follower's entries, a vote) often makes
@@ -849,7 +879,10 @@ impl<S: StateMachine> EventLoop<S> {
                     Some(id) if id > self.durable => self.held_sends.push_back((id, msg)),
                     _ => self.send(msg),
                 },
-                Action::Apply { entries } => self.apply(entries)?,
+                Action::Apply { entries } => {
+                    self.to_apply.extend(entries);
+                    self.apply_some()?;
+                }
                 Action::SendSnapshot {
                     to,
                     index,
@@ -938,6 +971,29 @@ impl<S: StateMachine> EventLoop<S> {
 
     /// The apply stage: committed entries into the state machine, replies
     /// out.
+    /// Applies what waits in `to_apply`, up to this pass's budget (one
+    /// entry at least per pass): a backlog that commits at once (a
+    /// follower catching up, a burst of large writes) is applied over
+    /// several passes, each short enough for heartbeats to go out between
+    /// them. The loop does not block while entries wait.
+    fn apply_some(&mut self) -> Result<(), String> {
+        while !self.to_apply.is_empty() && self.apply_budget > 0 {
+            let mut bytes = 0usize;
+            let mut n = 0usize;
+            for e in &self.to_apply {
+                if n > 0 && bytes + e.size() > self.apply_budget {
+                    break;
+                }
+                bytes += e.size();
+                n += 1;
+            }
+            self.apply_budget = self.apply_budget.saturating_sub(bytes.max(1));
+            let entries: Vec<Entry> = self.to_apply.drain(..n).collect();
+            self.apply(entries)?;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());

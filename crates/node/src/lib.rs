@@ -98,6 +98,7 @@
 pub mod bootstrap;
 pub mod command;
 pub mod config;
+pub mod cpu_wait;
 pub mod embedded;
 pub mod event_loop;
 pub mod members;

@@ -829,13 +829,21 @@ impl<S: StateMachine> Pump<S> {
                     ms = fetched.stats.transfer.as_millis() as u64,
                     "snapshot fetched"
                 );
-                // Verify, restore and file it on a blocking thread: work in
-                // proportion to the state, kept off the loop and off the
-                // runtime's workers.
+                // Verify, restore and file it on a thread of its own, at
+                // the background priority: work in proportion to the
+                // state, kept off the loop and off the runtime's workers.
                 let path = fetched.path;
-                tokio::task::spawn_blocking(move || install_prepare::<S>(&path, &snap_dir, meta))
+                let (done, restored) = tokio::sync::oneshot::channel();
+                std::thread::Builder::new()
+                    .name(format!("skiff-{}-restore", meta.index))
+                    .spawn(move || {
+                        crate::event_loop::lower_thread_priority();
+                        let _ = done.send(install_prepare::<S>(&path, &snap_dir, meta));
+                    })
+                    .map_err(|e| format!("restore thread: {e}"))?;
+                restored
                     .await
-                    .map_err(|e| format!("restore task: {e}"))?
+                    .map_err(|_| "the restore thread ended without an answer".to_string())?
             }
             .await;
             match result {

@@ -78,6 +78,7 @@ pub mod auth;
 mod compact;
 mod events;
 mod exec;
+mod latest;
 mod snapshot;
 mod validate;
 
@@ -486,8 +487,10 @@ impl Lease {
 pub const LEASE_TTL_MAX: i64 = 9_000_000_000;
 
 /// Key → its latest version held, without the value (the history has it):
-/// the key's bytes (shared with the history) and 24 bytes.
-type Latest = std::collections::HashMap<Bytes, LatestVersion>;
+/// the key's bytes (shared with the history) and 24 bytes. Sharded, so
+/// that it never grows by rehashing every key on one apply (see
+/// [`latest`]).
+type Latest = latest::LatestIndex<LatestVersion>;
 
 /// What [`KvStore::latest`] keeps of a key's latest version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -563,7 +566,7 @@ impl KvStore {
             compaction: None,
             applied_index: 0,
             stats: StoreStats::default(),
-            latest: Latest::new(),
+            latest: Latest::default(),
             events: None,
             leases: Leases::new(),
             alarms: alarm::Alarms::new(),
@@ -897,7 +900,7 @@ impl KvStore {
         }
         assert_eq!(keys, self.latest.len(), "latest index holds other keys");
         let mut attached: std::collections::BTreeMap<i64, Vec<Bytes>> = Default::default();
-        for (key, l) in &self.latest {
+        for (key, l) in self.latest.iter() {
             if l.version != 0 && l.lease != 0 {
                 attached.entry(l.lease).or_default().push(key.clone());
             }

@@ -530,7 +530,7 @@ impl KvStore {
                 .latest
                 .insert(at.0.clone(), super::LatestVersion::of(at.1, v));
         }
-        for (key, l) in &store.latest {
+        for (key, l) in store.latest.iter() {
             if l.version != 0 && l.lease != 0 {
                 match leases.get_mut(&l.lease) {
                     Some(lease) => {

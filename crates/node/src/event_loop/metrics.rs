@@ -16,6 +16,10 @@ pub(super) struct Stages {
     pub(super) wal_submit_us: Histogram<u64>,
     /// Passes that took a heartbeat interval or longer.
     pub(super) passes_over_heartbeat: u64,
+    /// Of those, passes that were that long only because the loop thread
+    /// waited for a CPU (see `crate::cpu_wait`): the rest of the pass was
+    /// under a heartbeat interval.
+    pub(super) passes_over_heartbeat_cpu_wait: u64,
     pub(super) snapshots_started: u64,
     pub(super) snapshots_taken: u64,
     pub(super) snapshot_failures: u64,
@@ -39,6 +43,7 @@ impl Stages {
             loop_pass_us: h(),
             wal_submit_us: h(),
             passes_over_heartbeat: 0,
+            passes_over_heartbeat_cpu_wait: 0,
             snapshots_started: 0,
             snapshots_taken: 0,
             snapshot_failures: 0,
@@ -108,6 +113,14 @@ impl<S: StateMachine> EventLoop<S> {
             "loop_passes_over_heartbeat_total",
             "Event-loop passes that took a heartbeat interval or longer.",
             st.passes_over_heartbeat,
+        );
+        counter(
+            &mut out,
+            "loop_passes_over_heartbeat_cpu_wait_total",
+            "Of loop_passes_over_heartbeat_total, passes the scheduler made that long: the loop \
+             thread waited for a CPU, and without that wait the pass was under a heartbeat \
+             interval (the machine lacks CPU; the others are the loop's own work or waits).",
+            st.passes_over_heartbeat_cpu_wait,
         );
         counter(
             &mut out,
