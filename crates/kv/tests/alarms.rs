@@ -146,15 +146,39 @@ fn reseal(bytes: &mut [u8]) {
 /// (4), enabled (1), revision (8), three empty counts (12).
 const AUTH_SECTION_EMPTY: usize = 4 + 1 + 8 + 12;
 
-/// Where the alarm count of a v5 snapshot whose auth was never used
+/// Where the alarm count of a snapshot whose auth was never used
 /// starts: before the trailer, the auth section and the alarms.
 fn alarm_count_at(bytes: &[u8], alarms: usize) -> usize {
     bytes.len() - 4 - AUTH_SECTION_EMPTY - 9 * alarms - 8
 }
 
-/// A v5 snapshot whose auth was never used, as v4 wrote it (no auth
-/// section).
-fn as_v4(v5: &[u8]) -> Vec<u8> {
+/// A current (v6) snapshot whose revisions wrote one key each, as v5
+/// wrote it: no `sub` field (all 0 here) in the records.
+fn as_v5(v6: &[u8]) -> Vec<u8> {
+    const HEADER: usize = 33;
+    // kind, key_len, value_len, mod, create, version, lease; then sub.
+    const BEFORE_SUB: usize = 1 + 4 + 4 + 8 + 8 + 8 + 8;
+    let u32_at = |at: usize| u32::from_le_bytes(v6[at..at + 4].try_into().unwrap()) as usize;
+    let mut v5 = v6[..HEADER].to_vec();
+    v5[8] = 5;
+    let mut at = HEADER;
+    while v6[at] != 0 {
+        let (key_len, value_len) = (u32_at(at + 1), u32_at(at + 5));
+        assert_eq!(u32_at(at + BEFORE_SUB), 0, "one write per revision");
+        v5.extend_from_slice(&v6[at..at + BEFORE_SUB]);
+        let rest = at + BEFORE_SUB + 4;
+        v5.extend_from_slice(&v6[rest..rest + key_len + value_len]);
+        at = rest + key_len + value_len;
+    }
+    v5.extend_from_slice(&v6[at..]);
+    reseal(&mut v5);
+    v5
+}
+
+/// A v6 snapshot whose auth was never used and whose revisions wrote one
+/// key each, as v4 wrote it (no auth section, no `sub`).
+fn as_v4(v6: &[u8]) -> Vec<u8> {
+    let v5 = as_v5(v6);
     let n = v5.len() - 4 - AUTH_SECTION_EMPTY;
     let mut v4 = v5[..n].to_vec();
     v4.extend_from_slice(&[0; 4]);
@@ -342,7 +366,7 @@ fn snapshots_carry_alarms() {
     h.raise(2, NOSPACE);
     let bytes = snapshot_of(&h.store);
     assert_eq!(bytes[8], SNAPSHOT_VERSION);
-    assert_eq!(SNAPSHOT_VERSION, 5);
+    assert_eq!(SNAPSHOT_VERSION, 6);
     let back = read(&bytes).unwrap();
     back.check_invariants();
     assert_eq!(back, h.store);
@@ -380,8 +404,13 @@ fn a_v3_snapshot_is_read_as_one_without_alarms() {
     h.apply(&put("b", "2")).unwrap();
     h.apply(&del("a", "")).unwrap();
     assert_eq!(h.at(|s, i| s.lease_grant(i, 9, 30)), Ok(()));
-    let v5 = snapshot_of(&h.store);
-    let v4 = as_v4(&v5);
+    let current = snapshot_of(&h.store);
+    assert_eq!(
+        read(&as_v5(&current)).unwrap(),
+        h.store,
+        "a v5 snapshot reads back"
+    );
+    let v4 = as_v4(&current);
     assert_eq!(read(&v4).unwrap(), h.store, "a v4 snapshot reads back");
     // v3 = v4 without the (empty) alarm table.
     let at = v4.len() - 4 - 8;
@@ -396,7 +425,7 @@ fn a_v3_snapshot_is_read_as_one_without_alarms() {
     assert_eq!(back.alarms().count(), 0);
     assert!(back.lease(9).is_some());
     // Written back in the current format.
-    assert_eq!(snapshot_of(&back), v5);
+    assert_eq!(snapshot_of(&back), current);
 
     // A v3 snapshot with an alarm table appended is not a v3 snapshot.
     let mut longer = v3.clone();
@@ -456,7 +485,7 @@ fn forged_alarm_tables_are_refused() {
             "a huge count",
             Box::new(move |s| s[count..count + 8].copy_from_slice(&u64::MAX.to_le_bytes())),
         ),
-        ("version 6", Box::new(|s| s[8] = 6)),
+        ("version 7", Box::new(|s| s[8] = 7)),
     ];
     for (what, edit) in edits {
         let mut bytes = good.clone();

@@ -1042,8 +1042,9 @@ struct Layout {
 }
 
 const HEADER: usize = 33;
-const RECORD_HEADER_V3: usize = 1 + 4 + 4 + 8 + 8 + 8 + 8;
-/// Where a v3 record's lease field starts, from its kind byte.
+/// A record's header (v6: with lease and sub), from its kind byte.
+const RECORD_HEADER: usize = 1 + 4 + 4 + 8 + 8 + 8 + 8 + 4;
+/// Where a record's lease field starts, from its kind byte (its sub follows).
 const RECORD_LEASE: usize = 1 + 4 + 4 + 8 + 8 + 8;
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -1051,14 +1052,14 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 }
 
 fn layout(bytes: &[u8]) -> Layout {
-    assert_eq!(bytes[8], 5, "a v5 snapshot");
+    assert_eq!(bytes[8], 6, "a v6 snapshot");
     let mut at = HEADER;
     let mut records = Vec::new();
     while bytes[at] != 0 {
         let key_len = u32_at(bytes, at + 1);
         let value_len = u32_at(bytes, at + 5);
         records.push((at, key_len));
-        at += RECORD_HEADER_V3 + key_len as usize + value_len as usize;
+        at += RECORD_HEADER + key_len as usize + value_len as usize;
     }
     Layout {
         records,
@@ -1077,8 +1078,8 @@ fn reseal(bytes: &mut [u8]) {
     bytes[n..].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// The v2 form of a v3 snapshot without leases: no lease field in the
-/// records, no lease table.
+/// The v2 form of a current snapshot without leases whose revisions wrote
+/// one key each: no lease or sub field in the records, no lease table.
 fn to_v2(bytes: &[u8]) -> Vec<u8> {
     let l = layout(bytes);
     let mut out = bytes[..HEADER].to_vec();
@@ -1089,8 +1090,12 @@ fn to_v2(bytes: &[u8]) -> Vec<u8> {
             &bytes[start + RECORD_LEASE..start + RECORD_LEASE + 8],
             &[0; 8]
         );
+        assert_eq!(
+            &bytes[start + RECORD_LEASE + 8..start + RECORD_LEASE + 12],
+            &[0; 4]
+        );
         out.extend_from_slice(&bytes[start..start + RECORD_LEASE]);
-        out.extend_from_slice(&bytes[start + RECORD_LEASE + 8..stop]);
+        out.extend_from_slice(&bytes[start + RECORD_LEASE + 12..stop]);
     }
     out.extend_from_slice(&bytes[l.end..l.leases]);
     assert_eq!(&bytes[l.leases..l.leases + 8], &0u64.to_le_bytes());
@@ -1110,12 +1115,12 @@ fn a_v2_snapshot_is_read_as_one_without_leases() {
     h.compact(3).unwrap();
     let v3 = snapshot_of(&h.store);
     let v2 = to_v2(&v3);
-    // No lease fields, no lease count, no alarm count, no auth section
-    // (length, enabled, revision, three counts).
+    // No lease or sub fields, no lease count, no alarm count, no auth
+    // section (length, enabled, revision, three counts).
     let auth_section = 4 + 1 + 8 + 12;
     assert_eq!(
         v2.len(),
-        v3.len() - 8 * layout(&v3).records.len() - 16 - auth_section
+        v3.len() - 12 * layout(&v3).records.len() - 16 - auth_section
     );
     let back = read(&v2).unwrap();
     back.check_invariants();

@@ -172,10 +172,15 @@ fn header_layout() {
     assert_eq!(&bytes[50..58], &2i64.to_le_bytes());
     assert_eq!(&bytes[58..66], &1i64.to_le_bytes());
     assert_eq!(&bytes[66..74], &0i64.to_le_bytes(), "no lease");
-    assert_eq!(&bytes[74..80], b"alpha1");
+    assert_eq!(
+        &bytes[74..78],
+        &0u32.to_le_bytes(),
+        "the revision's first write"
+    );
+    assert_eq!(&bytes[78..84], b"alpha1");
     // Second: alpha@5, the same key (key_len 0, no key bytes).
-    assert_eq!(bytes[80], 1);
-    assert_eq!(&bytes[81..85], &0u32.to_le_bytes());
+    assert_eq!(bytes[84], 1);
+    assert_eq!(&bytes[85..89], &0u32.to_le_bytes());
     // Leases: none; alarms: none; auth never used.
     let auth = bytes.len() - 4 - AUTH_SECTION_EMPTY.len();
     assert_eq!(&bytes[auth..bytes.len() - 4], &AUTH_SECTION_EMPTY);
@@ -330,6 +335,10 @@ fn forged_table(
         if format >= 3 {
             let lease = record_leases.get(i).copied().unwrap_or(0);
             bytes.extend_from_slice(&lease.to_le_bytes());
+        }
+        if format >= 6 {
+            // Sub 0: each revision here wrote one key.
+            bytes.extend_from_slice(&0u32.to_le_bytes());
         }
         bytes.extend_from_slice(r.key);
         bytes.extend(std::iter::repeat_n(b'v', r.value_len as usize));
@@ -516,12 +525,12 @@ fn forged_records_are_corrupt() {
     // Lengths beyond the bounds are refused before reading the bytes.
     let mut long = good[..34].to_vec();
     long.extend_from_slice(&(KEY_BYTES_MAX as u32 + 1).to_le_bytes());
-    long.extend_from_slice(&[0u8; 36]);
+    long.extend_from_slice(&[0u8; 40]);
     corrupt(long, "key length beyond KEY_BYTES_MAX");
     let mut huge_value = good[..34].to_vec();
     huge_value.extend_from_slice(&1u32.to_le_bytes());
     huge_value.extend_from_slice(&(VALUE_BYTES_MAX as u32 + 1).to_le_bytes());
-    huge_value.extend_from_slice(&[0u8; 32]);
+    huge_value.extend_from_slice(&[0u8; 36]);
     corrupt(huge_value, "value length beyond VALUE_BYTES_MAX");
 
     // No end marker: the stream runs out, Truncated, not an allocation.

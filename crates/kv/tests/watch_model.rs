@@ -29,7 +29,8 @@
 //! as in etcd):
 //!
 //! * it receives events only of revisions `>= S`, revisions in increasing
-//!   order, each revision's events in one run, in key order;
+//!   order, each revision's events in one run, in the order the reference
+//!   store made them (a Txn's op order; each key once);
 //! * **not cancelled** (neither by the test nor by compaction, stream not
 //!   closed): for every revision `r` in `S..=final` it received exactly
 //!   `E(r)`, or exactly `E'(r)` when `r` is a revision the store was
@@ -733,10 +734,13 @@ impl Harness {
                 return Err(format!("reference event of revision {rev} after {last}"));
             }
             if let Some(same) = self.ref_events.get(&rev) {
-                let prev_key = same.last().and_then(|e| e.kv.as_ref()).map(|k| &k.key);
-                if prev_key.is_some_and(|p| *p >= kv.key) {
+                if same
+                    .iter()
+                    .any(|e| e.kv.as_ref().is_some_and(|k| k.key == kv.key))
+                {
                     return Err(format!(
-                        "reference events of revision {rev} not in key order"
+                        "reference events of revision {rev} name {:?} twice",
+                        kv.key
                     ));
                 }
             }

@@ -14,11 +14,6 @@ use crate::pb::mvccpb::{Event, KeyValue};
 #[cfg(doc)]
 use super::KvStore;
 
-/// The key of an event (events always carry one).
-pub(super) fn event_key(e: &Event) -> Option<&[u8]> {
-    e.kv.as_ref().map(|kv| kv.key.as_ref())
-}
-
 /// Whether `key` is among the keys `start`/`range_end` name, as in a Range
 /// or a watch: `range_end` empty names `start` alone, `"\0"` every key
 /// `>= start`, else `[start, range_end)`.
@@ -49,8 +44,8 @@ pub(super) fn event(key: &Bytes, mod_revision: i64, v: &Version, prev: Option<Ke
 
 impl StoreView {
     /// The events on the keys `key`/`range_end` name with revisions from
-    /// `from` through this view's revision, in revision order (key order
-    /// within a revision), each with the key's previous live version as
+    /// `from` through this view's revision, in revision order (the order
+    /// written within a revision: a Txn's operations in order), each with the key's previous live version as
     /// `prev_kv`; the same events [`KvStore::collect_events`] made when
     /// they were applied. At most about `max_events`: the list stops at a
     /// revision boundary (never inside a revision), after the first
@@ -76,7 +71,7 @@ impl StoreView {
         );
         let keys = KeyRange::new(key, range_end);
         let start: At = (Bytes::copy_from_slice(key), i64::MIN);
-        let mut found: Vec<(i64, Event)> = Vec::new();
+        let mut found: Vec<(i64, u32, Event)> = Vec::new();
         let mut prev: Option<(&At, &Version)> = None;
         for (at, v) in self
             .history
@@ -99,18 +94,19 @@ impl StoreView {
             let prev_kv = same_key_prev
                 .filter(|(p, pv)| !pv.is_tombstone() && at.1 > self.compact_revision && p.1 < at.1)
                 .map(|(p, pv)| pv.key_value(&p.0, p.1));
-            found.push((at.1, event(&at.0, at.1, v, prev_kv)));
+            found.push((at.1, v.sub, event(&at.0, at.1, v, prev_kv)));
         }
-        // Revision order; the scan was in key order, which a stable sort
-        // keeps within a revision.
-        found.sort_by_key(|(rev, _)| *rev);
+        // Revision order, and within a revision the order written; the
+        // scan was in key order, which a stable sort keeps where versions
+        // read from an old snapshot all have sub 0.
+        found.sort_by_key(|(rev, sub, _)| (*rev, *sub));
         let mut next = self.revision + 1;
         if found.len() > max_events {
             let cut_rev = found[max_events.max(1) - 1].0;
-            let keep = found.partition_point(|(rev, _)| *rev <= cut_rev);
+            let keep = found.partition_point(|(rev, _, _)| *rev <= cut_rev);
             found.truncate(keep);
             next = cut_rev + 1;
         }
-        (found.into_iter().map(|(_, e)| e).collect(), next)
+        (found.into_iter().map(|(_, _, e)| e).collect(), next)
     }
 }

@@ -417,8 +417,10 @@ impl<'s> WriteTxn<'s> {
     }
 
     /// Adds `version` of `key` at the write revision. O(log n).
-    fn add_version(&mut self, key: Bytes, version: Version, key_is_new: bool) {
+    fn add_version(&mut self, key: Bytes, mut version: Version, key_is_new: bool) {
         let revision = self.write_revision();
+        // Its place among this request's writes: the op order.
+        version.sub = self.written.len() as u32;
         let store = &mut *self.store;
         store.stats.versions += 1;
         store.stats.bytes += version.bytes();
@@ -466,6 +468,7 @@ impl<'s> WriteTxn<'s> {
                     version: l.version + 1,
                     value,
                     lease: if req.ignore_lease { l.lease } else { req.lease },
+                    sub: 0,
                 };
                 let prev_kv = req.prev_kv.then(|| held().key_value(&at.0, at.1));
                 self.attach(&at.0, l.lease, version.lease);
@@ -481,6 +484,7 @@ impl<'s> WriteTxn<'s> {
                     version: 1,
                     value: Bytes::copy_from_slice(&req.value),
                     lease: req.lease,
+                    sub: 0,
                 };
                 // A new generation shares the key's bytes with the older
                 // ones when any are still held.
@@ -574,8 +578,9 @@ impl<'s> WriteTxn<'s> {
                 });
                 events.push(super::events::event(&at.0, at.1, v, prev));
             }
-            events[first..]
-                .sort_by(|a, b| super::events::event_key(a).cmp(&super::events::event_key(b)));
+            // In the order written: a Txn's operations in order, a
+            // DeleteRange's keys in key order (as etcd).
+            debug_assert!(events[first..].len() == self.written.len());
         }
         debug_assert!(self
             .written

@@ -109,16 +109,16 @@ pub const VALUE_BYTES_MAX: usize = 1536 * 1024;
 ///
 /// With [`KEY_OVERHEAD_BYTES`], measured with a counting allocator
 /// (`tests/store_memory.rs`, bytes requested, malloc's own slack not
-/// included), 16-B keys, 128-B values: 1,000,000 versions cost 336.5 B each
-/// besides key and value bytes with one version per key, 164.3 B with 10
+/// included), 16-B keys, 128-B values: 1,000,000 versions cost 385.3 B each
+/// besides key and value bytes with one version per key, 190.9 B with 10
 /// versions per key; solving `version + key × keys / versions` for the two
-/// gives 145 B and 191 B (200,000 versions: 152 B and 140 B).
-pub const VERSION_OVERHEAD_BYTES: u64 = 150;
+/// gives 169 B and 216 B (200,000 versions: 177 B and 157 B).
+pub const VERSION_OVERHEAD_BYTES: u64 = 170;
 /// What [`StoreStats::bytes`] counts for each key held besides its bytes:
-/// its entry in the latest-version index (key handle and 24 B, in a hash
-/// table that is between half and seven eighths full). See
+/// its entry in the latest-version index (key handle and 24 B, in hash
+/// tables that are between half and seven eighths full). See
 /// [`VERSION_OVERHEAD_BYTES`] for the measurement.
-pub const KEY_OVERHEAD_BYTES: u64 = 160;
+pub const KEY_OVERHEAD_BYTES: u64 = 185;
 /// Kept for callers of the single-version store: the overhead per version.
 pub const RECORD_OVERHEAD_BYTES: u64 = VERSION_OVERHEAD_BYTES;
 
@@ -287,6 +287,11 @@ struct Version {
     value: Bytes,
     /// The lease the key is attached to by this version (0: none).
     lease: i64,
+    /// Its place among the writes of its revision, 0 first: the order of
+    /// a Txn's operations (etcd's sub-revision). Watch events of one
+    /// revision come in this order. Not hashed, and 0 for versions read
+    /// from a snapshot older than v6 (their events come in key order).
+    sub: u32,
 }
 
 impl Version {
@@ -295,6 +300,7 @@ impl Version {
         version: 0,
         value: Bytes::new(),
         lease: 0,
+        sub: 0,
     };
 
     fn is_tombstone(&self) -> bool {
@@ -810,7 +816,8 @@ impl KvStore {
     /// requests. While collecting, each request that changes something
     /// records one [`Event`] per key it wrote (a delete's `kv` holds the key
     /// and mod_revision only), with the key's previous live version as
-    /// `prev_kv`; the events of one revision are in key order. Costs one
+    /// `prev_kv`; the events of one revision are in the order written (a
+    /// Txn's operations in order, a range's keys in key order). Costs one
     /// lookup per written key.
     pub fn collect_events(&mut self, on: bool) {
         match (on, &self.events) {

@@ -4,7 +4,8 @@
 //! ```text
 //! header (33 bytes)
 //!   magic            [u8; 8] = "SKIFFKV\0"
-//!   version          u8      = 5 (4: written before auth, read with auth
+//!   version          u8      = 6 (5: written before `sub`, read with
+//!                            every sub 0; 4: written before auth, read with auth
 //!                            off and empty; 3: written before alarms, read
 //!                            as a snapshot without alarms; 2: written
 //!                            before leases, read without leases and alarms)
@@ -22,6 +23,9 @@
 //!   version          i64     /   a tombstone has create_rev = version = 0
 //!   lease            i64     the lease the version attaches its key to
 //!                            (0: none; 0 for a tombstone); absent in v2
+//!   sub              u32     its place among its revision's writes, 0
+//!                            first (a Txn's op order: watch events of a
+//!                            revision come in this order); absent before v6
 //!   key              [u8; key_len]
 //!   value            [u8; value_len]
 //! end
@@ -76,7 +80,9 @@ use super::{
 };
 
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SKIFFKV\0";
-pub const SNAPSHOT_VERSION: u8 = 5;
+pub const SNAPSHOT_VERSION: u8 = 6;
+/// The version before the records' `sub`, still read.
+const SNAPSHOT_VERSION_NO_SUB: u8 = 5;
 /// The version before auth, still read.
 const SNAPSHOT_VERSION_NO_AUTH: u8 = 4;
 /// The version before alarms, still read.
@@ -85,9 +91,11 @@ const SNAPSHOT_VERSION_NO_ALARMS: u8 = 3;
 const SNAPSHOT_VERSION_NO_LEASES: u8 = 2;
 const HEADER_BYTES: usize = 8 + 1 + 8 + 8 + 8;
 /// A record after its kind byte.
-const RECORD_HEADER_BYTES: usize = 4 + 4 + 8 + 8 + 8 + 8;
-/// A v2 record after its kind byte (no lease).
-const RECORD_HEADER_BYTES_V2: usize = RECORD_HEADER_BYTES - 8;
+const RECORD_HEADER_BYTES: usize = 4 + 4 + 8 + 8 + 8 + 8 + 4;
+/// A v3–v5 record after its kind byte (no sub).
+const RECORD_HEADER_BYTES_V5: usize = RECORD_HEADER_BYTES - 4;
+/// A v2 record after its kind byte (no lease, no sub).
+const RECORD_HEADER_BYTES_V2: usize = RECORD_HEADER_BYTES_V5 - 8;
 const LEASE_BYTES: usize = 8 + 8 + 8;
 const ALARM_BYTES: usize = 8 + 1;
 const END_BYTES: usize = 8 + 8;
@@ -126,7 +134,7 @@ pub enum SnapshotError {
     BadMagic,
     #[error(
         "snapshot format version {0} is not known (expected {SNAPSHOT_VERSION}, \
-         {SNAPSHOT_VERSION_NO_AUTH}, {SNAPSHOT_VERSION_NO_ALARMS} or \
+         {SNAPSHOT_VERSION_NO_SUB}, {SNAPSHOT_VERSION_NO_AUTH}, {SNAPSHOT_VERSION_NO_ALARMS} or \
          {SNAPSHOT_VERSION_NO_LEASES})"
     )]
     UnsupportedVersion(u8),
@@ -238,6 +246,7 @@ impl StoreView {
             buf.extend_from_slice(&v.create_revision.to_le_bytes());
             buf.extend_from_slice(&v.version.to_le_bytes());
             buf.extend_from_slice(&v.lease.to_le_bytes());
+            buf.extend_from_slice(&v.sub.to_le_bytes());
             if !same_key {
                 buf.extend_from_slice(key);
             }
@@ -331,6 +340,7 @@ impl KvStore {
         let [version] = fields.take::<1>();
         if ![
             SNAPSHOT_VERSION,
+            SNAPSHOT_VERSION_NO_SUB,
             SNAPSHOT_VERSION_NO_AUTH,
             SNAPSHOT_VERSION_NO_ALARMS,
             SNAPSHOT_VERSION_NO_LEASES,
@@ -341,9 +351,12 @@ impl KvStore {
         }
         let with_leases = version >= SNAPSHOT_VERSION_NO_ALARMS;
         let with_alarms = version >= SNAPSHOT_VERSION_NO_AUTH;
-        let with_auth = version >= SNAPSHOT_VERSION;
-        let record_header_bytes = if with_leases {
+        let with_auth = version >= SNAPSHOT_VERSION_NO_SUB;
+        let with_sub = version >= SNAPSHOT_VERSION;
+        let record_header_bytes = if with_sub {
             RECORD_HEADER_BYTES
+        } else if with_leases {
+            RECORD_HEADER_BYTES_V5
         } else {
             RECORD_HEADER_BYTES_V2
         };
@@ -379,6 +392,7 @@ impl KvStore {
             let (mod_revision, create_revision, version) =
                 (fields.i64(), fields.i64(), fields.i64());
             let lease = if with_leases { fields.i64() } else { 0 };
+            let sub = if with_sub { fields.u32() } else { 0 };
             if lease < 0 || (version == 0 && lease != 0) {
                 return Err(input.corrupt("lease id out of range"));
             }
@@ -411,6 +425,7 @@ impl KvStore {
                 version,
                 value: Bytes::from(value),
                 lease,
+                sub,
             };
             let same_key = prev.as_ref().filter(|(prev_key, ..)| *prev_key == key);
             let chain = same_key.map(|(_, prev_revision, prev_version)| Prev {
