@@ -20,6 +20,8 @@ use skiff_node::config::NodeConfig;
 use skiff_node::embedded::EmbeddedCluster;
 use skiff_node::{ApplyError, Committed, RestoreError, SnapshotView, StateMachine};
 
+mod common;
+
 /// The most commands seen in one `apply` call, by any member.
 static LARGEST_APPLY: AtomicUsize = AtomicUsize::new(0);
 /// The tests share `LARGEST_APPLY`: one at a time.
@@ -57,12 +59,10 @@ impl StateMachine for Seen {
     fn apply(&mut self, batch: &[Committed], out: &mut Vec<()>) -> Result<(), ApplyError> {
         let mut commands = 0;
         for e in batch {
-            let Some(cmd) = &e.command else { continue };
-            let raw: [u8; 8] = cmd[..].try_into().map_err(|_| ApplyError {
-                index: e.index,
-                reason: format!("{} bytes, expected 8", cmd.len()),
-            })?;
-            self.0.push(u64::from_le_bytes(raw));
+            let Some(v) = common::command_u64(e)? else {
+                continue;
+            };
+            self.0.push(v);
             out.push(());
             commands += 1;
         }

@@ -19,6 +19,8 @@ use skiff_node::config::NodeConfig;
 use skiff_node::embedded::EmbeddedCluster;
 use skiff_node::{ApplyError, Committed, NodeHandle, RestoreError, SnapshotView, StateMachine};
 
+mod common;
+
 static FAIL_WRITES: AtomicBool = AtomicBool::new(false);
 static WRITE_DELAY_MS: AtomicU64 = AtomicU64::new(0);
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -61,12 +63,10 @@ impl StateMachine for Log {
 
     fn apply(&mut self, batch: &[Committed], out: &mut Vec<usize>) -> Result<(), ApplyError> {
         for e in batch {
-            let Some(cmd) = &e.command else { continue };
-            let raw: [u8; 8] = cmd[..].try_into().map_err(|_| ApplyError {
-                index: e.index,
-                reason: format!("{} bytes, expected 8", cmd.len()),
-            })?;
-            Arc::make_mut(&mut self.items).push(u64::from_le_bytes(raw));
+            let Some(v) = common::command_u64(e)? else {
+                continue;
+            };
+            Arc::make_mut(&mut self.items).push(v);
             out.push(self.items.len());
         }
         Ok(())
