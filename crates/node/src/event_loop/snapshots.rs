@@ -567,9 +567,102 @@ impl<W: Write> Write for Stoppable<'_, W> {
     }
 }
 
-/// Writes `view` to `path` durably (temporary file, fsync, rename,
-/// directory fsync); returns its length and CRC32C. A failure leaves no
-/// file under `path` (the temporary one is removed); so does `stop`.
+/// Dirty bytes of a snapshot file the snapshot thread lets pile up before
+/// it starts their writeback (and waits for the chunk before).
+pub const SNAPSHOT_SYNC_BYTES: u64 = 8 << 20;
+
+/// A file written in order whose data is sent to the disk as it goes:
+/// every [`SNAPSHOT_SYNC_BYTES`] the chunk just written starts its
+/// writeback and the one before is waited for (`sync_file_range`), so
+/// that at most two chunks are dirty at any time. Without it a snapshot of
+/// hundreds of MiB sat dirty in the page cache until its fsync, and any
+/// journal commit meanwhile (the WAL's directory fsync at a segment roll,
+/// on ext4 in ordered mode) had to flush it first: the WAL's driver
+/// stalled ~100 ms and the event loop with it (measured: one
+/// `skiff_wal_submit_us` of ~100 ms per member per minute with snapshots
+/// on, none with them off). A failed range sync fails the snapshot write
+/// (its error might otherwise not reach the final fsync).
+struct SyncAsWritten {
+    file: std::fs::File,
+    written: u64,
+    /// Writeback started up to here.
+    started: u64,
+    /// Writeback waited for up to here.
+    waited: u64,
+    /// The file system does not do range syncs (EINVAL, ENOSYS,
+    /// EOPNOTSUPP): the final fsync alone makes the file durable.
+    unsupported: bool,
+}
+
+impl SyncAsWritten {
+    fn new(file: std::fs::File) -> Self {
+        SyncAsWritten {
+            file,
+            written: 0,
+            started: 0,
+            waited: 0,
+            unsupported: false,
+        }
+    }
+
+    fn sync_range(&mut self, from: u64, to: u64, flags: libc::c_uint) -> std::io::Result<()> {
+        if self.unsupported {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open fd and a byte range; no memory is passed.
+        let r = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                from as libc::off64_t,
+                (to - from) as libc::off64_t,
+                flags,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                    self.unsupported = true;
+                    Ok(())
+                }
+                _ => Err(e),
+            };
+        }
+        Ok(())
+    }
+}
+
+impl Write for SyncAsWritten {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.started >= SNAPSHOT_SYNC_BYTES {
+            if self.started > self.waited {
+                self.sync_range(
+                    self.waited,
+                    self.started,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                )?;
+                self.waited = self.started;
+            }
+            self.sync_range(self.started, self.written, libc::SYNC_FILE_RANGE_WRITE)?;
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Writes `view` to `path` durably (temporary file written back as it
+/// goes, fsync, rename, directory fsync); returns its length and CRC32C.
+/// A failure leaves no file under `path` (the temporary one is removed);
+/// so does `stop`.
 fn write_snapshot_file(
     view: &impl SnapshotView,
     path: &Path,
@@ -580,13 +673,13 @@ fn write_snapshot_file(
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;
         let mut w = crate::storage::CrcWriter::new(Stoppable {
-            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            inner: std::io::BufWriter::with_capacity(1 << 20, SyncAsWritten::new(file)),
             stop,
         });
         view.write_to(&mut w)?;
         w.flush()?;
         let (len, crc) = (w.len, w.crc);
-        let file = w.inner.inner.into_inner().map_err(|e| e.into_error())?;
+        let file = w.inner.inner.into_inner().map_err(|e| e.into_error())?.file;
         file.sync_all()?;
         drop(file);
         std::fs::rename(&tmp, path)?;
@@ -616,6 +709,33 @@ pub(crate) fn file_crc(path: &Path) -> std::io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writeback is started for each chunk written and waited for one
+    /// chunk behind: at most two chunks dirty; the file is whole.
+    #[test]
+    fn a_snapshot_file_is_written_back_as_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut w = SyncAsWritten::new(std::fs::File::create(&path).unwrap());
+        let chunk = vec![7u8; 1 << 20];
+        let total = 3 * SNAPSHOT_SYNC_BYTES + (1 << 20);
+        for _ in 0..total / chunk.len() as u64 {
+            w.write_all(&chunk).unwrap();
+            if !w.unsupported {
+                assert!(
+                    w.written - w.waited <= 2 * SNAPSHOT_SYNC_BYTES,
+                    "{}",
+                    w.written
+                );
+            }
+        }
+        if !w.unsupported {
+            assert_eq!(w.started, 3 * SNAPSHOT_SYNC_BYTES);
+            assert_eq!(w.waited, 2 * SNAPSHOT_SYNC_BYTES);
+        }
+        w.file.sync_all().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), total);
+    }
 
     struct Bytes3;
     impl SnapshotView for Bytes3 {
