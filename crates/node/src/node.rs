@@ -5,7 +5,8 @@
 //! (writes snapshot files, compacts the WAL, drops replaced states), and a
 //! small tokio runtime for the transport, the inbox pump (a task moving
 //! Raft messages from the transport to the loop, and starting snapshot
-//! fetches, which restore the fetched state on a blocking thread), the
+//! fetches, which restore the fetched state on a thread of their own at
+//! the background priority), the
 //! snapshot server, the metrics endpoint and whatever the embedding
 //! service runs on it (its client API: [`Node::runtime`]).
 
@@ -682,7 +683,8 @@ pub const PEER_DROPS_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Moves messages from the transport to the loop; a snapshot offer is
 /// fetched first (in parallel chunks), restored into a new state machine
-/// on a blocking thread, and stepped once both are done. A batch the loop's
+/// on a thread of its own (nice `BACKGROUND_NICE`), and stepped once both
+/// are done. A batch the loop's
 /// queue does not take within `wait_max` is dropped and counted; the pump
 /// stops only when the loop does (its queue closed) or the transport ends.
 struct Pump<S: StateMachine> {

@@ -16,8 +16,8 @@
 //! | `snapshot`            | the event loop                 | nothing; O(1) or O(recent writes)|
 //! | `background_step`     | the event loop, between passes | nothing; a bounded slice of work |
 //! | `gauges`              | the event loop (metrics)       | nothing; O(1)                    |
-//! | `Snapshot::write_to`  | the runtime's snapshot thread  | the writer (disk I/O); O(state)  |
-//! | `restore`             | a blocking thread (start-up, install) | the reader; O(state)      |
+//! | `Snapshot::write_to`  | the runtime's snapshot thread (nice 10) | the writer (disk I/O); O(state) |
+//! | `restore`             | the starting thread; on install a restore thread (nice 10) | the reader; O(state) |
 //! | `install`             | the event loop (start-up: the starting thread) | nothing; O(1)    |
 //!
 //! Everything that runs on the event loop delays heartbeats, elections and
