@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 pub use skiff_kv::tls::ClientTls;
 
 pub mod client;
+pub mod lying_disk;
 pub mod nemesis;
 pub mod tls;
 
@@ -292,6 +293,11 @@ pub struct ClusterOptions {
     /// reach the members: TLS when they serve it (`--cert-file` among
     /// `args`), and then endpoints are `https://`.
     pub client_tls: ClientTls,
+    /// Put each member's data directory on a [`lying_disk::LyingDisk`] of
+    /// its own (see [`Cluster::disk`]). Probe with
+    /// [`lying_disk::available`] first: the start panics where FUSE cannot
+    /// be mounted.
+    pub lying_disks: bool,
 }
 
 impl Default for ClusterOptions {
@@ -303,6 +309,7 @@ impl Default for ClusterOptions {
             peer_ip_prefix: None,
             member_args: BTreeMap::new(),
             client_tls: ClientTls::plaintext(),
+            lying_disks: false,
         }
     }
 }
@@ -362,6 +369,8 @@ pub struct Cluster {
     dir: Option<tempfile::TempDir>,
     options: ClusterOptions,
     members: BTreeMap<NodeId, Member>,
+    /// Each member's lying disk, where [`ClusterOptions::lying_disks`].
+    disks: BTreeMap<NodeId, lying_disk::LyingDisk>,
 }
 
 impl Cluster {
@@ -392,7 +401,18 @@ impl Cluster {
             .tempdir()
             .expect("a temporary directory");
         let mut members = BTreeMap::new();
+        let mut disks = BTreeMap::new();
         for id in 1..=options.nodes as NodeId {
+            let data_dir = if options.lying_disks {
+                let mount = dir.path().join(format!("disk-{id}"));
+                std::fs::create_dir(&mount).expect("create a mount point");
+                let disk = lying_disk::LyingDisk::mount(&mount)
+                    .unwrap_or_else(|e| panic!("member {id}'s lying disk: {e}"));
+                disks.insert(id, disk);
+                mount.join("data")
+            } else {
+                dir.path().join(format!("node-{id}"))
+            };
             members.insert(
                 id,
                 Member {
@@ -402,7 +422,7 @@ impl Cluster {
                         None => free_addr(),
                     },
                     metrics: free_addr(),
-                    data_dir: dir.path().join(format!("node-{id}")),
+                    data_dir,
                     log: dir.path().join(format!("node-{id}.log")),
                     child: None,
                     starts: 0,
@@ -415,6 +435,7 @@ impl Cluster {
             dir: Some(dir),
             options,
             members,
+            disks,
         };
         let ids = cluster.ids();
         for &id in &ids {
@@ -586,6 +607,19 @@ impl Cluster {
                 ));
             }
             std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Sends `SIGKILL` to `id` without reaping it (see [`Cluster::kill`],
+    /// which reaps): for a process that cannot exit before something else
+    /// happens (a lying disk answering its held fsync).
+    pub fn sigkill(&self, id: NodeId) {
+        if let Some(child) = &self.member(id).child {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) on our own child, not reaped yet (so the
+                // pid cannot have been reused).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
     }
 
@@ -926,6 +960,12 @@ impl Cluster {
         }
     }
 
+    /// `id`'s lying disk, where the cluster has them
+    /// ([`ClusterOptions::lying_disks`]).
+    pub fn disk(&self, id: NodeId) -> Option<&lying_disk::LyingDisk> {
+        self.disks.get(&id)
+    }
+
     /// Starts `id` again from its data directory, like
     /// [`Cluster::restart`], but reports a failed start (it exited, or did
     /// not accept client connections in time) instead of panicking.
@@ -937,6 +977,16 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A member whose lying disk holds its fsync (a power cut) exits only
+        // once the disk answers.
+        for id in self.ids() {
+            self.sigkill(id);
+        }
+        for disk in self.disks.values() {
+            if disk.is_dark() {
+                disk.lose_power();
+            }
+        }
         for m in self.members.values_mut() {
             if let Some(mut child) = m.child.take() {
                 let _ = child.kill();
@@ -945,6 +995,17 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             self.print_logs();
+            // A lying disk's contents go with its mount: keep a copy.
+            for (id, disk) in &self.disks {
+                let copy = disk.mountpoint().with_extension("copy");
+                if let Err(e) = nemesis::copy_tree(disk.mountpoint(), &copy) {
+                    eprintln!("----- member {id}'s lying disk not copied: {e}");
+                }
+            }
+        }
+        // Unmounted before the directory holding the mount points goes.
+        self.disks.clear();
+        if std::thread::panicking() {
             if let Some(dir) = self.dir.take() {
                 let kept = dir.keep();
                 eprintln!("----- cluster directory kept: {}", kept.display());

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use skiff_raft::testing::linearizability::{self, Input, Operation, Output, Verdict};
 
 use crate::client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use crate::lying_disk::{self, LyingDisk};
 use crate::{Client, Cluster, ConnectOptions, NodeId};
 
 /// Steps the checker may spend on one key before answering `Unknown`.
@@ -82,7 +83,25 @@ pub enum Fault {
     /// leader is the clock a lease must be safe against: it believes its
     /// lease longer than the followers' promise lasts.
     SlowLeaderIsolated,
+    /// `SIGKILL` a random member and throw away every write its disk had
+    /// not made durable (its [`LyingDisk`] loses power); restart it after
+    /// the hold.
+    PowerLoss,
+    /// Every member loses power at once (a coordinated power loss): all
+    /// are `SIGKILL`ed, every disk drops what was not fsynced, and all
+    /// restart after the hold. Whatever was acknowledged must survive.
+    PowerLossAll,
+    /// The next fsync of a WAL segment on a random member fails with `EIO`
+    /// and loses the writes it covered. The member must stop (an fsync
+    /// error on the WAL is fatal) with a non-zero exit status within
+    /// [`FSYNC_FAULT_TIMEOUT`]; its machine then loses power and it
+    /// restarts after the hold.
+    FsyncError,
 }
+
+/// How long a member may run on after a WAL fsync of its failed, and how
+/// long the nemesis waits for that fsync.
+pub const FSYNC_FAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The tick of a member whose clock the nemesis slows, by default (the
 /// cluster's is 10 ms).
@@ -90,7 +109,7 @@ pub const SKEWED_TICK_MS: u64 = 11;
 
 impl Fault {
     /// Every kind, in the order a round's schedule draws them from.
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 11] = [
         Fault::Kill,
         Fault::KillLeader,
         Fault::Pause,
@@ -99,6 +118,9 @@ impl Fault {
         Fault::IsolateLeader,
         Fault::OneWayLoss,
         Fault::SlowLeaderIsolated,
+        Fault::PowerLoss,
+        Fault::PowerLossAll,
+        Fault::FsyncError,
     ];
 
     fn needs_firewall(self) -> bool {
@@ -108,6 +130,13 @@ impl Fault {
                 | Fault::IsolateLeader
                 | Fault::OneWayLoss
                 | Fault::SlowLeaderIsolated
+        )
+    }
+
+    fn needs_lying_disks(self) -> bool {
+        matches!(
+            self,
+            Fault::PowerLoss | Fault::PowerLossAll | Fault::FsyncError
         )
     }
 }
@@ -310,6 +339,15 @@ pub struct RoundStats {
     pub linearizable: bool,
     pub check_steps: u64,
     pub longest_recovery: Duration,
+    /// Power losses of one member (a [`Fault::PowerLossAll`] counts one per
+    /// member).
+    pub power_losses: usize,
+    /// Files and directory entries those power losses put back to their
+    /// last fsync: what the disks had not made durable.
+    pub files_reverted: usize,
+    pub entries_reverted: usize,
+    /// WAL fsyncs failed with `EIO`, each of which stopped its member.
+    pub fsync_errors: usize,
 }
 
 /// One client operation as the workload records it, before it becomes a
@@ -445,6 +483,12 @@ async fn nemesis(
         );
         let fw =
             || firewall.ok_or_else(|| format!("{fault:?} needs a firewall and the round has none"));
+        let disk = |cluster: &Cluster, id: NodeId| -> Result<(), String> {
+            cluster
+                .disk(id)
+                .map(drop)
+                .ok_or_else(|| format!("{fault:?} needs lying disks and member {id} has none"))
+        };
         match fault {
             Fault::Kill | Fault::KillLeader => {
                 let target = if fault == Fault::Kill { victim } else { leader };
@@ -511,6 +555,36 @@ async fn nemesis(
                 fw.heal()?;
                 restart_with(cluster, target, Vec::new(), cycle)?;
             }
+            Fault::PowerLoss => {
+                disk(cluster, victim)?;
+                power_cut(cluster, &[victim], schedule, stats).await;
+                tokio::time::sleep(hold).await;
+                let restarted = tokio::task::block_in_place(|| cluster.try_restart(victim));
+                restarted.map_err(|e| format!("cycle {cycle}: restart of {victim}: {e}"))?;
+            }
+            Fault::PowerLossAll => {
+                for &id in &ids {
+                    disk(cluster, id)?;
+                }
+                power_cut(cluster, &ids, schedule, stats).await;
+                tokio::time::sleep(hold).await;
+                for &id in &ids {
+                    let restarted = tokio::task::block_in_place(|| cluster.try_restart(id));
+                    restarted.map_err(|e| format!("cycle {cycle}: restart of {id}: {e}"))?;
+                }
+            }
+            Fault::FsyncError => {
+                disk(cluster, victim)?;
+                fsync_error(cluster, victim, cycle, schedule)?;
+                stats.fsync_errors += 1;
+                lose_power(cluster, victim, schedule, stats);
+                if let Some(disk) = cluster.disk(victim) {
+                    disk.power_on();
+                }
+                tokio::time::sleep(hold).await;
+                let restarted = tokio::task::block_in_place(|| cluster.try_restart(victim));
+                restarted.map_err(|e| format!("cycle {cycle}: restart of {victim}: {e}"))?;
+            }
             Fault::OneWayLoss => {
                 let fw = fw()?;
                 let to = others[0];
@@ -535,6 +609,124 @@ async fn nemesis(
         tokio::time::sleep(config.quiet).await;
     }
     Ok(())
+}
+
+/// The power of `targets` goes while they write: each disk goes dark at
+/// its next WAL fsync (or after [`POWER_CUT_WAIT`] without one), so that
+/// a write is in flight when it does; then the members are `SIGKILL`ed and
+/// their disks drop what was not durable.
+async fn power_cut(
+    cluster: &mut Cluster,
+    targets: &[NodeId],
+    schedule: &mut String,
+    stats: &mut RoundStats,
+) {
+    for &id in targets {
+        if let Some(disk) = cluster.disk(id) {
+            disk.cut_power_at_next_fsync(lying_disk::is_wal_segment);
+        }
+    }
+    let deadline = Instant::now() + POWER_CUT_WAIT;
+    let dark = |c: &Cluster| {
+        targets
+            .iter()
+            .filter(|&&id| c.disk(id).is_some_and(LyingDisk::is_dark))
+            .count()
+    };
+    while dark(cluster) < targets.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let _ = writeln!(
+        schedule,
+        "    power cut at a WAL fsync on {} of {} members",
+        dark(cluster),
+        targets.len()
+    );
+    // SIGKILL first, then the loss (which answers the held fsyncs, so the
+    // processes can exit), then reap, then the power comes back.
+    for &id in targets {
+        cluster.sigkill(id);
+    }
+    for &id in targets {
+        lose_power(cluster, id, schedule, stats);
+    }
+    tokio::task::block_in_place(|| {
+        for &id in targets {
+            cluster.kill(id);
+        }
+    });
+    for &id in targets {
+        if let Some(disk) = cluster.disk(id) {
+            disk.power_on();
+        }
+    }
+}
+
+/// How long [`power_cut`] waits for a member's next WAL fsync.
+pub const POWER_CUT_WAIT: Duration = Duration::from_secs(5);
+
+/// `id` (killed) loses power: its disk drops what was not durable.
+fn lose_power(cluster: &Cluster, id: NodeId, schedule: &mut String, stats: &mut RoundStats) {
+    if let Some(disk) = cluster.disk(id) {
+        let loss = disk.lose_power();
+        stats.power_losses += 1;
+        stats.files_reverted += loss.files_reverted;
+        stats.entries_reverted += loss.entries_reverted;
+        let _ = writeln!(
+            schedule,
+            "    member {id} lost power: {} files and {} directory entries went back to their \
+             last fsync, {} fsyncs in flight never completed",
+            loss.files_reverted, loss.entries_reverted, loss.fsyncs_in_flight
+        );
+    }
+}
+
+/// Arms an `EIO` on `id`'s next WAL fsync and waits for the member to stop
+/// because of it (see [`Fault::FsyncError`]).
+fn fsync_error(
+    cluster: &mut Cluster,
+    id: NodeId,
+    cycle: usize,
+    schedule: &mut String,
+) -> Result<(), String> {
+    fn disk(c: &Cluster, id: NodeId) -> &LyingDisk {
+        c.disk(id).expect("checked by the caller")
+    }
+    disk(cluster, id).fail_next_fsync(lying_disk::is_wal_segment);
+    let exited = tokio::task::block_in_place(|| cluster.wait_exit(id, FSYNC_FAULT_TIMEOUT));
+    let fired = !disk(cluster, id).fsync_fault_armed();
+    disk(cluster, id).disarm();
+    let last_line = |c: &Cluster| {
+        c.log(id)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string()
+    };
+    match exited {
+        Some(status) if !status.success() => {
+            let _ = writeln!(
+                schedule,
+                "    member {id} stopped on its failed WAL fsync ({status}): {}",
+                last_line(cluster)
+            );
+            Ok(())
+        }
+        Some(status) => Err(format!(
+            "cycle {cycle}: member {id} exited with {status} after a WAL fsync failed: a \
+             failure must exit non-zero"
+        )),
+        None if fired => Err(format!(
+            "cycle {cycle}: member {id} still ran {:.0} s after a WAL fsync of its failed \
+             with EIO (an fsync error on the WAL must be fatal)",
+            FSYNC_FAULT_TIMEOUT.as_secs_f64()
+        )),
+        None => Err(format!(
+            "cycle {cycle}: member {id} fsynced no WAL segment within {:.0} s under load",
+            FSYNC_FAULT_TIMEOUT.as_secs_f64()
+        )),
+    }
 }
 
 /// Fails when a member's process ended without the nemesis killing it (a
@@ -940,7 +1132,7 @@ fn save_artifacts(
     )
 }
 
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
@@ -955,19 +1147,26 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// The fault kinds this process can apply: all of them as root with
-/// `nft`, otherwise those without a firewall, with the reason.
-pub fn available_kinds(firewall: &Result<Firewall, String>) -> (Vec<Fault>, Option<String>) {
-    match firewall {
-        Ok(_) => (Fault::ALL.to_vec(), None),
-        Err(why) => (
-            Fault::ALL
-                .iter()
-                .copied()
-                .filter(|f| !f.needs_firewall())
-                .collect(),
-            Some(why.clone()),
-        ),
+/// `nft` and FUSE (`disks`: [`lying_disk::available`]'s answer), otherwise
+/// those it can, with what was left out and why.
+pub fn available_kinds(
+    firewall: &Result<Firewall, String>,
+    disks: &Result<(), String>,
+) -> (Vec<Fault>, Option<String>) {
+    let mut missing = Vec::new();
+    if let Err(why) = firewall {
+        missing.push(format!("partitions and one-way loss skipped: {why}"));
     }
+    if let Err(why) = disks {
+        missing.push(format!("power loss and fsync errors skipped: {why}"));
+    }
+    let kinds = Fault::ALL
+        .iter()
+        .copied()
+        .filter(|f| firewall.is_ok() || !f.needs_firewall())
+        .filter(|f| disks.is_ok() || !f.needs_lying_disks())
+        .collect();
+    (kinds, (!missing.is_empty()).then(|| missing.join("; ")))
 }
 
 /// `SKIFF_NEMESIS_SEED`, or a seed from the clock (printed by the caller).

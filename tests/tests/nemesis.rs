@@ -1,31 +1,39 @@
 //! Fault campaigns on a real 3-member cluster (see `skiff_tests::nemesis`):
-//! kills, pauses, partitions, one-way loss and a slowed leader clock on a
-//! seeded schedule, every
+//! kills, pauses, partitions, one-way loss, a slowed leader clock, power
+//! losses (one member or all at once) and WAL fsync errors on disks that
+//! lie (`skiff_tests::lying_disk`), on a seeded schedule, every
 //! client operation checked for linearizability and every acknowledged
 //! write looked for on every member.
 //!
 //! `fault_campaign` is CI's bounded run (`SKIFF_NEMESIS_CYCLES`, default
-//! 30; `SKIFF_NEMESIS_SEED` replays a schedule). `soak` runs rounds for
+//! 30; `SKIFF_NEMESIS_SEED` replays a schedule; `SKIFF_NEMESIS_KINDS`, a
+//! comma-separated list such as `PowerLoss,FsyncError`, keeps those kinds
+//! only). `soak` runs rounds for
 //! `SKIFF_SOAK_SECS` (default one hour): `cargo test --release -p
 //! skiff-tests --test nemesis soak -- --ignored --nocapture`.
-//! Partitions need root and `nft` (Debian package nftables); without them
-//! the campaign runs the other faults and says why.
+//! Partitions need root and `nft` (Debian package nftables), the disk
+//! faults root and `/dev/fuse`; without them the campaign runs the other
+//! faults and says why.
 
 use std::time::{Duration, Instant};
 
+use skiff_tests::lying_disk;
 use skiff_tests::nemesis::{self, Fault, Firewall, RoundStats, WorkloadConfig};
 use skiff_tests::{Cluster, ClusterOptions};
 
 /// A 3-member cluster whose members have peer IPs of their own, distinct
-/// per test (`salt`) and per test process.
-fn cluster(salt: u8, lease_reads: bool) -> Cluster {
+/// per test (`salt`) and per test process, on lying disks where `disks`.
+fn cluster(salt: u8, lease_reads: bool, disks: bool) -> Cluster {
     Cluster::start(
-        options(salt)
-            // Elections a little slower than the default: on a busy 2-core
-            // machine a member must not lose its leader to scheduling alone.
-            .arg("--election-ticks-min", 50)
-            .arg("--election-ticks-max", 100)
-            .arg("--lease-reads", lease_reads),
+        ClusterOptions {
+            lying_disks: disks,
+            ..options(salt)
+        }
+        // Elections a little slower than the default: on a busy 2-core
+        // machine a member must not lose its leader to scheduling alone.
+        .arg("--election-ticks-min", 50)
+        .arg("--election-ticks-max", 100)
+        .arg("--lease-reads", lease_reads),
     )
 }
 
@@ -75,7 +83,8 @@ fn report(label: &str, s: &RoundStats) {
     println!(
         "NEMESIS {label}: cycles={} faults={:?} operations={} completed={} unknown={} reads={} \
          cas={} acked_writes={} lost_acked_writes={} linearizable={} check_steps={} \
-         longest_recovery_ms={}",
+         longest_recovery_ms={} power_losses={} files_reverted={} entries_reverted={} \
+         fsync_errors={}",
         s.cycles,
         s.faults,
         s.operations,
@@ -87,7 +96,11 @@ fn report(label: &str, s: &RoundStats) {
         s.lost_acked_writes,
         s.linearizable,
         s.check_steps,
-        s.longest_recovery.as_millis()
+        s.longest_recovery.as_millis(),
+        s.power_losses,
+        s.files_reverted,
+        s.entries_reverted,
+        s.fsync_errors
     );
 }
 
@@ -95,12 +108,21 @@ fn report(label: &str, s: &RoundStats) {
 async fn campaign(label: &str, salt: u8, lease_reads: bool, cycles: usize) {
     let seed = nemesis::seed_from_env();
     let firewall = Firewall::new(&format!("skiff_nemesis_{}_{salt}", std::process::id()));
-    let (kinds, missing) = nemesis::available_kinds(&firewall);
+    let disks = lying_disk::available();
+    let (mut kinds, missing) = nemesis::available_kinds(&firewall, &disks);
     if let Some(why) = &missing {
-        println!("NEMESIS {label}: partitions and one-way loss skipped: {why}");
+        println!("NEMESIS {label}: {why}");
+    }
+    if let Ok(only) = std::env::var("SKIFF_NEMESIS_KINDS") {
+        let only: Vec<&str> = only.split(',').map(str::trim).collect();
+        kinds.retain(|k| only.contains(&format!("{k:?}").as_str()));
+        assert!(
+            !kinds.is_empty(),
+            "SKIFF_NEMESIS_KINDS={only:?} names no available kind"
+        );
     }
     println!("NEMESIS {label}: seed={seed} cycles={cycles} kinds={kinds:?}");
-    let mut cluster = cluster(salt, lease_reads);
+    let mut cluster = cluster(salt, lease_reads, disks.is_ok());
     let config = round_config(seed, cycles, kinds.clone(), 0);
     let stats = nemesis::run_round(&mut cluster, firewall.as_ref().ok(), &config)
         .await
@@ -122,6 +144,14 @@ async fn campaign(label: &str, salt: u8, lease_reads: bool, cycles: usize) {
         stats.completed
     );
     assert!(stats.acked_writes > 0, "no ack write was acknowledged");
+    // A power loss that never found anything to throw away tested nothing.
+    if stats.power_losses > 0 {
+        assert!(
+            stats.files_reverted > 0,
+            "{} power losses reverted no file",
+            stats.power_losses
+        );
+    }
 }
 
 /// CI's campaign: linearizable reads by ReadIndex.
@@ -152,7 +182,7 @@ async fn stale_reads_are_caught() {
         }
     };
     let seed = nemesis::seed_from_env();
-    let mut cluster = cluster(2, false);
+    let mut cluster = cluster(2, false, false);
     let mut config = round_config(
         seed,
         6,
@@ -230,6 +260,41 @@ async fn a_slow_clock_past_the_drift_bound_is_caught() {
     assert!(err.contains("not linearizable"), "seed {seed}: {err}");
 }
 
+/// The disk faults can fail a round: on disks whose WAL fsyncs succeed
+/// without making anything durable (a drive that ignores cache flushes),
+/// a coordinated power loss takes acknowledged writes with it, and the
+/// round must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_lost_by_a_disk_that_ignores_fsync_are_caught() {
+    if let Err(why) = lying_disk::available() {
+        println!("skipped: {why}");
+        return;
+    }
+    let seed = nemesis::seed_from_env();
+    let mut cluster = cluster(5, false, true);
+    for id in cluster.ids() {
+        cluster
+            .disk(id)
+            .expect("a lying disk")
+            .ignore_fsyncs(lying_disk::is_wal_segment);
+    }
+    let mut config = round_config(seed, 2, vec![Fault::PowerLossAll], 0);
+    let artifacts = tempfile::tempdir().expect("a temporary directory");
+    config.artifacts = Some(artifacts.path().to_path_buf());
+    let err = match nemesis::run_round(&mut cluster, None, &config).await {
+        Ok(stats) => panic!(
+            "seed {seed}: a power loss on disks that ignore fsync lost nothing that was noticed: \
+             {stats:?}"
+        ),
+        Err(e) => e,
+    };
+    println!("seed {seed}: the round failed as it must: {err}");
+    assert!(
+        err.contains("acknowledged writes") || err.contains("not linearizable"),
+        "seed {seed}: {err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a soak: runs for SKIFF_SOAK_SECS (default 3600)"]
 async fn soak() {
@@ -239,12 +304,13 @@ async fn soak() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3600);
     let firewall = Firewall::new(&format!("skiff_soak_{}", std::process::id()));
-    let (kinds, missing) = nemesis::available_kinds(&firewall);
+    let disks = lying_disk::available();
+    let (kinds, missing) = nemesis::available_kinds(&firewall, &disks);
     if let Some(why) = &missing {
-        println!("NEMESIS soak: partitions and one-way loss skipped: {why}");
+        println!("NEMESIS soak: {why}");
     }
     let lease_reads = std::env::var("SKIFF_SOAK_LEASE_READS").is_ok_and(|v| v == "1");
-    let mut cluster = cluster(3, lease_reads);
+    let mut cluster = cluster(3, lease_reads, disks.is_ok());
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut totals = RoundStats::default();
     let mut round = 0;
@@ -266,6 +332,10 @@ async fn soak() {
             *totals.faults.entry(k).or_default() += n;
         }
         totals.longest_recovery = totals.longest_recovery.max(s.longest_recovery);
+        totals.power_losses += s.power_losses;
+        totals.files_reverted += s.files_reverted;
+        totals.entries_reverted += s.entries_reverted;
+        totals.fsync_errors += s.fsync_errors;
         totals.linearizable = true;
         round += 1;
     }
