@@ -805,8 +805,8 @@ impl LyingDisk {
         let fs = Arc::new(Mutex::new(Fs::new()));
         let mut config = Config::default();
         config.mount_options = vec![
-            MountOption::FSName("skiff-lying-disk".into()),
-            MountOption::Subtype("skiff-lying-disk".into()),
+            MountOption::FSName(FS_NAME.into()),
+            MountOption::Subtype(FS_NAME.into()),
         ];
         let session = fuser::spawn_mount(Server(fs.clone()), mountpoint, &config).map_err(|e| {
             format!(
@@ -913,8 +913,47 @@ pub fn is_wal_segment(name: &str) -> bool {
     name.ends_with(".wal") && !name.starts_with("spare-")
 }
 
+/// The name the disks are mounted under (`/proc/mounts`' first field).
+const FS_NAME: &str = "skiff-lying-disk";
+
+/// Detaches lying disks left mounted by a test process that died without
+/// unmounting them (killed, or timed out): their FUSE connection is gone, so
+/// `stat` on them fails with `ENOTCONN`. Live disks of other test processes
+/// are left alone. Returns how many were detached.
+pub fn sweep_abandoned() -> usize {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return 0;
+    };
+    let mut swept = 0;
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(source), Some(target)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if source != FS_NAME {
+            continue;
+        }
+        // /proc/mounts escapes blanks as octal; the harness's paths have none.
+        let abandoned = std::fs::metadata(target)
+            .err()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+        if !abandoned {
+            continue;
+        }
+        if let Ok(path) = std::ffi::CString::new(target) {
+            // SAFETY: a valid NUL-terminated path.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+                swept += 1;
+            }
+        }
+    }
+    swept
+}
+
 /// Whether this process can mount a lying disk: `Err` says why not.
+/// Detaches abandoned disks first ([`sweep_abandoned`]).
 pub fn available() -> Result<(), String> {
+    sweep_abandoned();
     let dir = tempfile::tempdir().map_err(|e| format!("a temporary directory: {e}"))?;
     LyingDisk::mount(dir.path()).map(drop)
 }

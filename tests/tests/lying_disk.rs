@@ -180,3 +180,61 @@ fn a_power_cut_at_an_fsync_holds_it_and_loses_its_writes() {
     assert!(!disk.is_dark(), "the power is back");
     fs::write(root.join("late"), b"x").expect("a change once the power is on");
 }
+
+/// Not a test of its own: the process whose death
+/// `a_disk_left_by_a_killed_test_process_is_swept` needs (it mounts a disk
+/// where `SKIFF_LYING_DISK_HELPER` says, then waits to be killed).
+#[test]
+#[ignore = "a helper run by another test"]
+fn helper_mount_and_wait() {
+    let Some(dir) = std::env::var_os("SKIFF_LYING_DISK_HELPER") else {
+        return;
+    };
+    let _disk = LyingDisk::mount(Path::new(&dir)).expect("mount");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn a_disk_left_by_a_killed_test_process_is_swept() {
+    if let Err(why) = skiff_tests::lying_disk::available() {
+        println!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mount = dir.path().join("abandoned");
+    fs::create_dir(&mount).expect("a mount point");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            "--exact",
+            "helper_mount_and_wait",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SKIFF_LYING_DISK_HELPER", &mount)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the helper");
+    let mounted = || {
+        fs::read_to_string("/proc/mounts")
+            .expect("/proc/mounts")
+            .contains(&mount.display().to_string())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !mounted() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the helper never mounted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL the helper");
+    child.wait().expect("reap the helper");
+    let err = fs::metadata(&mount).expect_err("an abandoned FUSE mount");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    assert!(skiff_tests::lying_disk::sweep_abandoned() >= 1);
+    assert!(!mounted(), "the abandoned disk is still mounted");
+    assert!(
+        fs::metadata(&mount).is_ok(),
+        "the mount point is a plain directory again"
+    );
+}
