@@ -264,3 +264,17 @@ fn a_group_waits_only_for_fsyncs_issued_before_its_own_completed() {
     t3.wait().unwrap();
     wal.close().unwrap();
 }
+
+/// What counts as "no room": ENOSPC and EDQUOT by errno, and errors of
+/// those kinds that carry no errno; nothing else (an EIO dropped and
+/// retried as if space had run out would hide a failing disk).
+#[test]
+fn only_space_errors_are_no_space() {
+    use super::is_no_space;
+    assert!(is_no_space(&io::Error::from_raw_os_error(libc::ENOSPC)));
+    assert!(is_no_space(&io::Error::from_raw_os_error(libc::EDQUOT)));
+    assert!(is_no_space(&io::Error::from(io::ErrorKind::StorageFull)));
+    assert!(is_no_space(&io::Error::from(io::ErrorKind::QuotaExceeded)));
+    assert!(!is_no_space(&io::Error::from_raw_os_error(libc::EIO)));
+    assert!(!is_no_space(&io::Error::from(io::ErrorKind::Other)));
+}

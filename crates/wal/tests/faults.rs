@@ -729,6 +729,35 @@ fn enospc_on_a_write_drops_it_and_the_log_goes_on(io: Io) {
     wal.close().unwrap();
 }
 
+/// A write that fails for any other reason than space (here `EIO`) is
+/// not dropped and retried like one that ran out of room: the WAL fails for
+/// good, the ticket says `Failed` (fatal), and nothing written after it is
+/// acknowledged. (Found by cargo-mutants: `is_no_space` answering `true`
+/// for every error went unnoticed.)
+fn eio_on_a_write_is_fatal_not_no_space(io: Io) {
+    let sim = SimStorage::new();
+    let wal = open(&sim, &io).unwrap();
+    let acked = append_acked(&wal, 5, 1, 100);
+
+    sim.fail_next_write_where(libc::EIO, 4096, is_segment);
+    let failed = wal.append(entries(6, 9, 1, 100)).unwrap();
+    let err = failed.wait().unwrap_err();
+    assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+    assert!(err.is_fatal(), "{err:?}");
+    assert!(is_failed(wal.sync()));
+    let later = wal.append(entries(9, 10, 1, 100));
+    assert!(
+        later.map_or(true, |t| t.wait().is_err()),
+        "a write after the failure was acknowledged"
+    );
+    drop(wal);
+
+    let wal = open(&sim, &io).unwrap();
+    assert!(wal.last_index() >= 5);
+    assert_eq!(wal.read(1, 6).unwrap(), acked);
+    wal.close().unwrap();
+}
+
 /// Writes queued behind one that runs out of space (part way) are dropped
 /// with it, each with `NoSpace`, and everything they did to the log is
 /// undone: a conflict's truncation, a snapshot, a hard state, more
@@ -1014,6 +1043,7 @@ on_both_paths!(
     compaction_after_full_lets_appends_go_on_without_prewriter,
     compaction_after_full_lets_appends_go_on_with_prewriter,
     enospc_on_a_write_drops_it_and_the_log_goes_on,
+    eio_on_a_write_is_fatal_not_no_space,
     enospc_drops_every_write_queued_behind_it_and_undoes_them,
     enospc_on_a_write_that_starts_a_segment_removes_the_segment,
     compaction_keeps_the_segment_a_dropped_write_goes_back_to,
