@@ -12,6 +12,13 @@
 //! the tail of every node's log and keeps the directory (its path is
 //! printed). Dropping a cluster kills its children.
 //!
+//! With [`ClusterOptions::lying_disks`] each member's data directory is on a
+//! [`lying_disk::LyingDisk`] of its own (an in-memory FUSE file system that
+//! keeps only what was fsynced through a power loss): the fault campaigns
+//! ([`nemesis`]) cut members' power and fail their WAL fsyncs with it. A
+//! failing test copies each disk's contents next to its mount point
+//! (`disk-<id>.copy`) before unmounting it.
+//!
 //! Clients are [`client::Client`]s: a small etcd v3 client over skiff-kv's
 //! generated gRPC stubs (no system `protoc` needed to build the tests).
 //!
