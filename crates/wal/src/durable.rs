@@ -317,3 +317,82 @@ impl Future for Ticket {
         self.notify.poll_seq(self.seq, cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use super::Notify;
+    use crate::Error;
+
+    /// A waker that records whether it was woken.
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn waiter(n: &Notify, seq: u64) -> Arc<Flag> {
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let polled = n.poll_seq(seq, &mut Context::from_waker(&waker));
+        assert!(polled.is_pending(), "write {seq} is not durable yet");
+        flag
+    }
+
+    fn woken(f: &Flag) -> bool {
+        f.0.load(Ordering::SeqCst)
+    }
+
+    fn poll(n: &Notify, seq: u64) -> Poll<crate::Result<()>> {
+        let waker = Waker::from(Arc::new(Flag(AtomicBool::new(false))));
+        n.poll_seq(seq, &mut Context::from_waker(&waker))
+    }
+
+    /// Durability wakes the futures of the writes it covers and keeps the
+    /// others waiting (whatever order they registered in).
+    #[test]
+    fn advance_wakes_exactly_the_futures_it_makes_durable() {
+        let n = Notify::new(0);
+        let w3 = waiter(&n, 3);
+        let w1 = waiter(&n, 1);
+        let w2 = waiter(&n, 2);
+        n.advance(2);
+        assert!(woken(&w1) && woken(&w2));
+        assert!(!woken(&w3), "write 3 is not durable");
+        assert!(poll(&n, 2).is_ready());
+        assert!(poll(&n, 3).is_pending());
+        n.advance(3);
+        assert!(woken(&w3));
+        assert!(matches!(poll(&n, 3), Poll::Ready(Ok(()))));
+    }
+
+    /// Dropping writes for want of space wakes the futures of the dropped
+    /// writes (with `NoSpace`), not those of the writes before them.
+    #[test]
+    fn a_rejection_wakes_the_futures_of_the_writes_it_drops() {
+        let n = Notify::new(0);
+        let w1 = waiter(&n, 1);
+        let w2 = waiter(&n, 2);
+        let w3 = waiter(&n, 3);
+        n.reject_from(2, "segment".into(), libc::ENOSPC);
+        assert!(woken(&w2) && woken(&w3), "the dropped writes' futures");
+        assert!(!woken(&w1), "write 1 was not dropped");
+        for seq in [2, 3] {
+            assert!(
+                matches!(
+                    poll(&n, seq),
+                    Poll::Ready(Err(Error::NoSpace { first_seq: 2, .. }))
+                ),
+                "write {seq}"
+            );
+        }
+        assert!(poll(&n, 1).is_pending());
+        n.advance(1);
+        assert!(woken(&w1));
+    }
+}

@@ -947,6 +947,8 @@ fn failed_unlink_in_compaction_is_retried(nth: usize, io: Io) {
         matches!(&err, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EACCES)),
         "{err}"
     );
+    // Not a sync failure: the node retries it at the next compaction.
+    assert!(!err.is_sync_failure(), "{err}");
     assert!(!sim.unlink_failure_pending());
     // The segments before the failed one are gone, the others still there
     // and still the WAL's.
