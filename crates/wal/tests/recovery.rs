@@ -312,10 +312,17 @@ fn any_segment_later_record_with_watermark_beyond_damage_is_corruption() {
             .any(|(_, later, _)| later.watermark > s),
         "a later record's watermark covers the damaged one"
     );
-    for at in [s + RECORD_HEADER_LEN as u64 + 5, s + 2, s + 17] {
+    for (at, why) in [
+        (
+            s + RECORD_HEADER_LEN as u64 + 5,
+            "record body checksum mismatch",
+        ),
+        (s + 2, "record header checksum mismatch"),
+        (s + 17, "record header checksum mismatch"),
+    ] {
         xor_byte(last, at, 0x40);
         let reason = expect_corruption(dir.path(), last, s);
-        assert!(!reason.is_empty());
+        assert!(reason.contains(why), "flip at {at}: {reason}");
         xor_byte(last, at, 0x40);
     }
     // The last body byte of the record, too.
