@@ -471,3 +471,24 @@ fn layout_constants_match_the_module_doc() {
     assert_eq!(empty.bytes.len(), format::ENTRIES_PREFIX);
     assert_eq!(format::decode_entries(&empty.bytes), Ok(Vec::new()));
 }
+
+/// An Entries body whose count claims more entries than its bytes could
+/// hold is refused by the count check itself, before any entry is walked.
+#[test]
+fn an_entry_count_beyond_the_body_is_refused_up_front() {
+    // Prefix (first index 1, count 5, reserved), then one empty entry
+    // (term 1, length 0): room for one entry, not five.
+    let mut body = Vec::new();
+    body.extend_from_slice(&1u64.to_le_bytes());
+    body.extend_from_slice(&5u32.to_le_bytes());
+    body.extend_from_slice(&[0u8; 4]);
+    body.extend_from_slice(&1u64.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(body.len(), format::ENTRIES_PREFIX + format::ENTRY_OVERHEAD);
+    let err = format::for_each_entry(&body, |_, _, _| panic!("no entry is walked"))
+        .expect_err("five entries cannot fit");
+    assert_eq!(err, format::BodyError("entry count exceeds body"));
+    // With the right count it decodes.
+    body[8..12].copy_from_slice(&1u32.to_le_bytes());
+    assert_eq!(format::for_each_entry(&body, |_, _, _| {}), Ok((1, 1)));
+}
