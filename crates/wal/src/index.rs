@@ -496,6 +496,36 @@ mod tests {
         (ix.first, ix.next, ix.popped, records, terms)
     }
 
+    /// `record_pos` and `term` answer for live indexes only: below the
+    /// first or at and past the next, `None`.
+    #[test]
+    fn lookups_outside_the_live_range_find_nothing() {
+        let mut ix = LogIndex::new(10);
+        for (op, first) in [(0u64, 10u64), (1, 13)] {
+            let loc = RecordLoc {
+                first_index: first,
+                count: 3,
+                segment_seq: 1,
+                offset: op,
+                framed_len: 1,
+                body: None,
+                write_seq: op + 1,
+            };
+            ix.push(loc, std::iter::repeat_n(1 + op, 3));
+        }
+        assert_eq!((ix.first(), ix.next()), (10, 16));
+        for index in [0, 9, 16, 17, u64::MAX] {
+            assert_eq!(ix.record_pos(index), None, "index {index}");
+            assert_eq!(ix.term(index), None, "index {index}");
+        }
+        assert_eq!(ix.record_pos(10), Some(0));
+        assert_eq!(ix.record_pos(12), Some(0));
+        assert_eq!(ix.record_pos(13), Some(1));
+        assert_eq!(ix.record_pos(15), Some(1));
+        assert_eq!(ix.term(12), Some(1));
+        assert_eq!(ix.term(15), Some(2));
+    }
+
     /// Random pushes, truncations and snapshot advances; rolled back to a
     /// mark, the index equals a copy taken at that mark (numbers of
     /// records included), and goes on as that copy does.

@@ -301,3 +301,63 @@ fn pwritev_all(fd: RawFd, bufs: &[IoSlice<'_>], mut offset: u64) -> io::Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, IoSlice};
+    use std::os::fd::RawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::StorageFile;
+
+    /// A file that hands out its bytes a few at a time, with an `EINTR`
+    /// before every read that succeeds, and then an end of file.
+    #[derive(Debug)]
+    struct Choppy {
+        data: Vec<u8>,
+        interrupt_next: AtomicBool,
+    }
+
+    impl StorageFile for Choppy {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            if self.interrupt_next.swap(false, Ordering::Relaxed) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            self.interrupt_next.store(true, Ordering::Relaxed);
+            let at = (offset as usize).min(self.data.len());
+            let n = buf.len().min(3).min(self.data.len() - at);
+            buf[..n].copy_from_slice(&self.data[at..at + n]);
+            Ok(n)
+        }
+        fn write_all_at(&self, _: &[IoSlice<'_>], _: u64) -> io::Result<()> {
+            unreachable!("read-only")
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.data.len() as u64)
+        }
+        fn raw_fd(&self) -> Option<RawFd> {
+            None
+        }
+    }
+
+    /// Short reads are continued and `EINTR` is retried; running out of
+    /// bytes is `UnexpectedEof`.
+    #[test]
+    fn read_exact_at_retries_interrupts_and_short_reads() {
+        let f = Choppy {
+            data: (0u8..20).collect(),
+            interrupt_next: AtomicBool::new(true),
+        };
+        let mut buf = [0u8; 10];
+        f.read_exact_at(&mut buf, 5).expect("read through EINTRs");
+        assert_eq!(buf, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+        let mut past = [0u8; 10];
+        let err = f
+            .read_exact_at(&mut past, 15)
+            .expect_err("only 5 bytes left");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
