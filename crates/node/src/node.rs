@@ -360,6 +360,14 @@ impl<S: StateMachine> Node<S> {
         })?;
         tracing::info!(backend = ?wal.backend(), dir = %wal_dir.display(), "WAL open");
         let recovered = storage::recover(&wal, &snap_dir)?;
+        let recorded = recovered.snapshot.as_ref().map(|(index, _, _)| *index);
+        let unrecorded = storage::remove_unrecorded_snapshots(&snap_dir, recorded);
+        if unrecorded > 0 {
+            tracing::info!(
+                files = unrecorded,
+                "removed snapshot files newer than the one the WAL records (never told to the core)"
+            );
+        }
         let wal = Arc::new(wal);
         let (sm, applied, snapshot) = match &recovered.snapshot {
             Some((index, term, path)) => {

@@ -328,6 +328,45 @@ pub struct Recovered {
 
 /// Reads the durable state back from `wal` (opened) and checks that the
 /// snapshot file it names exists.
+/// The snapshot files in `dir` (`snapshot-<index>-<term>.snap`), by index.
+pub fn snapshot_files(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<(u64, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let index = name.strip_prefix("snapshot-")?.get(..20)?.parse().ok()?;
+            name.ends_with(".snap").then(|| (index, e.path()))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// At start: removes the snapshot files above the one the WAL records
+/// (`recorded`; all of them when it records none). Such a file was written
+/// but not yet told to the core (the loop tells a snapshot only once it is
+/// `snapshot_catchup_entries` behind what is applied), so nothing durable
+/// refers to it and the member replays its log from the recorded one; a
+/// member restarted more often than that would otherwise leave one more
+/// file behind at every start. Returns how many were removed.
+pub fn remove_unrecorded_snapshots(dir: &Path, recorded: Option<u64>) -> usize {
+    let mut removed = 0;
+    for (index, path) in snapshot_files(dir) {
+        if recorded.is_some_and(|r| index <= r) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                "an unrecorded snapshot file could not be removed"),
+        }
+    }
+    removed
+}
+
 pub fn recover(wal: &Wal, snap_dir: &Path) -> Result<Recovered, StorageError> {
     let hs = wal.hard_state();
     let mut restored = Restored {
@@ -384,6 +423,25 @@ mod tests {
         ] {
             assert_eq!(decode_payload(encode_payload(&p)).unwrap(), p);
         }
+    }
+
+    #[test]
+    fn snapshots_above_the_recorded_one_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = |i: u64, t: u64| snapshot_path(dir.path(), i, t);
+        for (i, t) in [(10, 1), (20, 2), (30, 2), (31, 3)] {
+            std::fs::write(name(i, t), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("snapshot-fetch.tmp"), b"x").unwrap();
+        assert_eq!(remove_unrecorded_snapshots(dir.path(), Some(20)), 2);
+        let left: Vec<u64> = snapshot_files(dir.path()).iter().map(|f| f.0).collect();
+        assert_eq!(left, [10, 20]);
+        assert!(
+            dir.path().join("snapshot-fetch.tmp").exists(),
+            "not a snapshot file"
+        );
+        assert_eq!(remove_unrecorded_snapshots(dir.path(), None), 2);
+        assert!(snapshot_files(dir.path()).is_empty());
     }
 
     #[test]

@@ -526,19 +526,8 @@ impl<S: StateMachine> EventLoop<S> {
 /// of them (files at or above `upto` are the recorded one and newer ones
 /// not yet recorded).
 fn remove_old_snapshots(snap_dir: &Path, upto: Index) {
-    let Ok(dir) = std::fs::read_dir(snap_dir) else {
-        return;
-    };
-    let mut older: Vec<(u64, PathBuf)> = dir
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let index = name.strip_prefix("snapshot-")?.get(..20)?.parse().ok()?;
-            name.ends_with(".snap").then(|| (index, e.path()))
-        })
-        .filter(|(index, _)| *index < upto)
-        .collect();
-    older.sort();
+    let mut older = storage::snapshot_files(snap_dir);
+    older.retain(|(index, _)| *index < upto);
     let drop_n = older.len().saturating_sub(SNAPSHOTS_KEPT);
     for (_, path) in &older[..drop_n] {
         if let Err(e) = std::fs::remove_file(path) {
