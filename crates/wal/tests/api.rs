@@ -351,3 +351,42 @@ fn lone_writes_sync_inline_bursts_overlap(backend: Backend) {
         ),
     }
 }
+
+/// Whether this kernel completes an io_uring no-op (the round trip the WAL
+/// probes with), checked here without the WAL.
+fn kernel_runs_io_uring() -> std::io::Result<()> {
+    let mut ring = io_uring::IoUring::new(4)?;
+    let nop = io_uring::opcode::Nop::new().build().user_data(7);
+    // SAFETY: a no-op references no memory.
+    unsafe { ring.submission().push(&nop) }
+        .map_err(|_| std::io::Error::other("submission queue full"))?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(())
+}
+
+/// Where the kernel runs io_uring, the WAL uses it: asked for it, and by
+/// default (`Auto`). The other tests skip their io_uring half where the WAL
+/// cannot open on it, so without this one a probe that always failed would
+/// go unnoticed (cargo-mutants found that).
+#[test]
+fn io_uring_is_used_wherever_the_kernel_runs_it() {
+    if let Err(e) = kernel_runs_io_uring() {
+        println!("skipped: the kernel does not run io_uring here: {e}");
+        return;
+    }
+    for backend in [Backend::IoUring, Backend::Auto] {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), small(backend)).unwrap_or_else(|e| {
+            panic!("{backend:?}: the kernel runs io_uring, the WAL did not: {e}")
+        });
+        assert_eq!(wal.backend(), Backend::IoUring, "asked for {backend:?}");
+        wal.close().unwrap();
+    }
+}
