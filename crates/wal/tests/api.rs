@@ -219,7 +219,10 @@ fn misuse_is_a_clear_error(backend: Backend) {
     ));
     assert!(matches!(
         wal.truncate_suffix(20),
-        Err(Error::Unavailable { .. })
+        Err(Error::Unavailable {
+            index: 20,
+            last_index: 10
+        })
     ));
     let huge = vec![Entry {
         index: 11,
