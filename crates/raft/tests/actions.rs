@@ -212,6 +212,7 @@ fn new_leader_persists_and_sends_its_noop_in_one_step() {
             },
         ]
     );
+    assert_eq!(r.persisted_index(), 0, "the no-op is not durable yet");
     // The follower's acknowledgement alone does not commit: the leader's
     // own copy is not durable yet.
     r.step(msg(
@@ -230,6 +231,7 @@ fn new_leader_persists_and_sends_its_noop_in_one_step() {
     // goes at once, on a heartbeat of the current round, to the follower
     // known to match (node 3 has not answered yet: it learns it later).
     r.persisted(2);
+    assert_eq!(r.persisted_index(), 1);
     assert_eq!(r.commit(), 1);
     assert_eq!(
         r.take_actions(),
@@ -384,4 +386,25 @@ fn sole_voter_leads_once_its_vote_is_durable() {
     r.persisted(1);
     assert_eq!(r.role(), Role::Leader);
     assert_eq!(r.log().last_index(), 1);
+}
+
+/// A message not addressed to this node, or claiming to come from it or
+/// from no node, is dropped before it can change anything (here a vote
+/// request of a higher term, which would otherwise raise the term).
+#[test]
+fn misaddressed_messages_are_ignored() {
+    let mut r = Raft::new(config(2, 3), Restored::default(), 1).unwrap();
+    let vote = MessageBody::Vote {
+        last_index: 5,
+        last_term: 4,
+        transfer: false,
+    };
+    for (from, to) in [(1, 3), (2, 2), (0, 2), (1, 0)] {
+        r.step(msg(from, to, 7, vote.clone()));
+        assert_eq!(r.term(), 0, "from {from} to {to}");
+        assert_eq!(r.take_actions(), vec![], "from {from} to {to}");
+    }
+    // Addressed right, it is heard.
+    r.step(msg(1, 2, 7, vote));
+    assert_eq!(r.term(), 7);
 }

@@ -152,3 +152,24 @@ fn reordered_too_short_reject_keeps_the_stream() {
     );
     assert_eq!(c.raft(1).commit(), c.raft(1).last_index());
 }
+
+/// The bytes in flight go down by what each acknowledgement covers, and
+/// back to zero once everything sent is acknowledged: `can_send`'s byte
+/// bound depends on it.
+#[test]
+fn acknowledged_bytes_leave_the_window() {
+    let mut p = Progress::new(1);
+    // The probe's answer (an empty log matched) starts the stream.
+    p.acked(0);
+    assert_eq!(p.state, ProgressState::Replicate);
+    p.sent(10, 1_000, 1);
+    p.sent(20, 3_000, 1);
+    p.sent(30, 500, 1);
+    assert_eq!((p.inflight_len(), p.inflight_bytes()), (3, 4_500));
+    assert!(!p.can_send(8, 4_500), "the byte bound is reached");
+    p.acked(20);
+    assert_eq!((p.inflight_len(), p.inflight_bytes()), (1, 500));
+    assert!(p.can_send(8, 4_500));
+    p.acked(30);
+    assert_eq!((p.inflight_len(), p.inflight_bytes()), (0, 0));
+}
