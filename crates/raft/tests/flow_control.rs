@@ -173,3 +173,22 @@ fn acknowledged_bytes_leave_the_window() {
     p.acked(30);
     assert_eq!((p.inflight_len(), p.inflight_bytes()), (0, 0));
 }
+
+/// What an entry counts against the batch and flow-control bounds: its
+/// payload plus the fixed overhead.
+#[test]
+fn an_entry_counts_its_payload_and_the_overhead() {
+    use skiff_raft::{Entry, Payload, ENTRY_OVERHEAD_BYTES};
+    let e = |payload| Entry {
+        index: 1,
+        term: 1,
+        payload,
+    };
+    let p = Payload::Normal(bytes::Bytes::from(vec![7u8; 100]));
+    assert_eq!(e(p.clone()).size(), ENTRY_OVERHEAD_BYTES + p.size());
+    assert!(p.size() >= 100);
+    assert_eq!(
+        e(Payload::Noop).size(),
+        ENTRY_OVERHEAD_BYTES + Payload::Noop.size()
+    );
+}

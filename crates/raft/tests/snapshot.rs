@@ -100,3 +100,50 @@ fn stale_or_contained_snapshots_keep_the_log() {
         .all(|a| !matches!(a, Action::InstallSnapshot { .. })));
     assert_eq!(c.raft(2).last_index(), last);
 }
+
+/// A snapshot lost on its way (the host's transfer failed without saying
+/// so) is sent again once `snapshot_timeout_ticks` pass unanswered: the
+/// follower's refusals of the leader's probes meanwhile do not end the
+/// Snapshot state.
+#[test]
+fn a_lost_snapshot_is_sent_again_after_the_timeout() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_timeout_ticks = 60);
+    c.elect(1);
+    c.deliver_all();
+    c.isolate(3);
+    for i in 0..30 {
+        c.propose(1, &[&format!("a{i}")]);
+    }
+    c.deliver_all();
+    c.tick_all(1);
+    c.take_snapshot(1);
+    let (base, _) = c.raft(1).log().base();
+    c.heal();
+    // Every snapshot sent to 3 in the next few ticks is lost.
+    let mut lost = 0;
+    for _ in 0..6 {
+        for id in [1, 2, 3] {
+            c.tick(id);
+        }
+        loop {
+            let before = c.net.len();
+            c.net.retain(|m| {
+                !(m.to == 3 && matches!(m.body, skiff_raft::MessageBody::InstallSnapshot { .. }))
+            });
+            lost += before - c.net.len();
+            if !c.deliver_one() {
+                break;
+            }
+        }
+    }
+    assert!(lost > 0, "the leader sent 3 a snapshot");
+    assert_eq!(
+        c.raft(1).progress(3).unwrap().state,
+        ProgressState::Snapshot
+    );
+    assert!(c.raft(3).log().base().0 < base, "3 has not installed it");
+    // Without losses, the timeout sends it again and 3 catches up.
+    c.tick_all(70);
+    assert_eq!(c.raft(3).log().base().0, base, "installed the snapshot");
+    assert_eq!(c.applied_cmds(3), cmds("a", 30));
+}
