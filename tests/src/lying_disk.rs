@@ -131,6 +131,27 @@ enum Node {
     },
 }
 
+impl Node {
+    fn empty_dir() -> Node {
+        Node::Dir {
+            live: BTreeMap::new(),
+            durable: BTreeMap::new(),
+        }
+    }
+
+    fn empty_file() -> Node {
+        Node::File {
+            live: Content::default(),
+            durable: Content::default(),
+        }
+    }
+}
+
+/// The permission bits a new file or directory gets.
+fn perm(mode: u32, umask: u32) -> u16 {
+    (mode & !umask & 0o7777) as u16
+}
+
 struct Inode {
     node: Node,
     perm: u16,
@@ -200,10 +221,7 @@ impl Fs {
         inodes.insert(
             INodeNo::ROOT.0,
             Inode {
-                node: Node::Dir {
-                    live: BTreeMap::new(),
-                    durable: BTreeMap::new(),
-                },
+                node: Node::empty_dir(),
                 perm: 0o755,
                 mtime: SystemTime::now(),
                 name: OsString::from("/"),
@@ -536,11 +554,7 @@ impl Filesystem for Server {
         reply: ReplyEntry,
     ) {
         let mut fs = self.fs();
-        let node = Node::Dir {
-            live: BTreeMap::new(),
-            durable: BTreeMap::new(),
-        };
-        match fs.create(parent.0, name, node, (mode & !umask & 0o7777) as u16) {
+        match fs.create(parent.0, name, Node::empty_dir(), perm(mode, umask)) {
             Ok(ino) => reply_entry(&fs, ino, reply),
             Err(e) => reply.error(e),
         }
@@ -598,11 +612,7 @@ impl Filesystem for Server {
         reply: ReplyCreate,
     ) {
         let mut fs = self.fs();
-        let node = Node::File {
-            live: Content::default(),
-            durable: Content::default(),
-        };
-        match fs.create(parent.0, name, node, (mode & !umask & 0o7777) as u16) {
+        match fs.create(parent.0, name, Node::empty_file(), perm(mode, umask)) {
             Ok(ino) => match fs.attr(ino) {
                 Some(attr) => reply.created(
                     &TTL,

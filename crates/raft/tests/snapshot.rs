@@ -10,12 +10,9 @@ fn cmds(prefix: &str, n: usize) -> Vec<bytes::Bytes> {
     (0..n).map(|i| cmd(&format!("{prefix}{i}"))).collect()
 }
 
-/// The leader compacts after a snapshot; a follower that missed the
-/// compacted entries gets the snapshot, restores from it, and then follows
-/// with entries again.
-#[test]
-fn s7_lagging_follower_catches_up_by_snapshot() {
-    let mut c = Cluster::new(3);
+/// Node 1 leads; 3 is cut off while 1 commits `a0..a30` and snapshots
+/// them. Returns the snapshot's index (3 stays cut off).
+fn leave_3_behind_a_snapshot(c: &mut Cluster) -> u64 {
     c.elect(1);
     c.deliver_all();
     c.isolate(3);
@@ -25,7 +22,16 @@ fn s7_lagging_follower_catches_up_by_snapshot() {
     c.deliver_all();
     c.tick_all(1);
     c.take_snapshot(1);
-    let (base, _) = c.raft(1).log().base();
+    c.raft(1).log().base().0
+}
+
+/// The leader compacts after a snapshot; a follower that missed the
+/// compacted entries gets the snapshot, restores from it, and then follows
+/// with entries again.
+#[test]
+fn s7_lagging_follower_catches_up_by_snapshot() {
+    let mut c = Cluster::new(3);
+    let base = leave_3_behind_a_snapshot(&mut c);
     assert!(base > 25, "compacted through {base}");
     assert!(c.raft(1).log().entry(1).is_none());
     c.heal();
@@ -108,16 +114,7 @@ fn stale_or_contained_snapshots_keep_the_log() {
 #[test]
 fn a_lost_snapshot_is_sent_again_after_the_timeout() {
     let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_timeout_ticks = 60);
-    c.elect(1);
-    c.deliver_all();
-    c.isolate(3);
-    for i in 0..30 {
-        c.propose(1, &[&format!("a{i}")]);
-    }
-    c.deliver_all();
-    c.tick_all(1);
-    c.take_snapshot(1);
-    let (base, _) = c.raft(1).log().base();
+    let base = leave_3_behind_a_snapshot(&mut c);
     c.heal();
     // Every snapshot sent to 3 in the next few ticks is lost.
     let mut lost = 0;
