@@ -474,6 +474,16 @@ impl Server {
     fn fs(&self) -> MutexGuard<'_, Fs> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// fsync and fsyncdir: answered now, or held while the power is cut.
+    fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
+        let mut fs = self.fs();
+        match fs.fsync(ino.0) {
+            Ok(true) => reply.ok(),
+            Ok(false) => fs.held.push(reply),
+            Err(e) => reply.error(e),
+        }
+    }
 }
 
 fn reply_entry(fs: &Fs, ino: u64, reply: ReplyEntry) {
@@ -691,12 +701,7 @@ impl Filesystem for Server {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let mut fs = self.fs();
-        match fs.fsync(ino.0) {
-            Ok(true) => reply.ok(),
-            Ok(false) => fs.held.push(reply),
-            Err(e) => reply.error(e),
-        }
+        self.sync(ino, reply);
     }
 
     fn readdir(
@@ -739,12 +744,7 @@ impl Filesystem for Server {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let mut fs = self.fs();
-        match fs.fsync(ino.0) {
-            Ok(true) => reply.ok(),
-            Ok(false) => fs.held.push(reply),
-            Err(e) => reply.error(e),
-        }
+        self.sync(ino, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
