@@ -33,6 +33,7 @@ fn s7_lagging_follower_catches_up_by_snapshot() {
     let mut c = Cluster::new(3);
     let base = leave_3_behind_a_snapshot(&mut c);
     assert!(base > 25, "compacted through {base}");
+    assert_eq!(c.raft(1).log().first_index(), base + 1);
     assert!(c.raft(1).log().entry(1).is_none());
     c.heal();
     c.tick_all(6);
