@@ -542,15 +542,24 @@ fn is_transport_error(status: &tonic::Status) -> bool {
 }
 
 /// Whether a transport error says the request never reached the server: the
-/// connection was refused (a member that stopped), or the server refused
-/// the stream before processing it (HTTP/2 REFUSED_STREAM, after a
-/// graceful GOAWAY). Such a write is safe to send elsewhere.
+/// connection was refused (a member that stopped), the server refused the
+/// stream before processing it (HTTP/2 REFUSED_STREAM, after a graceful
+/// GOAWAY), or the connection stopped taking requests before this one was
+/// handed to it (hyper's "canceled": on HTTP/2 it is given only to a request
+/// still queued for a connection that closed or was not ready, as after a
+/// GOAWAY; grpc-go retries such a request transparently). Such a write is
+/// safe to send elsewhere.
 fn never_sent(status: &tonic::Status) -> bool {
     use std::error::Error as _;
     let mut source = status.source();
     while let Some(e) = source {
         if e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
         {
             return true;
         }

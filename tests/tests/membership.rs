@@ -784,6 +784,13 @@ async fn rolling_sigterm_restart_under_load() {
         "members refused writes in a rolling SIGTERM restart: {:?}",
         log.errors
     );
+    // And none fails at the client either: what crossed a stopping
+    // member's GOAWAY was never sent, and the client resends it elsewhere.
+    assert_eq!(
+        log.failed, 0,
+        "writes failed in a rolling SIGTERM restart: {:?}",
+        log.errors
+    );
     eprintln!(
         "rolling_sigterm_restart_under_load: {:.1} s",
         started.elapsed().as_secs_f64()
