@@ -294,6 +294,10 @@ pub struct ClusterOptions {
     /// two members (see [`nemesis::Firewall`]). Client and metrics
     /// addresses stay on 127.0.0.1.
     pub peer_ip_prefix: Option<(u8, u8)>,
+    /// Write every member's peer address in the `--initial-cluster` lists
+    /// with this host name instead of its IP (the name must resolve to
+    /// that IP: `localhost` for 127.0.0.1).
+    pub peer_host_name: Option<String>,
     /// Extra `skiff serve` flags of one member, after `args`.
     pub member_args: BTreeMap<NodeId, Vec<String>>,
     /// How the harness's own clients (status, waits, [`Cluster::client`])
@@ -314,6 +318,7 @@ impl Default for ClusterOptions {
             wal_segment_bytes: WAL_SEGMENT_BYTES,
             args: Vec::new(),
             peer_ip_prefix: None,
+            peer_host_name: None,
             member_args: BTreeMap::new(),
             client_tls: ClientTls::plaintext(),
             lying_disks: false,
@@ -516,13 +521,17 @@ impl Cluster {
 
     /// The `skiff serve` arguments of `id`.
     pub fn serve_args(&self, id: NodeId) -> Vec<String> {
-        let list = |f: fn(&Member) -> SocketAddr| {
+        let list = |f: &dyn Fn(&Member) -> String| {
             self.members
                 .iter()
                 .filter(|(&mid, m)| !m.retired || mid == id)
                 .map(|(id, m)| format!("{id}={}", f(m)))
                 .collect::<Vec<_>>()
                 .join(",")
+        };
+        let peer = |m: &Member| match &self.options.peer_host_name {
+            Some(name) => format!("{name}:{}", m.peer.port()),
+            None => m.peer.to_string(),
         };
         let m = self.member(id);
         let mut args: Vec<String> = vec![
@@ -538,9 +547,9 @@ impl Cluster {
             "--listen-metrics".into(),
             m.metrics.to_string(),
             "--initial-cluster".into(),
-            list(|m| m.peer),
+            list(&peer),
             "--initial-cluster-clients".into(),
-            list(|m| m.client),
+            list(&|m| m.client.to_string()),
             "--wal-segment-size".into(),
             self.options.wal_segment_bytes.to_string(),
         ];

@@ -813,7 +813,10 @@ async fn bad_membership_requests_are_refused() {
         for bad in [
             "not a url",
             "http://127.0.0.1",
-            "http://example.com:2380",
+            // Not a host name (host names are taken, and resolved when
+            // the transport connects).
+            "http://bad_host.example:2380",
+            "http://[::1:2380",
             "http://127.0.0.1:0",
         ] {
             expect_status(

@@ -333,7 +333,7 @@ async fn snapshot_runs(args: &Args) -> Result<f64, Box<dyn std::error::Error>> {
         async move {
             std::fs::create_dir_all(&dest)?;
             let started = Instant::now();
-            let fetched = fetch_snapshot(addr, hello, meta, &dest, &opts).await?;
+            let fetched = fetch_snapshot(addr.into(), hello, meta, &dest, &opts).await?;
             let secs = started.elapsed().as_secs_f64();
             std::fs::remove_dir_all(&dest)?;
             Ok::<f64, Box<dyn std::error::Error>>(fetched.stats.bytes_received as f64 / secs / 1e6)

@@ -73,7 +73,7 @@ struct ServeArgs {
     /// Address of the Prometheus metrics endpoint (GET /metrics).
     #[arg(long)]
     listen_metrics: Option<SocketAddr>,
-    /// `1=host:port,2=host:port,...`: peer addresses of the voters, this member included.
+    /// `1=host:port,2=host:port,...`: peer addresses (IP or DNS name) of the voters, this member included.
     #[arg(long)]
     initial_cluster: Option<String>,
     /// `1=host:port,...`: client addresses of the members (forwarding, member list).
@@ -259,7 +259,7 @@ fn serve_default(id: &str) -> Option<String> {
             text
         }
     };
-    let cluster = |c: &std::collections::BTreeMap<u64, SocketAddr>| {
+    let cluster = |c: &std::collections::BTreeMap<u64, skiff_node::PeerAddr>| {
         c.iter()
             .map(|(id, addr)| format!("{id}={addr}"))
             .collect::<Vec<_>>()

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use skiff_node::PeerAddr;
 use skiff_node::{NodeHandle, RequestError};
 use tonic::{Request, Response, Status};
 
@@ -208,11 +209,12 @@ fn status_of(e: RequestError) -> Status {
 }
 
 impl Api {
-    /// An endpoint for another member's client port at `addr`, over TLS
-    /// when this member's port serves TLS.
+    /// An endpoint for another member's client port at `addr` (a host name
+    /// is resolved when the channel connects), over TLS when this member's
+    /// port serves TLS.
     fn member_endpoint(
         &self,
-        addr: SocketAddr,
+        addr: &PeerAddr,
         timeout: Duration,
     ) -> Result<tonic::transport::Endpoint, Status> {
         Ok(self

@@ -15,6 +15,8 @@
 //!   through and the [`Inbox`] it receives them from; [`TcpTransport`] (one
 //!   pipelined, coalescing connection per peer, reconnects with backoff) and
 //!   [`SimNetwork`] (a seeded simulated network for tests).
+//! * [`addr`]: a peer's address, an IP or a host name and a port
+//!   ([`PeerAddr`]); a name is resolved at each connect, never at start.
 //! * [`tls`]: TLS on peer and snapshot connections ([`tls::PeerTls`],
 //!   [`tls::PeerStream`]) and the check that a peer is the member it claims;
 //! * [`snapshot`]: snapshot streaming — the bodies of the snapshot frames,
@@ -37,6 +39,7 @@
 //! * Copy payload bytes on the receive path: a payload is a `Bytes` slice of
 //!   the buffer the socket filled.
 
+pub mod addr;
 pub mod codec;
 pub mod frame;
 pub mod heap;
@@ -44,6 +47,7 @@ pub mod snapshot;
 pub mod tls;
 pub mod transport;
 
+pub use crate::addr::{Host, PeerAddr};
 pub use crate::codec::{
     decode_messages, encode_hello_frame, encode_raft_frame, message_encoded_len, raft_body_len,
     Channel, Hello, HELLO_BODY_LEN, RAFT_BODY_PREFIX_LEN,
@@ -106,9 +110,25 @@ pub fn source_ip_for(listen: std::net::SocketAddr) -> Option<std::net::IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
-/// Connects to `addr`, from `local` (any port) when given and of the same
-/// address family; otherwise from the kernel's choice of address.
+/// Connects to `addr` (a host name is resolved now; each address it
+/// resolves to is tried in turn, and the last failure is returned), from
+/// `local` (any port) when given and of the same address family; otherwise
+/// from the kernel's choice of address.
 pub async fn connect_from(
+    addr: &PeerAddr,
+    local: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for a in addr.resolve().await? {
+        match connect_socket_from(a, local).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("resolve gives at least one address"))
+}
+
+async fn connect_socket_from(
     addr: std::net::SocketAddr,
     local: Option<std::net::IpAddr>,
 ) -> std::io::Result<tokio::net::TcpStream> {

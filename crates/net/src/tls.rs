@@ -4,18 +4,18 @@
 //! A member is both sides: it accepts its peers' connections (Raft
 //! messages, snapshot requests) and opens its own to them. Both sides
 //! present the member's certificate and verify the other's against the peer
-//! CA; a member verifies the server it connects to by the IP address it
-//! dials (the certificate must name it). With client certificate
-//! authentication on, an inbound Raft connection is accepted only when its
-//! certificate names the peer address of the member its Hello claims to be
-//! ([`PeerTls::check_identity`]): a member never applies a message from a
-//! connection that did not authenticate as the member it claims to be.
+//! CA; a member verifies the server it connects to by the host it dials: the
+//! host name of its peer URL, or its IP address (the certificate must name
+//! it). With client certificate authentication on, an inbound Raft
+//! connection is accepted only when its certificate names the peer host of
+//! the member its Hello claims to be ([`PeerTls::check_identity`]): a member
+//! never applies a message from a connection that did not authenticate as
+//! the member it claims to be.
 //!
 //! The handshake happens before any frame is read, within the caller's
 //! handshake timeout. The crypto is rustls with the ring provider.
 
 use std::io;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,8 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::addr::Host;
 
 /// A peer TLS file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -175,17 +177,21 @@ impl PeerTls {
         Ok(PeerStream::Server(Box::new(tls)))
     }
 
-    /// The client side of the handshake on a connection to `ip` (the
-    /// server's certificate must name it).
-    pub async fn connect(&self, ip: IpAddr, tcp: TcpStream) -> io::Result<PeerStream> {
-        let tls = self.connector.connect(ServerName::from(ip), tcp).await?;
+    /// The client side of the handshake on a connection to `host` (the
+    /// server's certificate must name it: its DNS name, or its IP address).
+    pub async fn connect(&self, host: &Host, tcp: TcpStream) -> io::Result<PeerStream> {
+        let name = host
+            .server_name()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = self.connector.connect(name, tcp).await?;
         Ok(PeerStream::Client(Box::new(tls)))
     }
 
     /// With client certificate authentication: whether `stream` (accepted)
-    /// presented a certificate that names `claimed`, the peer address of
-    /// the member its Hello says it is. Without it, always `Ok`.
-    pub fn check_identity(&self, stream: &PeerStream, claimed: IpAddr) -> Result<(), String> {
+    /// presented a certificate that names `claimed`, the peer host (name
+    /// or IP address) of the member its Hello says it is. Without it,
+    /// always `Ok`.
+    pub fn check_identity(&self, stream: &PeerStream, claimed: &Host) -> Result<(), String> {
         if !self.client_cert_auth {
             return Ok(());
         }
@@ -200,7 +206,7 @@ impl PeerTls {
             .ok_or("no client certificate")?;
         let parsed = rustls::server::ParsedCertificate::try_from(cert)
             .map_err(|e| format!("client certificate: {e}"))?;
-        rustls::client::verify_server_name(&parsed, &ServerName::from(claimed))
+        rustls::client::verify_server_name(&parsed, &claimed.server_name()?)
             .map_err(|e| format!("the certificate does not name {claimed}: {e}"))
     }
 }

@@ -70,7 +70,7 @@ pub trait Transport: Send + Sync {
     /// membership changed): new ones are connected to, readdressed ones
     /// reconnected, missing ones dropped. A transport that routes by id
     /// alone (the simulated one) has nothing to do.
-    fn set_peers(&self, peers: &std::collections::BTreeMap<NodeId, std::net::SocketAddr>);
+    fn set_peers(&self, peers: &std::collections::BTreeMap<NodeId, crate::PeerAddr>);
 
     fn send_batch(&self, msgs: Vec<Message>) -> Vec<SendError> {
         msgs.into_iter()

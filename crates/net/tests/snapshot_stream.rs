@@ -24,8 +24,20 @@ async fn a_256_mib_snapshot_streams_to_two_receivers_at_once() {
         let opts = fetch_opts(1 << 20, 4, 4);
 
         let (a, b) = tokio::join!(
-            fetch_snapshot(server.local_addr(), hello(2), meta, dir_a.path(), &opts),
-            fetch_snapshot(server.local_addr(), hello(3), meta, dir_b.path(), &opts),
+            fetch_snapshot(
+                server.local_addr().into(),
+                hello(2),
+                meta,
+                dir_a.path(),
+                &opts
+            ),
+            fetch_snapshot(
+                server.local_addr().into(),
+                hello(3),
+                meta,
+                dir_b.path(),
+                &opts
+            ),
         );
         let (a, b) = (a.unwrap(), b.unwrap());
 
@@ -80,7 +92,7 @@ async fn a_corrupted_chunk_is_detected_and_asked_for_again() {
         let dir = tempfile::tempdir().unwrap();
 
         let fetched = fetch_snapshot(
-            server.local_addr(),
+            server.local_addr().into(),
             hello(2),
             meta,
             dir.path(),
@@ -116,9 +128,15 @@ async fn too_many_corrupted_chunks_fail_the_receive() {
         let mut fetch = fetch_opts(64 << 10, 1, 1);
         fetch.chunk_retries_max = 0;
 
-        let err = fetch_snapshot(server.local_addr(), hello(2), meta, dir.path(), &fetch)
-            .await
-            .unwrap_err();
+        let err = fetch_snapshot(
+            server.local_addr().into(),
+            hello(2),
+            meta,
+            dir.path(),
+            &fetch,
+        )
+        .await
+        .unwrap_err();
 
         assert!(
             matches!(err, SnapshotError::ChunkChecksum { chunk: 3, count: 1 }),
@@ -142,7 +160,7 @@ async fn cut_and_resume(streams: usize, inflight: usize, cut_after: u64) {
     let dir = tempfile::tempdir().unwrap();
 
     let fetched = fetch_snapshot(
-        server.local_addr(),
+        server.local_addr().into(),
         hello(2),
         meta,
         dir.path(),
@@ -195,7 +213,7 @@ async fn a_sender_serving_another_file_than_it_claims_hands_nothing_over() {
         let dir = tempfile::tempdir().unwrap();
 
         let err = fetch_snapshot(
-            server.local_addr(),
+            server.local_addr().into(),
             hello(2),
             meta,
             dir.path(),
@@ -236,7 +254,7 @@ async fn snapshots_the_sender_does_not_hold_exactly_are_refused() {
         let addr = server.local_addr();
 
         let unknown = SnapshotMeta { index: 81, ..meta };
-        let err = fetch_snapshot(addr, hello(2), unknown, dir.path(), &opts)
+        let err = fetch_snapshot(addr.into(), hello(2), unknown, dir.path(), &opts)
             .await
             .unwrap_err();
         assert!(
@@ -251,7 +269,7 @@ async fn snapshots_the_sender_does_not_hold_exactly_are_refused() {
         );
 
         let other_term = SnapshotMeta { term: 7, ..meta };
-        let err = fetch_snapshot(addr, hello(2), other_term, dir.path(), &opts)
+        let err = fetch_snapshot(addr.into(), hello(2), other_term, dir.path(), &opts)
             .await
             .unwrap_err();
         assert!(
@@ -270,9 +288,15 @@ async fn snapshots_the_sender_does_not_hold_exactly_are_refused() {
         let mut small_server = server_opts();
         small_server.chunk_bytes_max = 1 << 20;
         let small = start_server(source.files.clone(), small_server).await;
-        let err = fetch_snapshot(small.local_addr(), hello(2), meta, dir.path(), &big_chunks)
-            .await
-            .unwrap_err();
+        let err = fetch_snapshot(
+            small.local_addr().into(),
+            hello(2),
+            meta,
+            dir.path(),
+            &big_chunks,
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -302,9 +326,15 @@ async fn a_busy_sender_is_retried() {
         let mut fetch = fetch_opts(16 << 10, 4, 2);
         fetch.reconnects_max = 10_000;
 
-        let fetched = fetch_snapshot(server.local_addr(), hello(2), meta, dir.path(), &fetch)
-            .await
-            .unwrap();
+        let fetched = fetch_snapshot(
+            server.local_addr().into(),
+            hello(2),
+            meta,
+            dir.path(),
+            &fetch,
+        )
+        .await
+        .unwrap();
 
         assert_same_file(&src, &fetched.path);
         let (s, served) = (&fetched.stats, server.stats().chunks_served);
@@ -327,15 +357,27 @@ async fn an_empty_snapshot_and_a_single_short_chunk() {
         let dir = tempfile::tempdir().unwrap();
         let opts = fetch_opts(1 << 20, 4, 4);
 
-        let e = fetch_snapshot(server.local_addr(), hello(2), empty, dir.path(), &opts)
-            .await
-            .unwrap();
+        let e = fetch_snapshot(
+            server.local_addr().into(),
+            hello(2),
+            empty,
+            dir.path(),
+            &opts,
+        )
+        .await
+        .unwrap();
         assert_eq!(std::fs::metadata(&e.path).unwrap().len(), 0);
         assert_eq!(e.stats.requests_sent, 0);
 
-        let s = fetch_snapshot(server.local_addr(), hello(2), short, dir.path(), &opts)
-            .await
-            .unwrap();
+        let s = fetch_snapshot(
+            server.local_addr().into(),
+            hello(2),
+            short,
+            dir.path(),
+            &opts,
+        )
+        .await
+        .unwrap();
         assert_same_file(&src, &s.path);
         assert_eq!(s.stats.chunks, 1);
     })
@@ -357,7 +399,7 @@ async fn a_fetch_replaces_an_older_copy_and_a_stale_partial_file() {
         .unwrap();
 
         let fetched = fetch_snapshot(
-            server.local_addr(),
+            server.local_addr().into(),
             hello(2),
             meta,
             dir.path(),
@@ -390,7 +432,7 @@ async fn an_unreachable_sender_is_an_error_after_the_retries() {
             crc: 0,
         };
 
-        let err = fetch_snapshot(addr, hello(2), meta, dir.path(), &opts)
+        let err = fetch_snapshot(addr.into(), hello(2), meta, dir.path(), &opts)
             .await
             .unwrap_err();
 

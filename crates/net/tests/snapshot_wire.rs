@@ -247,7 +247,14 @@ where
 {
     let (addr, task) = fake_sender(script).await;
     let dir = tempfile::tempdir().unwrap();
-    let result = deadline(fetch_snapshot(addr, hello(2), META, dir.path(), &opts)).await;
+    let result = deadline(fetch_snapshot(
+        addr.into(),
+        hello(2),
+        META,
+        dir.path(),
+        &opts,
+    ))
+    .await;
     task.abort();
     assert_eq!(
         dir_entries(dir.path()),
@@ -493,7 +500,7 @@ async fn an_abandoned_receive_leaves_no_file() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let opts = quick_opts();
-    let fetch = fetch_snapshot(addr, hello(2), META, dir.path(), &opts);
+    let fetch = fetch_snapshot(addr.into(), hello(2), META, dir.path(), &opts);
     // Dropped while waiting for chunks that never come.
     assert!(tokio::time::timeout(Duration::from_millis(300), fetch)
         .await
@@ -691,7 +698,7 @@ async fn a_sender_survives_hostile_receivers_and_keeps_serving() {
     // And it still serves a well-behaved receiver.
     let dir = tempfile::tempdir().unwrap();
     let fetched = deadline(fetch_snapshot(
-        addr,
+        addr.into(),
         hello(2),
         meta,
         dir.path(),

@@ -349,7 +349,7 @@ async fn peers_can_be_added_and_removed() {
         Err(SendError::UnknownPeer { peer: 2 })
     );
     a.add_peer(2, b.local_addr()).unwrap();
-    assert_eq!(a.peers(), vec![(2, b.local_addr())]);
+    assert_eq!(a.peers(), vec![(2, b.local_addr().into())]);
     assert!(a.wait_connected(2, WAIT).await);
     a.send(append(1, 2, 1, 8)).unwrap();
     assert_eq!(seq_of(&recv(&mut b_inbox).await), 1);
@@ -466,13 +466,13 @@ fn config_errors_name_the_field() {
         (
             "peers",
             Box::new(|c| {
-                c.peers.insert(1, localhost());
+                c.peers.insert(1, localhost().into());
             }),
         ),
         (
             "peers",
             Box::new(|c| {
-                c.peers.insert(0, localhost());
+                c.peers.insert(0, localhost().into());
             }),
         ),
         ("send_queue_max", Box::new(|c| c.send_queue_max = 0)),

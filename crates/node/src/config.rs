@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use skiff_net::tls::PeerTlsFiles;
+use skiff_net::PeerAddr;
 use skiff_raft::NodeId;
 
 /// A configuration error; `field` names the offending field or flag.
@@ -151,12 +152,14 @@ pub struct NodeConfig {
     /// Prometheus text metrics over HTTP; none when unset.
     pub listen_metrics: Option<SocketAddr>,
     /// `id=peer-addr` for every voter of a new cluster, this node included.
+    /// An address is `IP:PORT` or `HOST:PORT` (resolved each time a peer
+    /// connection opens).
     #[serde(deserialize_with = "de_cluster")]
-    pub initial_cluster: BTreeMap<NodeId, SocketAddr>,
+    pub initial_cluster: BTreeMap<NodeId, PeerAddr>,
     /// `id=client-addr` of the members: where writes sent to a follower are
     /// forwarded and what `member list` shows. Optional.
     #[serde(deserialize_with = "de_cluster")]
-    pub initial_cluster_clients: BTreeMap<NodeId, SocketAddr>,
+    pub initial_cluster_clients: BTreeMap<NodeId, PeerAddr>,
     /// Derived from `initial_cluster` when 0 (a node that joins an
     /// existing cluster must be given it). Recorded in the data directory
     /// on first start; later starts use the recorded one.
@@ -323,7 +326,7 @@ impl Default for NodeConfig {
     }
 }
 
-fn de_cluster<'de, D>(d: D) -> Result<BTreeMap<NodeId, SocketAddr>, D::Error>
+fn de_cluster<'de, D>(d: D) -> Result<BTreeMap<NodeId, PeerAddr>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
@@ -331,9 +334,10 @@ where
     parse_cluster(&s).map_err(serde::de::Error::custom)
 }
 
-/// Parses `1=127.0.0.1:2380,2=...` (an `http://` or `https://` prefix is
-/// accepted: whether a port speaks TLS is this member's own setting).
-pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+/// Parses `1=127.0.0.1:2380,2=node-2.example:2380,...` (an `http://` or
+/// `https://` prefix is accepted: whether a port speaks TLS is this
+/// member's own setting).
+pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, PeerAddr>, String> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((id, addr)) = part.split_once('=') else {
@@ -350,7 +354,7 @@ pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
             .or_else(|| addr.strip_prefix("https://"))
             .unwrap_or(addr);
         let addr = addr.strip_suffix('/').unwrap_or(addr);
-        let addr: SocketAddr = addr
+        let addr: PeerAddr = addr
             .parse()
             .map_err(|e| format!("`{addr}` in `{part}` is not host:port: {e}"))?;
         if out.insert(id, addr).is_some() {
@@ -631,6 +635,32 @@ mod tests {
         assert!(parse_cluster("1=nowhere")
             .unwrap_err()
             .contains("host:port"));
+        assert!(parse_cluster("1=bad_name:1")
+            .unwrap_err()
+            .contains("host:port"));
+        // Host names, kept as names (resolved at each connect).
+        let c = parse_cluster("1=https://node-1.example:2380/,2=[::1]:2380").unwrap();
+        assert_eq!(c[&1].to_string(), "node-1.example:2380");
+        assert_eq!(c[&1].socket_addr(), None);
+        assert_eq!(c[&2].to_string(), "[::1]:2380");
+    }
+
+    #[test]
+    fn a_cluster_of_host_names_validates_and_keeps_ip_cluster_ids() {
+        let mut c = three();
+        let by_ip = c.cluster_id();
+        c.initial_cluster = parse_cluster("1=a.example:7001,2=b.example:7002").unwrap();
+        c.validate().unwrap();
+        assert_ne!(c.cluster_id(), by_ip);
+        c.listen_peer = "127.0.0.1:7009".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "listen_peer");
+        // The id derived from a list of IPs is what it was when the list
+        // was parsed as socket addresses: the text `1=127.0.0.1:7001,...`.
+        let text = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003,";
+        assert_eq!(
+            by_ip,
+            u64::from(crc32c::crc32c(text.as_bytes())) << 32 | 0x5_4B1F
+        );
     }
 
     #[test]

@@ -123,8 +123,8 @@ impl<S: StateMachine> EmbeddedCluster<S> {
                 listen_peer: peers[&id],
                 listen_snapshot: ([127, 0, 0, 1], 0).into(),
                 listen_metrics: None,
-                initial_cluster: peers.clone(),
-                initial_cluster_clients: clients.clone(),
+                initial_cluster: peers.iter().map(|(&id, &a)| (id, a.into())).collect(),
+                initial_cluster_clients: clients.iter().map(|(&id, &a)| (id, a.into())).collect(),
                 ..base.clone()
             })
             .collect();

@@ -110,4 +110,6 @@ pub mod storage;
 
 pub use event_loop::RequestError;
 pub use node::{Node, NodeHandle, NodeStatus, StartError};
+/// The address type of [`NodeConfig::initial_cluster`](config::NodeConfig::initial_cluster): an IP or a host name, and a port.
+pub use skiff_net::{Host, PeerAddr};
 pub use state_machine::{ApplyError, Committed, RestoreError, SnapshotView, StateMachine};

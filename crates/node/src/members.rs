@@ -13,10 +13,10 @@
 //! Meta encoding (version 1): `| 1 u8 | name | n u16 | n × peer url |
 //! n u16 | n × client url |`, each string a u16 LE length then UTF-8.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use skiff_net::PeerAddr;
 use skiff_raft::{Membership, NodeId};
 
 use crate::config::NodeConfig;
@@ -126,36 +126,22 @@ fn get_str(b: &mut &[u8]) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// The socket address of a URL `http://ip:port` (or `https://`, or bare
-/// `ip:port`; `localhost` is 127.0.0.1). Host names other than localhost
-/// are refused: the event loop never waits on name resolution.
-pub fn parse_url(url: &str) -> Result<SocketAddr, String> {
+/// The address of a URL `http://host:port` (or `https://`, or bare
+/// `host:port`): an IP address or a host name, and a port other than 0. A
+/// host name is resolved by the transport each time it connects, never by
+/// the event loop.
+pub fn parse_url(url: &str) -> Result<PeerAddr, String> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
         .unwrap_or(url);
     let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if let Ok(a) = rest.parse::<SocketAddr>() {
-        if a.port() == 0 {
-            return Err(format!("URL {url:?} has port 0"));
-        }
-        return Ok(a);
-    }
-    if let Some(port) = rest.strip_prefix("localhost:") {
-        if let Ok(port) = port.parse::<u16>() {
-            if port != 0 {
-                return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-            }
-        }
-    }
-    Err(format!(
-        "URL {url:?} is not http://IP:PORT (an IP address and a port; host names other than \
-         localhost are not resolved)"
-    ))
+    rest.parse::<PeerAddr>()
+        .map_err(|e| format!("URL {url:?} is not http://HOST:PORT: {e}"))
 }
 
 /// A URL for an address, as the Cluster API shows it.
-pub fn url_of(addr: SocketAddr) -> String {
+pub fn url_of(addr: impl std::fmt::Display) -> String {
     format!("http://{addr}")
 }
 
@@ -172,12 +158,12 @@ pub fn member_info(m: &Membership, cfg: &NodeConfig, id: NodeId) -> MemberInfo {
     }
     if info.peer_urls.is_empty() {
         if let Some(a) = cfg.initial_cluster.get(&id) {
-            info.peer_urls.push(url_of(*a));
+            info.peer_urls.push(url_of(a));
         }
     }
     if info.client_urls.is_empty() {
-        let own = (id == cfg.id).then_some(cfg.listen_client);
-        if let Some(a) = own.or_else(|| cfg.initial_cluster_clients.get(&id).copied()) {
+        let own = (id == cfg.id).then(|| PeerAddr::from(cfg.listen_client));
+        if let Some(a) = own.or_else(|| cfg.initial_cluster_clients.get(&id).cloned()) {
             info.client_urls.push(url_of(a));
         }
     }
@@ -190,7 +176,7 @@ pub fn default_name(id: NodeId) -> String {
 }
 
 /// Where to send Raft messages for `id`.
-pub fn peer_addr(m: &Membership, cfg: &NodeConfig, id: NodeId) -> Option<SocketAddr> {
+pub fn peer_addr(m: &Membership, cfg: &NodeConfig, id: NodeId) -> Option<PeerAddr> {
     member_info(m, cfg, id)
         .peer_urls
         .iter()
@@ -198,7 +184,7 @@ pub fn peer_addr(m: &Membership, cfg: &NodeConfig, id: NodeId) -> Option<SocketA
 }
 
 /// Where `id` serves clients.
-pub fn client_addr(m: &Membership, cfg: &NodeConfig, id: NodeId) -> Option<SocketAddr> {
+pub fn client_addr(m: &Membership, cfg: &NodeConfig, id: NodeId) -> Option<PeerAddr> {
     member_info(m, cfg, id)
         .client_urls
         .iter()
@@ -257,14 +243,18 @@ mod tests {
             parse_url("https://[::1]:7001/").unwrap(),
             "[::1]:7001".parse().unwrap()
         );
+        let named = parse_url("http://Node-2.example.com:7001/").unwrap();
+        assert_eq!(named.to_string(), "node-2.example.com:7001");
         assert_eq!(
-            parse_url("localhost:7001").unwrap(),
-            "127.0.0.1:7001".parse().unwrap()
+            parse_url("localhost:7001").unwrap().to_string(),
+            "localhost:7001"
         );
         for bad in [
             "",
             "http://",
-            "http://example.com:7001",
+            "http://exa_mple.com:7001",
+            "ftp://10.0.0.1:7001",
+            "http://10.0.0.1:7001/path",
             "127.0.0.1",
             "10.0.0.1:0",
             "x:y",

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use skiff_net::tls::PeerTls;
 use skiff_net::{
-    fetch_snapshot, Channel, FetchOptions, Hello, Inbox, ServerOptions, SnapshotFiles,
-    SnapshotServer, TcpConfig, TcpTransport,
+    fetch_snapshot, Channel, FetchOptions, Hello, Host, Inbox, PeerAddr, ServerOptions,
+    SnapshotFiles, SnapshotServer, TcpConfig, TcpTransport,
 };
 use skiff_raft::{Message, MessageBody, NodeId, Raft, Role};
 use skiff_wal::Wal;
@@ -266,9 +266,9 @@ impl<S: StateMachine> NodeHandle<S> {
     }
 
     /// The client address of `id`, when configured.
-    pub fn client_addr(&self, id: NodeId) -> Option<SocketAddr> {
+    pub fn client_addr(&self, id: NodeId) -> Option<PeerAddr> {
         if id == self.cfg.id {
-            return Some(self.cfg.listen_client);
+            return Some(self.cfg.listen_client.into());
         }
         crate::members::client_addr(&self.membership(), &self.cfg, id)
     }
@@ -417,9 +417,9 @@ impl<S: StateMachine> Node<S> {
             .map_err(StartError::Runtime)?;
         let mut tcp = TcpConfig::new(cluster_id, cfg.id, cfg.listen_peer);
         tcp.tls = peer_tls.clone();
-        for (&id, &addr) in &cfg.initial_cluster {
+        for (&id, addr) in &cfg.initial_cluster {
             if id != cfg.id {
-                tcp = tcp.with_peer(id, addr);
+                tcp = tcp.with_peer(id, addr.clone());
             }
         }
         let (transport, inbox) =
@@ -499,6 +499,10 @@ impl<S: StateMachine> Node<S> {
                     ..FetchOptions::default()
                 },
                 fetching: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+                peer_addr: {
+                    let transport = transport.clone();
+                    Arc::new(move |id| transport.peer_addr(id))
+                },
                 shared: shared.clone(),
                 wait_max: PEER_MESSAGES_WAIT_MAX,
             };
@@ -695,6 +699,24 @@ pub const PEER_DROPS_WARN_EVERY: Duration = Duration::from_secs(10);
 /// are done. A batch the loop's
 /// queue does not take within `wait_max` is dropped and counted; the pump
 /// stops only when the loop does (its queue closed) or the transport ends.
+type PeerAddrOf = Arc<dyn Fn(NodeId) -> Option<PeerAddr> + Send + Sync>;
+
+/// Where to fetch a snapshot that member `from` (at `peer`, its peer
+/// address) offered from its snapshot port `offered`: at `offered` itself,
+/// unless the member's peer address is a host name (the name is dialled,
+/// so that TLS verifies the certificate by it, and resolved as the peer
+/// connection's is) or the sender listens on a wildcard address (which
+/// names no host to connect to): then at its peer host, on the offered
+/// port.
+fn snapshot_sender(offered: SocketAddr, peer: Option<PeerAddr>) -> PeerAddr {
+    match peer {
+        Some(p) if matches!(p.host(), Host::Name(_)) || offered.ip().is_unspecified() => {
+            PeerAddr::new(p.host().clone(), offered.port())
+        }
+        _ => offered.into(),
+    }
+}
+
 struct Pump<S: StateMachine> {
     inbox: Inbox,
     inputs: QueueSender<Input<S>>,
@@ -705,6 +727,8 @@ struct Pump<S: StateMachine> {
     fetch: FetchOptions,
     /// Fetches under way, by (leader, index).
     fetching: Arc<std::sync::Mutex<BTreeMap<(NodeId, u64), ()>>>,
+    /// The peer address of a member (the transport's).
+    peer_addr: PeerAddrOf,
     /// Where dropped messages are counted (`peer_messages_dropped`).
     shared: Arc<Shared>,
     /// [`PEER_MESSAGES_WAIT_MAX`] (tests shorten it).
@@ -811,6 +835,7 @@ impl<S: StateMachine> Pump<S> {
             to: msg.from,
             channel: Channel::Snapshot,
         };
+        let sender = snapshot_sender(offer.addr, (self.peer_addr)(msg.from));
         let (dir, snap_dir, opts, inputs, fetching) = (
             self.snap_dir.join("incoming"),
             self.snap_dir.clone(),
@@ -831,7 +856,7 @@ impl<S: StateMachine> Pump<S> {
                     .await
                     .map_err(|e| format!("create task: {e}"))?
                     .map_err(|e| e.to_string())?;
-                let fetched = fetch_snapshot(offer.addr, hello, meta, &dir, &opts)
+                let fetched = fetch_snapshot(sender, hello, meta, &dir, &opts)
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::info!(
@@ -969,6 +994,28 @@ mod tests {
     use super::*;
     use crate::event_loop::test_support::Nop;
 
+    #[test]
+    fn a_snapshot_is_fetched_by_the_senders_host_name_or_from_a_wildcard_by_its_peer_host() {
+        let offered: SocketAddr = "10.0.0.1:2381".parse().unwrap();
+        let ip_peer: PeerAddr = "10.0.0.9:2380".parse().unwrap();
+        let named_peer: PeerAddr = "node-1.example:2380".parse().unwrap();
+        assert_eq!(snapshot_sender(offered, None), offered.into());
+        assert_eq!(
+            snapshot_sender(offered, Some(ip_peer.clone())),
+            offered.into()
+        );
+        assert_eq!(
+            snapshot_sender(offered, Some(named_peer)).to_string(),
+            "node-1.example:2381"
+        );
+        let wildcard: SocketAddr = "0.0.0.0:2381".parse().unwrap();
+        assert_eq!(
+            snapshot_sender(wildcard, Some(ip_peer)).to_string(),
+            "10.0.0.9:2381"
+        );
+        assert_eq!(snapshot_sender(wildcard, None), wildcard.into());
+    }
+
     fn heartbeat(round: u64) -> Message {
         Message {
             from: 2,
@@ -1010,6 +1057,7 @@ mod tests {
             snap_dir: dir.path().to_path_buf(),
             fetch: FetchOptions::default(),
             fetching: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+            peer_addr: Arc::new(|_| None),
             shared: shared.clone(),
             wait_max,
         };

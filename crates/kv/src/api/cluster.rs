@@ -80,7 +80,7 @@ impl Api {
                  the leader"
             ))
         })?;
-        self.member_endpoint(addr, CONNECT_TIMEOUT)?
+        self.member_endpoint(&addr, CONNECT_TIMEOUT)?
             .connect()
             .await
             .map_err(|e| {

@@ -4,9 +4,9 @@
 //! time-to-live are forwarded to the leader's client address (as etcd
 //! forwards them), so that only the leader's clock decides expiry.
 
+use skiff_node::PeerAddr;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, 
 /// Clients of other members' Lease services, by client address.
 #[derive(Debug, Default)]
 pub(super) struct Forwarders {
-    clients: std::sync::Mutex<HashMap<SocketAddr, LeaseClient<Channel>>>,
+    clients: std::sync::Mutex<HashMap<PeerAddr, LeaseClient<Channel>>>,
 }
 
 /// A lease id nobody chose: positive, from the clock, the member id and a
@@ -80,7 +80,7 @@ impl Api {
         if let Some(c) = self.forwarders.clients.lock().expect("lock").get(&addr) {
             return Ok(c.clone());
         }
-        let endpoint = self.member_endpoint(addr, CONNECT_TIMEOUT)?;
+        let endpoint = self.member_endpoint(&addr, CONNECT_TIMEOUT)?;
         let channel = endpoint.connect().await.map_err(|e| {
             Status::unavailable(format!("etcdserver: cannot reach leader {leader}: {e}"))
         })?;

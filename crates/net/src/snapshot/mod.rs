@@ -227,6 +227,13 @@ pub enum SnapshotError {
         what: &'static str,
         source: io::Error,
     },
+    /// The sender's host name did not resolve (within the connect
+    /// timeout).
+    #[error("snapshot sender {peer}: cannot resolve its host: {source}")]
+    Resolve {
+        peer: crate::PeerAddr,
+        source: io::Error,
+    },
     /// The peer sent bytes that are not a valid frame or frame body.
     #[error("malformed frame from {peer}: {source}")]
     Wire { peer: SocketAddr, source: WireError },

@@ -16,7 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use super::{
     blocking, SnapshotError, SnapshotMeta, CHUNKS_INFLIGHT_PER_STREAM_MAX, CHUNKS_MAX,
     CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, DEFAULT_CHUNK_BYTES, STREAMS_MAX,
 };
+use crate::addr::{Host, PeerAddr};
 use crate::codec::{encode_hello_frame, Channel, Hello};
 use crate::frame::{FrameType, FRAME_HEADER_LEN};
 use crate::tls::PeerStream;
@@ -175,8 +176,13 @@ pub struct FetchStats {
 /// given snapshot into a given directory at a time. On error, or if the
 /// future is dropped, the temporary file is removed and nothing is handed
 /// over. See the [module docs](super) for retries and resumption.
+///
+/// `sender` is the sender's snapshot address; a host name there is resolved
+/// once, at the start, and the streams use the first of its addresses that
+/// takes a connection. With peer TLS the sender's certificate must name
+/// `sender`'s host.
 pub async fn fetch_snapshot(
-    addr: SocketAddr,
+    sender: PeerAddr,
     hello: Hello,
     meta: SnapshotMeta,
     dest_dir: &Path,
@@ -203,6 +209,14 @@ pub async fn fetch_snapshot(
         )));
     }
 
+    let addrs = tokio::time::timeout(opts.connect_timeout, sender.resolve())
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+        .map_err(|source| SnapshotError::Resolve {
+            peer: sender.clone(),
+            source,
+        })?;
+
     let final_path = dest_dir.join(meta.file_name());
     let tmp_path = dest_dir.join(format!("{}.partial", meta.file_name()));
     let mut tmp = TmpFile {
@@ -211,7 +225,9 @@ pub async fn fetch_snapshot(
     let file = create_tmp(&tmp_path, meta.len, opts.disk_timeout).await?;
 
     let transfer = Arc::new(Transfer {
-        peer: addr,
+        addrs,
+        addr_at: AtomicUsize::new(0),
+        host: sender.host().clone(),
         hello,
         meta,
         opts: opts.clone(),
@@ -254,7 +270,7 @@ pub async fn fetch_snapshot(
         })
     };
     if crc != meta.crc {
-        warn!(peer = %addr, ?meta, crc, "received snapshot fails its checksum");
+        warn!(peer = %sender, ?meta, crc, "received snapshot fails its checksum");
         return Err(SnapshotError::SnapshotChecksum {
             index: meta.index,
             term: meta.term,
@@ -305,7 +321,7 @@ pub async fn fetch_snapshot(
         verify: verify_time,
         sync: sync_time,
     };
-    info!(peer = %addr, path = ?final_path, ?stats, "snapshot received");
+    info!(peer = %sender, path = ?final_path, ?stats, "snapshot received");
     Ok(Fetched {
         path: final_path,
         stats,
@@ -385,7 +401,12 @@ fn preallocate(file: &File, len: u64) -> io::Result<()> {
 
 /// One transfer, shared by its streams.
 struct Transfer {
-    peer: SocketAddr,
+    /// The sender's addresses (its host resolved), and which of them took
+    /// the last connection (tried first by the next).
+    addrs: Vec<SocketAddr>,
+    addr_at: AtomicUsize,
+    /// The name the sender's TLS certificate must carry.
+    host: Host,
     hello: Hello,
     meta: SnapshotMeta,
     opts: FetchOptions,
@@ -403,6 +424,11 @@ struct Transfer {
 }
 
 impl Transfer {
+    /// The sender's address that took the last connection (for logs).
+    fn peer(&self) -> SocketAddr {
+        self.addrs[self.addr_at.load(Ordering::Relaxed)]
+    }
+
     fn table(&self) -> MutexGuard<'_, ChunkTable> {
         // Table methods assert before they change anything: a panicking
         // holder leaves it consistent.
@@ -460,7 +486,7 @@ async fn run_stream(t: Arc<Transfer>, stream: usize) -> Result<Option<Conn>, Sna
                 last: Box::new(error),
             });
         }
-        warn!(peer = %t.peer, stream, %error, ?backoff, "snapshot stream broken, reconnecting");
+        warn!(peer = %t.peer(), stream, %error, ?backoff, "snapshot stream broken, reconnecting");
         tokio::time::sleep(backoff).await;
         backoff = backoff.saturating_mul(2).min(RECONNECT_BACKOFF_MAX);
     }
@@ -468,20 +494,37 @@ async fn run_stream(t: Arc<Transfer>, stream: usize) -> Result<Option<Conn>, Sna
 
 /// Opens a connection and exchanges Hellos.
 async fn connect(t: &Transfer) -> Result<Conn, SnapshotError> {
-    let peer = t.peer;
     let limit = t.opts.connect_timeout;
-    let stream = within(
-        limit,
-        peer,
-        "connecting",
-        crate::connect_from(peer, t.opts.local_ip),
-    )
-    .await?
-    .map_err(|source| SnapshotError::Connection {
-        peer,
-        what: "connecting",
-        source,
-    })?;
+    // The address that took the last connection first, then the others.
+    let at = t.addr_at.load(Ordering::Relaxed);
+    let mut tried = 0;
+    let (peer, stream) = loop {
+        let i = (at + tried) % t.addrs.len();
+        let peer = t.addrs[i];
+        tried += 1;
+        let result = within(
+            limit,
+            peer,
+            "connecting",
+            crate::connect_from(&PeerAddr::from(peer), t.opts.local_ip),
+        )
+        .await
+        .and_then(|r| {
+            r.map_err(|source| SnapshotError::Connection {
+                peer,
+                what: "connecting",
+                source,
+            })
+        });
+        match result {
+            Ok(stream) => {
+                t.addr_at.store(i, Ordering::Relaxed);
+                break (peer, stream);
+            }
+            Err(e) if tried >= t.addrs.len() => return Err(e),
+            Err(_) => {}
+        }
+    };
     stream
         .set_nodelay(true)
         .map_err(|source| SnapshotError::Connection {
@@ -491,7 +534,7 @@ async fn connect(t: &Transfer) -> Result<Conn, SnapshotError> {
         })?;
     let stream = match &t.opts.tls {
         None => PeerStream::Plain(stream),
-        Some(tls) => tls_handshake(limit, peer, tls.connect(peer.ip(), stream)).await?,
+        Some(tls) => tls_handshake(limit, peer, tls.connect(&t.host, stream)).await?,
     };
     let frame_max = FRAME_HEADER_LEN + CHUNK_PREFIX_LEN + t.opts.chunk_bytes as usize;
     let mut conn = Conn::new(stream, peer, frame_max, SEND_FRAME_MAX, RECV_READ_RESERVE);
@@ -567,7 +610,7 @@ async fn pump(t: &Transfer, conn: &mut Conn) -> Result<(), SnapshotError> {
     }
     if !inflight.requested.is_empty() {
         let lost = inflight.requested.len();
-        debug!(peer = %t.peer, lost, "giving back chunks of a broken connection");
+        debug!(peer = %t.peer(), lost, "giving back chunks of a broken connection");
         t.chunks_lost.fetch_add(lost as u64, Ordering::Relaxed);
         let mut table = t.table();
         for chunk in inflight.requested.drain(..) {
@@ -756,6 +799,6 @@ async fn send_done(t: &Transfer, mut conns: Vec<Conn>) {
         })
         .await
     {
-        debug!(peer = %t.peer, %error, "could not acknowledge the snapshot");
+        debug!(peer = %t.peer(), %error, "could not acknowledge the snapshot");
     }
 }

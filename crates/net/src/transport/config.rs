@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use skiff_raft::NodeId;
 
+use crate::addr::PeerAddr;
 use crate::codec::RAFT_BODY_PREFIX_LEN;
 use crate::frame::{DEFAULT_FRAME_BYTES_MAX, FRAME_HEADER_LEN};
 
@@ -44,7 +45,7 @@ pub struct TcpConfig {
     pub local_ip: Option<IpAddr>,
     /// Peers to keep a connection to, by id. More can be added later
     /// ([`crate::TcpTransport::add_peer`]).
-    pub peers: BTreeMap<NodeId, SocketAddr>,
+    pub peers: BTreeMap<NodeId, PeerAddr>,
     /// Messages queued per peer, not yet written; a send past it is
     /// [`crate::SendError::QueueFull`].
     pub send_queue_max: usize,
@@ -120,8 +121,8 @@ impl TcpConfig {
     }
 
     /// Adds (or readdresses) a peer.
-    pub fn with_peer(mut self, id: NodeId, addr: SocketAddr) -> TcpConfig {
-        self.peers.insert(id, addr);
+    pub fn with_peer(mut self, id: NodeId, addr: impl Into<PeerAddr>) -> TcpConfig {
+        self.peers.insert(id, addr.into());
         self
     }
 

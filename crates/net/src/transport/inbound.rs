@@ -180,7 +180,7 @@ async fn handshake(
                     ),
                 });
             };
-            tls.check_identity(stream, claimed.ip())
+            tls.check_identity(stream, claimed.host())
                 .map_err(|reason| ConnError::Refused {
                     reason: format!("node {}: {reason}", hello.from),
                 })?;

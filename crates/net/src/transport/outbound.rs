@@ -186,7 +186,7 @@ async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<PeerStream, ConnErr
     let cfg = &shared.cfg;
     let tcp = tokio::time::timeout(
         cfg.connect_timeout,
-        crate::connect_from(slot.addr, cfg.local_ip),
+        crate::connect_from(&slot.addr, cfg.local_ip),
     )
     .await
     .map_err(|_| ConnError::Timeout {
@@ -197,15 +197,17 @@ async fn connect(shared: &Shared, slot: &PeerSlot) -> Result<PeerStream, ConnErr
     tcp.set_nodelay(true)?;
     let mut stream = match &cfg.tls {
         None => PeerStream::Plain(tcp),
-        Some(tls) => tokio::time::timeout(cfg.handshake_timeout, tls.connect(slot.addr.ip(), tcp))
-            .await
-            .map_err(|_| ConnError::Timeout {
-                what: "the TLS handshake",
-                after: cfg.handshake_timeout,
-            })?
-            .map_err(|e| ConnError::Refused {
-                reason: format!("TLS handshake: {e}"),
-            })?,
+        Some(tls) => {
+            tokio::time::timeout(cfg.handshake_timeout, tls.connect(slot.addr.host(), tcp))
+                .await
+                .map_err(|_| ConnError::Timeout {
+                    what: "the TLS handshake",
+                    after: cfg.handshake_timeout,
+                })?
+                .map_err(|e| ConnError::Refused {
+                    reason: format!("TLS handshake: {e}"),
+                })?
+        }
     };
     let hello = Hello {
         cluster_id: cfg.cluster_id,

@@ -429,7 +429,7 @@ impl Transport for SimTransport {
     }
 
     /// The simulated network routes by node id: addresses mean nothing.
-    fn set_peers(&self, _: &std::collections::BTreeMap<NodeId, std::net::SocketAddr>) {}
+    fn set_peers(&self, _: &std::collections::BTreeMap<NodeId, crate::PeerAddr>) {}
 }
 
 impl SimState {

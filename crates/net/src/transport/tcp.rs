@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
+
+use crate::addr::PeerAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
@@ -104,7 +106,7 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct PeerSlot {
     pub(crate) id: NodeId,
-    pub(crate) addr: SocketAddr,
+    pub(crate) addr: PeerAddr,
     pub(crate) queue: mpsc::Sender<Queued>,
     /// Whether a handshaken connection is up; sends are refused otherwise.
     connected: AtomicBool,
@@ -300,7 +302,12 @@ impl TcpTransport {
     /// Starts keeping a connection to peer `id` at `addr`. A peer already
     /// known is readdressed: its old connection and queued messages are
     /// dropped.
-    pub fn add_peer(&self, id: NodeId, addr: SocketAddr) -> Result<(), TransportConfigError> {
+    pub fn add_peer(
+        &self,
+        id: NodeId,
+        addr: impl Into<PeerAddr>,
+    ) -> Result<(), TransportConfigError> {
+        let addr = addr.into();
         check_peer_id(self.shared.cfg.id, id)?;
         let (tx, rx) = mpsc::channel(self.shared.cfg.send_queue_max);
         let (stop, stop_rx) = watch::channel(false);
@@ -347,12 +354,17 @@ impl TcpTransport {
     }
 
     /// The peers and their addresses.
-    pub fn peers(&self) -> Vec<(NodeId, SocketAddr)> {
+    pub fn peers(&self) -> Vec<(NodeId, PeerAddr)> {
         self.shared
             .peers_read()
             .values()
-            .map(|p| (p.id, p.addr))
+            .map(|p| (p.id, p.addr.clone()))
             .collect()
+    }
+
+    /// The address of peer `id`, if it is one.
+    pub fn peer_addr(&self, id: NodeId) -> Option<PeerAddr> {
+        self.shared.peer_addr(id)
     }
 
     /// Whether a connection to `peer` is up (sends are accepted).
@@ -445,17 +457,17 @@ impl Transport for TcpTransport {
         self.shared.cfg.id
     }
 
-    fn set_peers(&self, peers: &std::collections::BTreeMap<NodeId, SocketAddr>) {
-        let current: std::collections::BTreeMap<NodeId, SocketAddr> =
+    fn set_peers(&self, peers: &std::collections::BTreeMap<NodeId, PeerAddr>) {
+        let current: std::collections::BTreeMap<NodeId, PeerAddr> =
             self.peers().into_iter().collect();
         for id in current.keys() {
             if !peers.contains_key(id) {
                 self.remove_peer(*id);
             }
         }
-        for (&id, &addr) in peers {
-            if id != self.shared.cfg.id && current.get(&id) != Some(&addr) {
-                if let Err(error) = self.add_peer(id, addr) {
+        for (&id, addr) in peers {
+            if id != self.shared.cfg.id && current.get(&id) != Some(addr) {
+                if let Err(error) = self.add_peer(id, addr.clone()) {
                     tracing::warn!(node = self.shared.cfg.id, peer = id, %error, "peer not added");
                 }
             }
@@ -665,8 +677,8 @@ impl Shared {
     }
 
     /// The peer address of member `id`, if it is a peer.
-    pub(crate) fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
-        self.peers_read().get(&id).map(|slot| slot.addr)
+    pub(crate) fn peer_addr(&self, id: NodeId) -> Option<PeerAddr> {
+        self.peers_read().get(&id).map(|slot| slot.addr.clone())
     }
 
     /// A sender into the inbox, for a new reader; `None` once shut down.

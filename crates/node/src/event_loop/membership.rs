@@ -5,10 +5,11 @@
 //! removed, and a removed node stops for good.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use skiff_net::PeerAddr;
 use skiff_raft::{
     Entry, Index, Membership, MembershipChange, Message, MessageBody, NodeId, Payload, Role, Term,
 };
@@ -37,9 +38,9 @@ pub(crate) struct Members {
     /// A transfer asked for: target and who waits.
     transfer: Option<(NodeId, TransferReply)>,
     /// The transport's peers.
-    peers: BTreeMap<NodeId, SocketAddr>,
+    peers: BTreeMap<NodeId, PeerAddr>,
     /// Former members still reachable, and since when they are former.
-    retired: BTreeMap<NodeId, (SocketAddr, Instant)>,
+    retired: BTreeMap<NodeId, (PeerAddr, Instant)>,
     /// The membership the peers were last set from.
     synced: Option<Membership>,
     /// This member applied a membership without itself after one with.
@@ -256,7 +257,13 @@ impl<S: StateMachine> EventLoop<S> {
         if m.members().is_empty() {
             // Joining: the membership is not known yet; answer those the
             // configuration names.
-            peers.extend(self.cfg.initial_cluster.iter().filter(|(id, _)| **id != me));
+            peers.extend(
+                self.cfg
+                    .initial_cluster
+                    .iter()
+                    .filter(|(id, _)| **id != me)
+                    .map(|(id, a)| (*id, a.clone())),
+            );
         } else {
             for id in m.members() {
                 if id == me {
@@ -291,7 +298,7 @@ impl<S: StateMachine> EventLoop<S> {
     fn set_transport_peers(&self) {
         let mut all = self.members.peers.clone();
         for (id, (addr, _)) in &self.members.retired {
-            all.entry(*id).or_insert(*addr);
+            all.entry(*id).or_insert_with(|| addr.clone());
         }
         self.transport.set_peers(&all);
     }

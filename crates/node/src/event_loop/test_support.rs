@@ -54,7 +54,7 @@ pub(crate) fn one_member_config(dir: &Path) -> NodeConfig {
         id: 1,
         data_dir: dir.to_path_buf(),
         listen_peer: addr,
-        initial_cluster: [(1, addr)].into(),
+        initial_cluster: [(1, addr.into())].into(),
         ..NodeConfig::default()
     }
 }
