@@ -10,8 +10,10 @@
 //! 2. **step**: feed them to the core — one `propose` for the whole batch of
 //!    commands, one `read_index` for the whole batch of linearizable reads;
 //! 3. **dispatch** the actions, in order:
-//!    * `Persist` → one WAL write (group commit happens in the WAL); its
-//!      ticket waits in the loop, in order, until the WAL says durable;
+//!    * `Persist` → one WAL write (group commit happens in the WAL), handed
+//!      over without waiting (`Wal::try_write`; one the WAL cannot take at
+//!      once waits in the loop's backlog, in order: see `wal_tickets.rs`);
+//!      its ticket waits in the loop, in order, until the WAL says durable;
 //!    * `Send` → the pass's outbox, handed to the transport in one
 //!      `send_batch` once the pass's actions are dispatched (the leader's
 //!      AppendEntries leave in the same pass as its own WAL write: its fsync
@@ -32,7 +34,9 @@
 //!
 //! The loop never waits on work proportional to the data: snapshots,
 //! restores, WAL compaction and dropping a replaced state all run on other
-//! threads. `loop_pass_us` (a metric) is the length of each pass.
+//! threads; nor on a stalled disk (the WAL backlog), nor on rendering its
+//! metrics (a scrape takes its histograms, `metrics.rs`). `loop_pass_us`
+//! (a metric) is the length of each pass.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -70,10 +74,11 @@ pub(crate) mod test_support;
 mod wal_tickets;
 
 use self::metrics::Stages;
+pub(crate) use self::metrics::{MetricsSample, StageHistograms};
 pub use self::no_space::{NO_SPACE_RETRY, REWRITE_BYTES_MAX};
 pub use self::snapshots::SnapshotOffer;
 pub(crate) use self::snapshots::{file_crc, lower_thread_priority, SnapshotWorker};
-use self::wal_tickets::{Durable, WalWaker};
+use self::wal_tickets::{Backlogged, Durable, WalWaker};
 
 /// How often the loop looks at the data directory's free space: writes
 /// go on at full speed until the next look, so this and the write rate
@@ -89,6 +94,13 @@ pub const MESSAGES_PER_INPUT_MAX: usize = 1024;
 /// WAL writes (persists, snapshot records) in flight before the loop
 /// stops proposing (bounded by Raft's windows long before this).
 pub const TICKETS_MAX: usize = 65_536;
+/// Bytes of entries the loop keeps for the WAL when its queue is full (a
+/// stalled disk) before it waits for the WAL after all: the bound of
+/// `wal_backlog`. Raft's windows (proposals pending, bytes in flight per
+/// follower) bound it long before this.
+pub const WAL_BACKLOG_BYTES_MAX: usize = 256 << 20;
+/// How soon the loop offers the WAL its backlog again.
+pub const WAL_BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
 /// Why a client request was not served.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -169,7 +181,7 @@ pub enum Input<S: StateMachine> {
         result: Result<usize, skiff_wal::Error>,
     },
     /// Render the metrics as Prometheus text.
-    Metrics(oneshot::Sender<String>),
+    Metrics(oneshot::Sender<MetricsSample>),
     Shutdown,
 }
 
@@ -193,6 +205,10 @@ pub struct Shared {
     /// Set when the loop ended; `fatal` says why when it failed.
     pub stopped: AtomicBool,
     pub fatal: Mutex<Option<String>>,
+    /// The running totals of the loop's stage histograms, kept by whoever
+    /// renders the metrics (see `MetricsSample`); none before the first
+    /// scrape.
+    pub(crate) metrics_book: Mutex<Option<StageHistograms>>,
 }
 
 impl Shared {
@@ -284,6 +300,10 @@ pub struct EventLoop<S: StateMachine> {
     /// WAL writes not yet durable, in WAL order, with what their
     /// durability means and when they were written.
     tickets: VecDeque<(Ticket, Durable, Instant)>,
+    /// Writes the WAL could not take at once, in order (see
+    /// `wal_tickets.rs`), and their bytes.
+    wal_backlog: VecDeque<Backlogged>,
+    wal_backlog_bytes: usize,
     /// Wakes the loop when the WAL advances.
     wal_waker: Arc<WalWaker<S>>,
     held_sends: VecDeque<(PersistId, Message)>,
@@ -366,6 +386,8 @@ impl<S: StateMachine> EventLoop<S> {
             transport: parts.transport,
             inputs: parts.inputs,
             tickets: VecDeque::new(),
+            wal_backlog: VecDeque::new(),
+            wal_backlog_bytes: 0,
             wal_waker: Arc::new(WalWaker {
                 pending: AtomicBool::new(false),
                 inputs: parts.wake,
@@ -431,6 +453,10 @@ impl<S: StateMachine> EventLoop<S> {
             if queued.is_empty() {
                 let deadline = if self.sm_busy || !self.to_apply.is_empty() {
                     Instant::now()
+                } else if !self.wal_backlog.is_empty() {
+                    // Offered again soon (the WAL's progress wakes the loop
+                    // too, when a write becomes durable).
+                    next_tick.min(Instant::now() + WAL_BACKLOG_RETRY)
                 } else {
                     next_tick
                 };
@@ -494,6 +520,9 @@ impl<S: StateMachine> EventLoop<S> {
                 break stop;
             }
             if let Err(e) = self.poll_tickets() {
+                break Err(e);
+            }
+            if let Err(e) = self.drain_wal_backlog() {
                 break Err(e);
             }
             if let Err(e) = self.retry_no_space() {
@@ -663,7 +692,10 @@ impl<S: StateMachine> EventLoop<S> {
                 self.on_wal_compacted(upto, result).map_err(Err)?;
             }
             Input::Metrics(reply) => {
-                let _ = reply.send(self.render_metrics());
+                if let Err(unsent) = reply.send(self.metrics_sample()) {
+                    // The scraper gave up: keep its values for the next.
+                    self.stages.give_back(unsent);
+                }
             }
             Input::Shutdown => return Err(Ok(())),
         }

@@ -259,10 +259,16 @@ impl<S: StateMachine> NodeHandle<S> {
     pub async fn metrics_text(&self) -> Result<String, RequestError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.submit(Input::Metrics(reply))?;
-        match tokio::time::timeout(self.cfg.request_timeout(), rx).await {
-            Ok(Ok(text)) => Ok(text),
-            _ => Err(RequestError::Unavailable("metrics not rendered".into())),
-        }
+        let sample = match tokio::time::timeout(self.cfg.request_timeout(), rx).await {
+            Ok(Ok(sample)) => sample,
+            _ => return Err(RequestError::Unavailable("metrics not rendered".into())),
+        };
+        // Rendered here, off the loop, on a blocking thread (a millisecond
+        // or so of quantile walks).
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || sample.render(&shared.metrics_book))
+            .await
+            .map_err(|e| RequestError::Unavailable(format!("metrics not rendered: {e}")))
     }
 
     /// The client address of `id`, when configured.

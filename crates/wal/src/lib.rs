@@ -74,7 +74,7 @@ pub use metrics::{Histogram, Metrics};
 pub use options::{Backend, Options};
 pub use recovery::RecoveryReport;
 pub use storage::{OsStorage, Storage, StorageFile};
-pub use wal::{Wal, WriteBatch};
+pub use wal::{TryWriteError, Wal, WriteBatch};
 
 use bytes::Bytes;
 

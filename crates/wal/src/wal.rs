@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
@@ -30,6 +30,23 @@ use crate::segment::{segment_name, start_prewriter, Spare, SparePool};
 use crate::storage::{OsStorage, Storage, StorageFile};
 use crate::uring;
 use crate::{Entry, HardState, SnapshotMeta};
+
+/// What [`Wal::try_write`] returns instead of a ticket.
+#[derive(Debug)]
+pub enum TryWriteError {
+    /// The write would have had to wait (the queue to the I/O driver is
+    /// full, or no pre-written segment is ready): nothing was written, and
+    /// here is the batch back.
+    Busy(WriteBatch),
+    /// As [`Wal::write`] fails.
+    Failed(Error),
+}
+
+impl From<Error> for TryWriteError {
+    fn from(e: Error) -> TryWriteError {
+        TryWriteError::Failed(e)
+    }
+}
 
 /// Everything one write makes durable together, applied in this order:
 /// truncate, snapshot, entries, hard state.
@@ -341,6 +358,29 @@ impl Wal {
     /// it is durable. Blocks (up to `submit_timeout`) only when the queue is
     /// full or a new segment has to wait for a spare.
     pub fn write(&self, batch: WriteBatch) -> Result<Ticket> {
+        self.submit(batch, true).map_err(|e| match e {
+            TryWriteError::Failed(e) => e,
+            TryWriteError::Busy(_) => unreachable!("a waiting write is never busy"),
+        })
+    }
+
+    /// [`Wal::write`] that never waits: when the queue to the I/O driver is
+    /// full, or the write needs a new segment and no pre-written spare is
+    /// ready, nothing is written and the batch comes back
+    /// ([`TryWriteError::Busy`]) to be offered again later, in the same
+    /// order as any batch after it. An event loop hands its writes over
+    /// with this, so a stalled disk never stops the loop.
+    pub fn try_write(&self, batch: WriteBatch) -> std::result::Result<Ticket, TryWriteError> {
+        // Full already: give it back before encoding anything.
+        if self.inner.tx.is_full() {
+            return Err(TryWriteError::Busy(batch));
+        }
+        self.submit(batch, false)
+    }
+
+    /// Queues `batch`; `wait`: up to `submit_timeout` for queue room or a
+    /// spare segment, else [`TryWriteError::Busy`] at once.
+    fn submit(&self, batch: WriteBatch, wait: bool) -> std::result::Result<Ticket, TryWriteError> {
         let inner = &*self.inner;
         check_batch_shape(&batch, &inner.opts)?;
         // Encode and checksum outside the lock.
@@ -363,10 +403,10 @@ impl Wal {
 
         let mut st = self.lock();
         if let Some(e) = inner.notify.failure() {
-            return Err(e);
+            return Err(e.into());
         }
         if st.closed {
-            return Err(Error::Closed);
+            return Err(Error::Closed.into());
         }
         release_held(&mut st, inner.notify.durable_seq());
         forget_written(&mut st, inner.notify.written_seq());
@@ -382,7 +422,19 @@ impl Wal {
             .active
             .is_some_and(|a| a.offset + len <= inner.opts.segment_size);
         if !fits {
-            new_segment = Some(self.new_segment(&st, len, entries_next)?);
+            let wait_max = if wait {
+                inner.opts.submit_timeout
+            } else {
+                Duration::ZERO
+            };
+            match self.new_segment(&st, len, entries_next, wait_max) {
+                Ok(ns) => new_segment = Some(ns),
+                Err(Error::Timeout { .. }) if !wait => {
+                    drop(st);
+                    return Err(TryWriteError::Busy(batch));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let (segment_seq, salt, offset) = match (&new_segment, st.active) {
             (Some(ns), _) => (ns.header.seq, ns.header.salt, 0u64),
@@ -428,6 +480,11 @@ impl Wal {
         // try_send first: the common case needs no deadline (no clock read).
         let sent = match inner.tx.try_send(Op::Write(op)) {
             Ok(()) => Ok(()),
+            Err(TrySendError::Full(op)) if !wait => {
+                give_back_spare(inner, op);
+                drop(st);
+                return Err(TryWriteError::Busy(batch));
+            }
             Err(TrySendError::Full(op)) => inner.tx.send_timeout(op, inner.opts.submit_timeout),
             Err(TrySendError::Disconnected(op)) => Err(SendTimeoutError::Disconnected(op)),
         };
@@ -438,10 +495,11 @@ impl Wal {
                 return Err(Error::Timeout {
                     what: "room in the WAL queue",
                     waited_ms: inner.opts.submit_timeout.as_millis() as u64,
-                });
+                }
+                .into());
             }
             Err(SendTimeoutError::Disconnected(_)) => {
-                return Err(inner.notify.failure().unwrap_or(Error::Closed));
+                return Err(inner.notify.failure().unwrap_or(Error::Closed).into());
             }
         }
         if let Some(d) = &inner.doorbell {
@@ -528,8 +586,14 @@ impl Wal {
     }
 
     /// Builds the start of a new segment for a write of `len` bytes. Takes a
-    /// spare (which may wait, up to `submit_timeout`).
-    fn new_segment(&self, st: &State, len: u64, first_index: u64) -> Result<NewSegment> {
+    /// spare (which may wait, up to `wait_max`).
+    fn new_segment(
+        &self,
+        st: &State,
+        len: u64,
+        first_index: u64,
+        wait_max: Duration,
+    ) -> Result<NewSegment> {
         let inner = &*self.inner;
         let mut checkpoint = Vec::new();
         checkpoint.push(Body::hard_state(&st.hard_state));
@@ -547,16 +611,13 @@ impl Wal {
                 max: inner.opts.segment_size - prefix,
             });
         }
-        let spare = inner
-            .pool
-            .take(inner.opts.submit_timeout)
-            .inspect_err(|e| {
-                // An I/O error making a spare (an fsync among them) is fatal like
-                // any other: never carry on past it. ENOSPC and timeouts are not.
-                if e.is_fatal() {
-                    inner.notify.fail(e.to_string());
-                }
-            })?;
+        let spare = inner.pool.take(wait_max).inspect_err(|e| {
+            // An I/O error making a spare (an fsync among them) is fatal like
+            // any other: never carry on past it. ENOSPC and timeouts are not.
+            if e.is_fatal() {
+                inner.notify.fail(e.to_string());
+            }
+        })?;
         let seq = st.next_segment_seq;
         let header = SegmentHeader {
             seq,

@@ -1009,6 +1009,77 @@ fn failed_directory_sync_in_compaction_fails_the_wal(io: Io) {
     every_crash_recovers(&sim, &want, &io);
 }
 
+/// On a disk that does not take writes (the I/O driver stuck in one),
+/// `try_write` never waits: once the queue is full, or a new segment finds
+/// no spare ready, it hands the batch back untouched and the log is as if
+/// it was never offered (a waiting `write` would block for
+/// `submit_timeout`, and fail with a timeout). Offered again, in order,
+/// once the disk moves, every batch goes through.
+fn try_write_hands_the_batch_back_instead_of_waiting(io: Io) {
+    let sim = SimStorage::new();
+    let opts = Options {
+        queue_depth: 8,
+        submit_timeout: Duration::from_secs(120),
+        ..options(1)
+    };
+    let wal = open_on(&sim, opts, &io).unwrap();
+    let mut want = append_acked(&wal, 3, 1, 100);
+    wait_for_spare(&sim);
+    sim.pause_writes();
+    let mut tickets: Vec<Ticket> = Vec::new();
+    let mut next = wal.last_index() + 1;
+    let busy = loop {
+        assert!(
+            next < 1_000,
+            "the WAL took 1,000 entries with writes paused"
+        );
+        let batch = WriteBatch {
+            entries: entries(next, next + 2, 1, 1500),
+            ..WriteBatch::default()
+        };
+        match wal.try_write(batch.clone()) {
+            Ok(t) => {
+                tickets.push(t);
+                want.extend(batch.entries);
+                next += 2;
+            }
+            Err(skiff_wal::TryWriteError::Busy(back)) => {
+                assert_eq!(back.entries, batch.entries, "the batch came back changed");
+                break back;
+            }
+            Err(skiff_wal::TryWriteError::Failed(e)) => panic!("try_write failed: {e}"),
+        }
+    };
+    // Nothing of the busy batch was placed: the log ends before it.
+    assert_eq!(wal.last_index(), next - 1);
+    assert!(tickets.iter().all(|t| !t.is_durable().unwrap()));
+    sim.resume_writes();
+    let mut pending = Some(busy);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(batch) = pending.take() {
+        match wal.try_write(batch) {
+            Ok(t) => {
+                tickets.push(t);
+                want.extend(entries(next, next + 2, 1, 1500));
+            }
+            Err(skiff_wal::TryWriteError::Busy(back)) => {
+                assert!(Instant::now() < deadline, "still busy 30 s after resuming");
+                std::thread::sleep(Duration::from_millis(1));
+                pending = Some(back);
+            }
+            Err(skiff_wal::TryWriteError::Failed(e)) => panic!("try_write failed: {e}"),
+        }
+    }
+    for t in &tickets {
+        t.wait().unwrap();
+    }
+    assert_eq!(log_of(&wal).1, want);
+    wal.close().unwrap();
+    let wal = open_on(&sim, options(1), &io).unwrap();
+    assert_eq!(log_of(&wal).1, want);
+    wal.close().unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Each test above runs on both I/O paths
 
@@ -1052,6 +1123,7 @@ on_both_paths!(
     failed_recycle_in_compaction_is_retried_by_the_next_compaction,
     failed_remove_in_compaction_is_retried_by_the_next_compaction,
     failed_directory_sync_in_compaction_fails_the_wal,
+    try_write_hands_the_batch_back_instead_of_waiting,
 );
 
 // ---------------------------------------------------------------------------

@@ -53,37 +53,40 @@ pub(super) struct NoSpace {
 }
 
 impl<S: StateMachine> EventLoop<S> {
-    /// Hands `batch` to the WAL and keeps its ticket. While the WAL is out
-    /// of space nothing is written and `durable` is owed. A write the WAL
-    /// refuses for want of space starts that state; any other refusal is
-    /// fatal (named `what`).
+    /// Hands `batch` to the WAL without waiting and keeps its ticket; a
+    /// write the WAL cannot take at once waits in the loop's backlog, in
+    /// order (see `wal_tickets.rs`). While the WAL is out of space nothing
+    /// is written and `durable` is owed. A write the WAL refuses for want
+    /// of space starts that state; any other refusal is fatal (named
+    /// `what`).
     pub(super) fn write_wal(
         &mut self,
         batch: WriteBatch,
         durable: Durable,
-        what: &str,
+        what: &'static str,
     ) -> Result<(), String> {
         if self.no_space.is_some() {
             self.owe(durable);
             return Ok(());
         }
-        let started = Instant::now();
-        match self.wal.write(batch) {
-            Ok(ticket) => {
-                // Handing a write to the WAL waits only when its queue is
-                // full or no pre-written segment is ready: that wait is the
-                // loop's.
-                self.stages
-                    .wal_submit_us
-                    .saturating_record(us_since(started));
-                self.wait_for(ticket, durable)
-            }
-            Err(e) if self.out_of_space(&e) => {
-                self.enter_no_space(&e.to_string());
-                self.owe(durable);
-                Ok(())
-            }
-            Err(e) => Err(format!("{what}: {e}")),
+        self.backlog_push(Backlogged::new(batch, durable, what));
+        self.drain_wal_backlog()
+    }
+
+    /// The WAL refused a write (`what`) with `e`: out of space starts that
+    /// state and owes `durable`; anything else is fatal.
+    pub(super) fn wal_write_failed(
+        &mut self,
+        e: WalError,
+        durable: Durable,
+        what: &str,
+    ) -> Result<(), String> {
+        if self.out_of_space(&e) {
+            self.enter_no_space(&e.to_string());
+            self.owe(durable);
+            Ok(())
+        } else {
+            Err(format!("{what}: {e}"))
         }
     }
 
@@ -121,6 +124,13 @@ impl<S: StateMachine> EventLoop<S> {
                 *durable = Durable::Owed;
             }
         }
+        // Writes the WAL had not taken yet are owed too (the rewrite
+        // writes what the WAL lacks, their part included).
+        for b in self.take_wal_backlog() {
+            if let Durable::Persisted(id) = b.durable {
+                owed = owed.max(id);
+            }
+        }
         tracing::warn!(
             error = why,
             "the WAL ran out of space: what Raft asks to persist waits until there is room \
@@ -134,20 +144,20 @@ impl<S: StateMachine> EventLoop<S> {
             owed,
         });
         self.check_space();
-        self.hand_over_if_leading();
+        self.hand_over_if_leading("the WAL is out of space");
     }
 
     /// A leader that cannot make its own entries durable applies nothing
     /// (entries are applied once durable here), so it answers no client:
     /// it hands leadership to the most caught-up voter.
-    fn hand_over_if_leading(&mut self) {
+    pub(super) fn hand_over_if_leading(&mut self, why: &str) {
         if self.raft.role() != Role::Leader
             || self.raft.transferee().is_some()
             || self.raft.membership().all_voters().len() < 2
         {
             return;
         }
-        tracing::warn!("the WAL is out of space: handing leadership over");
+        tracing::warn!("{why}: handing leadership over");
         let (reply, _) = oneshot::channel();
         self.transfer_leadership(None, reply);
     }
@@ -166,7 +176,7 @@ impl<S: StateMachine> EventLoop<S> {
             }
             _ => return Ok(()),
         };
-        self.hand_over_if_leading();
+        self.hand_over_if_leading("the WAL is out of space");
         let batches = self.rewrite_batches()?;
         let (writes, entries) = (
             batches.len(),
@@ -327,8 +337,8 @@ mod tests {
             .is_ok());
         let deadline = Instant::now() + Duration::from_secs(10);
         let text = loop {
-            if let Ok(t) = text.try_recv() {
-                break t;
+            if let Ok(sample) = text.try_recv() {
+                break sample.render(&Mutex::new(None));
             }
             assert!(Instant::now() < deadline, "no metrics within 10 s");
             std::thread::sleep(Duration::from_millis(5));
@@ -425,6 +435,88 @@ mod tests {
         runner.join().unwrap().expect("a clean stop");
 
         // What was answered is in the WAL.
+        let wal = Wal::open(dir.path().join("wal"), skiff_wal::Options::default()).unwrap();
+        let entries = wal.read(commit_before + 1, commit + 1).unwrap();
+        assert_eq!(entries.len() as u64, commit - commit_before);
+    }
+
+    /// A disk that stops answering (writes and fsyncs hang) does not stop
+    /// the loop: the writes the WAL cannot take wait in the loop's backlog,
+    /// the loop answers meanwhile (here: metrics), answers no write before
+    /// it is durable, and once the disk answers again every write is
+    /// written in order, answered, and in the WAL after a restart. (The
+    /// loop used to wait in the WAL for a spare segment or queue room, up
+    /// to the WAL's 30-s `submit_timeout`, and then stop.)
+    #[test]
+    fn a_stalled_disk_does_not_stop_the_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(TestDisk::default());
+        let cfg = NodeConfig {
+            // Small segments: a few dozen writes need a new one, and the
+            // stalled pre-writer has none ready.
+            wal_segment_size: 256 << 10,
+            ..one_member_config(dir.path())
+        };
+        let (lp, tx) = one_member_loop_with(cfg, Some(disk.clone()));
+        let shared = lp.shared.clone();
+        let runner = std::thread::spawn(move || lp.run());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match answer(&mut write(&tx), Duration::from_secs(10)) {
+                Some(Ok(())) => break,
+                Some(Err(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => panic!("no first write: {other:?}"),
+            }
+        }
+        let commit_before = shared.commit.load(Ordering::Acquire);
+
+        disk.stalled.set(true);
+        let mut waiting: Vec<Reply> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Until the WAL takes no more (a backlog), the loop answering all
+        // along.
+        while metric(&tx, "skiff_wal_backlog_writes") == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no backlog after {} writes",
+                waiting.len()
+            );
+            waiting.extend((0..20).map(|_| write(&tx)));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        waiting.extend((0..20).map(|_| write(&tx)));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(metric(&tx, "skiff_wal_backlog_writes") > 0);
+        assert!(
+            !shared.stopped.load(Ordering::Acquire),
+            "the member stopped: {:?}",
+            shared.fatal.lock().unwrap()
+        );
+        for r in &mut waiting {
+            assert!(
+                answer(r, Duration::ZERO).is_none(),
+                "a write was answered before it was durable"
+            );
+        }
+
+        disk.stalled.set(false);
+        for r in &mut waiting {
+            let a = answer(r, Duration::from_secs(10)).expect("answered once the disk answers");
+            assert!(a.is_ok(), "{a:?}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(&tx, "skiff_wal_backlog_writes") > 0 {
+            assert!(Instant::now() < deadline, "the backlog never emptied");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let commit = shared.commit.load(Ordering::Acquire);
+        assert!(commit >= commit_before + waiting.len() as u64);
+        assert!(tx
+            .send_timeout(Input::Shutdown, Duration::from_secs(5))
+            .is_ok());
+        runner.join().unwrap().expect("a clean stop");
         let wal = Wal::open(dir.path().join("wal"), skiff_wal::Options::default()).unwrap();
         let entries = wal.read(commit_before + 1, commit + 1).unwrap();
         assert_eq!(entries.len() as u64, commit - commit_before);

@@ -465,6 +465,8 @@ impl<S: StateMachine> EventLoop<S> {
         }
         let batch = self.snapshot_record(index, term, membership);
         self.write_wal(batch, Durable::Persisted(id), "WAL snapshot record")?;
+        // The WAL's log is read next: it must have taken the record.
+        self.flush_wal_backlog()?;
         self.wal_last = self.wal.last_index();
         tracing::info!(index, term, "snapshot installed");
         Ok(())
@@ -909,7 +911,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut lp, _tx) = one_member_loop(dir.path(), None);
         let (mut writes, mut reads, mut bytes) = (Vec::new(), Vec::new(), 0);
-        let metric = |lp: &EventLoop<Nop>| {
+        let metric = |lp: &mut EventLoop<Nop>| {
             let text = lp.render_metrics();
             let line = text
                 .lines()
@@ -918,7 +920,7 @@ mod tests {
                 .to_owned();
             line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
         };
-        assert_eq!(metric(&lp), 0);
+        assert_eq!(metric(&mut lp), 0);
         for result in [
             Err(io_error("remove segment")),
             Ok(3),
@@ -930,7 +932,7 @@ mod tests {
                 .collect(input, &mut writes, &mut reads, &mut bytes)
                 .is_ok());
         }
-        assert_eq!(metric(&lp), 2);
+        assert_eq!(metric(&mut lp), 2);
         lp.stop(None);
     }
 

@@ -125,12 +125,35 @@ pub(crate) enum Refuses {
 
 /// The real file system, failing on demand: unlinks and renames fail
 /// (EACCES) while `fail_unlinks` is set; file writes fail with ENOSPC as
-/// `refuses` says while `full` is set.
+/// `refuses` says while `full` is set; file writes and syncs wait while
+/// `stalled` is (a disk that stopped answering).
 #[derive(Debug, Default)]
 pub(crate) struct TestDisk {
     pub fail_unlinks: AtomicBool,
     pub full: Arc<AtomicBool>,
     pub refuses: Refuses,
+    pub stalled: Arc<Stall>,
+}
+
+/// Holds file writes and syncs while set.
+#[derive(Debug, Default)]
+pub(crate) struct Stall {
+    on: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl Stall {
+    pub(crate) fn set(&self, on: bool) {
+        *self.on.lock().unwrap() = on;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut on = self.on.lock().unwrap();
+        while *on {
+            on = self.changed.wait(on).unwrap();
+        }
+    }
 }
 
 impl TestDisk {
@@ -146,6 +169,7 @@ impl TestDisk {
             inner: f,
             full: self.full.clone(),
             refuses: self.refuses,
+            stalled: self.stalled.clone(),
         })
     }
 }
@@ -155,6 +179,7 @@ struct TestFile {
     inner: Arc<dyn skiff_wal::StorageFile>,
     full: Arc<AtomicBool>,
     refuses: Refuses,
+    stalled: Arc<Stall>,
 }
 
 impl skiff_wal::StorageFile for TestFile {
@@ -162,6 +187,7 @@ impl skiff_wal::StorageFile for TestFile {
         self.inner.read_at(buf, offset)
     }
     fn write_all_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> std::io::Result<()> {
+        self.stalled.pass();
         if self.full.load(Ordering::Relaxed) {
             let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
             let refused = match self.refuses {
@@ -175,6 +201,7 @@ impl skiff_wal::StorageFile for TestFile {
         self.inner.write_all_at(bufs, offset)
     }
     fn sync_data(&self) -> std::io::Result<()> {
+        self.stalled.pass();
         self.inner.sync_data()
     }
     fn len(&self) -> std::io::Result<u64> {

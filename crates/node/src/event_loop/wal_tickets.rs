@@ -1,10 +1,145 @@
 //! The loop's WAL tickets: each WAL write waits in the loop, in order,
 //! until the WAL says durable; the WAL driver wakes the loop through the
 //! tickets' waker, with no thread in between.
+//!
+//! The loop never waits to hand a write over: it offers each with
+//! [`Wal::try_write`], and a write the WAL cannot take at once (its queue
+//! to the I/O driver full, or no pre-written segment ready: a stalled or
+//! saturated disk) waits in the loop's *backlog*, in order, offered again
+//! on every pass (at least every [`WAL_BACKLOG_RETRY`]) before anything
+//! after it. Meanwhile the loop goes on stepping Raft, sending heartbeats,
+//! serving reads and applying what is durable; only what waits for this
+//! member's persistence (its acknowledgements, votes, its own commits)
+//! waits with the backlog. Past [`WAL_BACKLOG_BYTES_MAX`] the loop waits
+//! for the WAL after all (up to its `submit_timeout`). A backlog whose
+//! oldest write waited an election timeout makes a leader hand leadership
+//! to the most caught-up voter (its disk is stalled; the others' are not:
+//! etcd's loop blocks on its WAL, and its followers elect another leader
+//! then); one that waited the WAL's `wait_timeout` is fatal, as a write
+//! not durable within it is.
+
+use skiff_wal::TryWriteError;
 
 use super::*;
 
+/// A write the WAL has not taken yet.
+pub(crate) struct Backlogged {
+    batch: WriteBatch,
+    pub(super) durable: Durable,
+    what: &'static str,
+    bytes: usize,
+    since: Instant,
+}
+
+impl Backlogged {
+    pub(super) fn new(batch: WriteBatch, durable: Durable, what: &'static str) -> Backlogged {
+        let bytes = batch
+            .entries
+            .iter()
+            .map(|e| e.payload.len() + WAL_ENTRY_OVERHEAD)
+            .sum::<usize>()
+            + WAL_ENTRY_OVERHEAD;
+        Backlogged {
+            batch,
+            durable,
+            what,
+            bytes,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// Bytes a backlogged entry is counted for besides its payload (index,
+/// term, framing: an estimate, for the bound only).
+const WAL_ENTRY_OVERHEAD: usize = 32;
+
 impl<S: StateMachine> EventLoop<S> {
+    pub(super) fn backlog_push(&mut self, b: Backlogged) {
+        self.wal_backlog_bytes += b.bytes;
+        self.wal_backlog.push_back(b);
+    }
+
+    /// Empties the backlog (the WAL ran out of space: what it held is
+    /// owed).
+    pub(super) fn take_wal_backlog(&mut self) -> VecDeque<Backlogged> {
+        self.wal_backlog_bytes = 0;
+        std::mem::take(&mut self.wal_backlog)
+    }
+
+    /// Offers the backlog to the WAL, oldest first, until the WAL is busy
+    /// again; past [`WAL_BACKLOG_BYTES_MAX`] waits for it. See the module
+    /// docs for what a backlog that does not move leads to.
+    pub(super) fn drain_wal_backlog(&mut self) -> Result<(), String> {
+        while let Some(front) = self.wal_backlog.pop_front() {
+            self.wal_backlog_bytes -= front.bytes;
+            let over = self.wal_backlog_bytes + front.bytes > WAL_BACKLOG_BYTES_MAX;
+            let Backlogged {
+                batch,
+                durable,
+                what,
+                bytes,
+                since,
+            } = front;
+            let offered = if over {
+                // Bounded: wait for the WAL (the loop's own wait).
+                self.wal.write(batch).map_err(TryWriteError::Failed)
+            } else {
+                self.wal.try_write(batch)
+            };
+            match offered {
+                Ok(ticket) => {
+                    // From the first offer to the WAL taking it.
+                    self.stages.wal_submit_us.saturating_record(us_since(since));
+                    self.wait_for(ticket, durable)?;
+                }
+                Err(TryWriteError::Busy(batch)) => {
+                    self.wal_backlog_bytes += bytes;
+                    self.wal_backlog.push_front(Backlogged {
+                        batch,
+                        durable,
+                        what,
+                        bytes,
+                        since,
+                    });
+                    break;
+                }
+                Err(TryWriteError::Failed(e)) => self.wal_write_failed(e, durable, what)?,
+            }
+        }
+        let Some(waited) = self.wal_backlog.front().map(|b| b.since.elapsed()) else {
+            return Ok(());
+        };
+        let limit = self.wal.options().wait_timeout;
+        if waited > limit {
+            return Err(format!(
+                "the WAL took no write for {limit:?} (wait_timeout): {} writes wait",
+                self.wal_backlog.len()
+            ));
+        }
+        let election = self.cfg.tick_interval() * self.cfg.election_ticks_min;
+        if waited > election {
+            self.hand_over_if_leading(&format!(
+                "the WAL took no write for {} ms",
+                waited.as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hands the whole backlog to the WAL, waiting for it where it must
+    /// (installing a snapshot reads the WAL's log right after recording
+    /// it: rare, and only a stalled disk makes it wait).
+    pub(super) fn flush_wal_backlog(&mut self) -> Result<(), String> {
+        while let Some(front) = self.wal_backlog.pop_front() {
+            self.wal_backlog_bytes -= front.bytes;
+            match self.wal.write(front.batch) {
+                Ok(ticket) => self.wait_for(ticket, front.durable)?,
+                Err(e) => self.wal_write_failed(e, front.durable, front.what)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps `ticket` until the WAL says durable; its waker wakes the loop.
     pub(super) fn wait_for(&mut self, mut ticket: Ticket, durable: Durable) -> Result<(), String> {
         if self.tickets.len() >= TICKETS_MAX {
