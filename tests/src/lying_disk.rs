@@ -212,6 +212,11 @@ struct Fs {
     power: Power,
     /// The fsyncs held while dark.
     held: Vec<ReplyEmpty>,
+    /// A stall (see [`LyingDisk::stall_fsyncs`]): fsyncs of files whose
+    /// name this accepts wait, unanswered, until it ends.
+    stall: Option<fn(&str) -> bool>,
+    /// The fsyncs a stall holds: the inode and the reply.
+    stalled: Vec<(u64, ReplyEmpty)>,
     stats: DiskStats,
 }
 
@@ -235,6 +240,8 @@ impl Fs {
             cut_at_fsync: None,
             power: Power::On,
             held: Vec::new(),
+            stall: None,
+            stalled: Vec::new(),
             stats: DiskStats::default(),
         }
     }
@@ -415,6 +422,8 @@ impl Fs {
         };
         // Their callers are gone; dropping a reply answers EIO.
         self.held.clear();
+        self.stalled.clear();
+        self.stall = None;
         self.power = Power::Off;
         self.cut_at_fsync = None;
         for inode in self.inodes.values_mut() {
@@ -475,9 +484,20 @@ impl Server {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// fsync and fsyncdir: answered now, or held while the power is cut.
+    /// fsync and fsyncdir: answered now, or held while the power is cut or
+    /// the disk stalls.
     fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
         let mut fs = self.fs();
+        if let Some(matches) = fs.stall {
+            let name = fs
+                .inodes
+                .get(&ino.0)
+                .map(|i| i.name.to_string_lossy().into_owned());
+            if fs.power == Power::On && name.is_some_and(|n| matches(&n)) {
+                fs.stalled.push((ino.0, reply));
+                return;
+            }
+        }
         match fs.fsync(ino.0) {
             Ok(true) => reply.ok(),
             Ok(false) => fs.held.push(reply),
@@ -869,6 +889,31 @@ impl LyingDisk {
     /// [`LyingDisk::is_dark`], then call [`LyingDisk::lose_power`].
     pub fn cut_power_at_next_fsync(&self, matches: fn(&str) -> bool) {
         self.fs().cut_at_fsync = Some(matches);
+    }
+
+    /// From now on, fsyncs of files whose name `matches` accepts wait,
+    /// unanswered (a disk that stopped answering: the caller's thread
+    /// hangs in fsync), until [`LyingDisk::end_stall`]. Writes still land.
+    pub fn stall_fsyncs(&self, matches: fn(&str) -> bool) {
+        self.fs().stall = Some(matches);
+    }
+
+    /// Ends a stall: each fsync it held completes now (makes its file
+    /// durable, or fails as the disk's state says) and is answered.
+    /// Returns how many it held.
+    pub fn end_stall(&self) -> usize {
+        let mut fs = self.fs();
+        fs.stall = None;
+        let stalled = std::mem::take(&mut fs.stalled);
+        let n = stalled.len();
+        for (ino, reply) in stalled {
+            match fs.fsync(ino) {
+                Ok(true) => reply.ok(),
+                Ok(false) => fs.held.push(reply),
+                Err(e) => reply.error(e),
+            }
+        }
+        n
     }
 
     /// Whether the power is cut or off (see

@@ -101,6 +101,11 @@ pub const TICKETS_MAX: usize = 65_536;
 pub const WAL_BACKLOG_BYTES_MAX: usize = 256 << 20;
 /// How soon the loop offers the WAL its backlog again.
 pub const WAL_BACKLOG_RETRY: Duration = Duration::from_millis(1);
+/// A leader whose WAL write waited this many (longest) election timeouts,
+/// not taken or not durable, hands leadership over (a stalled disk; see
+/// `wal_tickets.rs`). Above an election timeout: an fsync that is only
+/// slow under load does not move leadership.
+pub const WAL_STALL_ELECTIONS: u32 = 4;
 
 /// Why a client request was not served.
 #[derive(Debug, Clone, thiserror::Error)]

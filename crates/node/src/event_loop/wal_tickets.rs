@@ -11,12 +11,14 @@
 //! serving reads and applying what is durable; only what waits for this
 //! member's persistence (its acknowledgements, votes, its own commits)
 //! waits with the backlog. Past [`WAL_BACKLOG_BYTES_MAX`] the loop waits
-//! for the WAL after all (up to its `submit_timeout`). A backlog whose
-//! oldest write waited an election timeout makes a leader hand leadership
-//! to the most caught-up voter (its disk is stalled; the others' are not:
-//! etcd's loop blocks on its WAL, and its followers elect another leader
-//! then); one that waited the WAL's `wait_timeout` is fatal, as a write
-//! not durable within it is.
+//! for the WAL after all (up to its `submit_timeout`).
+//!
+//! A write not taken or not durable for [`WAL_STALL_ELECTIONS`] election
+//! timeouts makes a leader hand leadership to the most caught-up voter:
+//! its disk stalled (the others' did not), and it commits and answers
+//! nothing meanwhile. (etcd's loop blocks on its WAL, and its followers
+//! elect another leader once heartbeats stop.) One that waited the WAL's
+//! `wait_timeout` is fatal, as before.
 
 use skiff_wal::TryWriteError;
 
@@ -116,14 +118,23 @@ impl<S: StateMachine> EventLoop<S> {
                 self.wal_backlog.len()
             ));
         }
-        let election = self.cfg.tick_interval() * self.cfg.election_ticks_min;
-        if waited > election {
+        self.hand_over_if_stalled(waited, "took no write");
+        Ok(())
+    }
+
+    /// A leader whose WAL write has waited `waited` (not taken, or not
+    /// durable) hands leadership over past [`WAL_STALL_ELECTIONS`] election
+    /// timeouts: its disk stalled, and it cannot commit or answer anything
+    /// meanwhile (entries are applied once durable here).
+    fn hand_over_if_stalled(&mut self, waited: Duration, what: &str) {
+        let limit = self.cfg.tick_interval() * self.cfg.election_ticks_max * WAL_STALL_ELECTIONS;
+        if waited > limit {
             self.hand_over_if_leading(&format!(
-                "the WAL took no write for {} ms",
-                waited.as_millis()
+                "the WAL {what} for {} ms (over {} ms)",
+                waited.as_millis(),
+                limit.as_millis()
             ));
         }
-        Ok(())
     }
 
     /// Hands the whole backlog to the WAL, waiting for it where it must
@@ -170,11 +181,13 @@ impl<S: StateMachine> EventLoop<S> {
                 Ok(true) => {}
                 Ok(false) => {
                     let limit = self.wal.options().wait_timeout;
-                    if written.elapsed() > limit {
+                    let waited = written.elapsed();
+                    if waited > limit {
                         return Err(format!(
                             "a WAL write was not durable within {limit:?} (wait_timeout)"
                         ));
                     }
+                    self.hand_over_if_stalled(waited, "made no write durable");
                     break;
                 }
                 Err(e @ skiff_wal::Error::NoSpace { .. }) => {
