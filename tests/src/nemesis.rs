@@ -97,7 +97,17 @@ pub enum Fault {
     /// [`FSYNC_FAULT_TIMEOUT`]; its machine then loses power and it
     /// restarts after the hold.
     FsyncError,
+    /// The leader's disk stops answering: its WAL fsyncs hang, unanswered,
+    /// for [`DISK_STALL_EXTRA`] plus the hold (long enough for a leader
+    /// whose writes stall to hand leadership over), then complete.
+    StallLeaderDisk,
 }
+
+/// What a [`Fault::StallLeaderDisk`] holds beyond the drawn hold: above
+/// the time after which a leader whose WAL write stalls hands leadership
+/// over (4 longest election timeouts: 4 s at the campaign's 100 ticks of
+/// 10 ms), so that the hand-over happens under the workload.
+pub const DISK_STALL_EXTRA: Duration = Duration::from_secs(5);
 
 /// How long a member may run on after a WAL fsync of its failed, and how
 /// long the nemesis waits for that fsync.
@@ -109,7 +119,7 @@ pub const SKEWED_TICK_MS: u64 = 11;
 
 impl Fault {
     /// Every kind, in the order a round's schedule draws them from.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::Kill,
         Fault::KillLeader,
         Fault::Pause,
@@ -121,6 +131,7 @@ impl Fault {
         Fault::PowerLoss,
         Fault::PowerLossAll,
         Fault::FsyncError,
+        Fault::StallLeaderDisk,
     ];
 
     fn needs_firewall(self) -> bool {
@@ -136,7 +147,7 @@ impl Fault {
     fn needs_lying_disks(self) -> bool {
         matches!(
             self,
-            Fault::PowerLoss | Fault::PowerLossAll | Fault::FsyncError
+            Fault::PowerLoss | Fault::PowerLossAll | Fault::FsyncError | Fault::StallLeaderDisk
         )
     }
 }
@@ -348,6 +359,11 @@ pub struct RoundStats {
     pub entries_reverted: usize,
     /// WAL fsyncs failed with `EIO`, each of which stopped its member.
     pub fsync_errors: usize,
+    /// Leader disk stalls, the fsyncs they held, and those after which
+    /// another member led.
+    pub disk_stalls: usize,
+    pub fsyncs_stalled: usize,
+    pub stall_hand_overs: usize,
 }
 
 /// One client operation as the workload records it, before it becomes a
@@ -584,6 +600,27 @@ async fn nemesis(
                 tokio::time::sleep(hold).await;
                 let restarted = tokio::task::block_in_place(|| cluster.try_restart(victim));
                 restarted.map_err(|e| format!("cycle {cycle}: restart of {victim}: {e}"))?;
+            }
+            Fault::StallLeaderDisk => {
+                disk(cluster, leader)?;
+                if let Some(d) = cluster.disk(leader) {
+                    d.stall_fsyncs(lying_disk::is_wal_segment);
+                }
+                tokio::time::sleep(DISK_STALL_EXTRA + hold).await;
+                let mut moved = false;
+                for &id in ids.iter().filter(|&&id| id != leader) {
+                    if let Ok(s) = cluster.status(id).await {
+                        moved |= s.leader != 0 && s.leader != leader;
+                    }
+                }
+                let held = cluster.disk(leader).map_or(0, LyingDisk::end_stall);
+                stats.disk_stalls += 1;
+                stats.fsyncs_stalled += held;
+                stats.stall_hand_overs += usize::from(moved);
+                let _ = writeln!(
+                    schedule,
+                    "    member {leader}'s WAL fsyncs stalled ({held} held); another member led                      before the end: {moved}"
+                );
             }
             Fault::OneWayLoss => {
                 let fw = fw()?;
@@ -1158,7 +1195,9 @@ pub fn available_kinds(
         missing.push(format!("partitions and one-way loss skipped: {why}"));
     }
     if let Err(why) = disks {
-        missing.push(format!("power loss and fsync errors skipped: {why}"));
+        missing.push(format!(
+            "power loss, fsync errors and disk stalls skipped: {why}"
+        ));
     }
     let kinds = Fault::ALL
         .iter()

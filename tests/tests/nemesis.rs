@@ -1,7 +1,8 @@
 //! Fault campaigns on a real 3-member cluster (see `skiff_tests::nemesis`):
 //! kills, pauses, partitions, one-way loss, a slowed leader clock, power
-//! losses (one member or all at once) and WAL fsync errors on disks that
-//! lie (`skiff_tests::lying_disk`), on a seeded schedule, every
+//! losses (one member or all at once), WAL fsync errors and a leader's
+//! disk stalling, on disks that lie (`skiff_tests::lying_disk`), on a
+//! seeded schedule, every
 //! client operation checked for linearizability and every acknowledged
 //! write looked for on every member.
 //!
@@ -84,7 +85,7 @@ fn report(label: &str, s: &RoundStats) {
         "NEMESIS {label}: cycles={} faults={:?} operations={} completed={} unknown={} reads={} \
          cas={} acked_writes={} lost_acked_writes={} linearizable={} check_steps={} \
          longest_recovery_ms={} power_losses={} files_reverted={} entries_reverted={} \
-         fsync_errors={}",
+         fsync_errors={} disk_stalls={} fsyncs_stalled={} stall_hand_overs={}",
         s.cycles,
         s.faults,
         s.operations,
@@ -100,7 +101,10 @@ fn report(label: &str, s: &RoundStats) {
         s.power_losses,
         s.files_reverted,
         s.entries_reverted,
-        s.fsync_errors
+        s.fsync_errors,
+        s.disk_stalls,
+        s.fsyncs_stalled,
+        s.stall_hand_overs
     );
 }
 
@@ -144,12 +148,20 @@ async fn campaign(label: &str, salt: u8, lease_reads: bool, cycles: usize) {
         stats.completed
     );
     assert!(stats.acked_writes > 0, "no ack write was acknowledged");
-    // A power loss that never found anything to throw away tested nothing.
+    // A power loss that never found anything to throw away tested nothing,
+    // nor did a stall that held no fsync.
     if stats.power_losses > 0 {
         assert!(
             stats.files_reverted > 0,
             "{} power losses reverted no file",
             stats.power_losses
+        );
+    }
+    if stats.disk_stalls > 0 {
+        assert!(
+            stats.fsyncs_stalled > 0,
+            "{} disk stalls held no fsync",
+            stats.disk_stalls
         );
     }
 }
@@ -336,6 +348,9 @@ async fn soak() {
         totals.files_reverted += s.files_reverted;
         totals.entries_reverted += s.entries_reverted;
         totals.fsync_errors += s.fsync_errors;
+        totals.disk_stalls += s.disk_stalls;
+        totals.fsyncs_stalled += s.fsyncs_stalled;
+        totals.stall_hand_overs += s.stall_hand_overs;
         totals.linearizable = true;
         round += 1;
     }
