@@ -6,7 +6,9 @@
 mod common;
 
 use common::Cluster;
-use skiff_raft::{MessageBody, Progress, ProgressState};
+use skiff_raft::{
+    Entry, Message, MessageBody, Payload, Progress, ProgressState, RaftLog, RejectHint,
+};
 
 /// A probe is answered at or past its previous entry; an older success
 /// (reordered, duplicated, or sent before the follower was removed and
@@ -191,4 +193,100 @@ fn an_entry_counts_its_payload_and_the_overhead() {
         e(Payload::Noop).size(),
         ENTRY_OVERHEAD_BYTES + Payload::Noop.size()
     );
+}
+
+/// A reject that answers an older message (its `prev_index` below what the
+/// follower is known to match) changes nothing, whatever it says of the
+/// follower's terms: the leader neither rewinds nor resends.
+#[test]
+fn a_reject_below_the_match_is_stale() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    for i in 0..5 {
+        c.propose(1, &[&format!("e{i}")]);
+        c.deliver_all();
+    }
+    c.tick_all(2);
+    let last = c.raft(1).last_index();
+    let pr = c.raft(1).progress(2).unwrap().clone();
+    assert_eq!(
+        (pr.state, pr.match_index, pr.next),
+        (ProgressState::Replicate, last, last + 1)
+    );
+    let term = c.raft(1).term();
+    let sent_before = c.net.len();
+    let stale = Message {
+        from: 2,
+        to: 1,
+        term,
+        body: MessageBody::AppendResponse {
+            success: false,
+            match_index: 0,
+            reject: Some(RejectHint {
+                rejected: last - 3,
+                conflict_term: Some(term),
+                conflict_index: 2,
+            }),
+        },
+    };
+    c.nodes.get_mut(&1).unwrap().raft.step(stale);
+    c.drain(1);
+    let after = c.raft(1).progress(2).unwrap();
+    assert_eq!(
+        (after.state, after.match_index, after.next),
+        (ProgressState::Replicate, last, last + 1),
+        "a stale reject moved the follower's progress"
+    );
+    assert_eq!(
+        c.net.len(),
+        sent_before,
+        "a stale reject made the leader send"
+    );
+}
+
+/// An acknowledgement past what was sent (the follower already held those
+/// entries) moves the stream on past it.
+#[test]
+fn an_ack_past_what_was_sent_moves_next_past_it() {
+    let mut pr = Progress::new(1);
+    pr.sent(0, 0, 1);
+    pr.acked(0);
+    assert_eq!(pr.state, ProgressState::Replicate);
+    pr.sent(4, 40, 1);
+    assert_eq!(pr.next, 5);
+    assert!(pr.acked(9));
+    assert_eq!((pr.next, pr.match_index, pr.inflight_len()), (10, 9, 0));
+}
+
+/// The leader's side of a conflict hint: the last index whose term is at
+/// most the follower's, searching back from where the follower rejected.
+#[test]
+fn last_index_with_term_at_most_searches_back_by_term() {
+    let entry = |index, term| Entry {
+        index,
+        term,
+        payload: Payload::Noop,
+    };
+    let log = RaftLog::restore(
+        2,
+        1,
+        vec![
+            entry(3, 1),
+            entry(4, 2),
+            entry(5, 2),
+            entry(6, 4),
+            entry(7, 4),
+        ],
+        2,
+    );
+    assert_eq!(log.last_index_with_term_at_most(4, 7), 7);
+    assert_eq!(log.last_index_with_term_at_most(3, 7), 5);
+    assert_eq!(log.last_index_with_term_at_most(2, 7), 5);
+    assert_eq!(log.last_index_with_term_at_most(2, 4), 4);
+    assert_eq!(log.last_index_with_term_at_most(1, 7), 3);
+    // Nothing at or below term 0 above the base: the base.
+    assert_eq!(log.last_index_with_term_at_most(0, 7), 2);
+    // From past the end: from the last index.
+    assert_eq!(log.last_index_with_term_at_most(3, 100), 5);
 }
