@@ -464,17 +464,7 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
 
     // The cluster still serves, and a member far behind, restarted with a
     // new certificate, catches up by a snapshot streamed over TLS.
-    let lagging = cluster
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("a follower");
-    cluster.kill(lagging);
-    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
-    let mut c = cluster.client(leader).await;
-    for i in 0..600 {
-        c.put(format!("k{i}"), "v", None).await.expect("put");
-    }
+    let lagging = leave_a_follower_behind(&mut cluster, leader).await;
     // It comes back with a new certificate of the same CA (a rotation:
     // new files at the same paths, a new key).
     let before = std::fs::read(dir.path().join(format!("peers-member-{lagging}.pem")))
@@ -487,9 +477,33 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
         .expect("the new certificate");
     assert_ne!(before, after, "the certificate was not replaced");
     cluster.restart(lagging);
-    let cluster = &cluster;
+    wait_caught_up_by_snapshot(&cluster, lagging, "snapshot TLS").await;
+}
+
+/// Kills a follower of `leader` and writes 600 keys without it (past the
+/// `--snapshot-entries 200` of these clusters, so that it catches up by a
+/// snapshot); returns the follower.
+async fn leave_a_follower_behind(cluster: &mut Cluster, leader: NodeId) -> NodeId {
+    let lagging = cluster
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    cluster.kill(lagging);
+    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
+    let mut c = cluster.client(leader).await;
+    for i in 0..600 {
+        c.put(format!("k{i}"), "v", None).await.expect("put");
+    }
+    lagging
+}
+
+/// Waits until `lagging`, restarted after [`leave_a_follower_behind`],
+/// holds the last key written without it, and checks that it caught up by
+/// a snapshot (`covering`: what the test meant that snapshot to cover).
+async fn wait_caught_up_by_snapshot(cluster: &Cluster, lagging: NodeId, covering: &str) {
     skiff_tests::poll_until(
-        "the restarted member to catch up over TLS",
+        &format!("the restarted member {lagging} to catch up ({covering})"),
         Duration::from_secs(60),
         || async move {
             let keys = cluster.keys_with_prefix(lagging, "k599").await.ok()?;
@@ -499,7 +513,7 @@ async fn peer_ports_speak_tls_and_let_only_members_in() {
     .await;
     assert!(
         cluster.log(lagging).contains("snapshot fetched"),
-        "member {lagging} caught up without a snapshot: the test did not cover snapshot TLS"
+        "member {lagging} caught up without a snapshot: the test did not cover {covering}"
     );
 }
 
@@ -688,30 +702,7 @@ async fn peer_urls_with_host_names_and_certificates_naming_only_them() {
         "a certificate naming another host was accepted as member 3"
     );
 
-    let lagging = cluster
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("a follower");
-    cluster.kill(lagging);
-    let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
-    let mut c = cluster.client(leader).await;
-    for i in 0..600 {
-        c.put(format!("k{i}"), "v", None).await.expect("put");
-    }
+    let lagging = leave_a_follower_behind(&mut cluster, leader).await;
     cluster.restart(lagging);
-    let cluster = &cluster;
-    skiff_tests::poll_until(
-        "the restarted member to catch up from peers named by host",
-        Duration::from_secs(60),
-        || async move {
-            let keys = cluster.keys_with_prefix(lagging, "k599").await.ok()?;
-            (!keys.is_empty()).then_some(())
-        },
-    )
-    .await;
-    assert!(
-        cluster.log(lagging).contains("snapshot fetched"),
-        "member {lagging} caught up without a snapshot: the test did not cover a fetch by name"
-    );
+    wait_caught_up_by_snapshot(&cluster, lagging, "a snapshot fetched by name").await;
 }

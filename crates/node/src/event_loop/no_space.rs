@@ -349,25 +349,25 @@ mod tests {
             .unwrap_or_else(|| panic!("{name} in {text}"))
     }
 
-    /// A sole voter whose WAL runs out of space keeps running: the writes
-    /// it takes meanwhile wait (they cannot commit before they are
-    /// durable); once there is room again they are written, answered, and
-    /// found in the WAL after a restart.
-    fn out_of_space_and_back(refuses: Refuses) {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(TestDisk {
-            refuses,
-            ..TestDisk::default()
-        });
+    /// A running sole voter: its input queue, its shared state, its thread.
+    type SoleVoter = (
+        QueueSender<Input<Nop>>,
+        Arc<Shared>,
+        std::thread::JoinHandle<Result<(), String>>,
+    );
+
+    /// A one-member loop on `disk` in `dir`, running on a thread of its
+    /// own, with small WAL segments (a few dozen writes need a new one, so
+    /// a disk that refuses or stalls has no spare ready): it leads, and one
+    /// write went through.
+    fn running_sole_voter(dir: &std::path::Path, disk: &Arc<TestDisk>) -> SoleVoter {
         let cfg = NodeConfig {
-            // Small segments: a few dozen writes need a new one.
             wal_segment_size: 256 << 10,
-            ..one_member_config(dir.path())
+            ..one_member_config(dir)
         };
         let (lp, tx) = one_member_loop_with(cfg, Some(disk.clone()));
         let shared = lp.shared.clone();
         let runner = std::thread::spawn(move || lp.run());
-        // Leader, and one write through.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match answer(&mut write(&tx), Duration::from_secs(10)) {
@@ -378,6 +378,20 @@ mod tests {
                 other => panic!("no first write: {other:?}"),
             }
         }
+        (tx, shared, runner)
+    }
+
+    /// A sole voter whose WAL runs out of space keeps running: the writes
+    /// it takes meanwhile wait (they cannot commit before they are
+    /// durable); once there is room again they are written, answered, and
+    /// found in the WAL after a restart.
+    fn out_of_space_and_back(refuses: Refuses) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(TestDisk {
+            refuses,
+            ..TestDisk::default()
+        });
+        let (tx, shared, runner) = running_sole_voter(dir.path(), &disk);
         let commit_before = shared.commit.load(Ordering::Acquire);
 
         disk.full.store(true, Ordering::Relaxed);
@@ -451,25 +465,7 @@ mod tests {
     fn a_stalled_disk_does_not_stop_the_loop() {
         let dir = tempfile::tempdir().unwrap();
         let disk = Arc::new(TestDisk::default());
-        let cfg = NodeConfig {
-            // Small segments: a few dozen writes need a new one, and the
-            // stalled pre-writer has none ready.
-            wal_segment_size: 256 << 10,
-            ..one_member_config(dir.path())
-        };
-        let (lp, tx) = one_member_loop_with(cfg, Some(disk.clone()));
-        let shared = lp.shared.clone();
-        let runner = std::thread::spawn(move || lp.run());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match answer(&mut write(&tx), Duration::from_secs(10)) {
-                Some(Ok(())) => break,
-                Some(Err(_)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                other => panic!("no first write: {other:?}"),
-            }
-        }
+        let (tx, shared, runner) = running_sole_voter(dir.path(), &disk);
         let commit_before = shared.commit.load(Ordering::Acquire);
 
         disk.stalled.set(true);
