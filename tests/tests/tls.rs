@@ -352,6 +352,18 @@ fn peer_tls_cluster_named(pki: &Pki, cn: Option<&str>, extra: &[(&str, &str)]) -
     Cluster::start(options)
 }
 
+/// The peer TLS of a probe presenting `cert` (of `pki`'s CA).
+fn probe_tls(pki: &Pki, cert: CertFiles) -> skiff_net::tls::PeerTls {
+    skiff_net::tls::PeerTls::from_files(&skiff_net::tls::PeerTlsFiles {
+        cert: cert.cert,
+        key: cert.key,
+        trusted_ca: pki.ca_file(),
+        client_cert_auth: true,
+        allowed_cn: None,
+    })
+    .expect("peer TLS")
+}
+
 /// The cluster id, as member `id` reports it.
 async fn cluster_id_of(cluster: &Cluster, id: NodeId) -> u64 {
     cluster
@@ -534,17 +546,8 @@ async fn peer_cert_allowed_cn_lets_in_only_that_name() {
     let cluster_id = cluster_id_of(&cluster, leader).await;
     let target = 1;
     let addr = cluster.peer_addr(target);
-    let probe = |file: &str, cn: &str| {
-        let cert = pki.issue_named(file, cn, &[&member_peer_ip(3)]);
-        skiff_net::tls::PeerTls::from_files(&skiff_net::tls::PeerTlsFiles {
-            cert: cert.cert,
-            key: cert.key,
-            trusted_ca: pki.ca_file(),
-            client_cert_auth: true,
-            allowed_cn: None,
-        })
-        .expect("peer TLS")
-    };
+    let probe =
+        |file: &str, cn: &str| probe_tls(&pki, pki.issue_named(file, cn, &[&member_peer_ip(3)]));
     assert!(
         peer_hello_answered(
             addr,
@@ -668,17 +671,7 @@ async fn peer_urls_with_host_names_and_certificates_naming_only_them() {
         skiff_net::Host::Name(HOST.into()),
         cluster.peer_addr(target).port(),
     );
-    let probe = |file: &str, san: &str| {
-        let cert = pki.issue(file, &[san]);
-        skiff_net::tls::PeerTls::from_files(&skiff_net::tls::PeerTlsFiles {
-            cert: cert.cert,
-            key: cert.key,
-            trusted_ca: pki.ca_file(),
-            client_cert_auth: true,
-            allowed_cn: None,
-        })
-        .expect("peer TLS")
-    };
+    let probe = |file: &str, san: &str| probe_tls(&pki, pki.issue(file, &[san]));
     assert!(
         peer_hello_answered(
             by_name.clone(),

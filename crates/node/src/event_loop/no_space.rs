@@ -381,6 +381,22 @@ mod tests {
         (tx, shared, runner)
     }
 
+    /// Stops `voter` cleanly and checks that the WAL holds every entry it
+    /// committed after `commit_before`; returns its commit index.
+    fn stop_and_read_back(dir: &std::path::Path, voter: SoleVoter, commit_before: u64) -> u64 {
+        let (tx, shared, runner) = voter;
+        let commit = shared.commit.load(Ordering::Acquire);
+        assert!(tx
+            .send_timeout(Input::Shutdown, Duration::from_secs(5))
+            .is_ok());
+        runner.join().unwrap().expect("a clean stop");
+        // What was answered is in the WAL.
+        let wal = Wal::open(dir.join("wal"), skiff_wal::Options::default()).unwrap();
+        let entries = wal.read(commit_before + 1, commit + 1).unwrap();
+        assert_eq!(entries.len() as u64, commit - commit_before);
+        commit
+    }
+
     /// A sole voter whose WAL runs out of space keeps running: the writes
     /// it takes meanwhile wait (they cannot commit before they are
     /// durable); once there is room again they are written, answered, and
@@ -441,17 +457,8 @@ mod tests {
             assert!(Instant::now() < deadline, "space still reported low");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let commit = shared.commit.load(Ordering::Acquire);
+        let commit = stop_and_read_back(dir.path(), (tx, shared, runner), commit_before);
         assert!(commit >= commit_before + sent);
-        assert!(tx
-            .send_timeout(Input::Shutdown, Duration::from_secs(5))
-            .is_ok());
-        runner.join().unwrap().expect("a clean stop");
-
-        // What was answered is in the WAL.
-        let wal = Wal::open(dir.path().join("wal"), skiff_wal::Options::default()).unwrap();
-        let entries = wal.read(commit_before + 1, commit + 1).unwrap();
-        assert_eq!(entries.len() as u64, commit - commit_before);
     }
 
     /// A disk that stops answering (writes and fsyncs hang) does not stop
@@ -507,15 +514,8 @@ mod tests {
             assert!(Instant::now() < deadline, "the backlog never emptied");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let commit = shared.commit.load(Ordering::Acquire);
+        let commit = stop_and_read_back(dir.path(), (tx, shared, runner), commit_before);
         assert!(commit >= commit_before + waiting.len() as u64);
-        assert!(tx
-            .send_timeout(Input::Shutdown, Duration::from_secs(5))
-            .is_ok());
-        runner.join().unwrap().expect("a clean stop");
-        let wal = Wal::open(dir.path().join("wal"), skiff_wal::Options::default()).unwrap();
-        let entries = wal.read(commit_before + 1, commit + 1).unwrap();
-        assert_eq!(entries.len() as u64, commit - commit_before);
     }
 
     #[test]
