@@ -333,15 +333,7 @@ fn peer_tls_cluster_named(pki: &Pki, cn: Option<&str>, extra: &[(&str, &str)]) -
         let ip = member_peer_ip(id);
         let file = format!("member-{id}");
         let cert = pki.issue_named(&file, cn.unwrap_or(&file), &[&ip, "127.0.0.1"]);
-        options.member_args.insert(
-            id,
-            vec![
-                "--peer-cert-file".into(),
-                cert.cert.display().to_string(),
-                "--peer-key-file".into(),
-                cert.key.display().to_string(),
-            ],
-        );
+        options.member_args.insert(id, peer_cert_args(&cert));
     }
     let mut options = options
         .arg("--peer-trusted-ca-file", pki.ca_file().display())
@@ -350,6 +342,16 @@ fn peer_tls_cluster_named(pki: &Pki, cn: Option<&str>, extra: &[(&str, &str)]) -
         options = options.arg(flag, value);
     }
     Cluster::start(options)
+}
+
+/// `--peer-cert-file` and `--peer-key-file` of `cert`.
+fn peer_cert_args(cert: &CertFiles) -> Vec<String> {
+    vec![
+        "--peer-cert-file".into(),
+        cert.cert.display().to_string(),
+        "--peer-key-file".into(),
+        cert.key.display().to_string(),
+    ]
 }
 
 /// The peer TLS of a probe presenting `cert` (of `pki`'s CA).
@@ -626,15 +628,7 @@ async fn peer_urls_with_host_names_and_certificates_naming_only_them() {
     };
     for id in 1..=3 {
         let cert = pki.issue(&format!("member-{id}"), &[HOST]);
-        options.member_args.insert(
-            id,
-            vec![
-                "--peer-cert-file".into(),
-                cert.cert.display().to_string(),
-                "--peer-key-file".into(),
-                cert.key.display().to_string(),
-            ],
-        );
+        options.member_args.insert(id, peer_cert_args(&cert));
     }
     let mut cluster = Cluster::start(
         options
