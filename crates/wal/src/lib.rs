@@ -10,7 +10,11 @@
 //! 1. [`Wal::write`] (or `append`, `save_hard_state`, ...) encodes and
 //!    checksums the records on the caller's thread, places them at the next
 //!    offset of the active segment under one short lock, and queues them on a
-//!    bounded queue (`queue_depth`). It returns a [`Ticket`] at once.
+//!    bounded queue (`queue_depth`). It returns a [`Ticket`] at once; it
+//!    waits (up to `submit_timeout`) only when the queue is full or a new
+//!    segment finds no pre-written spare ready. [`Wal::try_write`] never
+//!    waits: it hands the batch back instead ([`TryWriteError::Busy`]), for
+//!    a caller that must not block, such as an event loop.
 //! 2. One I/O driver thread takes every queued write (up to
 //!    `group_bytes_max`), frames them into one contiguous buffer padded to a
 //!    4 KiB boundary (no write ends inside a block the kernel would first
