@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 pub use skiff_kv::tls::ClientTls;
 
+pub mod background;
 pub mod client;
 pub mod lying_disk;
 pub mod nemesis;

@@ -36,13 +36,13 @@
 //! TTL plus an election timeout (the tests then only wait longer, up to a
 //! generous bound), never earlier.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use skiff_tests::background::Background;
 use skiff_tests::client::{
     key_str, value_str, Client, Error, Event, EventType, GetOptions, LeaseKeepAliveStream,
     LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchStream, Watcher,
@@ -990,120 +990,8 @@ impl Etcdctl {
     }
 
     /// Starts etcdctl in the background, its output in files under `dir`.
-    fn spawn(&self, endpoints: &[String], args: &[&str], dir: &Path, name: &str) -> Proc {
-        let out = dir.join(format!("{name}.out"));
-        let err = dir.join(format!("{name}.err"));
-        let child = self
-            .command(endpoints, args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).expect("create the stdout file"))
-            .stderr(File::create(&err).expect("create the stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
-        Proc {
-            name: name.to_string(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            child,
-            out,
-            err,
-            status: None,
-        }
-    }
-}
-
-/// A background etcdctl; SIGKILLed when dropped.
-struct Proc {
-    name: String,
-    args: Vec<String>,
-    child: std::process::Child,
-    out: PathBuf,
-    err: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "etcdctl {} {:?} ({})\nstdout: {}\nstderr: {}",
-            self.name,
-            self.args,
-            match self.status {
-                Some(s) => s.to_string(),
-                None => "running".into(),
-            },
-            self.stdout(),
-            self.stderr()
-        )
-    }
-
-    /// Its exit status, once it exited.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status
-    }
-
-    /// Waits (bounded) until its stdout contains `text`; panics if it exits
-    /// first.
-    async fn wait_output(&mut self, text: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let exited = self.exited();
-            if self.stdout().contains(text) {
-                return;
-            }
-            assert!(
-                exited.is_none(),
-                "exited without printing {text:?}: {}",
-                self.describe()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "did not print {text:?} within {timeout:?}: {}",
-                self.describe()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits (bounded) for it to exit; panics unless it succeeded.
-    async fn wait_success(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exited() {
-                assert!(status.success(), "failed: {}", self.describe());
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running after {timeout:?}: {}",
-                self.describe()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.kill();
-            self.status = self.child.wait().ok();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
+    fn spawn(&self, endpoints: &[String], args: &[&str], dir: &Path, name: &str) -> Background {
+        Background::spawn_without_input(self.command(endpoints, args), dir, name)
     }
 }
 
