@@ -21,8 +21,14 @@ fn features_of(krate: &str, workspace: bool) -> String {
         .expect("tests/ lives in the workspace");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root)
-        .args(["tree", "--offline", "--edges", "normal,features", "-i", krate]);
+    cmd.current_dir(root).args([
+        "tree",
+        "--offline",
+        "--edges",
+        "normal,features",
+        "-i",
+        krate,
+    ]);
     if workspace {
         cmd.arg("--workspace");
     }
