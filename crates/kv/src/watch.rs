@@ -29,8 +29,8 @@
 //! through the newest revision the dispatcher has seen. A watcher whose
 //! next revision was compacted away is cancelled with `compact_revision`
 //! set, as etcd does. Live and catch-up events are the same: the events of
-//! one revision are in key order on both paths (etcd sends them in the
-//! order the request wrote them).
+//! one revision come in the order the request wrote them (a Txn's
+//! operations in order, etcd's sub-revisions) on both paths.
 //!
 //! # Costs
 //!
