@@ -110,3 +110,40 @@ fn bench_ceiling_loads_a_server_that_keeps_nothing() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_watchers_measures_without_with_and_without_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_bounded(
+        Command::new(skiff_bin())
+            .args(["bench", "--duration", "1", "--warmup", "0", "--no-progress"])
+            .args(["--clients", "2", "--concurrency", "4", "--key-space", "10"])
+            .args(["--watchers", "20"])
+            .env("TMPDIR", dir.path()),
+        BENCH_TIMEOUT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "skiff bench --watchers failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for phase in [
+        "without watchers:",
+        "with 20 watchers:",
+        "without watchers again:",
+    ] {
+        assert!(stdout.contains(phase), "no {phase:?} in\n{stdout}");
+    }
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("RESULT watchers=20 "), "{last}");
+    // Two watchers per key: every write made two events.
+    assert!(field(last, "events_per_s") > 0, "{last}");
+    let (before, after) = (field(last, "p99_us_before"), field(last, "p99_us_after"));
+    assert_eq!(
+        field(last, "p99_us_without"),
+        (before + after).div_ceil(2),
+        "{last}"
+    );
+}
