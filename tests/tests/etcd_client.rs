@@ -136,9 +136,15 @@ fn endpoints(list: &[String]) -> String {
     list.join(",")
 }
 
-async fn a_follower(cluster: &Cluster) -> NodeId {
+/// A 3-member cluster with a leader, one of its followers, and the check
+/// program built (while the cluster started).
+async fn cluster_and_program() -> (Cluster, NodeId) {
+    let bin = tokio::task::spawn_blocking(check_program);
+    let cluster = Cluster::start(options());
     let (leader, _) = cluster.wait_leader(LEADER_TIMEOUT).await;
-    cluster.ids().into_iter().find(|&id| id != leader).unwrap()
+    let follower = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
+    bin.await.expect("the build");
+    (cluster, follower)
 }
 
 /// The time (ms since the epoch) on the line of `out` that starts with
@@ -165,10 +171,7 @@ fn word(out: &str, tag: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_and_watch_through_etcd_client() {
-    let bin = tokio::task::spawn_blocking(check_program);
-    let cluster = Cluster::start(options());
-    let follower = a_follower(&cluster).await;
-    bin.await.expect("the build");
+    let (cluster, follower) = cluster_and_program().await;
     let out =
         tokio::task::spawn_blocking(move || run_check(&["kv-watch", &cluster.endpoint(follower)]))
             .await
@@ -191,10 +194,7 @@ async fn kv_and_watch_through_etcd_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_through_etcd_client() {
-    let bin = tokio::task::spawn_blocking(check_program);
-    let cluster = Cluster::start(options());
-    let follower = a_follower(&cluster).await;
-    bin.await.expect("the build");
+    let (cluster, follower) = cluster_and_program().await;
     let endpoint = cluster.endpoint(follower);
     let out =
         tokio::task::spawn_blocking(move || run_check(&["lease", &endpoint, &TTL_S.to_string()]))
@@ -227,11 +227,8 @@ async fn leases_through_etcd_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_contention_between_two_etcd_client_processes() {
-    let bin = tokio::task::spawn_blocking(check_program);
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let cluster = Cluster::start(options());
-    let follower = a_follower(&cluster).await;
-    bin.await.expect("the build");
+    let (cluster, follower) = cluster_and_program().await;
     let ttl = TTL_S.to_string();
     let hold_ms = 2_000;
 
@@ -277,11 +274,8 @@ async fn lock_contention_between_two_etcd_client_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_election_hands_over_when_the_leaders_process_is_killed() {
-    let bin = tokio::task::spawn_blocking(check_program);
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let cluster = Cluster::start(options());
-    let follower = a_follower(&cluster).await;
-    bin.await.expect("the build");
+    let (cluster, follower) = cluster_and_program().await;
     let ttl = TTL_S.to_string();
     let all = endpoints(&cluster.endpoints());
 
