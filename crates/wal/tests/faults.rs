@@ -1080,6 +1080,142 @@ fn try_write_hands_the_batch_back_instead_of_waiting(io: Io) {
     wal.close().unwrap();
 }
 
+/// `write` (the waiting write) answers a timeout after `submit_timeout`
+/// where `try_write` hands the batch back, with nothing of it placed; once
+/// the disk resumes the same batch goes in and the log is whole after a
+/// reopen.
+fn write_times_out_then_goes_on(
+    sim: &SimStorage,
+    resume: ResumeWrites,
+    wal: Wal,
+    batch: WriteBatch,
+    mut want: Vec<Entry>,
+    tickets: Vec<Ticket>,
+    io: &Io,
+) {
+    let wal = wal;
+    let _resume = resume;
+    let last = wal.last_index();
+    let started = Instant::now();
+    match wal.write(batch.clone()) {
+        Err(skiff_wal::Error::Timeout { .. }) => {}
+        other => panic!("a waiting write with the disk paused answered {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= WAITING_WRITE_TIMEOUT / 2,
+        "timed out after {:?}, before submit_timeout",
+        started.elapsed()
+    );
+    assert_eq!(wal.last_index(), last, "the timed-out write was placed");
+    sim.resume_writes();
+    for t in &tickets {
+        t.wait().unwrap();
+    }
+    wal.write(batch.clone()).unwrap().wait().unwrap();
+    want.extend(batch.entries);
+    assert_eq!(log_of(&wal).1, want);
+    wal.close().unwrap();
+    let wal = open_on(sim, options(1), io).unwrap();
+    assert_eq!(log_of(&wal).1, want);
+    wal.close().unwrap();
+}
+
+/// `submit_timeout` of the two tests below.
+const WAITING_WRITE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Resumes the simulated disk's writes when dropped: a test that fails
+/// while they are paused then ends instead of hanging in closing its WAL
+/// (bind it after the WAL, so that it is dropped first).
+struct ResumeWrites(SimStorage);
+
+impl Drop for ResumeWrites {
+    fn drop(&mut self) {
+        self.0.resume_writes();
+    }
+}
+
+fn a_waiting_write_times_out_without_a_spare_segment(io: Io) {
+    let sim = SimStorage::new();
+    let opts = Options {
+        submit_timeout: WAITING_WRITE_TIMEOUT,
+        ..options(1)
+    };
+    let wal = open_on(&sim, opts, &io).unwrap();
+    let mut want = append_acked(&wal, 3, 1, 100);
+    wait_for_spare(&sim);
+    // The one spare is taken by the next segment; no other can be made.
+    sim.pause_writes();
+    let resume = ResumeWrites(sim.clone());
+    let mut tickets = Vec::new();
+    let mut next = wal.last_index() + 1;
+    let first_segment_ends = loop {
+        let batch = WriteBatch {
+            entries: entries(next, next + 2, 1, 1500),
+            ..WriteBatch::default()
+        };
+        match wal.try_write(batch.clone()) {
+            Ok(t) => {
+                tickets.push(t);
+                want.extend(batch.entries);
+                next += 2;
+                assert!(
+                    next < 1_000,
+                    "the WAL took 1,000 entries with writes paused"
+                );
+            }
+            Err(skiff_wal::TryWriteError::Busy(back)) => break back,
+            Err(skiff_wal::TryWriteError::Failed(e)) => panic!("try_write failed: {e}"),
+        }
+    };
+    write_times_out_then_goes_on(&sim, resume, wal, first_segment_ends, want, tickets, &io);
+}
+
+fn a_waiting_write_times_out_on_a_full_queue(io: Io) {
+    let sim = SimStorage::new();
+    let opts = Options {
+        // Room for every write below: only the queue can fill.
+        segment_size: 64 << 20,
+        queue_depth: 4,
+        submit_timeout: WAITING_WRITE_TIMEOUT,
+        ..options(1)
+    };
+    let wal = open_on(&sim, opts, &io).unwrap();
+    let mut want = append_acked(&wal, 3, 1, 100);
+    sim.pause_writes();
+    let resume = ResumeWrites(sim.clone());
+    let mut tickets = Vec::new();
+    let mut next = wal.last_index() + 1;
+    // The driver drains the queue into groups until its groups in flight
+    // are all stuck on the paused disk; the queue is full for good once
+    // try_write has been busy for a while.
+    let mut busy_since: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let full = loop {
+        assert!(Instant::now() < deadline, "the queue never stayed full");
+        let batch = WriteBatch {
+            entries: entries(next, next + 1, 1, 100),
+            ..WriteBatch::default()
+        };
+        match wal.try_write(batch.clone()) {
+            Ok(t) => {
+                tickets.push(t);
+                want.extend(batch.entries);
+                next += 1;
+                busy_since = None;
+            }
+            Err(skiff_wal::TryWriteError::Busy(back)) => {
+                let since = *busy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(200) {
+                    break back;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(skiff_wal::TryWriteError::Failed(e)) => panic!("try_write failed: {e}"),
+        }
+    };
+    write_times_out_then_goes_on(&sim, resume, wal, full, want, tickets, &io);
+}
+
 // ---------------------------------------------------------------------------
 // Each test above runs on both I/O paths
 
@@ -1124,6 +1260,8 @@ on_both_paths!(
     failed_remove_in_compaction_is_retried_by_the_next_compaction,
     failed_directory_sync_in_compaction_fails_the_wal,
     try_write_hands_the_batch_back_instead_of_waiting,
+    a_waiting_write_times_out_without_a_spare_segment,
+    a_waiting_write_times_out_on_a_full_queue,
 );
 
 // ---------------------------------------------------------------------------
