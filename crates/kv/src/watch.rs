@@ -16,7 +16,8 @@
 //!   stream's bounded queue ([`STREAM_RESPONSES_MAX`]) with a `try_send`:
 //!   it never blocks on a client.
 //! * **Streams** ([`crate::api`]): one task reads a client's requests and
-//!   passes them on as [`Command`]s; one forwards responses to gRPC.
+//!   passes them on as [`Command`]s; gRPC's writer reads the stream's
+//!   response queues itself (control first, then events).
 //!
 //! # Synced and unsynced watchers (etcd's terms)
 //!
@@ -644,7 +645,7 @@ impl Dispatcher {
         };
         s.watchers.insert(id);
         // Created goes out before any event of this watcher: events go to
-        // the stream's other queue, which its forwarder reads second.
+        // the stream's other queue, which gRPC's writer reads second.
         reply.send(WatchResponse {
             header: Self::header(rev),
             watch_id: id,
