@@ -1009,6 +1009,35 @@ fn failed_directory_sync_in_compaction_fails_the_wal(io: Io) {
     every_crash_recovers(&sim, &want, &io);
 }
 
+/// Offers batches of two 1,500-byte entries with `try_write` until one
+/// comes back busy (unchanged), with writes paused; the ones taken join
+/// `want` and `tickets`. Returns the busy batch.
+fn try_write_until_busy(wal: &Wal, want: &mut Vec<Entry>, tickets: &mut Vec<Ticket>) -> WriteBatch {
+    let mut next = wal.last_index() + 1;
+    loop {
+        assert!(
+            next < 1_000,
+            "the WAL took 1,000 entries with writes paused"
+        );
+        let batch = WriteBatch {
+            entries: entries(next, next + 2, 1, 1500),
+            ..WriteBatch::default()
+        };
+        match wal.try_write(batch.clone()) {
+            Ok(t) => {
+                tickets.push(t);
+                want.extend(batch.entries);
+                next += 2;
+            }
+            Err(skiff_wal::TryWriteError::Busy(back)) => {
+                assert_eq!(back.entries, batch.entries, "the batch came back changed");
+                return back;
+            }
+            Err(skiff_wal::TryWriteError::Failed(e)) => panic!("try_write failed: {e}"),
+        }
+    }
+}
+
 /// On a disk that does not take writes (the I/O driver stuck in one),
 /// `try_write` never waits: once the queue is full, or a new segment finds
 /// no spare ready, it hands the batch back untouched and the log is as if
@@ -1027,29 +1056,8 @@ fn try_write_hands_the_batch_back_instead_of_waiting(io: Io) {
     wait_for_spare(&sim);
     sim.pause_writes();
     let mut tickets: Vec<Ticket> = Vec::new();
-    let mut next = wal.last_index() + 1;
-    let busy = loop {
-        assert!(
-            next < 1_000,
-            "the WAL took 1,000 entries with writes paused"
-        );
-        let batch = WriteBatch {
-            entries: entries(next, next + 2, 1, 1500),
-            ..WriteBatch::default()
-        };
-        match wal.try_write(batch.clone()) {
-            Ok(t) => {
-                tickets.push(t);
-                want.extend(batch.entries);
-                next += 2;
-            }
-            Err(skiff_wal::TryWriteError::Busy(back)) => {
-                assert_eq!(back.entries, batch.entries, "the batch came back changed");
-                break back;
-            }
-            Err(skiff_wal::TryWriteError::Failed(e)) => panic!("try_write failed: {e}"),
-        }
-    };
+    let busy = try_write_until_busy(&wal, &mut want, &mut tickets);
+    let next = busy.entries[0].index;
     // Nothing of the busy batch was placed: the log ends before it.
     assert_eq!(wal.last_index(), next - 1);
     assert!(tickets.iter().all(|t| !t.is_durable().unwrap()));
@@ -1147,26 +1155,7 @@ fn a_waiting_write_times_out_without_a_spare_segment(io: Io) {
     sim.pause_writes();
     let resume = ResumeWrites(sim.clone());
     let mut tickets = Vec::new();
-    let mut next = wal.last_index() + 1;
-    let first_segment_ends = loop {
-        let batch = WriteBatch {
-            entries: entries(next, next + 2, 1, 1500),
-            ..WriteBatch::default()
-        };
-        match wal.try_write(batch.clone()) {
-            Ok(t) => {
-                tickets.push(t);
-                want.extend(batch.entries);
-                next += 2;
-                assert!(
-                    next < 1_000,
-                    "the WAL took 1,000 entries with writes paused"
-                );
-            }
-            Err(skiff_wal::TryWriteError::Busy(back)) => break back,
-            Err(skiff_wal::TryWriteError::Failed(e)) => panic!("try_write failed: {e}"),
-        }
-    };
+    let first_segment_ends = try_write_until_busy(&wal, &mut want, &mut tickets);
     write_times_out_then_goes_on(&sim, resume, wal, first_segment_ends, want, tickets, &io);
 }
 
