@@ -222,7 +222,6 @@ async fn leases_through_etcd_client() {
         Duration::from_millis(expired_ms) <= bound,
         "the lease expired {expired_ms} ms after its grant, over {bound:?}"
     );
-    drop(cluster);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
