@@ -650,8 +650,9 @@ impl Wal {
     }
 
     /// Deletes (or recycles) whole segments that hold nothing above `upto`.
-    /// Needs a durable snapshot at or above `upto`. Returns how many
-    /// segments were removed.
+    /// Needs a durable snapshot at or above `upto`; when the newest snapshot
+    /// record covers `upto` but is not durable yet, waits for it (up to
+    /// `wait_timeout`). Returns how many segments were removed.
     ///
     /// Segments go oldest first, and each leaves the WAL's list only once
     /// its file is gone (removed, or renamed to a spare). When a remove or
@@ -668,6 +669,21 @@ impl Wal {
             .compacting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The snapshot record that covers `upto` may already have been
+        // followed by a newer one that is written but not yet durable (a
+        // node records its next snapshot while the compaction for the last
+        // one waits its turn): the WAL keeps only the newest record, so wait
+        // for it (up to `wait_timeout`) rather than fail. What the wait
+        // answers is seen below: a failure fails the compaction, a dropped
+        // record leaves the older, durable one in place.
+        let pending = {
+            let st = self.lock();
+            let newer = st.snapshot.as_ref().is_some_and(|s| s.index >= upto);
+            (newer && st.snapshot_seq > inner.notify.durable_seq()).then_some(st.snapshot_seq)
+        };
+        if let Some(seq) = pending {
+            let _ = inner.notify.wait(seq, inner.opts.wait_timeout);
+        }
         let victims: Vec<(u64, PathBuf, Arc<dyn StorageFile>)> = {
             let mut st = self.lock();
             if let Some(e) = inner.notify.failure() {

@@ -1205,6 +1205,42 @@ fn a_waiting_write_times_out_on_a_full_queue(io: Io) {
     write_times_out_then_goes_on(&sim, resume, wal, full, want, tickets, &io);
 }
 
+/// A compaction through a durable snapshot record, asked for while a newer
+/// record is written but not yet durable, waits for the newer one instead
+/// of failing: the WAL keeps only the newest record, and a node records its
+/// next snapshot while the last one's compaction waits its turn on the
+/// snapshot thread. (Before, it failed with `SnapshotNotDurable`.)
+fn compaction_waits_for_a_newer_snapshot_record_in_flight(io: Io) {
+    let sim = SimStorage::new();
+    let (wal, last) = ready_to_compact(&sim, &io);
+    let listed = wal.segment_count();
+    assert!(listed >= 4, "{listed} segments");
+    append_acked(&wal, 5, 1, 100);
+    sim.pause_writes();
+    let resume = ResumeWrites(sim.clone());
+    let newer = wal
+        .save_snapshot(SnapshotMeta {
+            index: wal.last_index(),
+            term: 1,
+            data: Bytes::from_static(b"n"),
+        })
+        .unwrap();
+    std::thread::scope(|s| {
+        let compacting = s.spawn(|| wal.compact(last));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !compacting.is_finished(),
+            "the compaction answered while the newer record was not durable: {:?}",
+            compacting.join()
+        );
+        drop(resume);
+        let removed = compacting.join().unwrap().unwrap();
+        assert_eq!(removed, listed - 1);
+    });
+    newer.wait().unwrap();
+    assert_eq!(wal.segment_count(), 1);
+}
+
 // ---------------------------------------------------------------------------
 // Each test above runs on both I/O paths
 
@@ -1251,6 +1287,7 @@ on_both_paths!(
     try_write_hands_the_batch_back_instead_of_waiting,
     a_waiting_write_times_out_without_a_spare_segment,
     a_waiting_write_times_out_on_a_full_queue,
+    compaction_waits_for_a_newer_snapshot_record_in_flight,
 );
 
 // ---------------------------------------------------------------------------
