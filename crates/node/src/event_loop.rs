@@ -297,6 +297,11 @@ pub struct EventLoop<S: StateMachine> {
     /// `snapshot_catchup_entries` more are applied, so the log keeps that
     /// margin for followers slightly behind): (index, term).
     untold: VecDeque<(Index, Term)>,
+    /// Followers offered a snapshot, for which the leader holds back log
+    /// compaction until they catch up (see `snapshots.rs`).
+    catchups: BTreeMap<NodeId, snapshots::Catchup>,
+    /// Whether compaction was held at the last look (to count holds).
+    compaction_holding: bool,
     /// Snapshot files the core may name in `Compact`: index → term.
     held: BTreeMap<Index, Term>,
     worker: SnapshotWorker<S>,
@@ -403,6 +408,8 @@ impl<S: StateMachine> EventLoop<S> {
             snapshot_addr: parts.snapshot_addr,
             snapshot: parts.snapshot,
             untold: VecDeque::new(),
+            catchups: BTreeMap::new(),
+            compaction_holding: false,
             held,
             worker: parts.worker,
             durable: 0,

@@ -823,8 +823,20 @@ impl<S: StateMachine> Pump<S> {
         };
         let key = (msg.from, *index);
         {
+            // One fetch from a leader at a time: an offer repeated while
+            // its fetch and restore run (the leader offers again after
+            // `snapshot_timeout_ticks`, its newest snapshot by then) would
+            // only compete with it for the disk and the CPUs. Once it is
+            // installed, the leader either catches this member up from its
+            // log (which it keeps for it meanwhile) or offers again.
             let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-            if fetching.contains_key(&key) {
+            if let Some(&(_, under_way)) = fetching.keys().find(|(from, _)| *from == msg.from) {
+                tracing::debug!(
+                    from = msg.from,
+                    index,
+                    under_way,
+                    "snapshot offer ignored: a fetch from this leader is under way"
+                );
                 return;
             }
             fetching.insert(key, ());

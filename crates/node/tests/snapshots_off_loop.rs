@@ -6,7 +6,7 @@
 //! The state machine keeps a list of every number proposed (so that a
 //! member whose state lost or repeated an entry is seen at once) and its
 //! snapshot view writes it out, first sleeping `WRITE_DELAY_MS` and failing
-//! while `FAIL_WRITES` is set. The tests share these switches: they run
+//! while `FAIL_WRITES` is set; a restore first sleeps `RESTORE_DELAY_MS`. The tests share these switches: they run
 //! one at a time (a mutex).
 
 use std::io::{Read, Write};
@@ -23,6 +23,7 @@ mod common;
 
 static FAIL_WRITES: AtomicBool = AtomicBool::new(false);
 static WRITE_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+static RESTORE_DELAY_MS: AtomicU64 = AtomicU64::new(0);
 static SERIAL: Mutex<()> = Mutex::new(());
 
 #[derive(Default)]
@@ -81,6 +82,9 @@ impl StateMachine for Log {
     }
 
     fn restore(r: &mut dyn Read) -> Result<Self, RestoreError> {
+        std::thread::sleep(Duration::from_millis(
+            RESTORE_DELAY_MS.load(Ordering::Relaxed),
+        ));
         let mut n = [0u8; 8];
         r.read_exact(&mut n)?;
         let n = u64::from_le_bytes(n);
@@ -290,4 +294,94 @@ fn a_failed_snapshot_is_retried_and_loses_nothing() {
     );
     assert!(states.iter().all(|s| s == &states[0]));
     cluster.shutdown().unwrap();
+}
+
+/// A follower that needs a snapshot, and takes longer to fetch and restore
+/// it than the leader takes to write its next one, still catches up while
+/// writes go on: the leader holds back log compaction for it, so it goes
+/// on from the log after one install. (Before, the leader compacted past
+/// the snapshot while the follower restored it, so the follower fetched a
+/// newer one, and again, as long as the writes lasted.)
+#[test]
+fn a_follower_slow_to_restore_catches_up_under_load() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    FAIL_WRITES.store(false, Ordering::Relaxed);
+    WRITE_DELAY_MS.store(0, Ordering::Relaxed);
+    RESTORE_DELAY_MS.store(0, Ordering::Relaxed);
+    // A snapshot each 400 entries; the load writes 300/s, so about 900
+    // entries (two snapshots and more) go by during the 3-s restore, and
+    // the log the leader may hold meanwhile is 4 x 400 + 50.
+    let cfg = NodeConfig {
+        snapshot_entries: 400,
+        ..config()
+    };
+    let mut cluster = EmbeddedCluster::start(3, &cfg, |_| Log::default()).unwrap();
+    let leader = cluster
+        .wait_leader(Duration::from_secs(30))
+        .expect("a leader");
+    let rt = rt();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    cluster.stop(follower).unwrap();
+    let lead = handles_but(&cluster, follower)[leader as usize - 1]
+        .clone()
+        .expect("the leader runs");
+    // The leader's log moves past the follower: it will need a snapshot.
+    propose_range(&rt, &lead, 0, 1_000);
+
+    RESTORE_DELAY_MS.store(3_000, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(1_000));
+    let load = {
+        let (lead, stop, written) = (lead.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let rt = crate::rt();
+            let started = Instant::now();
+            let mut v = 1_000;
+            while !stop.load(Ordering::Relaxed) {
+                rt.block_on(lead.propose(v)).expect("proposal");
+                v += 1;
+                written.store(v, Ordering::Relaxed);
+                // 300 proposals a second, or as many as the machine takes.
+                let due = started + Duration::from_micros((v - 1_000) * 3_333);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            v
+        })
+    };
+    cluster.restart(follower).unwrap();
+    let f = cluster.node(follower).unwrap().handle().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let caught_up = loop {
+        let lead_len = rt.block_on(lead.query((), false)).expect("query").len();
+        let f_len = rt.block_on(f.query((), false)).expect("query").len();
+        if f_len + 100 >= lead_len && f_len > 1_000 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let installs = metric(&rt, &f, "skiff_snapshots_installed_total");
+    stop.store(true, Ordering::Relaxed);
+    let next = load.join().unwrap();
+    RESTORE_DELAY_MS.store(0, Ordering::Relaxed);
+    assert!(
+        caught_up,
+        "the follower never caught up while {} entries were written; {installs} snapshots installed",
+        written.load(Ordering::Relaxed) - 1_000
+    );
+    assert!(installs <= 2, "{installs} snapshots installed to catch up");
+    assert!(metric(&rt, &lead, "skiff_log_compaction_holds_total") >= 1);
+    let nodes = handles(&cluster);
+    let states = states_after(&rt, &nodes, next as usize);
+    assert!(states.iter().all(|s| s == &(0..next).collect::<Vec<u64>>()));
+    cluster.shutdown().unwrap();
+}
+
+/// The handles of the running members, by id (index id - 1).
+fn handles_but(cluster: &EmbeddedCluster<Log>, stopped: u64) -> Vec<Option<NodeHandle<Log>>> {
+    (1..=3)
+        .map(|id| (id != stopped).then(|| cluster.node(id).unwrap().handle().clone()))
+        .collect()
 }

@@ -17,6 +17,8 @@ pub struct RaftLog {
     base_index: Index,
     base_term: Term,
     entries: VecDeque<Entry>,
+    /// [`Entry::size`] summed over `entries`.
+    bytes: usize,
     /// Highest index known durable on this node (entries after a
     /// truncation point are not, until persisted again).
     persisted: Index,
@@ -31,10 +33,12 @@ impl RaftLog {
     /// A log restored from durable state: `entries` follow `(base_index,
     /// base_term)` and are all durable.
     pub fn restore(base_index: Index, base_term: Term, entries: Vec<Entry>, commit: Index) -> Self {
+        let bytes = entries.iter().map(Entry::size).sum();
         let mut log = RaftLog {
             base_index,
             base_term,
             entries: entries.into(),
+            bytes,
             persisted: 0,
             commit: 0,
             applying: base_index,
@@ -52,6 +56,12 @@ impl RaftLog {
 
     pub fn last_index(&self) -> Index {
         self.base_index + self.entries.len() as u64
+    }
+
+    /// Bytes held in memory by the entries after the base ([`Entry::size`]
+    /// summed): what compaction gives back.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn last_term(&self) -> Term {
@@ -114,6 +124,7 @@ impl RaftLog {
             assert_eq!(e.index, self.last_index() + 1, "appends continue the log");
             assert!(e.term >= self.last_term(), "terms never go back in the log");
             self.entries.push_back(e.clone());
+            self.bytes += e.size();
         }
     }
 
@@ -154,8 +165,9 @@ impl RaftLog {
     fn truncate_from(&mut self, index: Index) {
         assert!(index > self.commit, "never truncate committed entries");
         assert!(index > self.base_index);
-        self.entries
-            .truncate((index - self.base_index - 1) as usize);
+        let keep = (index - self.base_index - 1) as usize;
+        self.bytes -= self.entries.range(keep..).map(Entry::size).sum::<usize>();
+        self.entries.truncate(keep);
         self.persisted = self.persisted.min(index - 1);
     }
 
@@ -241,7 +253,7 @@ impl RaftLog {
         );
         let term = self.term(index).expect("applied entries are in the log");
         let n = (index - self.base_index) as usize;
-        self.entries.drain(..n);
+        self.bytes -= self.entries.drain(..n).map(|e| e.size()).sum::<usize>();
         self.base_index = index;
         self.base_term = term;
     }
@@ -254,6 +266,7 @@ impl RaftLog {
             "a snapshot below commit is never installed"
         );
         self.entries.clear();
+        self.bytes = 0;
         self.base_index = index;
         self.base_term = term;
         self.persisted = self.persisted.min(index.saturating_sub(1)).min(self.commit);
@@ -279,5 +292,46 @@ impl RaftLog {
             assert!(e.term >= prev.1, "terms never go back");
             prev = (e.index, e.term);
         }
+        let bytes: usize = self.entries.iter().map(Entry::size).sum();
+        assert_eq!(self.bytes, bytes, "bytes counts the entries held");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Payload, ENTRY_OVERHEAD_BYTES};
+    use bytes::Bytes;
+
+    fn entry(index: Index, term: Term, len: usize) -> Entry {
+        Entry {
+            index,
+            term,
+            payload: Payload::Normal(Bytes::from(vec![7u8; len])),
+        }
+    }
+
+    /// `bytes` follows every change to the entries held: restore, append,
+    /// a conflicting merge, compaction, a snapshot.
+    #[test]
+    fn bytes_counts_the_entries_held() {
+        let o = ENTRY_OVERHEAD_BYTES;
+        let mut log = RaftLog::restore(0, 0, vec![entry(1, 1, 10), entry(2, 1, 20)], 0);
+        assert_eq!(log.bytes(), 2 * o + 30);
+        log.append(&[entry(3, 1, 30), entry(4, 1, 40)]);
+        assert_eq!(log.bytes(), 4 * o + 100);
+        // Entries 3 and 4 give way to a new term's 3.
+        let new = log.merge(vec![entry(2, 1, 20), entry(3, 2, 5)]);
+        assert_eq!(new.len(), 1);
+        assert_eq!(log.bytes(), 3 * o + 35);
+        log.persisted_to(3, 2);
+        log.commit_to(3);
+        log.take_to_apply();
+        log.applied_to(3);
+        log.compact_to(2);
+        assert_eq!(log.bytes(), o + 5);
+        log.check();
+        log.reset_to_snapshot(9, 2);
+        assert_eq!(log.bytes(), 0);
     }
 }

@@ -24,6 +24,11 @@ pub(super) struct Stages {
     pub(super) snapshots_taken: u64,
     pub(super) snapshot_failures: u64,
     pub(super) snapshots_installed: u64,
+    /// Times the leader began holding back log compaction for followers
+    /// catching up from a snapshot.
+    pub(super) catchup_holds: u64,
+    /// Holds given up for a follower (too long, or the log too large).
+    pub(super) catchup_holds_ended: u64,
     /// WAL compactions that failed and were left to the next snapshot.
     pub(super) wal_compaction_failures: u64,
     /// Times the WAL ran out of space (a write dropped or refused).
@@ -51,6 +56,8 @@ impl Stages {
             snapshots_taken: 0,
             snapshot_failures: 0,
             snapshots_installed: 0,
+            catchup_holds: 0,
+            catchup_holds_ended: 0,
             wal_compaction_failures: 0,
             wal_no_space: 0,
         }
@@ -305,6 +312,18 @@ impl<S: StateMachine> EventLoop<S> {
             "snapshots_installed_total",
             "Snapshots from the leader installed on this member.",
             st.snapshots_installed,
+        );
+        counter(
+            &mut out,
+            "log_compaction_holds_total",
+            "Times this leader began holding back log compaction for followers catching up from a snapshot.",
+            st.catchup_holds,
+        );
+        counter(
+            &mut out,
+            "log_compaction_holds_given_up_total",
+            "Followers this leader stopped holding log compaction for (catch-up too long, or the log too large).",
+            st.catchup_holds_ended,
         );
         counter(
             &mut out,

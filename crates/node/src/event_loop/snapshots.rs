@@ -17,7 +17,16 @@
 //!   (`skiff_wal_compaction_failures_total`) and left to the next
 //!   snapshot's compaction (which covers everything below it), a failed
 //!   WAL or fsync stops the member ([`compaction_failure`]);
-//! * offer one to a follower (which fetches it in parallel chunks);
+//! * offer one to a follower (which fetches it in parallel chunks); while
+//!   it fetches, restores and then catches up from the log, the leader
+//!   holds back telling the core of newer snapshots (so the entries right
+//!   after the offered one stay in the log), within
+//!   [`CATCHUP_HOLD_MAX`] and a log of at most
+//!   [`CATCHUP_HOLD_LOG_FACTOR`] snapshot intervals: otherwise a follower
+//!   whose fetch and restore take longer than a snapshot interval under
+//!   load installs a snapshot the log has already left behind, and fetches
+//!   another, for ever (etcd pauses compaction while a snapshot is in
+//!   flight for the same reason);
 //! * install one: the follower's node fetched and restored it off the loop
 //!   (see `crate::node`); the loop swaps it in and hands the old state to
 //!   the snapshot thread to drop.
@@ -40,6 +49,30 @@ pub const SNAPSHOTS_KEPT: usize = 1;
 /// Longest the snapshot thread waits for room in the loop's queue to
 /// report a result.
 pub const SNAPSHOT_REPORT_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Longest the leader holds back log compaction for one follower's
+/// snapshot catch-up (from its first offer): a follower that needs longer
+/// is not waited for, and fetches a newer snapshot.
+pub const CATCHUP_HOLD_MAX: Duration = Duration::from_secs(60);
+/// While holding compaction back, the log the leader keeps in memory may
+/// grow to this many snapshot intervals (`snapshot_entries`, and
+/// `snapshot_bytes` of entries) past the margin; beyond it the hold ends.
+pub const CATCHUP_HOLD_LOG_FACTOR: u64 = 4;
+
+/// A follower the leader offered a snapshot to (see
+/// `EventLoop::compaction_held`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Catchup {
+    /// The newest snapshot offered to it.
+    index: Index,
+    /// Its match index when last seen to move.
+    matched: Index,
+    /// Since the first offer, or since its match index last moved.
+    since: Instant,
+    /// It stopped moving for [`CATCHUP_HOLD_MAX`]: holds nothing until
+    /// it moves.
+    given_up: bool,
+}
 
 /// The nice value of the threads that do work in proportion to the state
 /// (the snapshot thread: writes, WAL compaction, dropping a replaced
@@ -315,20 +348,104 @@ impl<S: StateMachine> EventLoop<S> {
     }
 
     /// Tells the core of the newest durable snapshot that is at least
-    /// `snapshot_catchup_entries` behind what is applied.
+    /// `snapshot_catchup_entries` behind what is applied, unless a
+    /// follower catching up from a snapshot still needs what it would drop
+    /// ([`EventLoop::compaction_held`]).
     pub(super) fn tell_snapshots(&mut self) {
         let margin = self.cfg.snapshot_catchup_entries;
-        let mut newest = None;
-        while let Some(&(index, _)) = self.untold.front() {
-            if index.saturating_add(margin) > self.applied {
-                break;
+        let told = self
+            .untold
+            .iter()
+            .take_while(|&&(index, _)| index.saturating_add(margin) <= self.applied)
+            .count();
+        let Some(&(index, _)) = told.checked_sub(1).and_then(|i| self.untold.get(i)) else {
+            return;
+        };
+        if self.compaction_held(index) {
+            return;
+        }
+        self.untold.drain(..told);
+        self.raft.snapshot_taken(index);
+    }
+
+    /// Whether compacting the log through `index` waits for a follower
+    /// that was offered a snapshot and has not yet matched `index`: it
+    /// needs the entries after its snapshot to catch up.
+    ///
+    /// A follower holds compaction while it makes progress: until it has
+    /// gone [`CATCHUP_HOLD_MAX`] without its match index moving (counted
+    /// from the first offer: the fetch and restore, then from each step
+    /// of the catch-up), after which it holds nothing until it moves again
+    /// (so a member that is down does not hold the log for ever). No
+    /// follower holds it once the log held in memory passes
+    /// [`CATCHUP_HOLD_LOG_FACTOR`] snapshot intervals, or once this member
+    /// stops leading.
+    fn compaction_held(&mut self, index: Index) -> bool {
+        if self.catchups.is_empty() {
+            return false;
+        }
+        let log = self.raft.log();
+        let factor = CATCHUP_HOLD_LOG_FACTOR;
+        let entries_max = (self.cfg.snapshot_entries.saturating_mul(factor))
+            .saturating_add(self.cfg.snapshot_catchup_entries);
+        let bytes_max = self.cfg.snapshot_bytes.saturating_mul(factor);
+        let held_entries = log.last_index() - log.base().0;
+        let held_bytes = log.bytes() as u64;
+        let too_long = held_entries > entries_max || held_bytes > bytes_max;
+        let leading = self.raft.role() == Role::Leader;
+        let now = Instant::now();
+        let raft = &self.raft;
+        let stages = &mut self.stages;
+        let mut held = false;
+        self.catchups.retain(|&peer, c| {
+            let Some(pr) = raft.progress(peer).filter(|_| leading) else {
+                return false;
+            };
+            if pr.match_index >= index {
+                return false;
             }
-            newest = Some(index);
-            self.untold.pop_front();
+            if pr.match_index > c.matched {
+                c.matched = pr.match_index;
+                c.since = now;
+                c.given_up = false;
+            }
+            if c.given_up {
+                return true;
+            }
+            let waited = now.duration_since(c.since);
+            if waited > CATCHUP_HOLD_MAX {
+                c.given_up = true;
+                stages.catchup_holds_ended += 1;
+                tracing::warn!(
+                    peer,
+                    snapshot = c.index,
+                    matched = pr.match_index,
+                    ?waited,
+                    "log compaction no longer held for a follower that stopped catching up"
+                );
+                return true;
+            }
+            held = true;
+            true
+        });
+        if held && too_long {
+            if self.compaction_holding {
+                stages.catchup_holds_ended += 1;
+                tracing::warn!(
+                    held_entries,
+                    held_bytes,
+                    "log compaction no longer held for followers catching up: the log is too long"
+                );
+            }
+            held = false;
         }
-        if let Some(index) = newest {
-            self.raft.snapshot_taken(index);
+        if held && !self.compaction_holding {
+            self.stages.catchup_holds += 1;
+            tracing::info!(upto = index, followers = ?self.catchups.keys().collect::<Vec<_>>(),
+                "log compaction held for followers catching up from a snapshot");
         }
+        self.compaction_holding = held;
+        held
     }
 
     pub(super) fn offer_snapshot(
@@ -423,6 +540,16 @@ impl<S: StateMachine> EventLoop<S> {
         };
         tracing::info!(to, index, "offering snapshot");
         self.send(msg);
+        let matched = self.raft.progress(to).map_or(0, |pr| pr.match_index);
+        self.catchups
+            .entry(to)
+            .and_modify(|c| c.index = index)
+            .or_insert(Catchup {
+                index,
+                matched,
+                since: Instant::now(),
+                given_up: false,
+            });
     }
 
     /// `InstallSnapshot`: swap in the state restored off the loop and make
