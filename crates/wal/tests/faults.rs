@@ -1218,13 +1218,27 @@ fn compaction_waits_for_a_newer_snapshot_record_in_flight(io: Io) {
     append_acked(&wal, 5, 1, 100);
     sim.pause_writes();
     let resume = ResumeWrites(sim.clone());
+    let newer_index = wal.last_index();
     let newer = wal
         .save_snapshot(SnapshotMeta {
-            index: wal.last_index(),
+            index: newer_index,
             term: 1,
             data: Bytes::from_static(b"n"),
         })
         .unwrap();
+    // Beyond every record, nothing can cover it: no wait (the WAL's
+    // `wait_timeout` is 10 s here).
+    let started = Instant::now();
+    let beyond = wal.compact(newer_index + 1);
+    assert!(
+        matches!(beyond, Err(Error::SnapshotNotDurable { .. })),
+        "{beyond:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     std::thread::scope(|s| {
         let compacting = s.spawn(|| wal.compact(last));
         std::thread::sleep(Duration::from_millis(100));

@@ -50,9 +50,10 @@ pub const SNAPSHOTS_KEPT: usize = 1;
 /// report a result.
 pub const SNAPSHOT_REPORT_WAIT_MAX: Duration = Duration::from_secs(30);
 
-/// Longest the leader holds back log compaction for one follower's
-/// snapshot catch-up (from its first offer): a follower that needs longer
-/// is not waited for, and fetches a newer snapshot.
+/// Longest the leader holds back log compaction for a follower catching
+/// up from a snapshot without its match index moving (from the first
+/// offer, which covers the fetch and the restore, then from each move): a
+/// follower that stops moving is not waited for, until it moves again.
 pub const CATCHUP_HOLD_MAX: Duration = Duration::from_secs(60);
 /// While holding compaction back, the log the leader keeps in memory may
 /// grow to this many snapshot intervals (`snapshot_entries`, and
