@@ -302,6 +302,10 @@ pub struct EventLoop<S: StateMachine> {
     catchups: BTreeMap<NodeId, snapshots::Catchup>,
     /// Whether compaction was held at the last look (to count holds).
     compaction_holding: bool,
+    /// Follower: the persist that records the last snapshot installed,
+    /// and its index: once durable, the WAL below it and older snapshot
+    /// files go, as after a snapshot of its own.
+    install_recorded: Option<(PersistId, Index)>,
     /// Snapshot files the core may name in `Compact`: index → term.
     held: BTreeMap<Index, Term>,
     worker: SnapshotWorker<S>,
@@ -410,6 +414,7 @@ impl<S: StateMachine> EventLoop<S> {
             untold: VecDeque::new(),
             catchups: BTreeMap::new(),
             compaction_holding: false,
+            install_recorded: None,
             held,
             worker: parts.worker,
             durable: 0,
@@ -861,6 +866,12 @@ impl<S: StateMachine> EventLoop<S> {
     fn on_persisted(&mut self, id: PersistId) {
         self.durable = self.durable.max(id);
         self.raft.persisted(id);
+        if let Some((recorded, upto)) = self.install_recorded {
+            if id >= recorded {
+                self.install_recorded = None;
+                self.on_snapshot_recorded(upto);
+            }
+        }
         let persisted = self.raft.persisted_index();
         while let Some(&(last, oldest, n)) = self.submitted.front() {
             if last > persisted {

@@ -29,7 +29,9 @@
 //!   flight for the same reason);
 //! * install one: the follower's node fetched and restored it off the loop
 //!   (see `crate::node`); the loop swaps it in and hands the old state to
-//!   the snapshot thread to drop.
+//!   the snapshot thread to drop; once the WAL's record of it is durable,
+//!   the WAL below it and older snapshot files go, as after a snapshot of
+//!   its own.
 
 use std::io::Write;
 use std::path::Path;
@@ -593,6 +595,10 @@ impl<S: StateMachine> EventLoop<S> {
         }
         let batch = self.snapshot_record(index, term, membership);
         self.write_wal(batch, Durable::Persisted(id), "WAL snapshot record")?;
+        // Once durable, compact below it (`on_persisted`): otherwise the
+        // log and the files it replaced stay until this member's own next
+        // snapshot, one more snapshot's worth of disk per install.
+        self.install_recorded = Some((id, index));
         // The WAL's log is read next: it must have taken the record.
         self.flush_wal_backlog()?;
         self.wal_last = self.wal.last_index();
