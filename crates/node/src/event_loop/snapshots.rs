@@ -385,6 +385,7 @@ impl<S: StateMachine> EventLoop<S> {
     /// stops leading.
     fn compaction_held(&mut self, index: Index) -> bool {
         if self.catchups.is_empty() {
+            self.compaction_holding = false;
             return false;
         }
         let log = self.raft.log();
