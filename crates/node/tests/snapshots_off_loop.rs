@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
@@ -106,6 +106,20 @@ impl StateMachine for Log {
     }
 }
 
+/// Takes the tests' turn (they share the switches) and sets the switches:
+/// failing snapshot writes, their delay, and the delay of a restore.
+fn faults(
+    fail_writes: bool,
+    write_delay_ms: u64,
+    restore_delay_ms: u64,
+) -> MutexGuard<'static, ()> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    FAIL_WRITES.store(fail_writes, Ordering::Relaxed);
+    WRITE_DELAY_MS.store(write_delay_ms, Ordering::Relaxed);
+    RESTORE_DELAY_MS.store(restore_delay_ms, Ordering::Relaxed);
+    serial
+}
+
 fn config() -> NodeConfig {
     NodeConfig {
         tick_interval_ms: 10,
@@ -186,9 +200,7 @@ fn states_after(
 /// snapshot and the followers would elect a new leader.)
 #[test]
 fn a_slow_snapshot_write_does_not_stop_the_loop() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    FAIL_WRITES.store(false, Ordering::Relaxed);
-    WRITE_DELAY_MS.store(1_500, Ordering::Relaxed);
+    let _serial = faults(false, 1_500, 0);
     let cluster = EmbeddedCluster::start(3, &config(), |_| Log::default()).unwrap();
     let leader = cluster
         .wait_leader(Duration::from_secs(30))
@@ -232,9 +244,7 @@ fn a_slow_snapshot_write_does_not_stop_the_loop() {
 /// succeed again, snapshots are taken and a restart starts from one.
 #[test]
 fn a_failed_snapshot_is_retried_and_loses_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    WRITE_DELAY_MS.store(0, Ordering::Relaxed);
-    FAIL_WRITES.store(true, Ordering::Relaxed);
+    let _serial = faults(true, 0, 0);
     let mut cluster = EmbeddedCluster::start(3, &config(), |_| Log::default()).unwrap();
     let leader = cluster
         .wait_leader(Duration::from_secs(30))
@@ -304,10 +314,7 @@ fn a_failed_snapshot_is_retried_and_loses_nothing() {
 /// newer one, and again, as long as the writes lasted.)
 #[test]
 fn a_follower_slow_to_restore_catches_up_under_load() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    FAIL_WRITES.store(false, Ordering::Relaxed);
-    WRITE_DELAY_MS.store(0, Ordering::Relaxed);
-    RESTORE_DELAY_MS.store(0, Ordering::Relaxed);
+    let _serial = faults(false, 0, 0);
     // A snapshot each 400 entries; the load writes 300/s, so about 900
     // entries (two snapshots and more) go by during the 3-s restore, and
     // the log the leader may hold meanwhile is 4 x 400 + 50.
@@ -322,9 +329,7 @@ fn a_follower_slow_to_restore_catches_up_under_load() {
     let rt = rt();
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     cluster.stop(follower).unwrap();
-    let lead = handles_but(&cluster, follower)[leader as usize - 1]
-        .clone()
-        .expect("the leader runs");
+    let lead = cluster.node(leader).unwrap().handle().clone();
     // The leader's log moves past the follower: it will need a snapshot.
     propose_range(&rt, &lead, 0, 1_000);
 
@@ -379,13 +384,6 @@ fn a_follower_slow_to_restore_catches_up_under_load() {
     cluster.shutdown().unwrap();
 }
 
-/// The handles of the running members, by id (index id - 1).
-fn handles_but(cluster: &EmbeddedCluster<Log>, stopped: u64) -> Vec<Option<NodeHandle<Log>>> {
-    (1..=3)
-        .map(|id| (id != stopped).then(|| cluster.node(id).unwrap().handle().clone()))
-        .collect()
-}
-
 /// `.snap` files in member `id`'s snapshot directory.
 fn snapshot_files(cluster: &EmbeddedCluster<Log>, id: u64) -> Vec<String> {
     let dir = cluster.config(id).unwrap().data_dir.join("snap");
@@ -406,10 +404,7 @@ fn snapshot_files(cluster: &EmbeddedCluster<Log>, id: u64) -> Vec<String> {
 /// held them all.)
 #[test]
 fn an_installed_snapshot_replaces_the_older_files() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    FAIL_WRITES.store(false, Ordering::Relaxed);
-    WRITE_DELAY_MS.store(0, Ordering::Relaxed);
-    RESTORE_DELAY_MS.store(0, Ordering::Relaxed);
+    let _serial = faults(false, 0, 0);
     let mut cluster = EmbeddedCluster::start(3, &config(), |_| Log::default()).unwrap();
     let leader = cluster
         .wait_leader(Duration::from_secs(30))
