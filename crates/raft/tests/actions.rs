@@ -3,7 +3,9 @@
 mod common;
 
 use common::{cmd, config};
-use skiff_raft::{Action, Entry, HardState, Message, MessageBody, Payload, Raft, Restored, Role};
+use skiff_raft::{
+    Action, Entry, HardState, Message, MessageBody, Payload, Raft, RejectHint, Restored, Role,
+};
 
 fn msg(from: u64, to: u64, term: u64, body: MessageBody) -> Message {
     Message {
@@ -407,4 +409,99 @@ fn misaddressed_messages_are_ignored() {
     // Addressed right, it is heard.
     r.step(msg(1, 2, 7, vote));
     assert_eq!(r.term(), 7);
+}
+
+/// A pre-vote is granted only for a term above the voter's own (and a log
+/// at least as up to date): one for the voter's current term comes from a
+/// node that is behind, and is refused in that term.
+#[test]
+fn pre_votes_are_granted_only_for_a_higher_term() {
+    let restored = Restored {
+        hard_state: HardState {
+            term: 5,
+            vote: 0,
+            commit: 0,
+        },
+        ..Restored::default()
+    };
+    let mut r = Raft::new(config(1, 3), restored, 1).unwrap();
+    let pre_vote = |term| {
+        msg(
+            2,
+            1,
+            term,
+            MessageBody::PreVote {
+                last_index: 0,
+                last_term: 0,
+            },
+        )
+    };
+    let answer = |term, granted| {
+        send(
+            msg(1, 2, term, MessageBody::PreVoteResponse { granted }),
+            None,
+        )
+    };
+    r.step(pre_vote(5));
+    assert_eq!(r.take_actions(), vec![answer(5, false)]);
+    r.step(pre_vote(6));
+    assert_eq!(r.take_actions(), vec![answer(6, true)]);
+    assert_eq!(r.term(), 5, "a pre-vote changes no state");
+}
+
+/// A follower's rejection hint never points at or below its commit index:
+/// committed entries match the leader's, so the leader resends from the
+/// first index after them even when the conflicting term starts earlier.
+#[test]
+fn a_rejection_hint_stays_above_the_commit_index() {
+    let restored = Restored {
+        hard_state: HardState {
+            term: 2,
+            vote: 0,
+            commit: 3,
+        },
+        entries: (1..=6)
+            .map(|i| Entry {
+                index: i,
+                term: 1,
+                payload: Payload::Normal(cmd("x")),
+            })
+            .collect(),
+        ..Restored::default()
+    };
+    let mut r = Raft::new(config(1, 3), restored, 1).unwrap();
+    r.step(msg(
+        2,
+        1,
+        2,
+        MessageBody::Append {
+            prev_index: 5,
+            prev_term: 2,
+            entries: vec![],
+            commit: 3,
+        },
+    ));
+    let hints: Vec<_> = r
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                msg:
+                    Message {
+                        body: MessageBody::AppendResponse { reject, .. },
+                        ..
+                    },
+                ..
+            } => Some(reject),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        hints,
+        vec![Some(RejectHint {
+            rejected: 5,
+            conflict_term: Some(1),
+            conflict_index: 4,
+        })]
+    );
 }

@@ -257,6 +257,28 @@ fn proposals_not_leader_and_backpressure() {
     raft.propose(vec![cmd(&"q".repeat(100))]).unwrap();
 }
 
+/// The window holds exactly `uncommitted_bytes_max`: a proposal that fills
+/// it to the byte is taken, one byte more is refused.
+#[test]
+fn a_proposal_that_exactly_fills_the_window_is_taken() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.uncommitted_bytes_max = 400);
+    c.elect(1);
+    c.deliver_all();
+    c.isolate(1);
+    let raft = &mut c.nodes.get_mut(&1).unwrap().raft;
+    let before = raft.uncommitted_bytes();
+    raft.propose(vec![cmd(&"p".repeat(150))]).unwrap();
+    let used = raft.uncommitted_bytes();
+    let overhead = used - before - 150;
+    let fill = 400 - used - overhead;
+    let last = raft.last_index();
+    let err = raft.propose(vec![cmd(&"q".repeat(fill + 1))]).unwrap_err();
+    assert!(matches!(err, ProposeError::Backpressure { max: 400, .. }));
+    assert_eq!(raft.last_index(), last, "nothing appended");
+    raft.propose(vec![cmd(&"q".repeat(fill))]).unwrap();
+    assert_eq!(raft.uncommitted_bytes(), 400);
+}
+
 /// Thesis §6.2: a leader that hears from no quorum steps down.
 #[test]
 fn check_quorum_deposes_an_isolated_leader() {

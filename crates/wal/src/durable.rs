@@ -395,4 +395,17 @@ mod tests {
         n.advance(1);
         assert!(woken(&w1));
     }
+
+    /// The last kept write at or before a sequence number skips every
+    /// dropped run it falls into, and only those.
+    #[test]
+    fn kept_at_or_before_skips_exactly_the_dropped_writes() {
+        let n = Notify::new(0);
+        n.reject_from(5, "segment".into(), libc::ENOSPC);
+        n.close_rejection(7);
+        n.reject_from(10, "segment".into(), libc::ENOSPC);
+        n.close_rejection(12);
+        let kept: Vec<u64> = (1..=14).map(|s| n.kept_at_or_before(s)).collect();
+        assert_eq!(kept, [1, 2, 3, 4, 4, 4, 4, 8, 9, 9, 9, 9, 13, 14]);
+    }
 }

@@ -101,6 +101,10 @@ fn append_read_reopen(backend: Backend) {
     assert_eq!(wal.last_index(), 1001);
     assert!(m.groups_total >= 1 && m.fsyncs_total >= 1);
     assert_eq!(m.entries_total, 1000);
+    // Every write's queue wait, every group's write and fsync time.
+    assert_eq!(m.queue_wait_us.len(), 100);
+    assert_eq!(m.write_us.len(), m.fsyncs_total);
+    assert_eq!(m.fsync_us.len(), m.fsyncs_total);
 }
 
 fn truncate_and_hard_state_survive_reopen(backend: Backend) {

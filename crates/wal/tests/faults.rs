@@ -1255,6 +1255,36 @@ fn compaction_waits_for_a_newer_snapshot_record_in_flight(io: Io) {
     assert_eq!(wal.segment_count(), 1);
 }
 
+/// Group commit: writes that queue up while the disk is busy go out
+/// together, in a few groups, not one group (one write and one fsync)
+/// each.
+fn writes_queued_behind_a_slow_disk_share_groups(io: Io) {
+    const WRITES: u64 = 20;
+    let sim = SimStorage::new();
+    let wal = open(&sim, &io).unwrap();
+    append_acked(&wal, 1, 1, 100);
+    let groups_before = wal.metrics().groups_total;
+    sim.pause_writes();
+    let resume = ResumeWrites(sim.clone());
+    let first = wal.last_index() + 1;
+    let tickets: Vec<_> = (first..first + WRITES)
+        .map(|i| wal.append(entries(i, i + 1, 1, 100)).unwrap())
+        .collect();
+    drop(resume);
+    for t in &tickets {
+        t.wait().unwrap();
+    }
+    assert_eq!(
+        wal.read(first, first + WRITES).unwrap(),
+        entries(first, first + WRITES, 1, 100)
+    );
+    let groups = wal.metrics().groups_total - groups_before;
+    assert!(
+        groups <= WRITES / 2,
+        "{WRITES} queued writes went out in {groups} groups"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Each test above runs on both I/O paths
 
@@ -1302,6 +1332,7 @@ on_both_paths!(
     a_waiting_write_times_out_without_a_spare_segment,
     a_waiting_write_times_out_on_a_full_queue,
     compaction_waits_for_a_newer_snapshot_record_in_flight,
+    writes_queued_behind_a_slow_disk_share_groups,
 );
 
 // ---------------------------------------------------------------------------
