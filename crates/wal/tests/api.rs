@@ -56,6 +56,7 @@ per_backend!(
     append_read_reopen,
     truncate_and_hard_state_survive_reopen,
     snapshot_compaction_deletes_segments_only_when_durable,
+    a_snapshot_in_a_batch_keeps_or_restarts_the_log,
     async_ticket_resolves,
     misuse_is_a_clear_error,
     concurrent_writers_are_ordered,
@@ -179,6 +180,51 @@ fn snapshot_compaction_deletes_segments_only_when_durable(backend: Backend) {
     assert_eq!(wal.first_index(), 1501);
     assert_eq!(wal.last_index(), 2000);
     assert_eq!(wal.read(1501, 2001).unwrap(), entries(1501, 2001, 1));
+}
+
+/// A batch that records a snapshot and entries: the entries continue the
+/// log when it contains the snapshot's (index, term); else the log is
+/// discarded and restarts after the snapshot. Both survive a reopen.
+fn a_snapshot_in_a_batch_keeps_or_restarts_the_log(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(wal) = open(dir.path(), small(backend)) else {
+        return;
+    };
+    wal.append(entries(1, 11, 1)).unwrap().wait().unwrap();
+    let contained = SnapshotMeta {
+        index: 5,
+        term: 1,
+        data: Bytes::from_static(b"at 5"),
+    };
+    let batch = WriteBatch {
+        snapshot: Some(contained),
+        entries: entries(11, 13, 1),
+        ..WriteBatch::default()
+    };
+    wal.write(batch).unwrap().wait().unwrap();
+    assert_eq!((wal.first_index(), wal.last_index()), (6, 12));
+    assert_eq!(wal.read(6, 13).unwrap(), entries(6, 13, 1));
+
+    let ahead = SnapshotMeta {
+        index: 20,
+        term: 3,
+        data: Bytes::from_static(b"at 20"),
+    };
+    let batch = WriteBatch {
+        snapshot: Some(ahead.clone()),
+        entries: entries(21, 23, 3),
+        ..WriteBatch::default()
+    };
+    wal.write(batch).unwrap().wait().unwrap();
+    assert_eq!((wal.first_index(), wal.last_index()), (21, 22));
+    assert_eq!(wal.term(20).unwrap(), 3);
+    assert_eq!(wal.read(21, 23).unwrap(), entries(21, 23, 3));
+    wal.close().unwrap();
+
+    let wal = open(dir.path(), small(backend)).unwrap();
+    assert_eq!(wal.snapshot(), Some(ahead));
+    assert_eq!((wal.first_index(), wal.last_index()), (21, 22));
+    assert_eq!(wal.read(21, 23).unwrap(), entries(21, 23, 3));
 }
 
 fn async_ticket_resolves(backend: Backend) {
