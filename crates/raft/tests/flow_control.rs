@@ -245,6 +245,62 @@ fn a_reject_below_the_match_is_stale() {
     );
 }
 
+/// A "log too short" reject inside the window that ends the follower's log
+/// at or below its match (it lost entries it had acknowledged: a disk
+/// that lied) is not stale: the leader stops streaming and probes, from
+/// its match (as etcd's raft, never below it: Raft assumes acknowledged
+/// entries stay).
+#[test]
+fn a_too_short_reject_ending_at_the_match_probes_again() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    for i in 0..5 {
+        c.propose(1, &[&format!("e{i}")]);
+        c.deliver_all();
+    }
+    c.tick_all(2);
+    let last = c.raft(1).last_index();
+    c.propose(1, &["x"]);
+    c.propose(1, &["y"]);
+    c.net.retain(|m| m.to != 2);
+    let pr = c.raft(1).progress(2).unwrap().clone();
+    assert_eq!(
+        (pr.state, pr.match_index, pr.next),
+        (ProgressState::Replicate, last, last + 3)
+    );
+    let term = c.raft(1).term();
+    let short = Message {
+        from: 2,
+        to: 1,
+        term,
+        body: MessageBody::AppendResponse {
+            success: false,
+            match_index: 0,
+            reject: Some(RejectHint {
+                rejected: last + 1,
+                conflict_term: None,
+                conflict_index: last - 1,
+            }),
+        },
+    };
+    let sent_before = c.net.len();
+    c.nodes.get_mut(&1).unwrap().raft.step(short);
+    c.drain(1);
+    let after = c.raft(1).progress(2).unwrap();
+    assert_eq!((after.state, after.next), (ProgressState::Probe, last + 1));
+    let probes: Vec<_> = c
+        .net
+        .iter()
+        .skip(sent_before)
+        .filter_map(|m| match m.body {
+            MessageBody::Append { prev_index, .. } if m.to == 2 => Some(prev_index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(probes, vec![last], "one probe, from the match");
+}
+
 /// An acknowledgement past what was sent (the follower already held those
 /// entries) moves the stream on past it.
 #[test]

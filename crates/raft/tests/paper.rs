@@ -257,6 +257,19 @@ fn proposals_not_leader_and_backpressure() {
     raft.propose(vec![cmd(&"q".repeat(100))]).unwrap();
 }
 
+/// A proposal answers with the indexes its entries got: the first after
+/// the log's end through one per command.
+#[test]
+fn a_proposal_returns_the_indexes_of_its_entries() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    let end = c.raft(1).last_index();
+    assert_eq!(c.propose(1, &["a", "b", "c"]), (end + 1, end + 3));
+    assert_eq!(c.propose(1, &["d"]), (end + 4, end + 4));
+    assert_eq!(c.raft(1).last_index(), end + 4);
+}
+
 /// The window holds exactly `uncommitted_bytes_max`: a proposal that fills
 /// it to the byte is taken, one byte more is refused.
 #[test]

@@ -121,6 +121,44 @@ fn lease_reads_skip_the_round_while_the_lease_holds() {
     }
 }
 
+/// The lease runs from the start of the last round a quorum answered, even
+/// when an earlier round went unanswered (its heartbeats lost): a cut-off
+/// leader then answers reads at once for as many ticks as when every
+/// round was answered.
+#[test]
+fn an_unanswered_round_does_not_stop_the_lease_from_renewing() {
+    let served = |lose_a_round: bool| {
+        let mut c = Cluster::with_config(3, |cfg| cfg.lease_reads = true);
+        c.tick_all(30);
+        let l = c.leaders()[0];
+        c.tick_all(3);
+        let heartbeat =
+            |m: &Message| m.from == l && matches!(m.body, MessageBody::Heartbeat { .. });
+        for round in 0..2 {
+            while !c.net.iter().any(heartbeat) {
+                c.tick(l);
+            }
+            if round == 0 && lose_a_round {
+                c.net.retain(|m| !heartbeat(m));
+            }
+            c.deliver_all();
+        }
+        c.isolate(l);
+        let mut answered = 0;
+        for ctx in 1..100 {
+            if read(&mut c, l, ctx).is_err() || c.nodes[&l].reads.len() != ctx as usize {
+                break;
+            }
+            answered += 1;
+            c.tick(l);
+        }
+        answered
+    };
+    let all = served(false);
+    assert!(all > 0, "a lease at all");
+    assert_eq!(served(true), all);
+}
+
 /// A lease is shortened for clock drift: `lease_ticks` =
 /// `election_ticks_min * (100 - d) / (100 + d)` (10 ticks: 10 with no
 /// drift allowed, 8 with 10%). Counted as the ticks a cut-off leader
