@@ -1259,7 +1259,9 @@ fn compaction_waits_for_a_newer_snapshot_record_in_flight(io: Io) {
 /// together, in a few groups, not one group (one write and one fsync)
 /// each.
 fn writes_queued_behind_a_slow_disk_share_groups(io: Io) {
-    const WRITES: u64 = 20;
+    // At most `groups_inflight_max` (8) groups go out before the disk
+    // stalls them; what queues behind them goes out in one or two.
+    const WRITES: u64 = 40;
     let sim = SimStorage::new();
     let wal = open(&sim, &io).unwrap();
     append_acked(&wal, 1, 1, 100);
