@@ -159,6 +159,12 @@ fn snapshot_compaction_deletes_segments_only_when_durable(backend: Backend) {
         data: Bytes::from_static(b"members=1,2,3"),
     };
     wal.save_snapshot(meta.clone()).unwrap().wait().unwrap();
+    // A durable snapshot covers nothing beyond its index.
+    assert!(matches!(
+        wal.compact(1501),
+        Err(Error::SnapshotNotDurable { index: 1501 })
+    ));
+    assert_eq!(wal.segment_count(), before);
     let removed = wal.compact(1500).unwrap();
     assert!(removed > 0);
     assert_eq!(wal.segment_count(), before - removed);
