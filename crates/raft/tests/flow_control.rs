@@ -252,6 +252,13 @@ fn a_reject_below_the_match_is_stale() {
 /// entries stay).
 #[test]
 fn a_too_short_reject_ending_at_the_match_probes_again() {
+    // The follower's log ends one entry, then two, before its match.
+    for lost in [1, 2] {
+        short_reject_below_the_match(lost);
+    }
+}
+
+fn short_reject_below_the_match(lost: u64) {
     let mut c = Cluster::new(3);
     c.elect(1);
     c.deliver_all();
@@ -280,7 +287,7 @@ fn a_too_short_reject_ending_at_the_match_probes_again() {
             reject: Some(RejectHint {
                 rejected: last + 1,
                 conflict_term: None,
-                conflict_index: last - 1,
+                conflict_index: last + 1 - lost,
             }),
         },
     };

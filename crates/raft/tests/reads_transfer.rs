@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cmd, Cluster};
+use common::{cmd, config, Cluster};
 use skiff_raft::{
     Config, Message, MessageBody, ProposeError, Raft, ReadError, Restored, Role, TransferError,
 };
@@ -97,6 +97,69 @@ fn partitioned_old_leader_never_serves_a_stale_read() {
     assert_ne!(c.raft(1).role(), Role::Leader);
 }
 
+/// `reads_pending` counts every read a node holds: one waiting for the new
+/// leader's first commit, one waiting for a heartbeat round, one a
+/// follower forwarded to the leader.
+#[test]
+fn reads_pending_counts_every_kind_of_waiting_read() {
+    let mut c = Cluster::new(3);
+    // 1 wins the election, but its first entry reaches nobody.
+    while c.raft(1).role() != Role::Leader {
+        c.tick(1);
+        deliver_all_but(&mut c, |m| matches!(m.body, MessageBody::Append { .. }));
+    }
+    assert!(c.raft(1).commit() < c.raft(1).last_index());
+    read(&mut c, 1, 1).unwrap();
+    assert_eq!(c.raft(1).reads_pending(), 1, "waiting for a commit");
+    assert!(c.nodes[&1].reads.is_empty());
+    // The lost entry goes out again; it commits and the read is answered.
+    c.tick_all(4);
+    assert_eq!(c.raft(1).commit(), c.raft(1).last_index());
+    assert_eq!(c.nodes[&1].reads.len(), 1);
+    read(&mut c, 1, 2).unwrap();
+    assert_eq!(c.raft(1).reads_pending(), 1, "waiting for a round");
+    c.deliver_all();
+    c.tick_all(2);
+    assert_eq!(c.raft(1).reads_pending(), 0);
+    assert_eq!(c.nodes[&1].reads.len(), 2);
+    // A follower's read, forwarded to the leader.
+    read(&mut c, 2, 3).unwrap();
+    assert_eq!(c.raft(2).reads_pending(), 1, "forwarded");
+    c.deliver_all();
+    c.tick_all(2);
+    assert_eq!(c.raft(2).reads_pending(), 0);
+    assert_eq!(c.nodes[&2].reads.len(), 1);
+}
+
+/// A follower that missed an election forwards a read to its old leader,
+/// now a follower in a higher term: the read is refused at once (the
+/// answer also brings the follower the new term), not left to time out.
+#[test]
+fn a_read_forwarded_in_an_old_term_is_refused_at_once() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.deliver_all();
+    c.isolate(3);
+    c.nodes
+        .get_mut(&1)
+        .unwrap()
+        .raft
+        .transfer_leadership(2)
+        .unwrap();
+    c.drain(1);
+    c.deliver_all();
+    assert_eq!(c.leaders(), vec![2]);
+    c.heal();
+    let old = c.raft(3).term();
+    assert!(c.raft(1).term() > old);
+    assert_eq!(c.raft(3).leader(), Some(1), "3 still follows 1");
+    read(&mut c, 3, 9).unwrap();
+    c.deliver_all();
+    assert_eq!(c.nodes[&3].reads, vec![(9, None)]);
+    assert_eq!(c.raft(3).reads_pending(), 0);
+    assert!(c.raft(3).term() > old);
+}
+
 /// Lease reads: within the lease the leader answers at once, without a
 /// round; after it lapses a round is needed again.
 #[test]
@@ -157,6 +220,39 @@ fn an_unanswered_round_does_not_stop_the_lease_from_renewing() {
     let all = served(false);
     assert!(all > 0, "a lease at all");
     assert_eq!(served(true), all);
+}
+
+/// A lease ends `lease_ticks` after the tick its round started, less one
+/// tick of margin (the round's heartbeats may leave at the end of that
+/// tick): cut off right after a confirmed round, the leader answers reads
+/// at once on exactly `lease_ticks - 1` ticks, never more.
+#[test]
+fn the_lease_ends_lease_ticks_after_its_round_less_a_tick() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.lease_reads = true);
+    c.tick_all(30);
+    let l = c.leaders()[0];
+    c.tick_all(3);
+    // A round starts on this tick and a quorum answers it at once.
+    while !c
+        .net
+        .iter()
+        .any(|m| m.from == l && matches!(m.body, MessageBody::Heartbeat { .. }))
+    {
+        c.tick(l);
+    }
+    c.deliver_all();
+    c.isolate(l);
+    let mut answered = 0;
+    for ctx in 1..100 {
+        if read(&mut c, l, ctx).is_err() || c.nodes[&l].reads.len() != ctx as usize {
+            break;
+        }
+        answered += 1;
+        c.tick(l);
+    }
+    assert_eq!(c.raft(l).role(), Role::Leader, "still leading at the end");
+    // The cluster's configuration (the same on every node).
+    assert_eq!(answered, config(l, 3).lease_ticks() - 1);
 }
 
 /// A lease is shortened for clock drift: `lease_ticks` =

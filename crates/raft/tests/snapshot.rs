@@ -145,3 +145,47 @@ fn a_lost_snapshot_is_sent_again_after_the_timeout() {
     assert_eq!(c.raft(3).log().base().0, base, "installed the snapshot");
     assert_eq!(c.applied_cmds(3), cmds("a", 30));
 }
+
+/// A follower installed the snapshot but its answer was lost: the leader,
+/// still in the Snapshot state for it, probes with an empty append at the
+/// snapshot's index on a heartbeat answer, and streams on from there,
+/// long before `snapshot_timeout_ticks` would send the snapshot again.
+#[test]
+fn a_lost_snapshot_answer_is_recovered_by_a_probe() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_timeout_ticks = 60);
+    let base = leave_3_behind_a_snapshot(&mut c);
+    c.heal();
+    let answer = |m: &skiff_raft::Message| {
+        m.from == 3 && m.to == 1 && matches!(m.body, skiff_raft::MessageBody::AppendResponse { .. })
+    };
+    for _ in 0..20 {
+        if c.raft(3).log().base().0 == base {
+            break;
+        }
+        for id in [1, 2, 3] {
+            c.tick(id);
+        }
+        loop {
+            c.net.retain(|m| !answer(m));
+            if !c.deliver_one() {
+                break;
+            }
+        }
+    }
+    assert_eq!(c.raft(3).log().base().0, base, "3 installed the snapshot");
+    assert_eq!(
+        c.raft(1).progress(3).unwrap().state,
+        ProgressState::Snapshot,
+        "1 never heard so"
+    );
+    c.tick_all(10);
+    assert_eq!(
+        c.raft(1).progress(3).unwrap().state,
+        ProgressState::Replicate
+    );
+    c.propose(1, &["after"]);
+    c.deliver_all();
+    let mut want = cmds("a", 30);
+    want.push(cmd("after"));
+    assert_eq!(c.applied_cmds(3), want);
+}
