@@ -193,6 +193,16 @@ fn an_entry_counts_its_payload_and_the_overhead() {
         e(Payload::Noop).size(),
         ENTRY_OVERHEAD_BYTES + Payload::Noop.size()
     );
+    // A membership counts 8 bytes a member and each member's meta with a
+    // 12-byte overhead.
+    let mut m = skiff_raft::Membership::with_voters([1, 2, 3]);
+    m.learners.insert(4);
+    m.meta.insert(1, bytes::Bytes::from(vec![0u8; 40]));
+    m.meta.insert(4, bytes::Bytes::from(vec![0u8; 100]));
+    assert_eq!(
+        Payload::Membership(m).size(),
+        8 * 4 + (12 + 40) + (12 + 100)
+    );
 }
 
 /// A reject that answers an older message (its `prev_index` below what the

@@ -544,6 +544,21 @@ fn lost_forwarded_reads_expire() {
     );
 }
 
+/// Heartbeats must come at least every tick and more often than an
+/// election timeout.
+#[test]
+fn heartbeat_ticks_must_be_below_the_election_timeout() {
+    let mut cfg = Config::new(1, vec![1, 2, 3]);
+    cfg.validate().unwrap();
+    for bad in [0, cfg.election_ticks_min, cfg.election_ticks_min + 1] {
+        cfg.heartbeat_ticks = bad;
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.field, "heartbeat_ticks", "{bad}: {err}");
+    }
+    cfg.heartbeat_ticks = cfg.election_ticks_min - 1;
+    cfg.validate().unwrap();
+}
+
 /// Lease reads need pre-vote as well as check-quorum.
 #[test]
 fn lease_reads_need_pre_vote() {
