@@ -205,11 +205,9 @@ fn an_entry_counts_its_payload_and_the_overhead() {
     );
 }
 
-/// A reject that answers an older message (its `prev_index` below what the
-/// follower is known to match) changes nothing, whatever it says of the
-/// follower's terms: the leader neither rewinds nor resends.
-#[test]
-fn a_reject_below_the_match_is_stale() {
+/// Node 1 leads and has streamed five entries to 2, which holds them all;
+/// returns the cluster and the leader's last index.
+fn streaming_to_2() -> (Cluster, u64) {
     let mut c = Cluster::new(3);
     c.elect(1);
     c.deliver_all();
@@ -219,6 +217,15 @@ fn a_reject_below_the_match_is_stale() {
     }
     c.tick_all(2);
     let last = c.raft(1).last_index();
+    (c, last)
+}
+
+/// A reject that answers an older message (its `prev_index` below what the
+/// follower is known to match) changes nothing, whatever it says of the
+/// follower's terms: the leader neither rewinds nor resends.
+#[test]
+fn a_reject_below_the_match_is_stale() {
+    let (mut c, last) = streaming_to_2();
     let pr = c.raft(1).progress(2).unwrap().clone();
     assert_eq!(
         (pr.state, pr.match_index, pr.next),
@@ -269,15 +276,7 @@ fn a_too_short_reject_ending_at_the_match_probes_again() {
 }
 
 fn short_reject_below_the_match(lost: u64) {
-    let mut c = Cluster::new(3);
-    c.elect(1);
-    c.deliver_all();
-    for i in 0..5 {
-        c.propose(1, &[&format!("e{i}")]);
-        c.deliver_all();
-    }
-    c.tick_all(2);
-    let last = c.raft(1).last_index();
+    let (mut c, last) = streaming_to_2();
     c.propose(1, &["x"]);
     c.propose(1, &["y"]);
     c.net.retain(|m| m.to != 2);

@@ -32,6 +32,34 @@ fn deliver_all_but(c: &mut Cluster, mut lost: impl FnMut(&Message) -> bool) -> V
     panic!("the network did not go quiet");
 }
 
+/// Ticks leader `l` until it starts a heartbeat round (its heartbeats
+/// queued, not delivered).
+fn tick_until_a_round(c: &mut Cluster, l: u64) {
+    while !c
+        .net
+        .iter()
+        .any(|m| m.from == l && matches!(m.body, MessageBody::Heartbeat { .. }))
+    {
+        c.tick(l);
+    }
+}
+
+/// Cuts leader `l` off and counts the reads it then answers at once, one a
+/// tick, until one is not answered (its lease ran out). `l` must have
+/// answered no read before.
+fn reads_answered_cut_off(c: &mut Cluster, l: u64) -> u64 {
+    c.isolate(l);
+    let mut answered = 0;
+    for ctx in 1..100 {
+        if read(c, l, ctx).is_err() || c.nodes[&l].reads.len() != ctx as usize {
+            break;
+        }
+        answered += 1;
+        c.tick(l);
+    }
+    answered
+}
+
 /// ReadIndex: the read index is the commit index, released only after a
 /// quorum answered a heartbeat round started after the request.
 #[test]
@@ -195,27 +223,15 @@ fn an_unanswered_round_does_not_stop_the_lease_from_renewing() {
         c.tick_all(30);
         let l = c.leaders()[0];
         c.tick_all(3);
-        let heartbeat =
-            |m: &Message| m.from == l && matches!(m.body, MessageBody::Heartbeat { .. });
         for round in 0..2 {
-            while !c.net.iter().any(heartbeat) {
-                c.tick(l);
-            }
+            tick_until_a_round(&mut c, l);
             if round == 0 && lose_a_round {
-                c.net.retain(|m| !heartbeat(m));
+                c.net
+                    .retain(|m| !(m.from == l && matches!(m.body, MessageBody::Heartbeat { .. })));
             }
             c.deliver_all();
         }
-        c.isolate(l);
-        let mut answered = 0;
-        for ctx in 1..100 {
-            if read(&mut c, l, ctx).is_err() || c.nodes[&l].reads.len() != ctx as usize {
-                break;
-            }
-            answered += 1;
-            c.tick(l);
-        }
-        answered
+        reads_answered_cut_off(&mut c, l)
     };
     let all = served(false);
     assert!(all > 0, "a lease at all");
@@ -233,23 +249,9 @@ fn the_lease_ends_lease_ticks_after_its_round_less_a_tick() {
     let l = c.leaders()[0];
     c.tick_all(3);
     // A round starts on this tick and a quorum answers it at once.
-    while !c
-        .net
-        .iter()
-        .any(|m| m.from == l && matches!(m.body, MessageBody::Heartbeat { .. }))
-    {
-        c.tick(l);
-    }
+    tick_until_a_round(&mut c, l);
     c.deliver_all();
-    c.isolate(l);
-    let mut answered = 0;
-    for ctx in 1..100 {
-        if read(&mut c, l, ctx).is_err() || c.nodes[&l].reads.len() != ctx as usize {
-            break;
-        }
-        answered += 1;
-        c.tick(l);
-    }
+    let answered = reads_answered_cut_off(&mut c, l);
     assert_eq!(c.raft(l).role(), Role::Leader, "still leading at the end");
     // The cluster's configuration (the same on every node).
     assert_eq!(answered, config(l, 3).lease_ticks() - 1);
@@ -269,15 +271,7 @@ fn the_lease_is_shortened_for_clock_drift() {
         c.tick_all(30);
         let l = c.leaders()[0];
         c.tick_all(3);
-        c.isolate(l);
-        let mut answered = 0;
-        for ctx in 1..100 {
-            if read(&mut c, l, ctx).is_err() || c.nodes[&l].reads.len() != ctx as usize {
-                break;
-            }
-            answered += 1;
-            c.tick(l);
-        }
+        let answered = reads_answered_cut_off(&mut c, l);
         (answered, c.raft(l).role())
     };
     let cfg = |d| Config {
