@@ -231,6 +231,30 @@ fn a_snapshot_in_a_batch_keeps_or_restarts_the_log(backend: Backend) {
     assert_eq!(wal.snapshot(), Some(ahead));
     assert_eq!((wal.first_index(), wal.last_index()), (21, 22));
     assert_eq!(wal.read(21, 23).unwrap(), entries(21, 23, 3));
+
+    // A snapshot alone, ahead of the log: the next entry follows it and
+    // may not go back below its term.
+    let alone = SnapshotMeta {
+        index: 30,
+        term: 4,
+        data: Bytes::from_static(b"at 30"),
+    };
+    let batch = WriteBatch {
+        snapshot: Some(alone),
+        ..WriteBatch::default()
+    };
+    wal.write(batch).unwrap().wait().unwrap();
+    assert_eq!((wal.first_index(), wal.last_index()), (31, 30));
+    assert!(matches!(
+        wal.append(entries(31, 32, 3)),
+        Err(Error::TermRegression {
+            index: 31,
+            term: 3,
+            previous: 4
+        })
+    ));
+    wal.append(entries(31, 32, 4)).unwrap().wait().unwrap();
+    assert_eq!(wal.read(31, 32).unwrap(), entries(31, 32, 4));
 }
 
 fn async_ticket_resolves(backend: Backend) {
@@ -272,6 +296,16 @@ fn misuse_is_a_clear_error(backend: Backend) {
     assert!(matches!(
         wal.append(entries(11, 12, 1)),
         Err(Error::TermRegression { .. })
+    ));
+    // A gap inside one batch.
+    let mut gap = entries(11, 12, 2);
+    gap.extend(entries(13, 14, 2));
+    assert!(matches!(
+        wal.append(gap),
+        Err(Error::NonContiguous {
+            expected: 12,
+            got: 13
+        })
     ));
     assert!(matches!(
         wal.truncate_suffix(20),
