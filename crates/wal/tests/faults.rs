@@ -473,6 +473,32 @@ fn fill_until_rotation_needed(wal: &Wal, term: u64) -> Vec<Entry> {
 /// full disk fails with `Full` and changes nothing; appends that fit the
 /// pre-written active segment still succeed; a reopen with room finds
 /// everything acknowledged.
+/// A spare that cannot be made for a reason other than space (an I/O
+/// error writing it) is reported as that I/O error, not as a full disk:
+/// "full" tells the host to free space and retry, which would not help.
+fn eio_making_a_spare_is_an_io_error_not_full(io: Io) {
+    let sim = SimStorage::new();
+    let wal = open(&sim, &io).unwrap();
+    append_acked(&wal, 20, 1, 100);
+    fill_until_rotation_needed(&wal, 1);
+    let last = wal.last_index();
+    sim.fail_next_write_where(libc::EIO, 0, |p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("spare-"))
+    });
+    match wal.append(entries(last + 1, last + 2, 1, 2000)) {
+        Err(Error::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(libc::EIO)),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    assert_eq!(wal.last_index(), last);
+    // A disk that fails I/O is not a full one, now or after.
+    assert!(!matches!(
+        wal.append(entries(last + 1, last + 2, 1, 2000)),
+        Err(Error::Full { .. }) | Ok(_)
+    ));
+}
+
 fn enospc_for_a_new_segment_is_a_clean_full_error(io: Io) {
     let sim = SimStorage::new();
     let wal = open(&sim, &io).unwrap();
@@ -1320,6 +1346,7 @@ on_both_paths!(
     fsync_failure_in_the_prewriter_fails_the_wal,
     enospc_from_the_fsync_of_a_spare_is_fatal_not_full,
     enospc_for_a_new_segment_is_a_clean_full_error,
+    eio_making_a_spare_is_an_io_error_not_full,
     compaction_after_full_lets_appends_go_on_without_prewriter,
     compaction_after_full_lets_appends_go_on_with_prewriter,
     enospc_on_a_write_drops_it_and_the_log_goes_on,
