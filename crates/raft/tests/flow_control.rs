@@ -220,6 +220,23 @@ fn streaming_to_2() -> (Cluster, u64) {
     (c, last)
 }
 
+/// Node 2 answers leader 1, in 1's term, with a reject carrying `hint`;
+/// 1 handles it (what it sends is queued).
+fn reject_from_2(c: &mut Cluster, hint: RejectHint) {
+    let reject = Message {
+        from: 2,
+        to: 1,
+        term: c.raft(1).term(),
+        body: MessageBody::AppendResponse {
+            success: false,
+            match_index: 0,
+            reject: Some(hint),
+        },
+    };
+    c.nodes.get_mut(&1).unwrap().raft.step(reject);
+    c.drain(1);
+}
+
 /// A reject that answers an older message (its `prev_index` below what the
 /// follower is known to match) changes nothing, whatever it says of the
 /// follower's terms: the leader neither rewinds nor resends.
@@ -233,22 +250,14 @@ fn a_reject_below_the_match_is_stale() {
     );
     let term = c.raft(1).term();
     let sent_before = c.net.len();
-    let stale = Message {
-        from: 2,
-        to: 1,
-        term,
-        body: MessageBody::AppendResponse {
-            success: false,
-            match_index: 0,
-            reject: Some(RejectHint {
-                rejected: last - 3,
-                conflict_term: Some(term),
-                conflict_index: 2,
-            }),
+    reject_from_2(
+        &mut c,
+        RejectHint {
+            rejected: last - 3,
+            conflict_term: Some(term),
+            conflict_index: 2,
         },
-    };
-    c.nodes.get_mut(&1).unwrap().raft.step(stale);
-    c.drain(1);
+    );
     let after = c.raft(1).progress(2).unwrap();
     assert_eq!(
         (after.state, after.match_index, after.next),
@@ -285,24 +294,15 @@ fn short_reject_below_the_match(lost: u64) {
         (pr.state, pr.match_index, pr.next),
         (ProgressState::Replicate, last, last + 3)
     );
-    let term = c.raft(1).term();
-    let short = Message {
-        from: 2,
-        to: 1,
-        term,
-        body: MessageBody::AppendResponse {
-            success: false,
-            match_index: 0,
-            reject: Some(RejectHint {
-                rejected: last + 1,
-                conflict_term: None,
-                conflict_index: last + 1 - lost,
-            }),
-        },
-    };
     let sent_before = c.net.len();
-    c.nodes.get_mut(&1).unwrap().raft.step(short);
-    c.drain(1);
+    reject_from_2(
+        &mut c,
+        RejectHint {
+            rejected: last + 1,
+            conflict_term: None,
+            conflict_index: last + 1 - lost,
+        },
+    );
     let after = c.raft(1).progress(2).unwrap();
     assert_eq!((after.state, after.next), (ProgressState::Probe, last + 1));
     let probes: Vec<_> = c

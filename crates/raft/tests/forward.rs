@@ -131,13 +131,7 @@ fn a_refusal_from_an_older_term_is_reported() {
     c.elect(1);
     c.deliver_all();
     let term = c.raft(1).term();
-    c.nodes
-        .get_mut(&1)
-        .unwrap()
-        .raft
-        .transfer_leadership(2)
-        .unwrap();
-    c.drain(1);
+    c.start_transfer(1, 2);
     c.deliver_all();
     assert_eq!(c.raft(2).role(), Role::Leader);
     assert!(c.raft(2).term() > term);
@@ -160,13 +154,7 @@ fn a_transferring_leader_refuses() {
     c.deliver_all();
     // Cut the target off so that the transfer stays under way.
     c.cut.insert((1, 3));
-    c.nodes
-        .get_mut(&1)
-        .unwrap()
-        .raft
-        .transfer_leadership(3)
-        .unwrap();
-    c.drain(1);
+    c.start_transfer(1, 3);
     forward(&mut c, 2, 6, &["x"]).unwrap();
     c.deliver_all();
     assert_eq!(c.nodes[&2].refused, vec![6]);

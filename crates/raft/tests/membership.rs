@@ -428,13 +428,7 @@ fn transfer_to_a_demoted_voter_is_cancelled_and_timeout_now_ignored() {
         },
     )
     .unwrap();
-    c.nodes
-        .get_mut(&1)
-        .unwrap()
-        .raft
-        .transfer_leadership(3)
-        .unwrap();
-    c.drain(1);
+    c.start_transfer(1, 3);
     assert_eq!(c.raft(1).transferee(), Some(3));
     // The joint configuration commits (1, 2 and 4) and the leader leaves
     // it: 3 is a learner now.

@@ -168,13 +168,7 @@ fn a_read_forwarded_in_an_old_term_is_refused_at_once() {
     c.elect(1);
     c.deliver_all();
     c.isolate(3);
-    c.nodes
-        .get_mut(&1)
-        .unwrap()
-        .raft
-        .transfer_leadership(2)
-        .unwrap();
-    c.drain(1);
+    c.start_transfer(1, 2);
     c.deliver_all();
     assert_eq!(c.leaders(), vec![2]);
     c.heal();
@@ -333,13 +327,7 @@ fn leadership_transfer_hands_over_without_an_election_timeout() {
     c.propose(1, &["a", "b", "c"]);
     c.deliver_all();
     c.heal();
-    c.nodes
-        .get_mut(&1)
-        .unwrap()
-        .raft
-        .transfer_leadership(3)
-        .unwrap();
-    c.drain(1);
+    c.start_transfer(1, 3);
     assert_eq!(
         c.nodes
             .get_mut(&1)
@@ -381,13 +369,7 @@ fn leadership_transfer_errors_and_timeout() {
     assert_eq!(r.transfer_leadership(9), Err(TransferError::NotAVoter(9)));
     // The target is unreachable: the transfer lapses and proposals resume.
     c.isolate(2);
-    c.nodes
-        .get_mut(&1)
-        .unwrap()
-        .raft
-        .transfer_leadership(2)
-        .unwrap();
-    c.drain(1);
+    c.start_transfer(1, 2);
     for _ in 0..20 {
         c.tick(1);
         c.deliver_all();

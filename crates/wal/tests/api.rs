@@ -196,32 +196,27 @@ fn a_snapshot_in_a_batch_keeps_or_restarts_the_log(backend: Backend) {
     let Some(wal) = open(dir.path(), small(backend)) else {
         return;
     };
+    let snapshot = |index: u64, term: u64| SnapshotMeta {
+        index,
+        term,
+        data: Bytes::from(format!("at {index}")),
+    };
+    // Records `meta` and `entries` in one batch.
+    let write = |wal: &Wal, meta: SnapshotMeta, entries: Vec<Entry>| {
+        let batch = WriteBatch {
+            snapshot: Some(meta),
+            entries,
+            ..WriteBatch::default()
+        };
+        wal.write(batch).unwrap().wait().unwrap();
+    };
     wal.append(entries(1, 11, 1)).unwrap().wait().unwrap();
-    let contained = SnapshotMeta {
-        index: 5,
-        term: 1,
-        data: Bytes::from_static(b"at 5"),
-    };
-    let batch = WriteBatch {
-        snapshot: Some(contained),
-        entries: entries(11, 13, 1),
-        ..WriteBatch::default()
-    };
-    wal.write(batch).unwrap().wait().unwrap();
+    write(&wal, snapshot(5, 1), entries(11, 13, 1));
     assert_eq!((wal.first_index(), wal.last_index()), (6, 12));
     assert_eq!(wal.read(6, 13).unwrap(), entries(6, 13, 1));
 
-    let ahead = SnapshotMeta {
-        index: 20,
-        term: 3,
-        data: Bytes::from_static(b"at 20"),
-    };
-    let batch = WriteBatch {
-        snapshot: Some(ahead.clone()),
-        entries: entries(21, 23, 3),
-        ..WriteBatch::default()
-    };
-    wal.write(batch).unwrap().wait().unwrap();
+    let ahead = snapshot(20, 3);
+    write(&wal, ahead.clone(), entries(21, 23, 3));
     assert_eq!((wal.first_index(), wal.last_index()), (21, 22));
     assert_eq!(wal.term(20).unwrap(), 3);
     assert_eq!(wal.read(21, 23).unwrap(), entries(21, 23, 3));
@@ -234,16 +229,7 @@ fn a_snapshot_in_a_batch_keeps_or_restarts_the_log(backend: Backend) {
 
     // A snapshot alone, ahead of the log: the next entry follows it and
     // may not go back below its term.
-    let alone = SnapshotMeta {
-        index: 30,
-        term: 4,
-        data: Bytes::from_static(b"at 30"),
-    };
-    let batch = WriteBatch {
-        snapshot: Some(alone),
-        ..WriteBatch::default()
-    };
-    wal.write(batch).unwrap().wait().unwrap();
+    write(&wal, snapshot(30, 4), Vec::new());
     assert_eq!((wal.first_index(), wal.last_index()), (31, 30));
     assert!(matches!(
         wal.append(entries(31, 32, 3)),

@@ -308,6 +308,18 @@ impl Cluster {
         r
     }
 
+    /// Leader `from` starts handing leadership to `to` (its messages are
+    /// queued, not delivered).
+    pub fn start_transfer(&mut self, from: NodeId, to: NodeId) {
+        self.nodes
+            .get_mut(&from)
+            .unwrap()
+            .raft
+            .transfer_leadership(to)
+            .unwrap();
+        self.drain(from);
+    }
+
     pub fn isolate(&mut self, id: NodeId) {
         for &other in self.nodes.keys() {
             if other != id {
